@@ -1,0 +1,5 @@
+import sys
+
+from sparkgpt.cli import main
+
+sys.exit(main())

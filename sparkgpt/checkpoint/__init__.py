@@ -1,0 +1,1 @@
+"""Reading and writing model checkpoints: Hugging Face directories, and the reference resolver."""

@@ -1,0 +1,379 @@
+"""Hugging Face checkpoint directories, both ways: config.json + model.safetensors (sharded too) <-> our model.
+
+Each supported family is one table of tensor names (ours -> theirs) and two small config translations.
+Weights are read with safetensors only: a pickle file is never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sparkgpt.config import ModelConfig
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import read_json_object, write_json
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+# Keys every transformers config.json may carry that say nothing about the architecture's math.
+_GENERIC_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
+    "pad_token_id", "id2label", "label2id", "problem_type", "return_dict", "output_hidden_states",
+    "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "task_specific_params",
+    "_attn_implementation_autoset", "torchscript", "tie_encoder_decoder", "prefix", "sep_token_id",
+    "decoder_start_token_id", "finetuning_task", "add_cross_attention", "cross_attention_hidden_size",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one transformers model family spells our ModelConfig and tensor names."""
+
+    model_type: str
+    architecture: str
+    config_from_hf: Callable[[dict[str, Any], str], dict[str, Any]]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    tensor_names: Callable[[ModelConfig], dict[str, str]]  # our name -> their name
+    to_ours: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+    to_theirs: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+    ignored_tensors: tuple[str, ...] = ()  # suffixes of buffers older checkpoints saved (masks, inv_freq)
+
+
+def _take(hf: dict[str, Any], source: str, known: set[str]) -> None:
+    unknown = sorted(set(hf) - known - _GENERIC_KEYS)
+    if unknown:
+        raise SparkGPTError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+
+
+def _require(source: str, field: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise SparkGPTError(f"{source}: field {field!r} is {value!r}; supported: {', '.join(map(repr, allowed))}")
+
+
+# ---- GPT-2 ---------------------------------------------------------------------------------------------------
+
+_GPT2_KEYS = {
+    "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "summary_type",
+    "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "scale_attn_weights", "bos_token_id", "eos_token_id", "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn", "tie_word_embeddings",
+}
+
+
+def _gpt2_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _GPT2_KEYS)
+    _require(source, "activation_function", hf.get("activation_function", "gelu_new"),
+             ("gelu_new", "gelu_pytorch_tanh"))
+    _require(source, "scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False), (False,))
+    _require(source, "scale_attn_weights", hf.get("scale_attn_weights", True), (True,))
+    return dict(
+        vocab_size=hf.get("vocab_size", 50257), n_layers=hf.get("n_layer", 12), n_heads=hf.get("n_head", 12),
+        d_model=hf.get("n_embd", 768), d_ff=hf.get("n_inner"), max_seq_len=hf.get("n_positions", 1024),
+        positions="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), ffn="gelu",
+        bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
+        n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.d_ff, activation_function="gelu_new",
+        layer_norm_epsilon=config.norm_eps, initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+
+
+def _gpt2_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = {
+        "token_embedding.weight": "transformer.wte.weight",
+        "position_embedding.weight": "transformer.wpe.weight",
+        "final_norm.weight": "transformer.ln_f.weight",
+        "final_norm.bias": "transformer.ln_f.bias",
+    }
+    for i in range(config.n_layers):
+        for ours, theirs in (("attn_norm", "ln_1"), ("attn.o_proj", "attn.c_proj"), ("ffn_norm", "ln_2"),
+                             ("ffn.up_proj", "mlp.c_fc"), ("ffn.down_proj", "mlp.c_proj")):
+            for kind in ("weight", "bias"):
+                names[f"blocks.{i}.{ours}.{kind}"] = f"transformer.h.{i}.{theirs}.{kind}"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+def _gpt2_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2 stores projections as Conv1D, weight [in, out] (transposed), with Q, K, V fused in `c_attn`."""
+    ours = {}
+    for i in range(config.n_layers):
+        fused_weight = state.pop(f"transformer.h.{i}.attn.c_attn.weight").t()
+        fused_bias = state.pop(f"transformer.h.{i}.attn.c_attn.bias")
+        projections = zip(("q_proj", "k_proj", "v_proj"), fused_weight.chunk(3), fused_bias.chunk(3), strict=True)
+        for name, weight, bias in projections:
+            ours[f"blocks.{i}.attn.{name}.weight"] = weight
+            ours[f"blocks.{i}.attn.{name}.bias"] = bias
+        for conv in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            key = f"transformer.h.{i}.{conv}.weight"
+            state[key] = state[key].t()
+    return ours
+
+
+def _gpt2_to_theirs(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    theirs = {}
+    for i in range(config.n_layers):
+        prefix = f"blocks.{i}.attn."
+        theirs[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(
+            [state.pop(prefix + f"{n}.weight") for n in ("q_proj", "k_proj", "v_proj")]).t()
+        theirs[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+            [state.pop(prefix + f"{n}.bias") for n in ("q_proj", "k_proj", "v_proj")])
+        for ours in ("attn.o_proj", "ffn.up_proj", "ffn.down_proj"):
+            key = f"blocks.{i}.{ours}.weight"
+            state[key] = state[key].t()
+    return theirs
+
+
+# ---- Llama (SmolLM2, Llama 2/3, Mistral-shaped dense models) ----------------------------------------------
+
+_LLAMA_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "bos_token_id", "eos_token_id", "pretraining_tp", "tie_word_embeddings", "rope_theta",
+    "rope_scaling", "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias",
+}
+
+
+def _llama_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _LLAMA_KEYS)
+    _require(source, "hidden_act", hf.get("hidden_act", "silu"), ("silu",))
+    _require(source, "pretraining_tp", hf.get("pretraining_tp", 1), (1,))
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    _require(source, "rope_type", rope.get("rope_type", rope.get("type", "default")), ("default",))
+    attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    if attention_bias != mlp_bias:
+        raise SparkGPTError(f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported")
+    n_heads = hf.get("num_attention_heads", 32)
+    return dict(
+        vocab_size=hf.get("vocab_size", 32000), n_layers=hf.get("num_hidden_layers", 32), n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_model=hf.get("hidden_size", 4096),
+        d_ff=hf.get("intermediate_size", 11008), head_dim=hf.get("head_dim"),
+        max_seq_len=hf.get("max_position_embeddings", 2048), positions="rope",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), ffn="swiglu", bias=attention_bias,
+        tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, initializer_range=config.initializer_range,
+        rms_norm_eps=config.norm_eps, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta.
+        rope_theta=config.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+    )
+
+
+def _llama_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = {"token_embedding.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    for i in range(config.n_layers):
+        layer = f"model.layers.{i}."
+        names[f"blocks.{i}.attn_norm.weight"] = layer + "input_layernorm.weight"
+        names[f"blocks.{i}.ffn_norm.weight"] = layer + "post_attention_layernorm.weight"
+        for kind in kinds:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                names[f"blocks.{i}.attn.{proj}.{kind}"] = f"{layer}self_attn.{proj}.{kind}"
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                names[f"blocks.{i}.ffn.{proj}.{kind}"] = f"{layer}mlp.{proj}.{kind}"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", "GPT2LMHeadModel", _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_tensor_names,
+                   _gpt2_to_ours, _gpt2_to_theirs, ignored_tensors=(".attn.bias", ".attn.masked_bias")),
+    "llama": Family("llama", "LlamaForCausalLM", _llama_config_from_hf, _llama_config_to_hf, _llama_tensor_names,
+                    ignored_tensors=(".rotary_emb.inv_freq",)),
+}
+
+
+def family_for(config: ModelConfig) -> Family | None:
+    """The transformers family whose architecture is exactly this config's, if any."""
+    if config.positions == "learned" and config.norm == "layernorm" and config.ffn == "gelu" and config.bias \
+            and config.n_kv_heads == config.n_heads and config.head_dim * config.n_heads == config.d_model:
+        return FAMILIES["gpt2"]
+    if config.positions == "rope" and config.norm == "rmsnorm" and config.ffn == "swiglu":
+        return FAMILIES["llama"]
+    return None
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+
+def read_config(directory: Path) -> tuple[ModelConfig, Family | None]:
+    """The ModelConfig a checkpoint directory describes (a transformers family, or our own `sparkgpt` type)."""
+    path = directory / CONFIG_FILE
+    hf = read_json_object(path)
+    model_type = hf.get("model_type")
+    if model_type == "sparkgpt":
+        fields = {k: v for k, v in hf.items() if k not in _GENERIC_KEYS}
+        return ModelConfig.from_dict(fields, source=str(path)), None
+    if model_type not in FAMILIES:
+        raise SparkGPTError(
+            f"{path}: model_type {model_type!r} is not supported; expected one of {', '.join([*FAMILIES, 'sparkgpt'])}"
+        )
+    family = FAMILIES[model_type]
+    values = family.config_from_hf(hf, str(path))
+    try:
+        return ModelConfig.from_dict(values, source=str(path)), family
+    except SparkGPTError as error:
+        raise SparkGPTError(f"{path}: {error}") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names. Pickled weights are refused, never opened."""
+    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SparkGPTError(f"{index}: expected a non-empty 'weight_map' object")
+        shards = [directory / name for name in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if not shard.is_file():
+                raise SparkGPTError(f"{index}: names shard {shard.name}, which is missing")
+        return shards
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise SparkGPTError(
+            f"{directory}: only pickle weights (*.bin/*.pt) found; sparkgpt reads safetensors only and never "
+            "unpickles files (convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise SparkGPTError(f"{directory}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for name in reader.keys():  # noqa: SIM118 (a safetensors reader, not a dict)
+                    tensors[name] = reader.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise SparkGPTError(f"{file}: not a valid safetensors file ({error})") from None
+    return tensors
+
+
+def state_dict_from_hf(
+    tensors: dict[str, torch.Tensor], config: ModelConfig, family: Family | None, source: str
+) -> dict[str, torch.Tensor]:
+    """Rename (and reshape, for GPT-2's Conv1D) a checkpoint's tensors into our model's state dict names."""
+    if family is None:
+        return tensors
+    # Checkpoints saved from a bare base model (GPT2Model, LlamaModel) lack the `transformer.` / `model.` prefix.
+    base_prefix = "transformer." if family.model_type == "gpt2" else "model."
+    tensors = {(name if name.startswith(base_prefix) or name == "lm_head.weight" else base_prefix + name): t
+               for name, t in tensors.items() if not name.endswith(family.ignored_tensors)}
+    ours = family.to_ours(tensors, config) if family.to_ours else {}
+    missing = []
+    for our_name, their_name in family.tensor_names(config).items():
+        if their_name in tensors:
+            ours[our_name] = tensors.pop(their_name)
+        else:
+            missing.append(their_name)
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # a tied head some writers store anyway; it is the embedding
+    if missing:
+        raise SparkGPTError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if tensors:
+        raise SparkGPTError(f"{source}: unexpected tensor(s) {', '.join(sorted(tensors)[:5])}")
+    return ours
+
+
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise SparkGPTError(f"{source}: missing tensor(s) {', '.join(missing[:5])}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise SparkGPTError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise SparkGPTError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}; "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    family = family_for(config)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if family is None:
+        fields = config.to_dict()
+        fields.pop("attention_backend")
+        return {"model_type": "sparkgpt", "dtype": dtype_name, **fields}
+    return {"architectures": [family.architecture], "model_type": family.model_type, "dtype": dtype_name,
+            **family.config_to_hf(config)}
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    family = family_for(config)
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # one matrix, stored once (as transformers does)
+    if family is None:
+        return state
+    theirs = family.to_theirs(state, config) if family.to_theirs else {}
+    for our_name, their_name in family.tensor_names(config).items():
+        theirs[their_name] = state.pop(our_name)
+    return theirs
+
+
+def write_checkpoint(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    """Write config.json, model.safetensors and generation_config.json into `directory` (already staged)."""
+    dtype = next(iter(state.values())).dtype
+    write_json(directory / CONFIG_FILE, config_to_hf(config, dtype))
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict_to_hf(state, config).items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    write_json(directory / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
+
+
+# ---- whole models -----------------------------------------------------------------------------------------
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Build our GPT from a checkpoint directory (ours or transformers'), weights converted to `dtype`."""
+    from sparkgpt.model import GPT
+
+    directory = Path(directory)
+    config, family = read_config(directory)
+    files = weight_files(directory)
+    source = str(files[0] if len(files) == 1 else directory / WEIGHTS_INDEX_FILE)
+    state = state_dict_from_hf(read_tensors(files), config, family, source)
+    with torch.device("meta"):
+        model = GPT(config)  # no memory, no random init: every tensor comes from the file
+    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+    check_shapes(state, expected, source)
+    state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["token_embedding.weight"]
+    model.load_state_dict(state, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.token_embedding.weight
+    return model.eval()

@@ -1,0 +1,60 @@
+"""File helpers every reader and writer shares: JSON with clear errors, and atomic directory writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sparkgpt.errors import SparkGPTError
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; any other content is a one-line error naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SparkGPTError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SparkGPTError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise SparkGPTError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, marker: str = "config.json") -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename.
+
+    A crash halfway leaves `out_dir` as it was (the temporary folder is removed). An existing `out_dir` is
+    replaced only if it holds `marker` (it is one of our outputs); any other non-empty folder is refused.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / marker).exists())):
+        raise SparkGPTError(f"{out_dir}: exists and is not a checkpoint directory; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield staging
+        for file in staging.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, retired / out_dir.name)
+            os.rename(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

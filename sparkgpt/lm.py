@@ -1,0 +1,108 @@
+"""LM: a model with its tokenizer, the object users hold (`sparkgpt.load(ref)`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparkgpt.checkpoint import hf
+from sparkgpt.checkpoint.registry import resolve
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import atomic_directory
+from sparkgpt.generate import Completion, SamplingParams, stream_completions
+from sparkgpt.model import GPT
+from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SparkGPTError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LM:
+    """A language model ready to use: `generate`, `stream`, `save`; `model` and `tokenizer` stay reachable."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise SparkGPTError("this model has no tokenizer (its checkpoint lacks tokenizer.json)")
+        return self.tokenizer
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self._require_tokenizer().encode(prompt)
+        if not ids:
+            if self.config.bos_token_id is None:
+                raise SparkGPTError("the prompt is empty and the model has no beginning-of-text token to start from")
+            ids = [self.config.bos_token_id]
+        return ids
+
+    def stop_token_ids(self) -> list[int]:
+        """End-of-text ids from the config and the tokenizer: generation ends when one is sampled."""
+        eos = self.config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def stream_batch(self, prompts: Sequence[str], **sampling: Any) -> Iterator[tuple[int, str, Completion | None]]:
+        """(prompt index, text delta, Completion when that prompt is done) as tokens are generated."""
+        params = SamplingParams(**sampling)
+        ids = [self.encode(p) for p in prompts]
+        return stream_completions(self.model, self._require_tokenizer(), ids, params, self.stop_token_ids())
+
+    def complete(self, prompts: Sequence[str], **sampling: Any) -> list[Completion]:
+        """Completions for a batch of prompts (text, new token ids, finish reason), generated together."""
+        done: dict[int, Completion] = {}
+        for row, _, completion in self.stream_batch(prompts, **sampling):
+            if completion is not None:
+                done[row] = completion
+        return [done[row] for row in range(len(prompts))]
+
+    def generate(self, prompt: str | Sequence[str], **sampling: Any) -> str | list[str]:
+        """The continuation of a prompt (str -> str) or of each prompt of a list (list -> list)."""
+        if isinstance(prompt, str):
+            return self.complete([prompt], **sampling)[0].text
+        return [c.text for c in self.complete(list(prompt), **sampling)]
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """The continuation as text deltas, each a whole number of UTF-8 characters."""
+        for _, delta, _ in self.stream_batch([prompt], **sampling):
+            if delta:
+                yield delta
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write an HF-compatible checkpoint directory (atomically: a crash leaves any old one intact)."""
+        with atomic_directory(out_dir) as staging:
+            hf.write_checkpoint(staging, self.config, self.model.state_dict())
+            if self.tokenizer is not None:
+                self.tokenizer.save(staging)
+        return Path(out_dir)
+
+
+def load(ref: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto") -> LM:
+    """Load a model reference (a checkpoint directory, ours or transformers') as an LM."""
+    directory = resolve(ref)
+    model = hf.load_model(directory, dtype=pick_dtype(dtype), device=pick_device(device))
+    tokenizer = Tokenizer.from_dir(directory) if (directory / TOKENIZER_FILE).is_file() else None
+    return LM(model, tokenizer)

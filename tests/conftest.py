@@ -1,0 +1,76 @@
+"""Shared fixtures: a byte-level BPE tokenizer the tests train, and tiny random transformers checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from sparkgpt.tokenizer import Tokenizer
+
+CORPUS = [
+    "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer",
+    "def add(a, b):\n    return a + b  # code, with    runs of spaces\n\tand tabs",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?@#$%^&*()",
+    "你好，世界。今天天气很好。机器学习和语言模型。",
+    "Emoji: 🙂 🚀 👩‍💻 🇫🇷 — accents: café, naïve, Ærøskøbing, Ελληνικά, русский.",
+] * 20
+
+
+def train_byte_bpe(vocab_size: int = 320) -> Tokenizer:
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    return Tokenizer(backend, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return train_byte_bpe()
+
+
+def save_hf_model(model: torch.nn.Module, tokenizer: Tokenizer, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """A random-init transformers GPT-2 and the directory it was saved to with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=tokenizer.vocab_size, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+        bos_token_id=None, eos_token_id=None,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """A random-init transformers Llama with grouped-query attention, untied embeddings, rope theta 50,000."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, rope_theta=50000.0,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-llama"))
+
+
+@pytest.fixture(params=["hf_gpt2", "hf_llama"])
+def hf_reference(request: pytest.FixtureRequest):
+    """Each reference family in turn: (transformers model, its checkpoint directory)."""
+    return request.getfixturevalue(request.param)
