@@ -6,6 +6,7 @@ Every user error surfaces as a SparkGPTError: one line on stderr, exit status 1,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -29,10 +30,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import sparkgpt
 
     lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
-    sampling = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop=args.stop or (), seed=args.seed,
-    )
+    sampling = _sampling(args)
     if args.stream:
         for delta in lm.stream(args.prompt, **sampling):
             sys.stdout.write(delta)
@@ -40,6 +38,75 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
     else:
         print(lm.generate(args.prompt, **sampling))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Chat with a model in the terminal (streaming replies), or send one --message and print the reply."""
+    import sparkgpt
+    from sparkgpt.chat import chat_session, stream_reply
+
+    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    sampling = _sampling(args)
+    if args.message is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        stream_reply(lm, [*messages, {"role": "user", "content": args.message}], sys.stdout, **sampling)
+    else:
+        chat_session(lm, system=args.system, **sampling)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Write any loadable model reference (directory, .gguf, alias, hub id) as an HF-compatible directory."""
+    import sparkgpt
+
+    lm = sparkgpt.load(args.src, dtype=args.dtype, device="cpu")
+    print(f"wrote {lm.save(args.dst)} ({args.dtype})")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Tokenise text files, folders, JSONL or a built-in corpus (shakespeare) into train/val token files."""
+    from sparkgpt.data import prepare
+
+    result = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                     text_field=args.text_field, workers=args.workers)
+    print(f"wrote {result.out_dir}: {result.train_tokens:,} train + {result.val_tokens:,} val tokens "
+          f"({result.dtype}), vocabulary {result.vocab_size:,}, {result.documents:,} documents")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a GPT on prepared data (also under torchrun for data parallelism); --resume continues a run."""
+    from sparkgpt.train import train
+
+    overrides = {key.removeprefix("override:"): value for key, value in vars(args).items()
+                 if key.startswith("override:")}
+    if args.data is not None:
+        overrides["data"] = args.data
+    result = train(args.config, args.out, overrides=overrides, resume=args.resume, progress=not args.quiet)
+    if result.checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
+        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"step {result.step}: train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
+
+
+def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
+    """--KEY=VALUE for every TrainConfig key, --model.FIELD=VALUE for every model field (values parsed later)."""
+    import dataclasses
+
+    from sparkgpt.config import ModelConfig
+    from sparkgpt.train.config import TrainConfig
+
+    group = parser.add_argument_group("config overrides (on top of --config; see sparkgpt/train/config.py)")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in ("data", "model_overrides"):
+            group.add_argument(f"--{field.name}", dest=f"override:{field.name}", metavar="V", default=argparse.SUPPRESS)
+    for field in dataclasses.fields(ModelConfig):
+        group.add_argument(f"--model.{field.name}", dest=f"override:model.{field.name}", metavar="V",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=args.stop or (), seed=args.seed,
+    )
 
 
 def _human(count: int) -> str:
@@ -50,16 +117,22 @@ def _human(count: int) -> str:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ref", help="model reference: a checkpoint directory (ours or a transformers one)")
+    parser.add_argument("ref", help="model reference: a checkpoint directory (ours or transformers'), a .gguf file, "
+                        "an alias (smollm2-135m-instruct) or a Hugging Face hub id")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more varied (0.8)")
+def _add_sampling_options(
+    parser: argparse.ArgumentParser, max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 1.0
+) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"tokens to generate at most ({max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0 is greedy; higher is more varied ({temperature})")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to mass P (1.0)")
+    parser.add_argument("--top-p", type=float, default=top_p,
+                        help=f"nucleus sampling: keep tokens up to mass P ({top_p})")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0)")
     parser.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -80,6 +153,38 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     _add_sampling_options(generate)
+
+    chat = command("chat", cmd_chat)
+    _add_model_options(chat)
+    chat.add_argument("--system", help="system prompt that starts the conversation")
+    chat.add_argument("--message", help="send one message, print the reply and exit (for scripts)")
+    # Small chat models answer best near-greedy: SmolLM2's card suggests temperature 0.2, top-p 0.9.
+    _add_sampling_options(chat, max_new_tokens=512, temperature=0.2, top_p=0.9)
+
+    convert = command("convert", cmd_convert)
+    convert.add_argument("src", help="model reference to read (directory, .gguf file, alias or hub id)")
+    convert.add_argument("dst", help="output directory (HF-compatible checkpoint)")
+    convert.add_argument("--dtype", default="float32", help="weights' dtype: float32 (default), bfloat16, float16")
+
+    prepare = command("prepare", cmd_prepare)
+    prepare.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="text file, folder (recursive), .jsonl file, or a built-in corpus: shakespeare")
+    prepare.add_argument("--out", required=True, help="output folder (train.bin, val.bin, meta.json, tokenizer.json)")
+    prepare.add_argument("--tokenizer", default="char",
+                         help="char, bpe:VOCAB (train a byte-level BPE), or a model reference (use its tokenizer)")
+    prepare.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for validation")
+    prepare.add_argument("--text-field", default="text", help="the field of each JSONL record holding text (text)")
+    prepare.add_argument("--workers", type=int, default=None, help="tokenising processes (default: one per core)")
+
+    train = command("train", cmd_train)
+    train.allow_abbrev = False  # --lr must never silently mean --lr_something
+    train.add_argument("--config", help="a training preset (shakespeare-char, shakespeare-baby, gpt2, "
+                       "sparkgpt-124m) or a YAML file")
+    train.add_argument("--data", help="prepared data folder (sparkgpt prepare)")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, config.yaml")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_overrides(train)
     return parser
 
 

@@ -65,13 +65,17 @@ class LM:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
-    def stream_batch(self, prompts: Sequence[str], **sampling: Any) -> Iterator[tuple[int, str, Completion | None]]:
-        """(prompt index, text delta, Completion when that prompt is done) as tokens are generated."""
+    def stream_batch(
+        self, prompts: Sequence[str | list[int]], **sampling: Any
+    ) -> Iterator[tuple[int, str, Completion | None]]:
+        """(prompt index, text delta, Completion when that prompt is done) as tokens are generated.
+
+        A prompt is text, or token ids already encoded (as `chat` does with its rendered template)."""
         params = SamplingParams(**sampling)
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         return stream_completions(self.model, self._require_tokenizer(), ids, params, self.stop_token_ids())
 
-    def complete(self, prompts: Sequence[str], **sampling: Any) -> list[Completion]:
+    def complete(self, prompts: Sequence[str | list[int]], **sampling: Any) -> list[Completion]:
         """Completions for a batch of prompts (text, new token ids, finish reason), generated together."""
         done: dict[int, Completion] = {}
         for row, _, completion in self.stream_batch(prompts, **sampling):
@@ -91,6 +95,22 @@ class LM:
             if delta:
                 yield delta
 
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """A conversation rendered with the model's chat template, ready for the assistant's turn, as token ids."""
+        tokenizer = self._require_tokenizer()
+        # The template writes any beginning-of-text token itself, so the tokenizer must not add another.
+        return tokenizer.encode(tokenizer.apply_chat_template(list(messages)), add_special_tokens=False)
+
+    def chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> str:
+        """The assistant's reply to a conversation: [{"role": "system"|"user"|"assistant", "content": ...}, ...]."""
+        return self.complete([self.chat_prompt(messages)], **sampling)[0].text
+
+    def chat_stream(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Iterator[str]:
+        """The assistant's reply as text deltas."""
+        for _, delta, _ in self.stream_batch([self.chat_prompt(messages)], **sampling):
+            if delta:
+                yield delta
+
     def save(self, out_dir: str | Path) -> Path:
         """Write an HF-compatible checkpoint directory (atomically: a crash leaves any old one intact)."""
         with atomic_directory(out_dir) as staging:
@@ -101,8 +121,16 @@ class LM:
 
 
 def load(ref: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto") -> LM:
-    """Load a model reference (a checkpoint directory, ours or transformers') as an LM."""
-    directory = resolve(ref)
-    model = hf.load_model(directory, dtype=pick_dtype(dtype), device=pick_device(device))
-    tokenizer = Tokenizer.from_dir(directory) if (directory / TOKENIZER_FILE).is_file() else None
+    """Load a model reference as an LM: a checkpoint directory (ours or transformers'), a .gguf file, an alias
+    (`sparkgpt.checkpoint.registry.ALIASES`) or a Hugging Face hub id. GGUF weights are dequantised to `dtype`."""
+    path = resolve(ref)
+    dtype, device = pick_dtype(dtype), pick_device(device)
+    if path.is_file():
+        from sparkgpt.checkpoint import gguf
+
+        file = gguf.read_gguf(path)
+        tokenizer = Tokenizer.from_gguf_metadata(file.metadata, source=str(path))
+        return LM(gguf.load_gguf_model(file, dtype=dtype, device=device), tokenizer)
+    model = hf.load_model(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(path) if (path / TOKENIZER_FILE).is_file() else None
     return LM(model, tokenizer)

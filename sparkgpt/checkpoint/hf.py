@@ -367,13 +367,9 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device
     source = str(files[0] if len(files) == 1 else directory / WEIGHTS_INDEX_FILE)
     state = state_dict_from_hf(read_tensors(files), config, family, source)
     with torch.device("meta"):
-        model = GPT(config)  # no memory, no random init: every tensor comes from the file
-    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+        expected = GPT(config).state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
     check_shapes(state, expected, source)
     state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["token_embedding.weight"]
-    model.load_state_dict(state, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.token_embedding.weight
-    return model.eval()
+    return GPT.from_state_dict(config, state)

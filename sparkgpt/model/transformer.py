@@ -55,6 +55,21 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layers))
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor]) -> GPT:
+        """A model whose every tensor is taken from `state` (already on its device and dtype), without first
+        allocating and randomly initialising its own: built on the meta device, then the tensors assigned.
+        With tied embeddings `state` may omit lm_head.weight."""
+        with torch.device("meta"):
+            model = cls(config)
+        state = dict(state)
+        if config.tie_embeddings:
+            state["lm_head.weight"] = state["token_embedding.weight"]
+        model.load_state_dict(state, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.token_embedding.weight  # assign replaced the shared Parameter
+        return model.eval()
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)

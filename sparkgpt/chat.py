@@ -1,0 +1,62 @@
+"""The terminal chat: a conversation with streaming replies, kept in history until /reset."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.lm import LM
+
+HELP = "/reset clears the conversation, /exit quits; Ctrl-C stops a reply, Ctrl-D quits."
+
+
+def chat_session(
+    lm: LM, system: str | None = None, read_line: Callable[[str], str] = input, out: TextIO = sys.stdout,
+    **sampling: Any,
+) -> list[dict[str, str]]:
+    """Run the read-reply loop until /exit or end of input; returns the conversation as it stood."""
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    print(HELP, file=out)
+    while True:
+        try:
+            line = read_line(">> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return history
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return history
+        if line == "/reset":
+            history = list(start)
+            print("(conversation cleared)", file=out)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {HELP}", file=out)
+            continue
+        history.append({"role": "user", "content": line})
+        reply = stream_reply(lm, history, out, **sampling)
+        if reply is None:
+            history.pop()  # the turn could not be answered (e.g. the conversation outgrew the context)
+        else:
+            history.append({"role": "assistant", "content": reply})
+
+
+def stream_reply(lm: LM, messages: list[dict[str, str]], out: TextIO, **sampling: Any) -> str | None:
+    """Print the assistant's reply as it is generated; Ctrl-C stops it early and keeps what was said."""
+    pieces: list[str] = []
+    try:
+        for delta in lm.chat_stream(messages, **sampling):
+            pieces.append(delta)
+            out.write(delta)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    except SparkGPTError as error:
+        print(f"error: {error} (try /reset)", file=out)
+        return None
+    out.write("\n")
+    return "".join(pieces)
