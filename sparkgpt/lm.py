@@ -101,6 +101,19 @@ class LM:
         # The template writes any beginning-of-text token itself, so the tokenizer must not add another.
         return tokenizer.encode(tokenizer.apply_chat_template(list(messages)), add_special_tokens=False)
 
+    def uses_chat_template(self, chat: bool | None = None) -> bool:
+        """Whether prompts go through the chat template: `chat` if given, else whenever the model has one."""
+        has_template = self.tokenizer is not None and self.tokenizer.chat_template is not None
+        if chat and not has_template:
+            raise SparkGPTError("this model has no chat template")
+        return has_template if chat is None else chat
+
+    def instruction_prompt(self, text: str, chat: bool | None = None) -> str:
+        """A request as the model expects it: the user's turn of its chat template, or the text itself."""
+        if not self.uses_chat_template(chat):
+            return text
+        return self._require_tokenizer().apply_chat_template([{"role": "user", "content": text}])
+
     def chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> str:
         """The assistant's reply to a conversation: [{"role": "system"|"user"|"assistant", "content": ...}, ...]."""
         return self.complete([self.chat_prompt(messages)], **sampling)[0].text

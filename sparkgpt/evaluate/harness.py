@@ -1,0 +1,141 @@
+"""Run a task on a model: few-shot prompts, scoring or generation, metrics, and a report."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.evaluate.loglik import (
+    bits_per_byte,
+    encode_pair,
+    perplexity,
+    prefix_token,
+    score_continuations,
+    score_text,
+)
+from sparkgpt.evaluate.metrics import GENERATION_METRICS
+from sparkgpt.evaluate.task import Item, Task, load_task
+from sparkgpt.files import write_json
+from sparkgpt.lm import LM
+
+
+@dataclass
+class Report:
+    task: str
+    kind: str
+    shots: int
+    n_items: int
+    metrics: dict[str, float]
+    seconds: float
+    chat_template: bool
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.n_items / self.seconds if self.seconds else float("nan")
+
+    def table(self) -> str:
+        lines = [f"{self.task} ({self.kind}, {self.shots}-shot, {self.n_items} items, "
+                 f"{self.items_per_second:.1f} items/s)"]
+        lines += [f"  {name:<16}{value:>10.2f}" for name, value in self.metrics.items()]
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> None:
+        write_json(Path(path), {**asdict(self), "items_per_second": self.items_per_second})
+
+
+def evaluate(
+    lm: LM, task: Task | str | Path, shots: int = 0, limit: int | None = None, seed: int = 1234,
+    chat: bool | None = None, batch_size: int = 8, progress: bool = True,
+) -> Report:
+    """Score `lm` on `task`. chat=None uses the model's chat template when it has one."""
+    task = task if isinstance(task, Task) else load_task(task)
+    lm._require_tokenizer()
+    use_chat = lm.uses_chat_template(chat)
+    start = time.perf_counter()
+    if task.kind == "perplexity":
+        return _perplexity(lm, task, start)
+    if shots > len(task.fewshot_items):
+        raise SparkGPTError(f"{task.source}: {shots} shots asked, but the few-shot split has "
+                            f"{len(task.fewshot_items)} items")
+    items = task.items[:limit] if limit else task.items
+    contexts = [lm.instruction_prompt(task.context(item, _demonstrations(task, index, shots, seed)), use_chat)
+                for index, item in enumerate(items)]
+    bar = tqdm(total=len(items), desc=task.name, disable=not progress, unit="item")
+    if task.kind == "multiple_choice":
+        metrics, samples = _multiple_choice(lm, task, items, contexts, use_chat, bar)
+    else:
+        metrics, samples = _generation(lm, task, items, contexts, batch_size, bar)
+    bar.close()
+    return Report(task.name, task.kind, shots, len(items), metrics, time.perf_counter() - start, use_chat, samples)
+
+
+def _demonstrations(task: Task, index: int, shots: int, seed: int) -> list[Item]:
+    """The same items for the same (seed, item) on every run and machine."""
+    return random.Random(f"{seed}:{index}").sample(task.fewshot_items, shots) if shots else []
+
+
+def _multiple_choice(lm, task, items, contexts, use_chat, bar) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    correct = correct_norm = 0
+    samples = []
+    # With a chat template the answer starts the assistant's turn: no separating space before it.
+    prefix = "" if use_chat else task.target_prefix
+    for item, context in zip(items, contexts, strict=True):
+        choices = task.item_choices(item)
+        pairs = [encode_pair(lm.tokenizer, context, prefix + choice) for choice in choices]
+        context_ids = pairs[0][0] or [prefix_token(lm.tokenizer)]
+        scores = score_continuations(lm.model, context_ids, [continuation for _, continuation in pairs])
+        logprobs = [s.logprob for s in scores]
+        normalised = [s.logprob / len(prefix + c) for s, c in zip(scores, choices, strict=True)]
+        best, best_norm, gold = _argmax(logprobs), _argmax(normalised), task.gold_index(item)
+        correct += best == gold
+        correct_norm += best_norm == gold
+        samples.append({"where": item.where, "gold": choices[gold], "predicted": choices[best],
+                        "logprobs": logprobs})
+        bar.update()
+    return {"accuracy": 100.0 * correct / len(items), "accuracy_norm": 100.0 * correct_norm / len(items)}, samples
+
+
+def _generation(lm, task, items, contexts, batch_size, bar) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    predictions = []
+    for batch in _chunks(contexts, batch_size):
+        ids = [lm.tokenizer.encode(c, add_special_tokens=False) for c in batch]
+        completions = lm.complete(ids, max_new_tokens=task.max_new_tokens, temperature=0, stop=task.stop or ())
+        predictions += [c.text.strip() for c in completions]
+        bar.update(len(batch))
+    references = [task.gold_answers(item) for item in items]
+    metrics = {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
+    samples = [{"where": item.where, "gold": refs, "predicted": p}
+               for item, refs, p in zip(items, references, predictions, strict=True)]
+    return metrics, samples
+
+
+def _perplexity(lm: LM, task: Task, start: float) -> Report:
+    try:
+        text = task.text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SparkGPTError(f"{task.text_file}: not readable UTF-8 text ({error})") from None
+    if not text:
+        raise SparkGPTError(f"{task.text_file}: empty text")
+    ids = lm.tokenizer.encode(text, add_special_tokens=False)
+    total = score_text(lm.model, ids, prefix_token(lm.tokenizer))
+    metrics = {"perplexity": perplexity(total, len(ids)), "bits_per_byte": bits_per_byte(total, len(text.encode())),
+               "tokens": float(len(ids))}
+    return Report(task.name, task.kind, 0, 1, metrics, time.perf_counter() - start, False)
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _chunks(values: list, size: int) -> Iterator[list]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+

@@ -1,0 +1,98 @@
+"""Log-likelihood scoring: how probable a model finds a continuation of a context, and of a whole text.
+
+Scoring several continuations of one context (the choices of a multiple-choice item, the labels of a classifier)
+runs the context through the model once; the continuations then run together as one batch on copies of its
+KV cache. That is the shared-prefix reuse that makes an item with four choices cost little more than one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sparkgpt.model import GPT, KVCache
+from sparkgpt.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Score:
+    """log p(continuation | context) summed over its tokens; whether greedy decoding would produce it."""
+
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a context and its continuation, split as lm-evaluation-harness splits them: trailing spaces
+    of the context move to the continuation, and the continuation's ids are those of the whole text after the
+    context's, so a word is tokenised as it would be in running text."""
+    stripped = context.rstrip()
+    continuation, context = context[len(stripped):] + continuation, stripped
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    return context_ids, whole[len(context_ids):]
+
+
+def prefix_token(tokenizer: Tokenizer) -> int:
+    """What an empty context starts from: the beginning-of-text token, else the end-of-text one."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("scoring from an empty context needs a bos or eos token")
+    return token
+
+
+@torch.inference_mode()
+def score_continuations(model: GPT, context: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[Score]:
+    """Score every continuation of one context; the context is computed once and its cache shared."""
+    if not context:
+        raise ValueError("the context must hold at least one token")
+    device = model.token_embedding.weight.device
+    longest = max(len(c) for c in continuations)
+    cache = KVCache(model.config, 1, len(context) + longest, model.token_embedding.weight.dtype, device)
+    if len(context) > 1:
+        model(torch.tensor([list(context[:-1])], device=device), cache=cache, last_only=True)
+    # Each row: the context's last token, then its continuation (right-padded; causal attention never lets a
+    # real token see the padding after it). Row i's logits at step t predict continuation token t.
+    batch = torch.full((len(continuations), 1 + longest), context[-1], dtype=torch.long, device=device)
+    for row, continuation in enumerate(continuations):
+        batch[row, 1:1 + len(continuation)] = torch.tensor(continuation, dtype=torch.long)
+    cache.keys = cache.keys.repeat(1, len(continuations), 1, 1, 1)
+    cache.values = cache.values.repeat(1, len(continuations), 1, 1, 1)
+    logprobs = torch.log_softmax(model(batch, cache=cache)[:, :-1].float(), dim=-1)
+    scores = []
+    for row, continuation in enumerate(continuations):
+        targets = batch[row, 1:1 + len(continuation)]
+        row_logprobs = logprobs[row, : len(continuation)]
+        picked = row_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        greedy = bool((row_logprobs.argmax(-1) == targets).all())
+        scores.append(Score(float(picked.sum()), greedy, len(continuation)))
+    return scores
+
+
+@torch.inference_mode()
+def score_text(model: GPT, token_ids: Sequence[int], start_token: int, window: int | None = None) -> float:
+    """log p(text) summed over every token, the first predicted from `start_token`; a text longer than the
+    model's context is cut into disjoint windows (lm-evaluation-harness's rolling log-likelihood)."""
+    window = min(window or model.config.max_seq_len, model.config.max_seq_len)
+    device = model.token_embedding.weight.device
+    ids = [start_token, *token_ids]
+    total = 0.0
+    for start in range(0, len(token_ids), window):
+        inputs = torch.tensor([ids[start:start + window]], device=device)
+        targets = torch.tensor(ids[start + 1:start + 1 + window], device=device)
+        logprobs = torch.log_softmax(model(inputs)[0, : len(targets)].float(), dim=-1)
+        total += float(logprobs.gather(-1, targets[:, None]).sum())
+    return total
+
+
+def perplexity(total_logprob: float, n_tokens: int) -> float:
+    return math.exp(-total_logprob / n_tokens)
+
+
+def bits_per_byte(total_logprob: float, n_bytes: int) -> float:
+    """Tokenizer-independent: nats over the whole text turned into bits, per UTF-8 byte of the text."""
+    return -total_logprob / (math.log(2) * n_bytes)

@@ -1,0 +1,219 @@
+"""Evaluation tasks: a small YAML (or JSONL) description anyone can write, checked with clear errors.
+
+    name: sentiment
+    kind: multiple_choice            # multiple_choice | generation | perplexity
+    description: Is each review positive or negative?   # optional, starts every prompt
+    prompt: "Review: {text}\\nSentiment:"               # fields of an item, in braces
+    choices: [negative, positive]    # or choices_field: a field holding each item's own list
+    answer: label                    # the field with the gold choice (its text or index) or gold answer(s)
+    answer_join: ", "                # generation: a list answer is one reference, joined (e.g. keywords)
+    data: data/sentiment.jsonl       # relative to this file (or `items:` inline); each item may have "split"
+    metrics: [exact_match, f1]       # generation only: exact_match f1 bleu chrf rouge1 rouge2 rougeL
+
+A plain JSONL file is a task too: items {"prompt", "choices", "answer"} are multiple choice, {"prompt",
+"answer"} generation. A .txt file is a perplexity task over its text.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.evaluate.metrics import GENERATION_METRICS
+
+BUNDLED_DIR = Path(__file__).parent / "tasks"
+KINDS = ("multiple_choice", "generation", "perplexity")
+_FIELDS = {"name", "kind", "description", "prompt", "choices", "choices_field", "answer", "data", "items",
+           "metrics", "target_prefix", "separator", "max_new_tokens", "stop", "fewshot_split", "eval_split", "text",
+           "answer_join"}
+
+
+@dataclass
+class Item:
+    """One example: its fields, and where it came from (for error messages)."""
+
+    fields: dict[str, Any]
+    where: str
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    source: str
+    prompt: str = "{prompt}"
+    answer: str = "answer"
+    description: str = ""
+    choices: list[str] | None = None
+    choices_field: str | None = None
+    items: list[Item] = field(default_factory=list)
+    fewshot_items: list[Item] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    target_prefix: str = " "
+    separator: str = "\n\n"
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+    text_file: Path | None = None
+    answer_join: str | None = None
+
+    def item_choices(self, item: Item) -> list[str]:
+        return self.choices if self.choices is not None else item.fields[self.choices_field]
+
+    def gold_index(self, item: Item) -> int:
+        """The index of the correct choice of a multiple-choice item."""
+        gold, choices = item.fields[self.answer], self.item_choices(item)
+        return gold if isinstance(gold, int) else choices.index(gold)
+
+    def gold_answers(self, item: Item) -> list[str]:
+        """The acceptable answers of a generation item."""
+        gold = item.fields[self.answer]
+        if isinstance(gold, str):
+            return [gold]
+        return [self.answer_join.join(gold)] if self.answer_join is not None else list(gold)
+
+    def render(self, item: Item) -> str:
+        return self.prompt.format(**item.fields)
+
+    def demonstration(self, item: Item) -> str:
+        """A solved example for few-shot prompts: its prompt followed by its answer."""
+        if self.kind == "multiple_choice":
+            solution = self.item_choices(item)[self.gold_index(item)]
+        else:
+            solution = self.gold_answers(item)[0]
+        return self.render(item) + self.target_prefix + solution
+
+    def context(self, item: Item, demonstrations: list[Item]) -> str:
+        parts = ([self.description] if self.description else []) + [self.demonstration(d) for d in demonstrations]
+        return self.separator.join([*parts, self.render(item)])
+
+
+def bundled_tasks() -> list[str]:
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.yaml"))
+
+
+def load_task(name_or_path: str | Path) -> Task:
+    """A bundled task by name (see `bundled_tasks()`), or a task file: .yaml/.yml, .jsonl or .txt."""
+    path = Path(name_or_path)
+    if not path.exists() and (BUNDLED_DIR / f"{name_or_path}.yaml").is_file():
+        path = BUNDLED_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SparkGPTError(
+            f"{name_or_path}: no such task file, and not a bundled task ({', '.join(bundled_tasks())})"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return Task(name=path.stem, kind="perplexity", source=str(path), text_file=path)
+    if suffix == ".jsonl":
+        return _jsonl_task(path)
+    if suffix in (".yaml", ".yml"):
+        return _yaml_task(path)
+    raise SparkGPTError(f"{path}: expected a task file ending in .yaml, .jsonl or .txt")
+
+
+def _yaml_task(path: Path) -> Task:
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SparkGPTError(f"{path}: not readable YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise SparkGPTError(f"{path}: expected a YAML mapping of task fields")
+    unknown = sorted(set(spec) - _FIELDS)
+    if unknown:
+        raise SparkGPTError(f"{path}: unknown task field(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
+    kind = spec.get("kind", "multiple_choice")
+    if kind not in KINDS:
+        raise SparkGPTError(f"{path}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "perplexity":
+        if "text" not in spec:
+            raise SparkGPTError(f"{path}: a perplexity task needs `text: FILE`")
+        return Task(name=spec.get("name", path.stem), kind=kind, source=str(path), text_file=path.parent / spec["text"])
+    if "data" in spec:
+        items = _read_jsonl(path.parent / spec["data"])
+    elif isinstance(spec.get("items"), list):
+        items = [Item(fields, f"{path}: item {i + 1}") for i, fields in enumerate(spec["items"])]
+    else:
+        raise SparkGPTError(f"{path}: needs `data: FILE.jsonl` or an `items:` list")
+    task = Task(
+        name=spec.get("name", path.stem), kind=kind, source=str(path), prompt=spec.get("prompt", "{prompt}"),
+        answer=spec.get("answer", "answer"), description=spec.get("description", ""), choices=spec.get("choices"),
+        choices_field=spec.get("choices_field"), target_prefix=spec.get("target_prefix", " "),
+        separator=spec.get("separator", "\n\n"), max_new_tokens=spec.get("max_new_tokens", 32),
+        stop=spec.get("stop", ["\n"]), answer_join=spec.get("answer_join"),
+        metrics=spec.get("metrics", ["accuracy", "accuracy_norm"] if kind == "multiple_choice" else ["exact_match",
+                                                                                                      "f1"]),
+    )
+    return _split_and_check(task, items, spec.get("fewshot_split", "train"), spec.get("eval_split", "test"))
+
+
+def _jsonl_task(path: Path) -> Task:
+    items = _read_jsonl(path)
+    kind = "multiple_choice" if "choices" in items[0].fields else "generation"
+    multiple_choice = kind == "multiple_choice"
+    task = Task(name=path.stem, kind=kind, source=str(path), choices_field="choices" if multiple_choice else None,
+                metrics=["accuracy", "accuracy_norm"] if multiple_choice else ["exact_match", "f1"])
+    return _split_and_check(task, items, "train", "test")
+
+
+def _read_jsonl(path: Path) -> list[Item]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SparkGPTError(f"{path}: not readable ({error})") from None
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SparkGPTError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(fields, dict):
+            raise SparkGPTError(f"{path}: line {number}: expected a JSON object")
+        items.append(Item(fields, f"{path}: line {number}"))
+    if not items:
+        raise SparkGPTError(f"{path}: no items")
+    return items
+
+
+def _split_and_check(task: Task, items: list[Item], fewshot_split: str, eval_split: str) -> Task:
+    """Every item must render and carry a valid answer: one bad item is an error naming it, before any work."""
+    if task.kind == "generation":
+        unknown = sorted(set(task.metrics) - set(GENERATION_METRICS))
+        if unknown:
+            raise SparkGPTError(f"{task.source}: unknown metric(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(GENERATION_METRICS)}")
+    elif task.choices is None and task.choices_field is None:
+        raise SparkGPTError(f"{task.source}: a multiple-choice task needs `choices` or `choices_field`")
+    prompt_fields = {name for _, name, _, _ in string.Formatter().parse(task.prompt) if name}
+    for item in items:
+        _check_item(task, item, prompt_fields)
+    has_splits = any("split" in item.fields for item in items)
+    task.items = [i for i in items if i.fields.get("split") == eval_split] if has_splits else items
+    task.fewshot_items = [i for i in items if i.fields.get("split") == fewshot_split] if has_splits else []
+    if not task.items:
+        raise SparkGPTError(f"{task.source}: no items in the {eval_split!r} split")
+    return task
+
+
+def _check_item(task: Task, item: Item, prompt_fields: set[str]) -> None:
+    missing = sorted(prompt_fields - set(item.fields))
+    if missing:
+        raise SparkGPTError(f"{item.where}: item has no field {missing[0]!r}, which the prompt uses")
+    if task.answer not in item.fields:
+        raise SparkGPTError(f"{item.where}: item has no answer field {task.answer!r}")
+    gold = item.fields[task.answer]
+    if task.kind == "multiple_choice":
+        choices = task.choices if task.choices is not None else item.fields.get(task.choices_field)
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise SparkGPTError(f"{item.where}: choices must be a list of at least two strings")
+        valid = (isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(choices)) or gold in choices
+        if not valid:
+            raise SparkGPTError(f"{item.where}: answer {gold!r} is not one of the choices {choices}")
+    elif not (isinstance(gold, str) or (isinstance(gold, list) and gold and all(isinstance(g, str) for g in gold))):
+        raise SparkGPTError(f"{item.where}: answer must be a string or a non-empty list of strings")
