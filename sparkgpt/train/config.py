@@ -1,0 +1,248 @@
+"""TrainConfig: every training hyper-parameter in one dataclass, and the one way to build it.
+
+A config is a named preset or a YAML file (which may itself start from a preset with `preset: NAME`), then
+`key=value` overrides on top. Model shape changes are `model_overrides` (YAML) or `model.FIELD=value` (CLI).
+Every bad key or value is a one-line error naming it. The resolved config is saved with the run as config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sparkgpt.config import PRESETS, ModelConfig, preset
+from sparkgpt.errors import SparkGPTError
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, model preset, batch shape, optimizer, schedule, precision, evaluation and saving."""
+
+    data: str = ""                      # a prepared data folder (`sparkgpt prepare`)
+    model: str = "shakespeare-char"     # a model preset (sparkgpt/config.py)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
+    # Batch shape. Tokens per optimizer step = batch_size × block_size × grad_accum × world size.
+    block_size: int = 64                # tokens per training sequence
+    batch_size: int = 12                # sequences per micro-batch, per process
+    grad_accum: int = 1                 # micro-batches per optimizer step, per process
+    max_steps: int = 2000               # optimizer steps in the whole run
+    # AdamW with decoupled weight decay (none on norms, biases and embeddings).
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # clip the global gradient norm to this; 0 disables clipping
+    fused: bool = True                  # the fused AdamW kernel (CPU and CUDA); False is the plain for-loop one
+    # Learning-rate schedule: linear warmup, then cosine decay to min_lr over the remaining steps, or
+    # warmup-stable-decay ("wsd": constant lr, then a linear decay over the last decay_fraction of the steps).
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    # Precision and speed. Weights and optimizer state stay fp32; autocast runs matmuls in `dtype`.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compile: bool = False               # torch.compile the model (slow first step, faster after)
+    device: str = "auto"                # auto (CUDA when present), cpu, cuda
+    seed: int = 1337
+    # Evaluation, logging and checkpoints.
+    eval_every: int = 250               # evaluate on the validation split every N steps (and at the end)
+    eval_batches: int = 20              # validation micro-batches per evaluation
+    log_every: int = 10                 # write a metrics row every N steps
+    save_every: int = 1000              # checkpoint every N steps (and at the end)
+    keep_last: int = 2                  # checkpoints kept besides the best one
+    peak_tflops: float | None = None    # the hardware's peak for MFU; None measures this machine's matmul rate
+
+    def validate(self) -> None:
+        positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                    "log_every", "save_every", "keep_last")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SparkGPTError(f"config key {name!r} is {value!r}; expected a positive integer")
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise SparkGPTError(f"config key {name!r} is {value!r}; expected a number ≥ 0")
+        if self.lr <= 0:
+            raise SparkGPTError(f"config key 'lr' is {self.lr!r}; expected a positive number")
+        if self.min_lr > self.lr:
+            raise SparkGPTError(f"config key 'min_lr' ({self.min_lr}) is larger than 'lr' ({self.lr})")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SparkGPTError(f"config key {name!r} is {getattr(self, name)!r}; expected a number in [0, 1)")
+        if not 0 <= self.decay_fraction <= 1:
+            raise SparkGPTError(f"config key 'decay_fraction' is {self.decay_fraction!r}; expected a number in [0, 1]")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise SparkGPTError(f"config key 'warmup_steps' is {self.warmup_steps!r}; expected an integer ≥ 0")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise SparkGPTError(f"config key 'peak_tflops' is {self.peak_tflops!r}; expected a positive number")
+        for name, allowed in (("schedule", ("cosine", "wsd", "constant")),
+                              ("dtype", ("bfloat16", "float16", "float32"))):
+            if getattr(self, name) not in allowed:
+                raise SparkGPTError(f"config key {name!r} is {getattr(self, name)!r}; expected one of {allowed}")
+        if self.model not in PRESETS:
+            raise SparkGPTError(f"config key 'model' is {self.model!r}; expected a model preset "
+                                f"({', '.join(PRESETS)})")
+        self.model_config()  # model_overrides: unknown fields and bad values are named by ModelConfig
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The model this config trains; `vocab_size` (the data's) applies unless the overrides set one."""
+        overrides = dict(self.model_overrides)
+        if vocab_size is not None:
+            overrides.setdefault("vocab_size", vocab_size)
+        overrides.setdefault("max_seq_len", max(self.block_size, PRESETS[self.model].get("max_seq_len", 0)))
+        try:
+            return preset(self.model, **overrides)
+        except SparkGPTError as error:
+            raise SparkGPTError(f"config key 'model_overrides': {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SHAKESPEARE = dict(eval_every=250, eval_batches=20, log_every=10)
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # The Transformer family on a CPU (sparkgpt/config.py): alternating dense/local attention and mixture of experts
+    # on shakespeare-char's recipe, and an encoder–decoder on sequence-to-sequence JSONL ({"source", "target"}).
+    "shakespeare-sparse": dict(_SHAKESPEARE, model="shakespeare-sparse", block_size=256, batch_size=8,
+                               max_steps=2000, lr=2e-3, min_lr=2e-4, warmup_steps=50, save_every=500),
+    "shakespeare-moe": dict(_SHAKESPEARE, model="shakespeare-moe", block_size=64, batch_size=12, max_steps=2000,
+                            lr=2e-3, min_lr=2e-4, warmup_steps=50, save_every=500),
+    "seq2seq-small": dict(model="seq2seq-small", block_size=64, batch_size=32, max_steps=2000, lr=1e-3,
+                          min_lr=1e-4, warmup_steps=100, eval_every=250, eval_batches=4, log_every=10,
+                          save_every=1000, dtype="float32"),
+    # nanoGPT's CPU recipe shape (4 layers, 4 heads, 128 wide, block 64, batch 12) with sparkgpt's choices:
+    # a Llama-style block (RoPE, RMSNorm, SwiGLU), bf16 autocast, the fused AdamW, a higher peak lr.
+    "shakespeare-char": dict(_SHAKESPEARE, model="shakespeare-char", block_size=64, batch_size=12, max_steps=2000,
+                             lr=2e-3, min_lr=2e-4, warmup_steps=50, beta2=0.99, save_every=500),
+    # nanoGPT's "baby GPT" (6 layers, 6 heads, 384 wide, block 256, batch 64), Llama-style.
+    "shakespeare-baby": dict(_SHAKESPEARE, model="shakespeare-baby", block_size=256, batch_size=64,
+                             max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, save_every=500,
+                             compile=True),
+    # GPT-2 small (124M) from scratch on a GPU (nanoGPT's train_gpt2 recipe: ~0.5M tokens per step on 8 GPUs).
+    "gpt2": dict(model="gpt2", block_size=1024, batch_size=12, grad_accum=40, max_steps=600_000, lr=6e-4,
+                 min_lr=6e-5, warmup_steps=2000, beta2=0.95, weight_decay=0.1, eval_every=1000, eval_batches=200,
+                 save_every=1000, log_every=10, compile=True),
+    # The same budget with a Llama-style 124M model.
+    "sparkgpt-124m": dict(model="sparkgpt-124m", block_size=1024, batch_size=12, grad_accum=40, max_steps=600_000,
+                          lr=6e-4, min_lr=6e-5, warmup_steps=2000, beta2=0.95, weight_decay=0.1, eval_every=1000,
+                          eval_batches=200, save_every=1000, log_every=10, compile=True),
+}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _convert(name: str, value: Any, kind: Any, source: str) -> Any:
+    """A value (a YAML scalar or a CLI string) as the field's type, or a one-line error naming the key."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _convert(name, value, next(a for a in args if a is not type(None)), source)
+    if origin is Literal:
+        if value not in args:
+            raise SparkGPTError(f"{source}: config key {name!r} is {value!r}; expected one of {', '.join(args)}")
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            return str(value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, "a mapping")
+        raise SparkGPTError(f"{source}: config key {name!r} is {value!r}; expected {expected}") from None
+    return value
+
+
+def _apply(values: dict[str, Any], changes: dict[str, Any], source: str) -> None:
+    types_by_name = _field_types()
+    for name, value in changes.items():
+        if name.startswith("model."):  # model.n_layers=6 on the command line
+            model_field = name.removeprefix("model.")
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            if model_field not in known:
+                raise SparkGPTError(f"{source}: unknown model field {model_field!r}; known: {', '.join(sorted(known))}")
+            kind = typing.get_type_hints(ModelConfig)[model_field]
+            parsed = yaml.safe_load(value) if isinstance(value, str) else value
+            if typing.get_origin(kind) in (typing.Union, types.UnionType) or kind in (int, float, bool, str):
+                parsed = _convert(name, value, kind, source)
+            values["model_overrides"] = {**values.get("model_overrides", {}), model_field: parsed}
+            continue
+        if name not in types_by_name:
+            raise SparkGPTError(f"{source}: unknown config key {name!r}; known: {', '.join(sorted(types_by_name))}")
+        values[name] = _convert(name, value, types_by_name[name], source)
+
+
+def load_train_config(spec: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A preset name or YAML file (or None: the defaults), then `overrides` ({key: value}) on top, validated."""
+    values: dict[str, Any] = TrainConfig().to_dict()
+    if spec is not None:
+        text = str(spec)
+        if text in TRAIN_PRESETS:
+            _apply(values, TRAIN_PRESETS[text], f"preset {text!r}")
+        elif Path(text).is_file() or text.endswith((".yaml", ".yml")):
+            path = Path(text)
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise SparkGPTError(f"{path}: no such config file") from None
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+                reason = str(error).replace("\n", " ")
+                raise SparkGPTError(f"{path}: not a readable YAML file ({reason})") from None
+            loaded = {} if loaded is None else loaded
+            if not isinstance(loaded, dict):
+                raise SparkGPTError(f"{path}: expected a mapping of config keys, found {type(loaded).__name__}")
+            base = loaded.pop("preset", None)
+            if base is not None:
+                if base not in TRAIN_PRESETS:
+                    raise SparkGPTError(f"{path}: 'preset' is {base!r}; expected one of {', '.join(TRAIN_PRESETS)}")
+                _apply(values, TRAIN_PRESETS[base], f"preset {base!r}")
+            _apply(values, loaded, str(path))
+        else:
+            raise SparkGPTError(f"config {text!r}: not a training preset ({', '.join(TRAIN_PRESETS)}) or a YAML file")
+    _apply(values, overrides or {}, "command line")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def save_train_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`["lr=3e-4", "model.n_layers=6"]` (leading dashes allowed) -> {"lr": "3e-4", "model.n_layers": "6"}."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise SparkGPTError(f"override {item!r}: expected --key=value")
+        parsed[key.replace("-", "_")] = value
+    return parsed

@@ -1,0 +1,382 @@
+"""The training loop: one function, `train`, used the same way by one process or by every rank under torchrun.
+
+Per optimizer step: set the scheduled lr; for each micro-batch, forward under autocast and backward the loss
+divided by the number of micro-batches (DDP all-reduces gradients on the last one only); clip the global gradient
+norm; stop if the loss or the norm is not finite (before the update, so no bad weight is ever written); step.
+Rank 0 logs (progress bar, metrics.jsonl, loss.png), evaluates and saves; the others wait at the save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from sparkgpt.data.datasets import TokenData, eval_offsets, gather, step_offsets
+from sparkgpt.data.seq2seq import Seq2SeqBatch, Seq2SeqData, is_seq2seq
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.model import GPT, build_model
+from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
+from sparkgpt.train import checkpoints
+from sparkgpt.train.config import TrainConfig, load_train_config, save_train_config
+from sparkgpt.train.distributed import Distributed
+from sparkgpt.train.optim import build_optimizer, learning_rate
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingDiverged(SparkGPTError):
+    """The loss or the gradient norm stopped being a finite number."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    checkpoint: Path | None
+    elapsed_s: float
+
+
+def compute_loss(model: torch.nn.Module, inputs: torch.Tensor | Seq2SeqBatch, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; the logits go to fp32 first so bf16 rounding never reaches the softmax.
+    A Seq2SeqBatch is an encoder–decoder's (source, mask, decoder input); its padding labels are -100, ignored."""
+    logits = model(*inputs.model_args()) if isinstance(inputs, Seq2SeqBatch) else model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def flops_per_token(model: GPT, block_size: int) -> float:
+    """Training FLOPs per token (PaLM's estimate, as nanoGPT): 6 per weight (forward + backward) plus attention."""
+    config = model.config
+    params = model.num_parameters()
+    if config.positions == "learned":
+        params -= model.position_embedding.weight.numel()  # a lookup, not a matmul
+    return 6 * params + 12 * config.n_layers * config.n_heads * config.head_dim * block_size
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float | None) -> float:
+    """The FLOP/s that MFU divides by: the configured figure, a known GPU's datasheet bf16 peak, or on CPU the rate
+    of a large matmul in the training dtype measured here (what this machine can actually do)."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("A10", 125), ("4090", 165)):
+            if key in name:
+                return tflops * 1e12
+        return 100e12
+    size = 1024
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm the kernels up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.2:
+        a @ b
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+class Trainer:
+    """State of one training run in this process; `run()` trains to `config.max_steps`."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+        self.config, self.run_dir, self.progress = config, run_dir, progress
+        data_type = Seq2SeqData if is_seq2seq(config.model) else TokenData  # encoder–decoder: source/target pairs
+        self.data = data_type(config.data) if config.data else None
+        if self.data is None:
+            raise SparkGPTError("no training data: pass --data DIR (a folder made by `sparkgpt prepare`)")
+        self.data.check_block_size(config.block_size)
+        model_config = config.model_config(vocab_size=self.data.vocab_size)
+        if isinstance(self.data, Seq2SeqData):
+            model_config = model_config.replace(**self.data.model_fields)
+        if model_config.vocab_size < self.data.vocab_size:
+            raise SparkGPTError(
+                f"model vocab_size {model_config.vocab_size} is smaller than the data's vocabulary "
+                f"({self.data.vocab_size} in {self.data.directory / 'meta.json'}); the token ids would not fit")
+        if config.block_size > model_config.max_seq_len:
+            raise SparkGPTError(f"config key 'block_size' ({config.block_size}) exceeds the model's max_seq_len "
+                                f"({model_config.max_seq_len})")
+        tokenizer_path = self.data.directory / TOKENIZER_FILE
+        self.tokenizer = Tokenizer.from_dir(self.data.directory) if tokenizer_path.is_file() else None
+        if isinstance(self.data, Seq2SeqData):
+            self.tokenizer = self.data.tokenizer
+
+        probe_device = Distributed().device(config.device)
+        self.dist = Distributed.from_env(probe_device)
+        self.device = self.dist.device(config.device)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.model = build_model(model_config).to(self.device).train()
+        self.optimizer = build_optimizer(self.model, config)
+        self.step = 0
+        self.elapsed_s = 0.0
+        self.last_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.last_aux_loss: float | None = None
+        if resume:
+            self._resume()
+        else:
+            self._start_fresh()
+        self.ddp_model = self.dist.wrap(self.model, self.device)
+        self.train_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
+        self.autocast_dtype = _AUTOCAST.get(config.dtype)
+        self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum * self.dist.world_size
+        self.flops_per_token = flops_per_token(self.model, config.block_size)
+        self.peak = peak_flops(self.device, self.autocast_dtype or torch.float32, config.peak_tflops) \
+            if self.dist.is_main else 1.0
+
+    # ---- starting and resuming ----------------------------------------------------------------------------
+
+    def _start_fresh(self) -> None:
+        existing = self.run_dir / CONFIG_FILE
+        if existing.exists() or checkpoints.list_checkpoints(self.run_dir):
+            raise SparkGPTError(f"{self.run_dir}: already holds a training run; pass --resume to continue it, "
+                                "or choose another --out")
+        self.dist.barrier()  # every rank has looked before rank 0 writes
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_train_config(self.config, self.run_dir / CONFIG_FILE)
+            (self.run_dir / METRICS_FILE).write_text("", encoding="utf-8")
+        self.dist.barrier()
+
+    def _resume(self) -> None:
+        found = checkpoints.list_checkpoints(self.run_dir)
+        self.dist.barrier()  # every rank has listed the checkpoints before rank 0 sweeps partial saves
+        if self.dist.is_main:
+            checkpoints.sweep_partial_saves(self.run_dir)
+        if not found:
+            # Killed before its first checkpoint: nothing to continue from, so start over in the same folder.
+            self.dist.barrier()
+            if self.dist.is_main and (self.run_dir / CONFIG_FILE).exists():
+                (self.run_dir / CONFIG_FILE).unlink()
+            self.dist.barrier()
+            self._start_fresh()
+            return
+        latest = found[-1]
+        state = checkpoints.load_checkpoint(latest.path, self.model, self.optimizer)
+        if state.get("tokens_per_step") not in (None, self._tokens_per_step()):
+            raise SparkGPTError(f"{latest.path}: saved with {state['tokens_per_step']} tokens per step; this run has "
+                                f"{self._tokens_per_step()} (keep batch_size × grad_accum × processes the same)")
+        self.step, self.elapsed_s = state["step"], state.get("elapsed_s", 0.0)
+        self.last_val_loss, self.last_checkpoint = state.get("val_loss"), latest.path
+        if self.dist.is_main:
+            save_train_config(self.config, self.run_dir / CONFIG_FILE)
+            self._truncate_metrics(self.step)
+        self.dist.barrier()
+
+    def _tokens_per_step(self) -> int:
+        return self.config.batch_size * self.config.block_size * self.config.grad_accum * self.dist.world_size
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the rows a killed run wrote after its last checkpoint: the resumed run writes them again."""
+        path = self.run_dir / METRICS_FILE
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+            if path.exists() else []
+        kept = []
+        for line in rows:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a row cut short by the kill
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
+        os.replace(staging, path)
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch `micro` of step `step`: a slice of the step's global batch (see datasets.py)."""
+        config = self.config
+        per_rank = config.batch_size * config.grad_accum
+        if isinstance(self.data, Seq2SeqData):  # whole examples, drawn per step as the token windows are
+            start = self.dist.rank * per_rank + micro * config.batch_size
+            rows = self.data.step_rows(config.seed, step, per_rank * self.dist.world_size)
+            inputs, targets = self.data.batch(self.data.train, rows[start:start + config.batch_size])
+            return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        offsets = step_offsets(len(self.data.train), config.block_size, config.seed, step,
+                               per_rank * self.dist.world_size)
+        start = self.dist.rank * per_rank + micro * config.batch_size
+        inputs, targets = gather(self.data.train, offsets[start:start + config.batch_size], config.block_size)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (mean loss over the global batch, gradient norm before clipping)."""
+        config = self.config
+        lr = learning_rate(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        moe_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0) if self.model.config.n_experts else 0.0
+        for micro in range(config.grad_accum):
+            inputs, targets = self._batch(self.step, micro)
+            with self.dist.gradient_sync(self.ddp_model, sync=micro == config.grad_accum - 1), self._autocast():
+                loss = compute_loss(self.train_model, inputs, targets)
+                objective = loss
+                if moe_coef:  # mixture of experts: the model's load-balancing loss joins the objective
+                    objective = loss + moe_coef * self.model.aux_loss
+                    aux_sum += self.model.aux_loss.detach()
+                (objective / config.grad_accum).backward()
+            loss_sum += loss.detach()
+        loss = self.dist.mean(loss_sum / config.grad_accum).item()
+        self.last_aux_loss = self.dist.mean(aux_sum / config.grad_accum).item() if moe_coef else None
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = self.last_checkpoint or "none was saved yet"
+            raise TrainingDiverged(
+                f"step {self.step + 1}: the loss is {loss} and the gradient norm {grad_norm}; stopped before updating "
+                f"the weights (lower lr or raise warmup_steps). Last good checkpoint: {where}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the fixed evaluation sequences (shared out across ranks)."""
+        config = self.config
+        seq2seq = isinstance(self.data, Seq2SeqData)
+        count = config.eval_batches * config.batch_size
+        offsets = self.data.eval_rows(config.seed, count) if seq2seq else \
+            eval_offsets(len(self.data.val), config.block_size, config.seed, count)
+        model = self.train_model if not self.dist.enabled else self.model
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in range(self.dist.rank, config.eval_batches, self.dist.world_size):
+            rows = offsets[batch * config.batch_size:(batch + 1) * config.batch_size]
+            inputs, targets = self.data.batch(self.data.val, rows) if seq2seq else \
+                gather(self.data.val, rows, config.block_size)
+            with self._autocast():
+                total += compute_loss(model, inputs.to(self.device), targets.to(self.device))
+        self.model.train()
+        return self.dist.sum(total).item() / config.eval_batches
+
+    def save(self, val_loss: float | None) -> None:
+        if self.dist.is_main:
+            state = {"step": self.step, "val_loss": val_loss, "elapsed_s": self.elapsed_s,
+                     "tokens_per_step": self.tokens_per_step, "world_size": self.dist.world_size,
+                     "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
+            self.last_checkpoint = checkpoints.save_checkpoint(
+                self.run_dir, self.model, self.tokenizer, self.optimizer, self.config, state)
+            checkpoints.prune_checkpoints(self.run_dir, self.config.keep_last)
+        self.dist.barrier()
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def run(self) -> TrainResult:
+        config = self.config
+        bar = tqdm(total=config.max_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        loss = None
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < config.max_steps:
+                step_start = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                self.elapsed_s += time.perf_counter() - step_start
+                window_steps += 1
+                bar.update(1)
+                final = self.step == config.max_steps
+                if self.step % config.log_every == 0 or final:
+                    seconds = time.perf_counter() - window_start
+                    tokens_per_s = self.tokens_per_step * window_steps / seconds
+                    mfu = self.flops_per_token * tokens_per_s / self.peak
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                    mfu=f"{mfu:.1%}", refresh=False)
+                    if self.dist.is_main:
+                        row = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                               "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": self.elapsed_s}
+                        if self.last_aux_loss is not None:
+                            row["aux_loss"] = self.last_aux_loss  # MoE load balancing (k when balanced)
+                        self._log(row)
+                    window_start, window_steps = time.perf_counter(), 0
+                save_now = self.step % config.save_every == 0 or final
+                if self.step % config.eval_every == 0 or save_now:
+                    eval_start = time.perf_counter()
+                    self.last_val_loss = self.evaluate()
+                    self.elapsed_s += time.perf_counter() - eval_start
+                    if self.dist.is_main:
+                        self._log({"kind": "eval", "step": self.step, "val_loss": self.last_val_loss,
+                                   "val_ppl": math.exp(min(self.last_val_loss, 50)), "elapsed_s": self.elapsed_s})
+                        plot_losses(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE)
+                        bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {self.last_val_loss:.4f}")
+                    if save_now:
+                        self.save(self.last_val_loss)
+                    window_start, window_steps = time.perf_counter(), 0  # evaluation is not training throughput
+        finally:
+            bar.close()
+        return TrainResult(self.run_dir, self.step, loss, self.last_val_loss, self.last_checkpoint, self.elapsed_s)
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> None:
+    """Training and validation loss against steps, written atomically (a reader never sees half a PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        axes.plot(*zip(*val, strict=True), label="validation", marker="o", markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    staging = out_path.with_name(f".{out_path.name}.tmp")
+    figure.savefig(staging, format="png")
+    plt.close(figure)
+    os.replace(staging, out_path)
+
+
+def train(
+    config: str | Path | TrainConfig | None = None,
+    out_dir: str | Path = "runs/train",
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or with `resume`, continue) a run in `out_dir`. `config` is a preset name, a YAML file or a
+    TrainConfig; `overrides` ({key: value}) apply on top. On resume without a config, the run's own config.yaml."""
+    run_dir = Path(out_dir)
+    if isinstance(config, TrainConfig):
+        resolved = load_train_config(None, {**config.to_dict(), **(overrides or {})})
+    elif config is None and resume:
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise SparkGPTError(f"{run_dir}: no {CONFIG_FILE} to resume from (not a training run folder)")
+        resolved = load_train_config(saved, overrides)
+    else:
+        resolved = load_train_config(config, overrides)
+    trainer = Trainer(resolved, run_dir, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
