@@ -158,7 +158,14 @@ class Tokenizer:
         return self.token_to_id(self.eos_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as error:  # the Rust library raises a bare Exception (a char-level vocabulary's gaps)
+            unknown = sorted({c for c in text if self.backend.token_to_id(c) is None})
+            if isinstance(self.backend.model, models.WordLevel) and unknown:
+                raise SparkGPTError(f"the text has characters outside this character-level vocabulary: "
+                                    f"{''.join(unknown[:20])!r}") from None
+            raise SparkGPTError(f"could not tokenize the text ({error})") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -51,7 +51,7 @@ def softmax(values: list[float]) -> list[float]:
 
 def test_classify_probabilities_are_a_softmax_of_mean_label_logprobs(tiny):
     labels = ["positive", "negative", "neutral"]
-    probabilities = tasks.classify(tiny, "It was fine.", labels)
+    probabilities = tasks.classify(tiny, "It was fine.", labels, calibrate=False)
     expected = softmax(label_logprobs(tiny, "It was fine.", labels))
     assert list(probabilities) == labels
     for label, p in zip(labels, expected, strict=True):
@@ -86,7 +86,11 @@ def test_real_model_does_the_tasks(smollm2):
     assert "Oslo" in tasks.answer(smollm2, "Where does Marie live now?",
                                   context="Marie moved from Lyon to Oslo in 2019 and works there as a nurse.")
     assert "Paris" in tasks.answer(smollm2, "What is the capital of France?")
-    assert tasks.correct(smollm2, "She go to school every day.") == "She goes to school every day."
+    shown = [("He have two dogs.", "He has two dogs."), ("They was late yesterday.", "They were late yesterday."),
+             ("I recieved the letter.", "I received the letter.")]
+    # Three examples teach the 135M model the task it misses zero-shot (it echoes the sentence back).
+    assert tasks.correct(smollm2, "She go to school every day.", examples=shown, chat=False) == \
+        "She goes to school every day."
 
 
 @pytest.mark.slow

@@ -116,3 +116,9 @@ def test_chat_template_runs_sandboxed():
 def test_bpe_vocabulary_too_small_is_a_clear_error():
     with pytest.raises(SparkGPTError, match="bpe vocabulary size 100 is too small"):
         Tokenizer.train_bpe(["abc"], vocab_size=100)
+
+
+def test_char_level_names_characters_outside_its_vocabulary():
+    tokenizer = Tokenizer.char_level(["abc\n\ncab"])
+    with pytest.raises(SparkGPTError, match="outside this character-level vocabulary: 'xz'"):
+        tokenizer.encode("abzx")

@@ -53,9 +53,10 @@ class Report:
 
 def evaluate(
     lm: LM, task: Task | str | Path, shots: int = 0, limit: int | None = None, seed: int = 1234,
-    chat: bool | None = None, batch_size: int = 8, progress: bool = True,
+    chat: bool = False, batch_size: int = 8, progress: bool = True,
 ) -> Report:
-    """Score `lm` on `task`. chat=None uses the model's chat template when it has one."""
+    """Score `lm` on `task`. Prompts are plain text, as lm-evaluation-harness writes them, unless `chat` wraps
+    each in the model's chat template (for the bundled sentiment set that costs SmolLM2-135M 20 points)."""
     task = task if isinstance(task, Task) else load_task(task)
     lm._require_tokenizer()
     use_chat = lm.uses_chat_template(chat)
