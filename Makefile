@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Prepare Shakespeare, train a small char-level GPT on the CPU for about two minutes, print samples from it.
 demo: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/shakespeare.py
 
 test: setup
 	$(BIN)/ruff check .

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import sparkgpt
-from sparkgpt.checkpoint.registry import ALIASES, alias_file
+from sparkgpt.checkpoint.registry import ALIASES, alias_path
 from sparkgpt.evaluate.harness import evaluate
 from sparkgpt.evaluate.task import load_task
 
@@ -50,7 +50,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    gguf = alias_file(ALIASES["smollm2-135m-instruct"])
+    gguf = alias_path(ALIASES["smollm2-135m-instruct"])
     task = load_task("sentiment")
     n_items = len(task.items)
 

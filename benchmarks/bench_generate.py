@@ -1,10 +1,11 @@
 """Generation speed: sparkgpt beside transformers, same weights, same machine, same run.
 
-A random-init model shaped like SmolLM2-135M (30 layers, 576 wide, 9 heads, 3 key/value heads, vocab 49,152).
-Prefill: time to the first new token for a 512-token prompt. Decode: new tokens per second at batch 1,
-128 tokens after a 16-token prompt (total time minus that prompt's prefill).
+Weights: the real SmolLM2-135M-Instruct (`--weights smollm2-135m-instruct`, the default: the Q4_1 GGUF
+dequantised, handed to both) or a random-init model of the same shape (`--weights random`: 30 layers, 576 wide,
+9 heads, 3 key/value heads, vocab 49,152). Prefill: time to the first new token for a 512-token prompt.
+Decode: new tokens per second at batch 1, 128 tokens after a 16-token prompt (total time minus that prefill).
 
-    python benchmarks/bench_generate.py [--threads 2] [--repeats 3]
+    python benchmarks/bench_generate.py [--weights smollm2-135m-instruct|random] [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -56,13 +57,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", default="smollm2-135m-instruct", help="a model reference, or 'random'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
-    config = sparkgpt.preset("smollm2-135m")
-    torch.manual_seed(0)
-    model = sparkgpt.GPT(config).eval()
+    if args.weights == "random":
+        config = sparkgpt.preset("smollm2-135m")
+        torch.manual_seed(0)
+        model = sparkgpt.GPT(config).eval()
+    else:
+        model = sparkgpt.load(args.weights, device="cpu").model
+        config = model.config
     hf_fields = config_to_hf(config, torch.float32)
     reference = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(hf_fields.pop("model_type"), **hf_fields), attn_implementation="sdpa"
@@ -73,7 +79,8 @@ def main() -> None:
     with torch.no_grad():  # the same weights: the same logits
         torch.testing.assert_close(model(probe), reference(probe).logits, atol=1e-4, rtol=0)
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads")
+    print(f"weights {args.weights}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{args.threads} threads")
     print(f"{'dtype':<9}{'':<14}{'prefill tok/s':>14}{'decode tok/s':>14}")
     for dtype in (torch.float32, torch.bfloat16):
         rows = {}

@@ -9,19 +9,22 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from sparkgpt.errors import SparkGPTError
 
 
 def cmd_models(args: argparse.Namespace) -> None:
     """List the named model presets with their shapes and parameter counts."""
+    from sparkgpt.checkpoint.hf import family_for
     from sparkgpt.config import PRESETS, preset
 
-    print(f"{'preset':<16}{'family':<8}{'layers':>7}{'d_model':>9}{'heads':>7}{'kv':>5}{'context':>9}{'params':>10}")
+    print(f"{'preset':<20}{'family':<10}{'layers':>7}{'d_model':>9}{'heads':>7}{'kv':>5}{'context':>9}{'params':>10}")
     for name in PRESETS:
         config = preset(name)
-        family = "llama" if config.positions == "rope" else "gpt2"
-        print(f"{name:<16}{family:<8}{config.n_layers:>7}{config.d_model:>9}{config.n_heads:>7}{config.n_kv_heads:>5}"
+        known = family_for(config)  # the transformers family it saves as, else our own
+        family = known.model_type if known else "sparkgpt"
+        print(f"{name:<20}{family:<10}{config.n_layers:>7}{config.d_model:>9}{config.n_heads:>7}{config.n_kv_heads:>5}"
               f"{config.max_seq_len:>9}{_human(config.num_parameters()):>10}")
 
 
@@ -38,6 +41,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
     else:
         print(lm.generate(args.prompt, **sampling))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    """Print normalised sentence embeddings of texts with an encoder model (one JSON list per text)."""
+    import json
+
+    import sparkgpt
+
+    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    for vector in lm.embed(args.text):
+        print(json.dumps([round(x, 6) for x in vector.tolist()]))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -86,6 +100,55 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"step {result.step}: train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (continuous batching) with a web chat page at /."""
+    import uvicorn
+
+    import sparkgpt
+    from sparkgpt.checkpoint.registry import resolve
+    from sparkgpt.serve.api import create_app
+    from sparkgpt.serve.engine import Engine
+
+    if args.max_concurrency < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
+        raise SparkGPTError("--max-concurrency must be >= 1, --max-queue >= 0 and --port in 0..65535")
+    if args.context is not None and args.context < 2:
+        raise SparkGPTError("--context must be at least 2 tokens")
+    path = resolve(args.ref)  # a bad reference fails here, before the port is bound
+    model_name = args.model_name or (args.ref if not Path(args.ref).exists() else path.stem if path.is_file()
+                                     else path.name)
+    # The key may come from the environment, so that it does not show in the process list.
+    api_key = args.api_key or os.environ.get("SPARKGPT_API_KEY") or None
+
+    def load_engine() -> Engine:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+        # Each slot holds a whole sequence; by default at most 4096 tokens of the model's context, to bound memory.
+        context = args.context or min(lm.config.max_seq_len, 4096)
+        engine = Engine(lm, max_slots=args.max_concurrency, max_queue=args.max_queue, context=context,
+                        prefill_chunk=args.prefill_chunk)
+        print(f"sparkgpt: serving {model_name} on http://{args.host}:{args.port} ({args.max_concurrency} slots of "
+              f"{engine.context} tokens, {lm.model.token_embedding.weight.device})", file=sys.stderr, flush=True)
+        return engine.start()
+
+    server: uvicorn.Server | None = None
+
+    def stop_server(message: str) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(model_name, load_engine, api_key=api_key, on_load_error=stop_server)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if app.state.serve.load_error is not None:
+        raise SparkGPTError(app.state.serve.load_error)
+    if not server.started:
+        raise SparkGPTError(f"could not serve on {args.host}:{args.port} (is the port free?)")
+
+
 def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
     """--KEY=VALUE for every TrainConfig key, --model.FIELD=VALUE for every model field (values parsed later)."""
     import dataclasses
@@ -102,10 +165,51 @@ def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Score a model on a task (bundled name, YAML, JSONL or .txt for perplexity); print a table, save JSON."""
+    import sparkgpt
+    from sparkgpt.evaluate.harness import evaluate
+
+    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    report = evaluate(lm, args.task, shots=args.shots, limit=args.limit, seed=args.seed,
+                      chat=args.chat_template, batch_size=args.batch_size)
+    print(report.table())
+    if args.out:
+        report.save(args.out)
+        print(f"wrote {args.out}")
+
+
+def cmd_task(args: argparse.Namespace) -> None:
+    """Run a zero-/few-shot application: classify, answer, translate, summarize, keywords, correct, continue, story."""
+    import sparkgpt
+    from sparkgpt import tasks
+
+    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    text = args.text if args.text is not None else sys.stdin.read()
+    if args.name == "classify":
+        if not args.labels:
+            raise SparkGPTError("classify needs --labels, e.g. --labels positive,negative")
+        probabilities = tasks.classify(lm, text, args.labels.split(","), calibrate=args.calibrate)
+        for label, probability in sorted(probabilities.items(), key=lambda kv: -kv[1]):
+            print(f"{label}\t{probability:.3f}")
+        return
+    runs = {
+        "answer": lambda: tasks.answer(lm, text, context=args.context),
+        "translate": lambda: tasks.translate(lm, text, source=args.source, target=args.target),
+        "summarize": lambda: tasks.summarize(lm, text, max_words=args.max_words),
+        "keywords": lambda: ", ".join(tasks.keywords(lm, text, k=args.k)),
+        "correct": lambda: tasks.correct(lm, text),
+        "continue": lambda: tasks.continue_text(lm, text),
+        "story": lambda: tasks.write_story(lm, text),
+    }
+    print(runs[args.name]())
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop or (), seed=args.seed,
+        num_beams=args.num_beams, length_penalty=args.length_penalty,
     )
 
 
@@ -136,6 +240,9 @@ def _add_sampling_options(
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0)")
     parser.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: sampling)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam search scores log p / length^this (1.0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,11 +255,40 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("models", cmd_models)
+
+    evaluate = command("evaluate", cmd_evaluate)
+    _add_model_options(evaluate)
+    evaluate.add_argument("--task", required=True, help="a bundled task (sentiment, topic, intent, reading_qa, "
+                          "translation_en_fr, summarization, keywords, correction) or a .yaml/.jsonl/.txt file")
+    evaluate.add_argument("--shots", type=int, default=0, help="solved examples shown before each item (0)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    evaluate.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples (1234)")
+    evaluate.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="generation tasks: prompts per batch (8)")
+    evaluate.add_argument("--out", help="write the report (metrics and every item's prediction) as JSON")
+
+    task = command("task", cmd_task)
+    task.add_argument("name", choices=["classify", "answer", "translate", "summarize", "keywords", "correct",
+                                       "continue", "story"])
+    _add_model_options(task)
+    task.add_argument("--text", help="the input (question for answer, premise for story); default: stdin")
+    task.add_argument("--labels", help="classify: comma-separated labels")
+    task.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                      help="classify: skip the correction of label bias measured on a content-free input")
+    task.add_argument("--context", help="answer: the passage to answer from (closed-book without it)")
+    task.add_argument("--source", default="English", help="translate: source language (English)")
+    task.add_argument("--target", default="French", help="translate: target language (French)")
+    task.add_argument("--max-words", type=int, default=30, help="summarize: length limit in words (30)")
+    task.add_argument("--k", type=int, default=5, help="keywords: how many (5)")
     generate = command("generate", cmd_generate)
     _add_model_options(generate)
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     _add_sampling_options(generate)
+
+    embed = command("embed", cmd_embed)
+    _add_model_options(embed)
+    embed.add_argument("--text", action="append", required=True, help="a text to embed (repeatable)")
 
     chat = command("chat", cmd_chat)
     _add_model_options(chat)
@@ -185,6 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_overrides(train)
+
+    serve = command("serve", cmd_serve)
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics "
+                       "(or set SPARKGPT_API_KEY)")
+    serve.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together (8)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    serve.add_argument("--model-name", help="the model id clients ask for (default: the reference's name)")
+    serve.add_argument("--context", type=int, default=None,
+                       help="tokens per sequence, prompt + max_tokens (default: the model's, at most 4096)")
+    serve.add_argument("--prefill-chunk", type=int, default=256,
+                       help="prompt tokens prefilled between decode steps at most (256)")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 

@@ -8,6 +8,9 @@ from typing import Any, Literal
 
 from sparkgpt.errors import SparkGPTError
 
+# Attention patterns a layer may have (defined in sparkgpt/model/sparse.py).
+ATTENTION_PATTERNS = ("dense", "local", "strided", "fixed")
+
 
 @dataclass
 class ModelConfig:
@@ -42,8 +45,33 @@ class ModelConfig:
     # Which attention implementation runs: "sdpa" (fused PyTorch kernels) or "eager" (the readable reference).
     # Not part of the architecture: it never changes the math, only the speed.
     attention_backend: Literal["sdpa", "eager"] = "sdpa"
-    # Where later work plugs in, per layer: the attention pattern (dense causal today; sparse patterns later)
-    # and the feed-forward variant (dense today; mixture of experts later) are chosen in Block from this config.
+    # ---- the rest of the Transformer family (defaults keep every decoder-only preset and checkpoint as it was) ----
+    # "decoder": GPT (causal); "encoder": BERT (bidirectional, returns hidden states); "encoder-decoder": the
+    # original Transformer (an encoder stack, and a decoder stack with masked self-attention and cross-attention).
+    architecture: Literal["decoder", "encoder", "encoder-decoder"] = "decoder"
+    n_encoder_layers: int | None = None  # encoder-decoder: layers of the encoder stack; None means n_layers
+    # Where each block normalises: "pre" x + f(Norm(x)) (GPT-2, Llama) or "post" Norm(x + f(x)) (BERT, 2017 paper).
+    norm_position: Literal["pre", "post"] = "pre"
+    final_norm: bool = True          # a norm after the last block (pre-norm stacks; nn.Transformer always)
+    embedding_norm: bool = False     # a norm right after the embeddings (BERT)
+    type_vocab_size: int = 0         # token-type (segment) embeddings, BERT's sentence A/B; 0 means none
+    scale_embeddings: bool = False   # multiply token embeddings by √d_model (the 2017 paper)
+    qkv_bias: bool | None = None     # biases on the q/k/v projections; None means `bias` (GPT-Neo: False)
+    attention_scale: float | None = None  # scores are Q·Kᵀ × this; None means 1/√d_k (GPT-Neo: 1.0)
+    # The attention pattern of each layer, cycled over the layers: ["dense", "local"] alternates as in GPT-3 and
+    # GPT-Neo. None means dense causal everywhere. "local": the last `attention_window` positions; "strided"
+    # and "fixed": the Sparse Transformer's patterns with stride / block `attention_window` (sparkgpt/model/sparse.py).
+    attention_patterns: list[str] | None = None
+    attention_window: int = 256
+    fixed_summary: int = 1           # "fixed": the last `fixed_summary` positions of each block are seen by all later
+    # Mixture of experts: n_experts > 0 replaces each FFN with n_experts FFNs and a router sending every token to
+    # its experts_per_token best (Mixtral). expert_capacity_factor None is dropless; else each expert takes at most
+    # ceil(factor × tokens × k / n_experts) tokens per batch (sparkgpt/model/moe.py).
+    n_experts: int = 0
+    experts_per_token: int = 2
+    expert_capacity_factor: float | None = None
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss the trainer adds (model.aux_loss)
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -52,14 +80,20 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model
         if self.head_dim is None:
             self.head_dim = self.d_model // self.n_heads
+        if self.n_encoder_layers is None and self.architecture == "encoder-decoder":
+            self.n_encoder_layers = self.n_layers
+        if self.attention_patterns is not None:
+            self.attention_patterns = list(self.attention_patterns)
         self.validate()
 
     def validate(self) -> None:
         choices = {
-            "positions": ("learned", "rope"),
+            "positions": ("learned", "rope", "sinusoidal"),
             "norm": ("layernorm", "rmsnorm"),
-            "ffn": ("gelu", "swiglu"),
+            "ffn": ("gelu", "gelu_exact", "relu", "swiglu"),
             "attention_backend": ("sdpa", "eager"),
+            "architecture": ("decoder", "encoder", "encoder-decoder"),
+            "norm_position": ("pre", "post"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -72,8 +106,47 @@ class ModelConfig:
             raise SparkGPTError(
                 f"config field 'n_kv_heads' ({self.n_kv_heads}) must divide 'n_heads' ({self.n_heads})"
             )
-        if self.positions == "rope" and self.head_dim % 2:
-            raise SparkGPTError(f"config field 'head_dim' ({self.head_dim}) must be even for rotary positions")
+        if self.positions in ("rope", "sinusoidal") and self.head_dim % 2:
+            raise SparkGPTError(
+                f"config field 'head_dim' ({self.head_dim}) must be even for {self.positions} positions")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise SparkGPTError(f"config field 'd_model' ({self.d_model}) must be even for sinusoidal positions")
+        self._validate_family()
+
+    def _validate_family(self) -> None:
+        patterns = self.attention_patterns
+        if patterns is not None:
+            if not isinstance(patterns, list) or not patterns or any(p not in ATTENTION_PATTERNS for p in patterns):
+                raise SparkGPTError(f"config field 'attention_patterns' is {patterns!r}; expected a non-empty list "
+                                    f"of {', '.join(ATTENTION_PATTERNS)}")
+            if self.architecture != "decoder" and any(p != "dense" for p in patterns):
+                raise SparkGPTError("config field 'attention_patterns': sparse patterns are causal; they need "
+                                    f"architecture 'decoder', not {self.architecture!r}")
+        counts = {"attention_window": self.attention_window, "fixed_summary": self.fixed_summary,
+                  "experts_per_token": self.experts_per_token}
+        if self.n_encoder_layers is not None:
+            counts["n_encoder_layers"] = self.n_encoder_layers
+        for name, value in counts.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SparkGPTError(f"config field {name!r} is {value!r}; expected a positive integer")
+        if self.fixed_summary > self.attention_window:
+            raise SparkGPTError(f"config field 'fixed_summary' ({self.fixed_summary}) exceeds 'attention_window' "
+                                f"({self.attention_window})")
+        if not isinstance(self.n_experts, int) or self.n_experts < 0 or self.n_experts == 1:
+            raise SparkGPTError(f"config field 'n_experts' is {self.n_experts!r}; expected 0 (no experts) or >= 2")
+        if self.n_experts and self.experts_per_token > self.n_experts:
+            raise SparkGPTError(f"config field 'experts_per_token' ({self.experts_per_token}) exceeds 'n_experts' "
+                                f"({self.n_experts})")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            raise SparkGPTError(f"config field 'expert_capacity_factor' is {self.expert_capacity_factor!r}; "
+                                "expected a positive number or None")
+        if self.type_vocab_size < 0:
+            raise SparkGPTError(f"config field 'type_vocab_size' is {self.type_vocab_size!r}; expected >= 0")
+
+    def layer_patterns(self) -> list[str]:
+        """The attention pattern of each decoder layer ("dense" unless attention_patterns says otherwise)."""
+        patterns = self.attention_patterns or ["dense"]
+        return [patterns[i % len(patterns)] for i in range(self.n_layers)]
 
     @property
     def kv_group_size(self) -> int:
@@ -99,23 +172,41 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count computed from the shape alone (tied embeddings counted once)."""
         d, hd = self.d_model, self.head_dim
-        norm_params = d * (2 if self.norm == "layernorm" else 1)
+        norm_params = d * (2 if self.norm == "layernorm" and self.bias else 1)
         q_out, kv_out = self.n_heads * hd, self.n_kv_heads * hd
-        attention = d * (q_out + 2 * kv_out) + q_out * d
-        ffn = d * self.d_ff * (3 if self.ffn == "swiglu" else 2)
+        qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
+        self_attention = d * (q_out + 2 * kv_out) + q_out * d + (q_out + 2 * kv_out) * qkv_bias + d * self.bias
+        cross_attention = self_attention + norm_params if self.architecture == "encoder-decoder" else 0
+        gated = self.ffn == "swiglu"
+        ffn = d * self.d_ff * (3 if gated else 2)
         if self.bias:
-            attention += q_out + 2 * kv_out + d
-            ffn += self.d_ff * (2 if self.ffn == "swiglu" else 1) + d
-        block = attention + ffn + 2 * norm_params
+            ffn += self.d_ff * (2 if gated else 1) + d
+        if self.n_experts:
+            ffn = self.n_experts * ffn + d * self.n_experts  # the experts and the router
+        block = self_attention + ffn + 2 * norm_params
         embeddings = self.vocab_size * d + (self.max_seq_len * d if self.positions == "learned" else 0)
+        embeddings += self.type_vocab_size * d + (norm_params if self.embedding_norm else 0)
+        final = norm_params if self.final_norm else 0
+        if self.architecture == "encoder":
+            return embeddings + self.n_layers * block + final
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        return embeddings + self.n_layers * block + norm_params + head
+        encoder = self.n_encoder_layers * block + final if self.architecture == "encoder-decoder" else 0
+        return embeddings + encoder + self.n_layers * (block + cross_attention) + final + head
 
 
 _GPT2 = dict(vocab_size=50257, max_seq_len=1024, positions="learned", norm="layernorm", ffn="gelu", bias=True,
              tie_embeddings=True, bos_token_id=50256, eos_token_id=50256)
 _SMOLLM2 = dict(vocab_size=49152, positions="rope", norm="rmsnorm", ffn="swiglu", bias=False,
                 tie_embeddings=True, bos_token_id=1, eos_token_id=2)
+_TRAINABLE = dict(positions="rope", norm="rmsnorm", ffn="swiglu", bias=False, tie_embeddings=True, rope_theta=10000.0,
+                  bos_token_id=None, eos_token_id=None)
+
+_BERT = dict(architecture="encoder", positions="learned", norm="layernorm", norm_eps=1e-12, ffn="gelu_exact",
+             bias=True, norm_position="post", final_norm=False, embedding_norm=True, type_vocab_size=2,
+             tie_embeddings=False, pad_token_id=0)
+_SEQ2SEQ = dict(architecture="encoder-decoder", positions="sinusoidal", norm="layernorm", ffn="relu", bias=True,
+                norm_position="post", scale_embeddings=True, tie_embeddings=True, bos_token_id=1, eos_token_id=0,
+                pad_token_id=2)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(_GPT2, n_layers=12, n_heads=12, d_model=768),
@@ -132,6 +223,34 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(_SMOLLM2, vocab_size=512, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=176,
                        max_seq_len=256, rope_theta=50000.0, tie_embeddings=False,
                        bos_token_id=None, eos_token_id=None),
+    # Models to train from scratch (`sparkgpt train`; training presets of the same names in sparkgpt/train/config.py).
+    # Llama-style blocks (RoPE, RMSNorm, SwiGLU: transformers loads them as LlamaForCausalLM); the prepared data
+    # sets vocab_size. nanoGPT's Shakespeare shapes, then a GPT-2-small-sized model for GPUs.
+    "shakespeare-char": dict(_TRAINABLE, vocab_size=96, n_layers=4, n_heads=4, d_model=128, d_ff=352, max_seq_len=256),
+    "shakespeare-baby": dict(_TRAINABLE, vocab_size=96, n_layers=6, n_heads=6, d_model=384, d_ff=1024,
+                             max_seq_len=256),
+    "sparkgpt-124m": dict(_TRAINABLE, vocab_size=50304, n_layers=12, n_heads=12, d_model=768, d_ff=2048,
+                          max_seq_len=1024),
+    # The rest of the Transformer family. Tiny shapes for tests, then models `sparkgpt train` runs on a CPU.
+    "tiny-bert": dict(_BERT, vocab_size=512, n_layers=2, n_heads=4, d_model=64, d_ff=128, max_seq_len=128),
+    "tiny-seq2seq": dict(_SEQ2SEQ, vocab_size=64, n_layers=2, n_encoder_layers=2, n_heads=4, d_model=64, d_ff=128,
+                         max_seq_len=64),
+    "tiny-sparse": dict(_GPT2, vocab_size=512, n_layers=4, n_heads=4, d_model=64, max_seq_len=256,
+                        bos_token_id=None, eos_token_id=None, attention_patterns=["dense", "local"],
+                        attention_window=16),
+    "tiny-moe": dict(_SMOLLM2, vocab_size=512, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=96,
+                     max_seq_len=256, tie_embeddings=False, bos_token_id=None, eos_token_id=None, n_experts=4,
+                     experts_per_token=2),
+    # The 2017 Transformer's recipe, pre-norm (it trains without warmup tricks), for seq2seq JSONL on a CPU.
+    "seq2seq-small": dict(_SEQ2SEQ, vocab_size=128, n_layers=3, n_encoder_layers=3, n_heads=4, d_model=128,
+                          d_ff=512, max_seq_len=256, norm_position="pre"),
+    # shakespeare-char's shape with GPT-3/GPT-Neo alternating dense and local (window 64) layers, block 256.
+    "shakespeare-sparse": dict(_TRAINABLE, vocab_size=96, n_layers=4, n_heads=4, d_model=128, d_ff=352,
+                               max_seq_len=256, attention_patterns=["dense", "local"], attention_window=64),
+    # shakespeare-char's shape with a Mixtral-style FFN: 4 experts of the full d_ff, top-2 routing (twice the FFN
+    # compute per token of the dense model, 4× its FFN weights).
+    "shakespeare-moe": dict(_TRAINABLE, vocab_size=96, n_layers=4, n_heads=4, d_model=128, d_ff=352,
+                            max_seq_len=256, n_experts=4, experts_per_token=2),
 }
 
 

@@ -45,9 +45,13 @@ def atomic_directory(out_dir: str | Path, marker: str = "config.json") -> Iterat
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield staging
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+        # Every file and folder reaches the disk before the rename makes them visible (checkpoints nest folders).
+        for path in [*staging.rglob("*"), staging]:
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, retired / out_dir.name)
@@ -55,6 +59,10 @@ def atomic_directory(out_dir: str | Path, marker: str = "config.json") -> Iterat
             shutil.rmtree(retired)
         else:
             os.rename(staging, out_dir)
+        with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows it
+            descriptor = os.open(out_dir.parent, os.O_RDONLY)
+            os.fsync(descriptor)
+            os.close(descriptor)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -124,6 +124,38 @@ class LM:
             if delta:
                 yield delta
 
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Sentence embeddings of an encoder model (BERT, MiniLM): the mean of each text's token vectors,
+        L2-normalised, as float32 [N, d_model] (a single str gives [d_model]). Texts longer than the model's
+        context keep their first tokens and their final special token."""
+        from sparkgpt.model import Encoder
+
+        if not isinstance(self.model, Encoder):
+            raise SparkGPTError(f"embed needs an encoder model (architecture 'encoder', e.g. minilm-l6); this one is "
+                                f"{self.config.architecture!r}")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if not texts:
+            raise SparkGPTError("embed: no texts given")
+        tokenizer, limit = self._require_tokenizer(), self.config.max_seq_len
+        encoded = [tokenizer.encode(text) for text in texts]
+        encoded = [ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:] for ids in encoded]
+        device = self.model.embeddings.token_embedding.weight.device
+        pad = self.config.pad_token_id or 0
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(encoded), batch_size):
+                batch = encoded[start:start + batch_size]
+                longest = max(len(ids) for ids in batch)
+                ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+                mask = torch.zeros(len(batch), longest, dtype=torch.long)
+                for row, tokens in enumerate(batch):
+                    ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                    mask[row, :len(tokens)] = 1
+                rows.append(self.model.sentence_embeddings(ids.to(device), mask.to(device)).cpu())
+        embeddings = torch.cat(rows)
+        return embeddings[0] if single else embeddings
+
     def save(self, out_dir: str | Path) -> Path:
         """Write an HF-compatible checkpoint directory (atomically: a crash leaves any old one intact)."""
         with atomic_directory(out_dir) as staging:
@@ -146,4 +178,9 @@ def load(ref: str | Path, dtype: str | torch.dtype = "float32", device: str | to
         return LM(gguf.load_gguf_model(file, dtype=dtype, device=device), tokenizer)
     model = hf.load_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path) if (path / TOKENIZER_FILE).is_file() else None
+    if tokenizer is not None:
+        # A tokenizer.json may carry fixed padding and truncation (MiniLM's: 128); transformers overrides them per
+        # call, and so do we: a text encodes whole, and batches are padded by the code that batches them.
+        tokenizer.backend.no_padding()
+        tokenizer.backend.no_truncation()
     return LM(model, tokenizer)

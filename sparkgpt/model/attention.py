@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sparkgpt.config import ModelConfig
+from sparkgpt.model.sparse import sparse_attention
 
 
 def repeat_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -31,12 +33,13 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
 
 
 def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """The reference: softmax(Q Kᵀ / √d_k + M) V, written out."""
+    """The reference: softmax(Q Kᵀ / √d_k + M) V, written out (`scale` replaces 1/√d_k when given)."""
     group_size = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, group_size), repeat_kv(v, group_size)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if is_causal:
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
     if mask is not None:
@@ -45,7 +48,8 @@ def eager_attention(
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """The same computation through torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
     batch, n_heads, q_len, head_dim = q.shape
@@ -54,9 +58,10 @@ def sdpa_attention(
         # One new token sees every cached key, so the query heads that share a key/value head can ride along
         # the query axis of that head: no copy of K and V per decode step.
         grouped = q.view(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
-        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(batch, n_heads, 1, head_dim)
+        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).view(
+            batch, n_heads, 1, head_dim)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=n_heads != n_kv_heads
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=n_heads != n_kv_heads, scale=scale
     )
 
 
@@ -87,16 +92,31 @@ class KVCache:
 
     `length` positions are filled; attention reads only that prefix, so a decode step costs what the context
     holds, not what the cache could hold. Nothing is allocated per token.
+
+    Layers with the "local" pattern keep only their window instead: a ring of `attention_window` slots per layer
+    (`window_keys`, `window_values`), slot s holding cache position p with p mod w = s. A model with any sparse
+    pattern also records each cached key's token position (-1: padding or empty), from which its masks are built.
     """
 
     def __init__(
         self, config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        shape = (config.n_layers, batch_size, config.n_kv_heads, capacity, config.head_dim)
+        patterns = config.layer_patterns()
+        n_full = sum(pattern != "local" for pattern in patterns)
+        shape = (n_full, batch_size, config.n_kv_heads, capacity, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
+        self.sparse = any(pattern != "dense" for pattern in patterns)
+        if self.sparse:
+            self.window = config.attention_window
+            ring = (len(patterns) - n_full, batch_size, config.n_kv_heads, self.window, config.head_dim)
+            self.window_keys = torch.zeros(ring, dtype=dtype, device=device)
+            self.window_values = torch.zeros(ring, dtype=dtype, device=device)
+            self.key_positions = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+            self.window_positions = torch.full((batch_size, self.window), -1, dtype=torch.long, device=device)
+            self._new_positions: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v [B, H_kv, T, d_k] after the filled prefix; return keys and values so far."""
@@ -106,21 +126,92 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def advance(self, n_tokens: int) -> None:
+        if self.sparse and self._new_positions is not None:
+            self.window_positions = self._ring_write(self.window_positions, self._new_positions)
+            self._new_positions = None
         self.length += n_tokens
+
+    # ---- sparse patterns: the sliding-window ring and the positions of cached keys -------------------------------
+
+    def record_positions(self, positions: torch.Tensor) -> None:
+        """This step's token positions [B, T] (-1 for padding), before the layers run."""
+        self.key_positions[:, self.length:self.length + positions.shape[1]] = positions
+        self._new_positions = positions
+
+    def full_key_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token positions of the keys a full-history layer attends to this step, and each query's own key index."""
+        new = self._new_positions.shape[1]
+        return self.key_positions[:, :self.length + new], torch.arange(self.length, self.length + new,
+                                                                         device=self.key_positions.device)
+
+    def window_key_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same for a windowed layer, in the order `update_window` returns its keys."""
+        new = self._new_positions
+        if new.shape[1] == 1:
+            slot = self.length % self.window
+            positions = self.window_positions.clone()
+            positions[:, slot] = new[:, 0]
+            return positions, torch.tensor([slot], device=new.device)
+        return torch.cat([self.window_positions, new], dim=1), \
+            torch.arange(self.window, self.window + new.shape[1], device=new.device)
+
+    def update_window(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A windowed layer's step: one token is written into its ring slot and sees the ring; several see the
+        ring followed by themselves, then their last w are written (what the next steps' windows need)."""
+        if k.shape[2] == 1:
+            slot = self.length % self.window
+            self.window_keys[layer, :, :, slot] = k[:, :, 0]
+            self.window_values[layer, :, :, slot] = v[:, :, 0]
+            return self.window_keys[layer], self.window_values[layer]
+        keys = torch.cat([self.window_keys[layer], k], dim=2)
+        values = torch.cat([self.window_values[layer], v], dim=2)
+        self.window_keys[layer] = self._ring_write(self.window_keys[layer], k, dim=2)
+        self.window_values[layer] = self._ring_write(self.window_values[layer], v, dim=2)
+        return keys, values
+
+    def _ring_write(self, ring: torch.Tensor, new: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """`ring` with the last (up to w) of `new`, at cache positions length, length + 1, ..., in their slots."""
+        count = min(new.shape[dim], self.window)
+        start = self.length + new.shape[dim] - count
+        slots = torch.arange(start, start + count, device=ring.device) % self.window
+        return ring.index_copy(dim, slots, new.narrow(dim, new.shape[dim] - count, count))
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (in that order), as beam search does when beams are extended or dropped."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        if self.sparse:
+            self.window_keys, self.window_values = self.window_keys[:, rows], self.window_values[:, rows]
+            self.key_positions, self.window_positions = self.key_positions[rows], self.window_positions[rows]
 
 
 class MultiHeadAttention(nn.Module):
-    """MultiHead(X) = Concat(head_1, ..., head_h) W^O with head_i = Attention(X W_i^Q, X W_i^K, X W_i^V)."""
+    """MultiHead(X) = Concat(head_1, ..., head_h) W^O with head_i = Attention(X W_i^Q, X W_i^K, X W_i^V).
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    `pattern` (sparkgpt/model/sparse.py) is fixed at construction: a sparse layer's `attend` takes a whole causal
+    sequence through its block-skipping fast path and anything else (a cache, padding) through the masked
+    reference with the mask the model built; a "local" layer keeps its keys in the cache's sliding-window ring.
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int, pattern: str = "dense") -> None:
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=config.bias)
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
         self.attend = ATTENTION_BACKENDS[config.attention_backend]
+        if config.attention_scale is not None:
+            self.attend = partial(self.attend, scale=config.attention_scale)
+        self.pattern = pattern
+        # Row of this layer in the cache: full-history layers count among themselves, windowed ones in the ring.
+        patterns = config.layer_patterns() if config.architecture == "decoder" else ["dense"] * config.n_layers
+        self.windowed = pattern == "local"
+        self.cache_index = sum((p == "local") == self.windowed for p in patterns[:layer_index])
+        if pattern != "dense":
+            self.attend = partial(_pattern_attention, pattern=pattern, window=config.attention_window,
+                                  summary=config.fixed_summary, scale=config.attention_scale, masked=self.attend)
 
     def forward(
         self,
@@ -138,6 +229,42 @@ class MultiHeadAttention(nn.Module):
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)
+            if self.windowed:
+                k, v = cache.update_window(self.cache_index, k, v)
+            else:
+                k, v = cache.update(self.cache_index, k, v)
         heads = self.attend(q, k, v, mask, is_causal)
+        return self.o_proj(heads.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
+
+
+def _pattern_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, *,
+    pattern: str, window: int, summary: int, scale: float | None, masked: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """A sparse layer's attention: the fast path for a whole causal sequence, else the masked reference."""
+    if is_causal:
+        return sparse_attention(q, k, v, pattern, window, summary, scale)
+    return masked(q, k, v, mask, False)
+
+
+class CrossAttention(MultiHeadAttention):
+    """Encoder–decoder attention: queries from the decoder, keys and values from the encoder's output (memory)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__(config, layer_index)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values [B, H_kv, S, d_k]: computed once per source, reused at every decode step."""
+        batch, length, _ = memory.shape
+        k = self.k_proj(memory).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(memory).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """memory_mask: [B, 1, 1, S] booleans, True for real source tokens (None: no padding)."""
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        heads = self.attend(q, *memory_kv, memory_mask, False)
         return self.o_proj(heads.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))

@@ -1,0 +1,275 @@
+"""Sparse attention patterns: which earlier positions j a query at position i may see, and fast paths that skip
+the blocks a pattern masks out.
+
+Every pattern is causal (j ≤ i) and then keeps, with w = attention_window:
+
+    dense     every earlier position
+    local     i - j < w                                   (sliding window; GPT-Neo's and GPT-3's local layers)
+    strided   i - j < w  or  (i - j) mod w = 0            (Sparse Transformer, Child et al. 2019, §4.2: both heads'
+    fixed     ⌊j / w⌋ = ⌊i / w⌋  or  j mod w ≥ w - c       sets as one pattern; c = fixed_summary)
+
+`pattern_allows` is the definition; the masked reference is that boolean mask handed to ordinary attention
+(`attention.eager_attention` / `sdpa_attention`). The fast paths compute exactly the same softmax over exactly the
+same keys, but only over the blocks that hold a visible key:
+
+- `local_attention_cpu`: the sliding window on the CPU through PyTorch's flash-attention kernel. Queries go in
+  chunks of C; chunk c sees the keys of chunks c - p .. c (p = ⌈(w-1)/C⌉), a strided view of the keys, never a
+  copy; one masked kernel call covers every chunk. Its backward is the kernel's own, with the key/value gradients
+  of overlapping windows summed back. Time and memory grow as T · (w + C), not T².
+- `block_sparse_attention`: any pattern, on any device. The sequence is cut into blocks; for each query block the
+  key blocks holding a visible key are gathered (their list is worked out per pattern from the block layout) and
+  attention runs over those alone, with the element mask inside them. Autograd does the backward.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch.nn import functional as F
+
+from sparkgpt.config import ATTENTION_PATTERNS as PATTERNS
+
+
+def pattern_allows(pattern: str, i: torch.Tensor, j: torch.Tensor, window: int, summary: int = 1) -> torch.Tensor:
+    """True where a query at position i may see a key at position j (tensors that broadcast)."""
+    causal = j <= i
+    if pattern == "dense":
+        return causal
+    distance = i - j
+    if pattern == "local":
+        return causal & (distance < window)
+    if pattern == "strided":
+        return causal & ((distance < window) | (distance % window == 0))
+    if pattern == "fixed":
+        return causal & ((torch.div(j, window, rounding_mode="floor") == torch.div(i, window, rounding_mode="floor"))
+                         | (j % window >= window - summary))
+    raise ValueError(f"unknown attention pattern {pattern!r}; expected one of {PATTERNS}")
+
+
+def pattern_mask(
+    pattern: str, q_len: int, kv_len: int, window: int, summary: int, device: torch.device
+) -> torch.Tensor:
+    """[q_len, kv_len] booleans for queries at the last q_len of kv_len positions (the masked reference's mask)."""
+    i = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    return pattern_allows(pattern, i, j, window, summary)
+
+
+def position_mask(
+    pattern: str, query_positions: torch.Tensor, key_positions: torch.Tensor, self_index: torch.Tensor,
+    window: int, summary: int,
+) -> torch.Tensor:
+    """[B, 1, T, S] booleans from token positions: queries [B, T], keys [B, S] (-1 for padding or an empty cache
+    slot). `self_index` [T] is where each query's own key sits among the S: a padding query sees only itself, so
+    softmax never meets a row of nothing (its output is never used)."""
+    allowed = pattern_allows(pattern, query_positions[:, :, None], key_positions[:, None, :], window, summary)
+    allowed &= key_positions[:, None, :] >= 0
+    allowed[:, torch.arange(len(self_index), device=allowed.device), self_index] = True
+    return allowed[:, None]
+
+
+# ---- the sliding window on the CPU: flash-attention kernel over strided chunk windows ---------------------------
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def local_chunk_size(window: int) -> int:
+    """Query chunk length for a window: a power of two in [16, 128] near w (larger chunks waste more keys)."""
+    return min(128, max(16, 1 << (window - 1).bit_length()))
+
+
+class _LocalWindowAttention(torch.autograd.Function):
+    """softmax(Q Kᵀ · scale + M_local) V for q, k, v [B, H, T, d] with T a multiple of the chunk length.
+
+    Window c (the keys of query chunk c) is rows [(c - p)·C, (c + 1)·C) of K seen as [T, H, d] rows: for c ≥ p a
+    strided view of K itself. The first p windows reach before position 0 and read a small zero-padded copy of
+    the first rows instead, with their own masks.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float, chunk: int):
+        batch, heads, length, head_dim = q.shape
+        n_chunks, reach = length // chunk, math.ceil((window - 1) / chunk)  # earlier chunks a query can see
+        # Rows [B, T, H, d]: the layout the q/k/v projections produce, so these are views, not copies.
+        q_rows, k_rows, v_rows = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        parts = _window_parts(n_chunks, reach, chunk, window, q.dtype, q.device)
+        outs, lses = [], []
+        for b in range(batch):
+            for part in parts:
+                qw, kw, vw = _windows(q_rows[b], k_rows[b], v_rows[b], part, chunk, reach)
+                out, lse = _flash_forward(qw, kw, vw, attn_mask=part[2], scale=scale)
+                outs.append(out)
+                lses.append(lse)
+        ctx.save_for_backward(q_rows, k_rows, v_rows, *outs, *lses)
+        ctx.window, ctx.scale, ctx.chunk = window, scale, chunk
+        # out [count, H, C, d] is laid out as [count, C, H, d]: a row's chunks are its T rows in order.
+        rows = torch.cat([o.transpose(1, 2) for o in outs]).view(batch, length, heads, head_dim)
+        return rows.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        chunk, window = ctx.chunk, ctx.window
+        q_rows, k_rows, v_rows, *saved = ctx.saved_tensors
+        batch, length, heads, head_dim = q_rows.shape
+        n_chunks, reach = length // chunk, math.ceil((window - 1) / chunk)
+        parts = _window_parts(n_chunks, reach, chunk, window, q_rows.dtype, q_rows.device)
+        outs, lses = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        grad_rows = grad.transpose(1, 2).contiguous()
+        grad_q = []
+        grad_k, grad_v = torch.empty_like(k_rows), torch.empty_like(v_rows)
+        pending = []
+        for b in range(batch):
+            for p, part in enumerate(parts):
+                first, count, mask = part
+                qw, kw, vw = _windows(q_rows[b], k_rows[b], v_rows[b], part, chunk, reach)
+                go = grad_rows[b, first * chunk:(first + count) * chunk].view(count, chunk, heads, head_dim)
+                index = b * len(parts) + p
+                gq, gk, gv = _flash_backward(go.transpose(1, 2), qw, kw, vw, outs[index], lses[index], 0.0, False,
+                                             attn_mask=mask, scale=ctx.scale)
+                grad_q.append(gq.transpose(1, 2))
+                # Piece s of window first + t holds the gradient of key chunk first + t - reach + s (if ≥ 0). The
+                # last pieces (s = reach: each window's own chunk) tile the sequence once, so they are copied
+                # (every part's before any addition) and the others added.
+                pieces_k = gk.transpose(1, 2).reshape(count, reach + 1, chunk, heads, head_dim)
+                pieces_v = gv.transpose(1, 2).reshape(count, reach + 1, chunk, heads, head_dim)
+                grad_k[b].view(n_chunks, chunk, heads, head_dim)[first:first + count] = pieces_k[:, reach]
+                grad_v[b].view(n_chunks, chunk, heads, head_dim)[first:first + count] = pieces_v[:, reach]
+                pending.append((b, first, count, pieces_k, pieces_v))
+        for b, first, count, pieces_k, pieces_v in pending:
+            for target, pieces in ((grad_k[b], pieces_k), (grad_v[b], pieces_v)):
+                chunks = target.view(n_chunks, chunk, heads, head_dim)
+                for s in range(reach):
+                    skip = max(0, reach - s - first)
+                    if skip < count:
+                        start = first + skip - reach + s
+                        chunks[start:start + count - skip] += pieces[skip:, s]
+        grad_q = torch.cat(grad_q).view(batch, length, heads, head_dim)
+        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None, None, None
+
+
+def _windows(q_rows, k_rows, v_rows, part, chunk: int, reach: int):
+    """A part's chunks of one batch row as queries [count, H, C, d] and key/value windows [count, H, span, d]."""
+    first, count, _ = part
+    _, heads, head_dim = q_rows.shape
+    span, row = (reach + 1) * chunk, heads * head_dim
+    qw = q_rows[first * chunk:(first + count) * chunk].view(count, chunk, heads, head_dim).transpose(1, 2)
+    if first < reach:  # windows reaching before position 0: a zero-padded copy of the rows they need
+        end = (first + count) * chunk
+        k_src = torch.cat([k_rows.new_zeros(reach * chunk, heads, head_dim), k_rows[:end]])
+        v_src = torch.cat([v_rows.new_zeros(reach * chunk, heads, head_dim), v_rows[:end]])
+        start_row = first * chunk
+    else:
+        k_src, v_src, start_row = k_rows, v_rows, (first - reach) * chunk
+    shape, stride = (count, span, heads, head_dim), (chunk * row, row, head_dim, 1)
+    kw = k_src.as_strided(shape, stride, k_src.storage_offset() + start_row * row).transpose(1, 2)
+    vw = v_src.as_strided(shape, stride, v_src.storage_offset() + start_row * row).transpose(1, 2)
+    return qw, kw, vw
+
+
+def _window_parts(n_chunks: int, reach: int, chunk: int, window: int, dtype: torch.dtype, device: torch.device):
+    """(first chunk, chunk count, additive mask) per kernel call: the first `reach` chunks reach into the zero
+    padding before position 0 and each get their own mask; every later chunk shares one [1, 1, C, span] mask."""
+    parts = []
+    head = min(reach, n_chunks)
+    if head:
+        parts.append((0, head, _window_mask(chunk, reach, window, head, dtype, device)))
+    if n_chunks > head:
+        parts.append((head, n_chunks - head, _window_mask(chunk, reach, window, 0, dtype, device)))
+    return parts
+
+
+@lru_cache(maxsize=32)
+def _window_mask(chunk: int, reach: int, window: int, head: int, dtype: torch.dtype, device: torch.device):
+    """0 where query a of a chunk sees key b of its window, -inf elsewhere: [head or 1, 1, C, span]."""
+    i = torch.arange(chunk, device=device)[:, None] + reach * chunk  # the query's row within the window
+    j = torch.arange((reach + 1) * chunk, device=device)[None, :]
+    visible = pattern_allows("local", i, j, window).expand(max(head, 1), chunk, (reach + 1) * chunk).clone()
+    for c in range(head):  # chunk c's window starts (reach - c) chunks before position 0
+        visible[c, :, :(reach - c) * chunk] = False
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+    return mask[:, None]
+
+
+def local_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                        scale: float | None = None) -> torch.Tensor:
+    """Sliding-window causal attention on the CPU; q, k, v [B, H, T, d] (same head count)."""
+    chunk = local_chunk_size(window)
+    length = q.shape[2]
+    pad = -length % chunk
+    if pad:  # the extra queries at the end see real keys and are dropped; real queries never see the extra keys
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = _LocalWindowAttention.apply(q, k, v, window, scale, chunk)
+    return out[:, :, :length] if pad else out
+
+
+# ---- any pattern: gather the visible key blocks of each query block ----------------------------------------------
+
+def block_layout(pattern: str, n_blocks: int, block: int, window: int, summary: int,
+                 device: torch.device) -> torch.Tensor:
+    """[n, n] booleans: True where query block a and key block b hold at least one visible (i, j) pair."""
+    a = torch.arange(n_blocks, device=device)[:, None]
+    b = torch.arange(n_blocks, device=device)[None, :]
+    causal = b <= a
+    if pattern == "dense":
+        return causal
+    # Over the tile, i - j runs from (a - b)·block - (block - 1) to (a - b)·block + (block - 1).
+    low = ((a - b) * block - (block - 1)).clamp(min=0)
+    high = (a - b) * block + (block - 1)
+    near = causal & (low < window)
+    if pattern == "local":
+        return near
+    if pattern == "strided":
+        return near | (causal & (torch.div(high, window, rounding_mode="floor") * window >= low))
+    # fixed: some j of the tile shares i's w-block, or some j of the tile is a summary position.
+    same_block = torch.div(b * block + block - 1, window, rounding_mode="floor") >= \
+        torch.div(a * block, window, rounding_mode="floor")
+    start = b * block % window
+    summary_in_tile = (start >= window - summary) | (window - summary - start <= block - 1)
+    return causal & (same_block | summary_in_tile)
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, window: int, summary: int = 1,
+    scale: float | None = None, block: int = 64,
+) -> torch.Tensor:
+    """Causal attention under `pattern` over only the key blocks that hold a visible key; q, k, v [B, H, T, d]."""
+    batch, heads, length, head_dim = q.shape
+    n_blocks = math.ceil(length / block)
+    pad = n_blocks * block - length
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    layout = block_layout(pattern, n_blocks, block, window, summary, q.device)
+    per_row = int(layout.sum(dim=1).max())
+    # The visible key blocks of each query block, in order, padded with a slot marked empty.
+    order = torch.where(layout, torch.arange(n_blocks, device=q.device), n_blocks).sort(dim=1).values[:, :per_row]
+    present = order < n_blocks
+    order = order.clamp(max=n_blocks - 1)
+    k_blocks = k.view(batch, heads, n_blocks, block, head_dim)[:, :, order].flatten(3, 4)
+    v_blocks = v.view(batch, heads, n_blocks, block, head_dim)[:, :, order].flatten(3, 4)
+    i = torch.arange(n_blocks * block, device=q.device).view(n_blocks, block, 1)
+    j = (order[:, :, None] * block + torch.arange(block, device=q.device)).view(n_blocks, 1, per_row * block)
+    visible = pattern_allows(pattern, i, j, window, summary) & present.repeat_interleave(block, dim=1)[:, None, :]
+    out = F.scaled_dot_product_attention(q.view(batch, heads, n_blocks, block, head_dim), k_blocks, v_blocks,
+                                         attn_mask=visible, scale=scale)
+    return out.reshape(batch, heads, n_blocks * block, head_dim)[:, :, :length]
+
+
+def sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, window: int, summary: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The fast path for a whole causal sequence (no cache, no padding): q [B, H, T, d], k, v [B, H_kv, T, d]."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    length = q.shape[2]
+    if pattern == "dense" or (pattern == "local" and length <= window) or \
+            (pattern == "strided" and length <= window + 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # nothing to skip
+    if pattern == "local" and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
+        return local_attention_cpu(q, k, v, window, scale)
+    return block_sparse_attention(q, k, v, pattern, window, summary, scale)
