@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import sparkgpt
@@ -138,6 +138,7 @@ def test_stop_token_ends_generation_without_appearing(monkeypatch, tokenizer):
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=1, max_size=40))
 def test_incremental_decoding_equals_whole_decoding(tokenizer, text):
+    assume(tokenizer.eos_token not in text)  # a special token in the text is dropped from decoded output
     ids = tokenizer.encode(text)
     decoder = tokenizer.incremental_decoder()
     deltas = [decoder.push(token) for token in ids]

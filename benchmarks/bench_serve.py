@@ -1,0 +1,184 @@
+"""Serving throughput and latency: `sparkgpt serve` under concurrent streaming chat clients.
+
+Starts the server (a real process on a free loopback port) on SmolLM2-135M-Instruct, then for each concurrency
+level keeps that many streaming /v1/chat/completions requests in flight until `--requests-per-client` × level
+requests are done. Reports aggregate generated tokens/s (usage.completion_tokens summed, over the level's wall
+time), p50/p99 request latency and p50 time to first token; then a soak of `--soak` requests at concurrency 16,
+which must finish with zero errors. Goal: throughput at concurrency 8 >= 4x throughput at concurrency 1.
+
+    python benchmarks/bench_serve.py [--ref smollm2-135m-instruct] [--max-tokens 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import httpx
+
+TOPICS = ["a dragon who learns to bake", "the history of the bicycle", "a lighthouse keeper's last night",
+          "how rainbows form", "a robot that collects stamps", "the first day at a new school", "a city under the sea",
+          "why cats purr", "a detective who is afraid of the dark", "the life of a honeybee", "a journey to Mars",
+          "an old map found in an attic", "the invention of paper", "a friendship between a fox and a crow",
+          "a storm at sea", "a garden that grows music"]
+
+
+@dataclass
+class Result:
+    latency: float
+    first_token: float | None
+    tokens: int
+    error: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int) -> Result:
+    body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
+            "temperature": 0.7, "top_p": 0.95, "seed": index,
+            "messages": [{"role": "user", "content": f"Write a long story about {TOPICS[index % len(TOPICS)]}."}]}
+    start = time.perf_counter()
+    first_token, tokens = None, 0
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return Result(time.perf_counter() - start, None, 0, f"{response.status_code}: {response.text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Result(time.perf_counter() - start, first_token, tokens, chunk["error"]["message"])
+                if first_token is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                    first_token = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as error:
+        return Result(time.perf_counter() - start, first_token, tokens, f"{type(error).__name__}: {error}")
+    return Result(time.perf_counter() - start, first_token, tokens)
+
+
+async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int,
+                    first_index: int) -> tuple[float, list[Result]]:
+    """Keep `concurrency` requests in flight until `requests` are done; (wall seconds, results)."""
+    pending = iter(range(first_index, first_index + requests))
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker() -> None:
+            for index in pending:
+                results.append(await one_request(client, url, model, index, max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, results
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarise(label: str, concurrency: int, wall: float, results: list[Result]) -> dict:
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.tokens for r in ok)
+    row = dict(label=label, concurrency=concurrency, requests=len(results), errors=len(results) - len(ok),
+               tokens=tokens, tokens_per_s=tokens / wall, p50=percentile([r.latency for r in ok], 0.5),
+               p99=percentile([r.latency for r in ok], 0.99),
+               ttft_p50=percentile([r.first_token for r in ok if r.first_token is not None], 0.5))
+    print(f"{label:>6} c={concurrency:<3} {row['requests']:>4} requests, {row['errors']} errors, {tokens:>6} tokens "
+          f"in {wall:6.1f} s: {row['tokens_per_s']:7.1f} tok/s, latency p50 {row['p50']:.2f} s p99 {row['p99']:.2f} s,"
+          f" first token p50 {row['ttft_p50']:.2f} s", flush=True)
+    for r in results:
+        if r.error:
+            print(f"    error: {r.error}")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref", default="smollm2-135m-instruct")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--soak", type=int, default=200, help="requests in the soak at concurrency 16 (0: none)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    model = "bench"
+    slots = max(16, *args.levels)
+    command = [sys.executable, "-m", "sparkgpt", "serve", args.ref, "--port", str(port), "--model-name", model,
+               "--max-concurrency", str(slots), "--max-queue", "1024", "--context", "1024", "--dtype", args.dtype,
+               "--device", args.device, "--log-level", "warning"]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            benchmark(args, server, log, url, model, slots)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def benchmark(args: argparse.Namespace, server: subprocess.Popen, log, url: str, model: str, slots: int) -> None:
+    """Wait for the server, warm it up, run each concurrency level and the soak; print a markdown table."""
+    deadline = time.monotonic() + 300
+    while True:
+        if server.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"server exited: {log.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("server did not become healthy in 300 s")
+        time.sleep(0.2)
+    print(f"server up: {args.ref}, {slots} slots, max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95, "
+          f"{os.cpu_count()} cores", flush=True)
+    asyncio.run(run_level(url, model, 2, 2, 8, 10_000))  # warm-up: first-call allocations, kernel selection
+    rows, index = [], 0
+    for concurrency in args.levels:
+        requests = args.requests_per_client * concurrency
+        wall, results = asyncio.run(run_level(url, model, concurrency, requests, args.max_tokens, index))
+        rows.append(summarise("level", concurrency, wall, results))
+        index += requests
+    if args.soak:
+        wall, results = asyncio.run(run_level(url, model, 16, args.soak, args.max_tokens, index))
+        rows.append(summarise("soak", 16, wall, results))
+    by_level = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["label"] == "level"}
+    if 1 in by_level and 8 in by_level:
+        print(f"throughput at concurrency 8 / concurrency 1: {by_level[8] / by_level[1]:.2f}x (goal >= 4x)")
+    print("\n| run | concurrency | requests | errors | tokens | tokens/s | p50 latency s | p99 latency s "
+          "| p50 first token s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['label']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['tokens']:,} | "
+              f"{r['tokens_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

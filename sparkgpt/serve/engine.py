@@ -1,0 +1,512 @@
+"""The serving engine: continuous batching over a preallocated, slotted KV cache. No HTTP here.
+
+One scheduler thread owns the model and the cache. Every active sequence holds a *slot*: one row of a cache
+[layers, slots, kv_heads, context, head_dim]. Each loop iteration
+
+1. takes in new requests and aborts (from any thread, through a queue),
+2. gives waiting sequences free slots, and prefills newcomers alone (batch 1, straight into their slot's rows,
+   in chunks of at most `prefill_chunk` tokens per iteration, so a long prompt never stalls the others for long),
+3. runs one batched decode step over every decoding slot: each row feeds its last token at its own position,
+   writes its key/value at its own column, and attends to its own columns only (a [slots, 1, 1, span] mask),
+4. samples each row with its own request's parameters and hands text deltas to the request's sink.
+
+Sequences join between steps and leave the moment they finish, so a short request never waits for a long one.
+Slot rows never mix (attention is masked per row, every other op is row-wise), so each sequence computes what it
+would alone, up to floating-point rounding of batched matrix products; at temperature 0 the tests find its text
+equal to the solo text. A newcomer whose prompt starts like one a slot already holds (a shared system prompt, the
+earlier turns of a conversation) copies those keys/values instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.generate import Completion, SamplingParams, StreamText, process_logits, sample_next
+from sparkgpt.lm import LM
+from sparkgpt.model import KVCache
+
+
+class QueueFull(SparkGPTError):
+    """Every slot is busy and the waiting line is at its limit."""
+
+
+class ContextLengthExceeded(SparkGPTError):
+    """The prompt plus the tokens asked for do not fit one slot of the cache."""
+
+
+@dataclass
+class ChoiceEvent:
+    """What one choice (sequence) of a request did in one engine step."""
+
+    index: int                      # which of the request's n choices
+    text: str = ""                  # newly released text, whole UTF-8 characters, never past a stop string
+    finish_reason: str | None = None  # "stop" or "length" once the choice is done
+    completion_tokens: int = 0      # tokens sampled for this choice so far
+    error: str | None = None        # set when the engine failed this choice (then finish_reason is None)
+
+
+EventSink = Callable[[list[ChoiceEvent]], None]
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """A submitted prompt with its sampling parameters and n choices; events go to `sink` (engine thread)."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    sink: EventSink
+    choices_to_start: deque[int] = field(default_factory=deque)
+    started: bool = False           # has any choice been given a slot (no longer counts as queued)
+    aborted: bool = False
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One choice being generated: its slot, how much of its prompt is cached, and its text so far."""
+
+    request: EngineRequest
+    index: int
+    slot: int
+    text: StreamText
+    generator: torch.Generator | None
+    seen: torch.Tensor | None       # [1, vocab] tokens already in the text, for the repetition penalty
+    cached: int = 0                 # tokens whose keys/values are in the slot (columns 0..cached-1)
+    next_token: int = -1            # sampled but not yet fed to the model
+    generated: int = 0
+
+
+class _SlotView(KVCache):
+    """A batch-1 KVCache over one slot's rows of the shared cache: prefill writes straight into the slot."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:  # views: nothing is allocated
+        self.keys, self.values, self.capacity, self.length = keys, values, keys.shape[3], 0
+        self.sparse = False  # the engine serves dense-attention models only (checked in Engine)
+
+
+class SlotKVCache(KVCache):
+    """Keys and values of every slot: [layers, slots, kv_heads, context, head_dim], allocated once.
+
+    In a decode step row r writes its new key/value at its own column `write_columns[r]` and attention reads
+    columns [0, span) of every row; the step's mask says which of those columns each row owns. The last column is
+    scratch: rows that are not decoding (free slots, or slots half-way through prefill) write there, and no
+    sequence ever uses it, since a request is admitted only if prompt + max_tokens <= context (and the last
+    sampled token is never fed back).
+    """
+
+    def __init__(self, config, slots: int, context: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(config, slots, context, dtype, device)
+        self.scratch_column = context - 1
+        self._rows = torch.arange(slots, device=device)
+        self._write_columns = torch.zeros(slots, dtype=torch.long, device=device)
+        self._span = 1
+
+    def slot(self, slot: int) -> KVCache:
+        return _SlotView(self.keys[:, slot:slot + 1], self.values[:, slot:slot + 1])
+
+    def begin_step(self, write_columns: torch.Tensor, span: int) -> None:
+        """Set where each row of the coming decode step writes, and how many columns attention reads."""
+        self._write_columns, self._span = write_columns, span
+        # GPT.forward checks `length + 1` against the context and would default positions from it (we pass them).
+        self.length = span - 1
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows[: k.shape[0]]
+        self.keys[layer, rows, :, self._write_columns] = k[:, :, 0]
+        self.values[layer, rows, :, self._write_columns] = v[:, :, 0]
+        return self.keys[layer, : k.shape[0], :, : self._span], self.values[layer, : k.shape[0], :, : self._span]
+
+    def advance(self, n_tokens: int) -> None:
+        pass  # each slot's length is the engine's bookkeeping
+
+
+def _column_major_linear_weights(model: torch.nn.Module) -> None:
+    """Store every Linear weight [out, in] column-major (same values, transposed strides), in place.
+
+    A decode step multiplies a few rows by each weight. On CPU, x @ Wᵀ with W row-major takes the BLAS
+    transposed-operand path, which for 2-16 rows measured 1.3-3.5× slower than with Wᵀ contiguous (and no
+    different for one row or for long prompts); the output head dominates. A tied input embedding follows
+    the head's weight: looking rows up in a column-major table costs nothing that matters."""
+    head = getattr(model, "lm_head", None)
+    head_weight = head.weight if head is not None else None
+    converted: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+            weight = module.weight
+            if id(weight) not in converted:
+                converted[id(weight)] = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+            module.weight = converted[id(weight)]
+    embedding = getattr(model, "token_embedding", None)
+    if embedding is not None and head_weight is not None and embedding.weight is head_weight:
+        embedding.weight = model.lm_head.weight
+
+
+class Engine:
+    """Continuous batching for one LM: `submit` from any thread, events arrive at each request's sink.
+
+    max_slots: sequences decoded together (each holds one cache row); max_queue: requests that may wait for a
+    slot before `submit` refuses with QueueFull; context: cache columns per slot (prompt + max_tokens limit);
+    prefill_chunk: prompt tokens prefilled per loop iteration at most. On CPU the engine stores the model's
+    Linear weights column-major, in place (same values; see `_column_major_linear_weights`).
+    """
+
+    def __init__(
+        self, lm: LM, max_slots: int = 8, max_queue: int = 64, context: int | None = None, prefill_chunk: int = 256,
+    ) -> None:
+        if lm.tokenizer is None:
+            raise SparkGPTError("this model has no tokenizer (its checkpoint lacks tokenizer.json); it cannot serve")
+        if max_slots < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise SparkGPTError("max_slots and prefill_chunk must be >= 1 and max_queue >= 0")
+        if getattr(lm.config, "architecture", "decoder") != "decoder":
+            raise SparkGPTError("serving needs a decoder-only (GPT) model; this one is "
+                                f"{lm.config.architecture!r}")
+        patterns = getattr(lm.config, "layer_patterns", None)
+        if patterns is not None and any(pattern != "dense" for pattern in patterns()):
+            # Windowed layers keep ring buffers per sequence, which the slotted cache does not have (yet).
+            raise SparkGPTError("serving supports dense-attention models only; this one has sparse layers")
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.max_slots, self.max_queue, self.prefill_chunk = max_slots, max_queue, prefill_chunk
+        self.context = min(context or lm.config.max_seq_len, lm.config.max_seq_len)
+        if self.context < 2:
+            raise SparkGPTError(f"context must be at least 2 tokens, got {self.context}")
+        self.stop_token_ids = frozenset(lm.stop_token_ids())
+        weight = self.model.token_embedding.weight
+        self.device = weight.device
+        if self.device.type == "cpu":
+            _column_major_linear_weights(self.model)
+        self.cache = SlotKVCache(lm.config, max_slots, self.context, weight.dtype, weight.device)
+
+        self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()   # guards the two counters below, read by submit() in other threads
+        self._unstarted = 0             # submitted requests none of whose choices holds a slot yet
+        self._busy_slots = 0
+        # Scheduler state, touched only by the engine thread.
+        self._waiting: deque[EngineRequest] = deque()
+        self._prefilling: deque[_Sequence] = deque()
+        self._decoding: dict[int, _Sequence] = {}
+        self._free_slots = list(range(max_slots))
+        # The prompt tokens whose keys/values fill columns 0.. of each slot, kept after the slot is freed, so a
+        # new prompt that starts the same way (a shared system prompt, a conversation's earlier turns) copies
+        # them instead of computing them again. Decode steps write only past the prompt, so these stay valid.
+        self._slot_prompts: list[list[int]] = [[] for _ in range(max_slots)]
+        self.reused_prompt_tokens = 0
+        self._outbox: dict[EngineRequest, list[ChoiceEvent]] = {}
+        self._thread: threading.Thread | None = None
+        self.steps = 0                  # decode steps run (for metrics and tests)
+        self.aborted_sequences = 0
+
+    # ---- any thread -------------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sparkgpt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(("stop", None))
+            self._thread.join()
+            self._thread = None
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ContextLengthExceeded unless the prompt and max_tokens new tokens fit one slot."""
+        if prompt_tokens + max_tokens > self.context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the completion)."
+                " Please reduce the length of the prompt or max_tokens."
+            )
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: EventSink, n: int = 1) -> EngineRequest:
+        """Queue a request of n choices; raise ContextLengthExceeded or QueueFull at once rather than later."""
+        if not prompt_ids:
+            raise SparkGPTError("the prompt is empty")
+        if n < 1:
+            raise SparkGPTError(f"n must be >= 1, got {n}")
+        self.check_fits(len(prompt_ids), params.max_new_tokens)
+        request = EngineRequest(next(self._ids), list(prompt_ids), params, n, sink, deque(range(n)))
+        with self._lock:
+            free = self.max_slots - self._busy_slots
+            if self._unstarted + 1 - free > self.max_queue:
+                raise QueueFull(f"the server is busy: {self.max_slots} sequences running and "
+                                f"{self.max_queue} requests waiting; try again later")
+            self._unstarted += 1
+        self._inbox.put(("submit", request))
+        return request
+
+    def abort(self, request: EngineRequest) -> None:
+        """Stop a request's choices and free their slots (a client went away). Safe to call twice or late."""
+        self._inbox.put(("abort", request))
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot."""
+        with self._lock:
+            return max(0, self._unstarted - (self.max_slots - self._busy_slots))
+
+    @property
+    def active_sequences(self) -> int:
+        with self._lock:
+            return self._busy_slots
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, n: int = 1,
+                 timeout: float | None = None) -> list[Completion]:
+        """Blocking convenience (for scripts and tests): the n completions of one prompt."""
+        events: queue.SimpleQueue[list[ChoiceEvent]] = queue.SimpleQueue()
+        self.submit(prompt_ids, params, events.put, n)
+        texts: list[str] = [""] * n
+        reasons: list[str | None] = [None] * n
+        while any(reason is None for reason in reasons):
+            for event in events.get(timeout=timeout):
+                if event.error is not None:
+                    raise SparkGPTError(event.error)
+                texts[event.index] += event.text
+                reasons[event.index] = event.finish_reason
+        return [Completion(text, [], len(prompt_ids), reason or "stop")
+                for text, reason in zip(texts, reasons, strict=True)]
+
+    # ---- the engine thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                idle = not (self._waiting or self._prefilling or self._decoding)
+                if not self._take_commands(block=idle):
+                    return
+                self._admit()
+                try:
+                    self._prefill()
+                    self._decode_step()
+                except Exception as error:  # a failed forward (out of memory, say): fail those sequences, go on
+                    self._fail_all(f"the engine failed: {type(error).__name__}: {error}")
+                self._deliver()
+
+    def _take_commands(self, block: bool) -> bool:
+        """Apply every queued submit/abort; False once asked to stop."""
+        while True:
+            try:
+                command, request = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command == "stop":
+                return False
+            if command == "submit":
+                self._waiting.append(request)
+            elif command == "abort":
+                self._abort(request)
+
+    def _abort(self, request: EngineRequest) -> None:
+        if request.aborted:
+            return
+        request.aborted = True
+        self._outbox.pop(request, None)
+        if request in self._waiting:
+            self._waiting.remove(request)
+        if not request.started:
+            with self._lock:
+                self._unstarted -= 1
+            request.started = True
+        for sequence in [*self._prefilling, *self._decoding.values()]:
+            if sequence.request is request:
+                self.aborted_sequences += 1
+                self._release(sequence)
+
+    def _admit(self) -> None:
+        """Give free slots to waiting choices, oldest request first."""
+        while self._free_slots and self._waiting:
+            request = self._waiting[0]
+            index = request.choices_to_start.popleft()
+            if not request.choices_to_start:
+                self._waiting.popleft()
+            slot = min(self._free_slots)  # low slots first keeps the decode batch (rows 0..highest) short
+            self._free_slots.remove(slot)
+            with self._lock:
+                self._busy_slots += 1
+                if not request.started:
+                    self._unstarted -= 1
+            request.started = True
+            params = request.params
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.zeros(1, self.lm.config.vocab_size, dtype=torch.bool, device=self.device)
+                seen[0, torch.tensor(request.prompt_ids, device=self.device)] = True
+            text = StreamText(self.tokenizer, params.stop)
+            sequence = _Sequence(request, index, slot, text, generator, seen)
+            sequence.cached = self._reuse_prefix(slot, request.prompt_ids)
+            self._prefilling.append(sequence)
+
+    def _reuse_prefix(self, slot: int, prompt: list[int]) -> int:
+        """Copy into `slot` the cached keys/values of the longest prefix of `prompt` that any slot holds (the
+        last prompt token is always computed: its logits give the first new token); return its length."""
+        def common(cached: list[int]) -> int:
+            limit = min(len(cached), len(prompt) - 1)
+            n = 0
+            while n < limit and cached[n] == prompt[n]:
+                n += 1
+            return n
+
+        length, donor = max((common(cached), s) for s, cached in enumerate(self._slot_prompts))
+        if length and donor != slot:
+            self.cache.keys[:, slot, :, :length] = self.cache.keys[:, donor, :, :length]
+            self.cache.values[:, slot, :, :length] = self.cache.values[:, donor, :, :length]
+        self._slot_prompts[slot] = prompt[:length]
+        self.reused_prompt_tokens += length
+        return length
+
+    def _release(self, sequence: _Sequence) -> None:
+        if sequence in self._prefilling:
+            self._prefilling.remove(sequence)
+        self._decoding.pop(sequence.slot, None)
+        self._free_slots.append(sequence.slot)
+        with self._lock:
+            self._busy_slots -= 1
+
+    def _prefill(self) -> None:
+        """Prefill newcomers, oldest first, up to prefill_chunk prompt tokens in all for this iteration."""
+        budget = self.prefill_chunk
+        while budget > 0 and self._prefilling:
+            sequence = self._prefilling[0]
+            prompt = sequence.request.prompt_ids
+            chunk = prompt[sequence.cached: sequence.cached + budget]
+            view = self.cache.slot(sequence.slot)
+            view.length = sequence.cached
+            try:
+                logits = self.model(torch.tensor([chunk], device=self.device), cache=view, last_only=True)
+            except Exception as error:
+                self._fail(sequence, f"prefill failed: {type(error).__name__}: {error}")
+                continue
+            sequence.cached += len(chunk)
+            self._slot_prompts[sequence.slot] = prompt[: sequence.cached]
+            budget -= len(chunk)
+            if sequence.cached < len(prompt):
+                continue  # the rest of this prompt next iteration, after a decode step for the others
+            self._prefilling.popleft()
+            token = self._sample(sequence, logits[:, -1].float())
+            if self._accept(sequence, token):
+                self._decoding[sequence.slot] = sequence
+            else:
+                self._release(sequence)  # done at its first token (max_tokens 1, or an end token)
+
+    def _decode_step(self) -> None:
+        """One token for every decoding slot, in one batched forward over rows 0..highest decoding slot."""
+        if not self._decoding:
+            return
+        rows = max(self._decoding) + 1
+        tokens, positions, columns = [0] * rows, [0] * rows, [self.cache.scratch_column] * rows
+        for slot, sequence in self._decoding.items():
+            tokens[slot] = sequence.next_token
+            positions[slot] = columns[slot] = sequence.cached
+        span = max(positions[slot] for slot in self._decoding) + 1
+        lengths = torch.tensor([positions[r] + 1 if r in self._decoding else 1 for r in range(rows)])
+        # Row r sees its own columns 0..cached (the new token included); rows not decoding see column 0 alone,
+        # which holds finite numbers, so their (unused) outputs stay finite and never poison the cache.
+        mask = torch.arange(span)[None, :] < lengths[:, None]
+        device = self.device
+        columns_tensor = torch.tensor(columns, device=device)
+        self.cache.begin_step(columns_tensor, span)
+        logits = self.model(
+            torch.tensor(tokens, device=device)[:, None], positions=torch.tensor(positions, device=device)[:, None],
+            attention_mask=mask.to(device)[:, None, None, :], cache=self.cache, last_only=True,
+        )[:, -1].float()
+        self.steps += 1
+        picks = self._sample_rows(logits)
+        for slot, sequence in list(self._decoding.items()):
+            sequence.cached += 1
+            if not self._accept(sequence, picks[slot]):
+                self._release(sequence)
+
+    def _sample_rows(self, logits: torch.Tensor) -> dict[int, int]:
+        """Each decoding row's next token under its own request's parameters.
+
+        Rows that share temperature, top-k and top-p are filtered together by `process_logits`, then each row
+        draws by inverse CDF: one uniform number from its own generator (a seed makes a request reproducible),
+        located in its cumulative probabilities. That is exact in distribution and costs a cumulative sum, where
+        torch.multinomial draws one exponential per vocabulary entry (milliseconds per row per step on a CPU).
+        Rows with a repetition penalty (their own `seen` tokens) go through `sample_next` one by one."""
+        groups: dict[tuple, list[int]] = {}
+        for slot, sequence in self._decoding.items():
+            params = sequence.request.params
+            key = ("alone", slot) if params.repetition_penalty != 1.0 else (
+                params.temperature, params.top_k, params.top_p)
+            groups.setdefault(key, []).append(slot)
+        picks: dict[int, int] = {}
+        for key, slots in groups.items():
+            if key[0] == "alone":
+                picks[slots[0]] = self._sample(self._decoding[slots[0]], logits[slots[0]: slots[0] + 1])
+                continue
+            rows = logits[torch.tensor(slots, device=logits.device)]
+            params = self._decoding[slots[0]].request.params
+            if params.temperature == 0:
+                picks.update(zip(slots, rows.argmax(dim=-1).tolist(), strict=True))
+                continue
+            cumulative = process_logits(rows, params, None).softmax(dim=-1).double().cumsum(dim=-1)
+            uniforms = torch.cat([torch.rand(1, dtype=torch.float64, device=logits.device,
+                                             generator=self._decoding[slot].generator) for slot in slots])
+            targets = (uniforms * cumulative[:, -1])[:, None]
+            # right=True: the first token whose cumulative probability exceeds the target (never a zero-prob one)
+            tokens = torch.searchsorted(cumulative, targets, right=True).clamp(max=logits.shape[-1] - 1)
+            picks.update(zip(slots, tokens[:, 0].tolist(), strict=True))
+        return picks
+
+    def _sample(self, sequence: _Sequence, logits: torch.Tensor) -> int:
+        token = int(sample_next(logits, sequence.request.params, sequence.generator, sequence.seen)[0])
+        if sequence.seen is not None:
+            sequence.seen[0, token] = True
+        return token
+
+    def _accept(self, sequence: _Sequence, token: int) -> bool:
+        """Record a sampled token and queue its text; False when the sequence is finished (slot to free)."""
+        params = sequence.request.params
+        sequence.generated += 1
+        reason, delta = None, ""
+        if token in self.stop_token_ids or token in params.stop_token_ids:
+            reason = "stop"
+        else:
+            delta, stopped = sequence.text.push(token)
+            if stopped:
+                reason = "stop"
+            elif sequence.generated >= params.max_new_tokens:
+                reason = "length"
+        if reason is not None:
+            delta += sequence.text.finish()  # held-back text is final now (empty past a stop string)
+        else:
+            sequence.next_token = token
+        if delta or reason is not None:
+            self._outbox.setdefault(sequence.request, []).append(
+                ChoiceEvent(sequence.index, delta, reason, sequence.generated))
+        return reason is None
+
+    def _fail(self, sequence: _Sequence, message: str) -> None:
+        self._outbox.setdefault(sequence.request, []).append(
+            ChoiceEvent(sequence.index, error=message, completion_tokens=sequence.generated))
+        self._release(sequence)
+
+    def _fail_all(self, message: str) -> None:
+        for sequence in [*self._prefilling, *self._decoding.values()]:
+            self._fail(sequence, message)
+
+    def _deliver(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for request, events in outbox.items():
+            if not request.aborted:
+                # A sink whose reader is gone (its event loop closed) must not take the engine down with it.
+                with contextlib.suppress(Exception):
+                    request.sink(events)
