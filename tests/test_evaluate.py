@@ -14,7 +14,7 @@ from sparkgpt.cli import main
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.evaluate import metrics
 from sparkgpt.evaluate.harness import evaluate
-from sparkgpt.evaluate.loglik import encode_pair, score_continuations, score_text
+from sparkgpt.evaluate.loglik import encode_pair, score_batch, score_continuations, score_text
 from sparkgpt.evaluate.task import bundled_tasks, load_task
 
 transformers = pytest.importorskip("transformers")
@@ -208,3 +208,18 @@ def test_real_model_zero_shot_sentiment_is_clearly_above_chance(smollm2_gguf):
     lm = sparkgpt.load(smollm2_gguf, device="cpu")
     report = evaluate(lm, "sentiment", shots=0, progress=False)
     assert report.metrics["accuracy"] >= 75.0  # chance is 50; measured 86 on the 50 test items
+
+
+def test_batched_requests_of_ragged_contexts_equal_transformers(tiny):
+    reference, lm = tiny
+    encode = lm.tokenizer.encode
+    requests = [
+        (encode("The quick brown fox jumps over the"), [encode(" lazy dog"), encode(" moon")]),
+        (encode("A"), [encode(" b c d"), encode(" 你好")]),  # one token of context: nothing to prefill
+        (encode("To be, or not to be, that is the question: whether"), [encode(" 'tis nobler")]),
+    ]
+    scored = score_batch(lm.model, requests)
+    for (context, continuations), scores in zip(requests, scored, strict=True):
+        for continuation, score in zip(continuations, scores, strict=True):
+            expected = reference_logprob(reference, context + continuation, len(context))
+            assert math.isclose(score.logprob, expected, abs_tol=1e-4)

@@ -17,7 +17,7 @@ from sparkgpt.evaluate.loglik import (
     encode_pair,
     perplexity,
     prefix_token,
-    score_continuations,
+    score_batch,
     score_text,
 )
 from sparkgpt.evaluate.metrics import GENERATION_METRICS
@@ -71,7 +71,7 @@ def evaluate(
                 for index, item in enumerate(items)]
     bar = tqdm(total=len(items), desc=task.name, disable=not progress, unit="item")
     if task.kind == "multiple_choice":
-        metrics, samples = _multiple_choice(lm, task, items, contexts, use_chat, bar)
+        metrics, samples = _multiple_choice(lm, task, items, contexts, use_chat, batch_size, bar)
     else:
         metrics, samples = _generation(lm, task, items, contexts, batch_size, bar)
     bar.close()
@@ -83,24 +83,26 @@ def _demonstrations(task: Task, index: int, shots: int, seed: int) -> list[Item]
     return random.Random(f"{seed}:{index}").sample(task.fewshot_items, shots) if shots else []
 
 
-def _multiple_choice(lm, task, items, contexts, use_chat, bar) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def _multiple_choice(lm, task, items, contexts, use_chat, batch_size, bar) -> tuple[dict[str, float], list[dict]]:
     correct = correct_norm = 0
     samples = []
     # With a chat template the answer starts the assistant's turn: no separating space before it.
     prefix = "" if use_chat else task.target_prefix
-    for item, context in zip(items, contexts, strict=True):
-        choices = task.item_choices(item)
-        pairs = [encode_pair(lm.tokenizer, context, prefix + choice) for choice in choices]
-        context_ids = pairs[0][0] or [prefix_token(lm.tokenizer)]
-        scores = score_continuations(lm.model, context_ids, [continuation for _, continuation in pairs])
-        logprobs = [s.logprob for s in scores]
-        normalised = [s.logprob / len(prefix + c) for s, c in zip(scores, choices, strict=True)]
-        best, best_norm, gold = _argmax(logprobs), _argmax(normalised), task.gold_index(item)
-        correct += best == gold
-        correct_norm += best_norm == gold
-        samples.append({"where": item.where, "gold": choices[gold], "predicted": choices[best],
-                        "logprobs": logprobs})
-        bar.update()
+    for batch in _chunks(list(zip(items, contexts, strict=True)), batch_size):
+        requests = []
+        for item, context in batch:
+            pairs = [encode_pair(lm.tokenizer, context, prefix + choice) for choice in task.item_choices(item)]
+            requests.append((pairs[0][0] or [prefix_token(lm.tokenizer)], [continuation for _, continuation in pairs]))
+        for (item, _), scores in zip(batch, score_batch(lm.model, requests), strict=True):
+            choices = task.item_choices(item)
+            logprobs = [s.logprob for s in scores]
+            normalised = [s.logprob / len(prefix + c) for s, c in zip(scores, choices, strict=True)]
+            best, best_norm, gold = _argmax(logprobs), _argmax(normalised), task.gold_index(item)
+            correct += best == gold
+            correct_norm += best_norm == gold
+            samples.append({"where": item.where, "gold": choices[gold], "predicted": choices[best],
+                            "logprobs": logprobs})
+        bar.update(len(batch))
     return {"accuracy": 100.0 * correct / len(items), "accuracy_norm": 100.0 * correct_norm / len(items)}, samples
 
 

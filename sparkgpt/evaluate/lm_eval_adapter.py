@@ -17,7 +17,7 @@ from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
 
 import sparkgpt
-from sparkgpt.evaluate.loglik import encode_pair, prefix_token, score_continuations, score_text
+from sparkgpt.evaluate.loglik import encode_pair, prefix_token, score_batch, score_text
 
 
 @register_model("sparkgpt")
@@ -35,7 +35,8 @@ class SparkGPTHarnessModel(HarnessLM):
         return self.lm.config.max_seq_len
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Requests sharing a context (the choices of one question) are scored together on one prefix."""
+        """Requests sharing a context (the choices of one question) are scored together on one prefix, and
+        `batch_size` such contexts at a time."""
         tokenizer = self.lm.tokenizer
         by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
         for index, request in enumerate(requests):
@@ -46,10 +47,14 @@ class SparkGPTHarnessModel(HarnessLM):
             context_ids = context_ids[-(self.max_length - len(continuation_ids)):]
             by_context[tuple(context_ids)].append((index, continuation_ids))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for context_ids, group in by_context.items():
-            scores = score_continuations(self.lm.model, list(context_ids), [ids for _, ids in group])
-            for (index, _), score in zip(group, scores, strict=True):
-                results[index] = (score.logprob, score.is_greedy)
+        groups = list(by_context.items())
+        for start in range(0, len(groups), self.batch_size):
+            chunk = groups[start:start + self.batch_size]
+            batch = [(list(context), [ids for _, ids in group]) for context, group in chunk]
+            scored = score_batch(self.lm.model, batch)
+            for (_, group), scores in zip(chunk, scored, strict=True):
+                for (index, _), score in zip(group, scores, strict=True):
+                    results[index] = (score.logprob, score.is_greedy)
         return results
 
     def loglikelihood_rolling(self, requests) -> list[float]:

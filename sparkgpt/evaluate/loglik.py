@@ -2,7 +2,8 @@
 
 Scoring several continuations of one context (the choices of a multiple-choice item, the labels of a classifier)
 runs the context through the model once; the continuations then run together as one batch on copies of its
-KV cache. That is the shared-prefix reuse that makes an item with four choices cost little more than one.
+KV cache. That is the shared-prefix reuse that makes an item with four choices cost little more than one; and
+`score_batch` does it for many items at once, in two forward passes in all.
 """
 
 from __future__ import annotations
@@ -45,31 +46,61 @@ def prefix_token(tokenizer: Tokenizer) -> int:
     return token
 
 
-@torch.inference_mode()
-def score_continuations(model: GPT, context: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[Score]:
+def score_continuations(
+    model: GPT, context: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> list[Score]:
     """Score every continuation of one context; the context is computed once and its cache shared."""
-    if not context:
-        raise ValueError("the context must hold at least one token")
-    device = model.token_embedding.weight.device
-    longest = max(len(c) for c in continuations)
-    cache = KVCache(model.config, 1, len(context) + longest, model.token_embedding.weight.dtype, device)
-    if len(context) > 1:
-        model(torch.tensor([list(context[:-1])], device=device), cache=cache, last_only=True)
-    # Each row: the context's last token, then its continuation (right-padded; causal attention never lets a
-    # real token see the padding after it). Row i's logits at step t predict continuation token t.
-    batch = torch.full((len(continuations), 1 + longest), context[-1], dtype=torch.long, device=device)
-    for row, continuation in enumerate(continuations):
-        batch[row, 1:1 + len(continuation)] = torch.tensor(continuation, dtype=torch.long)
-    cache.keys = cache.keys.repeat(1, len(continuations), 1, 1, 1)
-    cache.values = cache.values.repeat(1, len(continuations), 1, 1, 1)
-    logprobs = torch.log_softmax(model(batch, cache=cache)[:, :-1].float(), dim=-1)
-    scores = []
-    for row, continuation in enumerate(continuations):
+    return score_batch(model, [(context, continuations)])[0]
+
+
+@torch.inference_mode()
+def score_batch(
+    model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+) -> list[list[Score]]:
+    """Score several (context, continuations) requests in two forward passes in all.
+
+    On a CPU a small batch costs about what one sequence costs (each pass reads every weight once), so items are
+    scored together: pass 1 runs every context but its last token (left-padded into one batch) into a KV cache;
+    pass 2 runs every continuation, each row on its own context's cached keys, behind that context's last token.
+    Right-padding inside pass 2 is harmless: causal attention never lets a real token see the padding after it.
+    """
+    if any(not context for context, _ in requests):
+        raise ValueError("every context must hold at least one token")
+    device, dtype = model.token_embedding.weight.device, model.token_embedding.weight.dtype
+    prefixes = [list(context[:-1]) for context, _ in requests]
+    rows = [(item, list(c)) for item, (_, continuations) in enumerate(requests) for c in continuations]
+    width, longest = max(len(p) for p in prefixes), max(len(c) for _, c in rows)
+
+    cache = KVCache(model.config, len(requests), width + 1 + longest, dtype, device)
+    padding = torch.zeros(len(requests), width, dtype=torch.long, device=device)
+    if width:
+        prefix_ids = torch.zeros(len(requests), width, dtype=torch.long, device=device)
+        for item, prefix in enumerate(prefixes):
+            if prefix:
+                prefix_ids[item, width - len(prefix):] = torch.tensor(prefix, device=device)
+                padding[item, width - len(prefix):] = 1
+        positions = (padding.cumsum(1) - 1).clamp(min=0)
+        model(prefix_ids, positions=positions, attention_mask=padding, cache=cache, last_only=True)
+
+    items = torch.tensor([item for item, _ in rows], device=device)
+    cache.keys, cache.values = cache.keys[:, items], cache.values[:, items]
+    batch = torch.zeros(len(rows), 1 + longest, dtype=torch.long, device=device)
+    for row, (item, continuation) in enumerate(rows):
+        batch[row, 0] = requests[item][0][-1]
+        batch[row, 1:1 + len(continuation)] = torch.tensor(continuation, device=device)
+    starts = torch.tensor([len(prefixes[item]) for item, _ in rows], device=device)
+    positions = starts[:, None] + torch.arange(1 + longest, device=device)
+    mask = torch.cat([padding[items], torch.ones(len(rows), 1 + longest, dtype=torch.long, device=device)], dim=1)
+    logprobs = torch.log_softmax(model(batch, positions=positions, attention_mask=mask, cache=cache)[:, :-1].float(),
+                                 dim=-1)
+
+    scores: list[list[Score]] = [[] for _ in requests]
+    for row, (item, continuation) in enumerate(rows):
         targets = batch[row, 1:1 + len(continuation)]
         row_logprobs = logprobs[row, : len(continuation)]
         picked = row_logprobs.gather(-1, targets[:, None]).squeeze(-1)
         greedy = bool((row_logprobs.argmax(-1) == targets).all())
-        scores.append(Score(float(picked.sum()), greedy, len(continuation)))
+        scores[item].append(Score(float(picked.sum()), greedy, len(continuation)))
     return scores
 
 
