@@ -96,13 +96,17 @@ def _gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
     )
 
 
+# GPT-2 and GPT-Neo name their embeddings and final norm alike.
+_GPT2_OUTER_TENSORS = {
+    "token_embedding.weight": "transformer.wte.weight",
+    "position_embedding.weight": "transformer.wpe.weight",
+    "final_norm.weight": "transformer.ln_f.weight",
+    "final_norm.bias": "transformer.ln_f.bias",
+}
+
+
 def _gpt2_tensor_names(config: ModelConfig) -> dict[str, str]:
-    names = {
-        "token_embedding.weight": "transformer.wte.weight",
-        "position_embedding.weight": "transformer.wpe.weight",
-        "final_norm.weight": "transformer.ln_f.weight",
-        "final_norm.bias": "transformer.ln_f.bias",
-    }
+    names = dict(_GPT2_OUTER_TENSORS)
     for i in range(config.n_layers):
         for ours, theirs in (("attn_norm", "ln_1"), ("attn.o_proj", "attn.c_proj"), ("ffn_norm", "ln_2"),
                              ("ffn.up_proj", "mlp.c_fc"), ("ffn.down_proj", "mlp.c_proj")):
@@ -254,12 +258,7 @@ def _gpt_neo_config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _gpt_neo_tensor_names(config: ModelConfig) -> dict[str, str]:
-    names = {
-        "token_embedding.weight": "transformer.wte.weight",
-        "position_embedding.weight": "transformer.wpe.weight",
-        "final_norm.weight": "transformer.ln_f.weight",
-        "final_norm.bias": "transformer.ln_f.bias",
-    }
+    names = dict(_GPT2_OUTER_TENSORS)
     for i in range(config.n_layers):
         layer = f"transformer.h.{i}."
         for proj in ("q_proj", "k_proj", "v_proj"):
