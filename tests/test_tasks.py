@@ -25,6 +25,16 @@ def test_prompt_is_instruction_then_examples_then_request(tiny):
                       "English: Good night\nFrench:")
 
 
+def test_keyword_examples_are_shown_as_comma_separated_answers(tiny, monkeypatch):
+    prompts = []
+    monkeypatch.setattr(tiny, "complete", lambda ids, **kw: prompts.append(tiny.tokenizer.decode(ids[0])) or
+                        [sparkgpt.Completion("1. solar, 2. panels\n- silicon")])
+    found = tasks.keywords(tiny, "Silicon solar panels.", k=3, examples=[("Wind turbines spin.", ["wind", "turbines"])],
+                           chat=False)
+    assert "Text: Wind turbines spin.\nKeywords: wind, turbines\n\nText: Silicon solar panels." in prompts[0]
+    assert found == ["solar", "panels", "silicon"]  # numbered and bulleted replies are read as a list too
+
+
 def test_a_changed_template_changes_the_prompt(tiny, monkeypatch):
     monkeypatch.setitem(tasks.TEMPLATES, "correct", tasks.Template("Fix it.", "In: {text}\nOut:"))
     assert tasks.build_prompt(tiny, "correct", {"text": "teh cat"}, chat=False) == "Fix it.\n\nIn: teh cat\nOut:"

@@ -114,12 +114,18 @@ def translate(lm: LM, text: str, source: str = "English", target: str = "French"
     return _generate(lm, "translate", {"text": text, "source": source, "target": target}, shown, chat, **sampling)
 
 
-def summarize(lm: LM, text: str, max_words: int = 30, chat: bool | None = None, **sampling: Any) -> str:
-    return _generate(lm, "summarize", {"text": text, "max_words": max_words}, (), chat, **sampling)
+def summarize(lm: LM, text: str, max_words: int = 30, examples: Sequence[tuple[str, str]] = (),
+              chat: bool | None = None, **sampling: Any) -> str:
+    """examples: (text, summary) pairs shown before the input."""
+    shown = [({"text": t}, summary) for t, summary in examples]
+    return _generate(lm, "summarize", {"text": text, "max_words": max_words}, shown, chat, **sampling)
 
 
-def keywords(lm: LM, text: str, k: int = 5, chat: bool | None = None, **sampling: Any) -> list[str]:
-    reply = _generate(lm, "keywords", {"text": text, "k": k}, (), chat, **sampling)
+def keywords(lm: LM, text: str, k: int = 5, examples: Sequence[tuple[str, Sequence[str]]] = (),
+             chat: bool | None = None, **sampling: Any) -> list[str]:
+    """examples: (text, [keyword, ...]) pairs shown before the input."""
+    shown = [({"text": t}, ", ".join(words)) for t, words in examples]
+    reply = _generate(lm, "keywords", {"text": text, "k": k}, shown, chat, **sampling)
     # Small models often answer with a numbered or bulleted list instead of commas: accept both.
     found = [re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", w).strip(" .") for w in reply.replace("\n", ",").split(",")]
     return [w for w in dict.fromkeys(found) if w][:k]
@@ -136,9 +142,12 @@ def continue_text(lm: LM, text: str, **sampling: Any) -> str:
     return lm.generate(text, **{"max_new_tokens": 64, **sampling})
 
 
-def write_story(lm: LM, premise: str, chat: bool | None = None, **sampling: Any) -> str:
+def write_story(lm: LM, premise: str, examples: Sequence[tuple[str, str]] = (), chat: bool | None = None,
+                **sampling: Any) -> str:
+    """examples: (premise, story) pairs shown before the input."""
     settings = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 300, **sampling}
-    return _generate(lm, "story", {"premise": premise}, (), chat, **settings)
+    shown = [({"premise": p}, story) for p, story in examples]
+    return _generate(lm, "story", {"premise": premise}, shown, chat, **settings)
 
 
 __all__ = ["TEMPLATES", "Template", "answer", "build_prompt", "classify", "continue_text", "correct", "keywords",
