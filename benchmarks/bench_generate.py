@@ -4,6 +4,8 @@ Weights: the real SmolLM2-135M-Instruct (`--weights smollm2-135m-instruct`, the 
 dequantised, handed to both) or a random-init model of the same shape (`--weights random`: 30 layers, 576 wide,
 9 heads, 3 key/value heads, vocab 49,152). Prefill: time to the first new token for a 512-token prompt.
 Decode: new tokens per second at batch 1, 128 tokens after a 16-token prompt (total time minus that prefill).
+Quantised rows (`sparkgpt.model.quant`, int8 and int4 from the same float weights) are compared with transformers
+fp32 for decode and transformers bf16 for prefill (the issue's goals), beside their perplexity on a fixed text.
 
     python benchmarks/bench_generate.py [--weights smollm2-135m-instruct|random] [--threads 2] [--repeats 3]
 """
@@ -11,6 +13,7 @@ Decode: new tokens per second at batch 1, 128 tokens after a 16-token prompt (to
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 
@@ -19,6 +22,14 @@ import torch
 import sparkgpt
 from sparkgpt.checkpoint.hf import config_to_hf, state_dict_to_hf
 from sparkgpt.generate import SamplingParams, token_steps
+from sparkgpt.model.quant import quantize_model
+
+# A fixed text for the quality column (plain prose written for this benchmark).
+TEXT = ("The old bridge crossed the river just below the mill, where the water ran fast and cold even in summer. "
+        "Children from the village came to fish there after school, and their parents warned them every spring "
+        "about the current. One year the council decided to build a new bridge of steel and concrete a mile "
+        "upstream, and the old one was closed. For a while nobody used it, and moss grew between its stones. "
+        "Then a group of neighbours cleared the path, repaired the railings, and planted flowers along the bank.")
 
 
 def best_time(run: Callable[[], object], repeats: int) -> float:
@@ -66,9 +77,11 @@ def main() -> None:
         config = sparkgpt.preset("smollm2-135m")
         torch.manual_seed(0)
         model = sparkgpt.GPT(config).eval()
+        # Random ids for random weights: their perplexity only shows that quantisation changes little.
+        text_ids = torch.randint(0, config.vocab_size, (128,), generator=torch.Generator().manual_seed(1)).tolist()
     else:
-        model = sparkgpt.load(args.weights, device="cpu").model
-        config = model.config
+        lm = sparkgpt.load(args.weights, device="cpu")
+        model, config, text_ids = lm.model, lm.config, lm.tokenizer.encode(TEXT)
     hf_fields = config_to_hf(config, torch.float32)
     reference = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(hf_fields.pop("model_type"), **hf_fields), attn_implementation="sdpa"
@@ -79,17 +92,36 @@ def main() -> None:
     with torch.no_grad():  # the same weights: the same logits
         torch.testing.assert_close(model(probe), reference(probe).logits, atol=1e-4, rtol=0)
 
+    quantized = {method: quantize_model(copy.deepcopy(model), method) for method in ("int8", "int4")}
+    text = torch.tensor([text_ids])
+    quality = {name: perplexity(m, text) for name, m in (("float32", model), *quantized.items())}
+
     print(f"weights {args.weights}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{args.threads} threads")
-    print(f"{'dtype':<9}{'':<14}{'prefill tok/s':>14}{'decode tok/s':>14}")
+    print(f"{'dtype':<9}{'':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'perplexity':>12}")
+    reference_rows = {}
     for dtype in (torch.float32, torch.bfloat16):
         rows = {}
         for name, m, make_run in (("transformers", reference, theirs), ("sparkgpt", model, ours)):
             m.to(dtype)
             rows[name] = measure(make_run, m, args.repeats)
-            print(f"{str(dtype).removeprefix('torch.'):<9}{name:<14}{rows[name][0]:>14.0f}{rows[name][1]:>14.1f}")
+            extra = f"{quality['float32']:>12.3f}" if name == "sparkgpt" and dtype == torch.float32 else ""
+            print(f"{str(dtype).removeprefix('torch.'):<9}{name:<14}{rows[name][0]:>14.0f}{rows[name][1]:>14.1f}"
+                  f"{extra}")
         ratio = [a / b for a, b in zip(rows["sparkgpt"], rows["transformers"], strict=True)]
         print(f"{'':<9}{'ratio':<14}{ratio[0]:>13.2f}x{ratio[1]:>13.2f}x")
+        reference_rows[dtype] = rows["transformers"]
+    for method, m in quantized.items():
+        prefill, decode = measure(ours, m, args.repeats)
+        print(f"{method:<9}{'sparkgpt':<14}{prefill:>14.0f}{decode:>14.1f}{quality[method]:>12.3f}")
+        print(f"{'':<9}{'ratio':<14}{prefill / reference_rows[torch.bfloat16][0]:>13.2f}x"
+              f"{decode / reference_rows[torch.float32][1]:>13.2f}x   (prefill vs transformers bf16, decode vs fp32)")
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    logits = model(ids)[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp().item()
 
 
 

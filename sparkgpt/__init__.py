@@ -6,10 +6,11 @@ from sparkgpt.generate import Completion, SamplingParams
 from sparkgpt.lm import LM, load
 from sparkgpt.model import GPT
 from sparkgpt.tokenizer import Tokenizer
+from sparkgpt.train.finetune import finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "LM", "PRESETS", "Completion", "ModelConfig", "SamplingParams", "SparkGPTError", "Tokenizer", "load",
-    "preset",
+    "GPT", "LM", "PRESETS", "Completion", "ModelConfig", "SamplingParams", "SparkGPTError", "Tokenizer", "finetune",
+    "load", "preset",
 ]

@@ -30,9 +30,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt with a model and print the completion."""
-    import sparkgpt
 
-    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    lm = _load(args)
     sampling = _sampling(args)
     if args.stream:
         for delta in lm.stream(args.prompt, **sampling):
@@ -47,19 +46,17 @@ def cmd_embed(args: argparse.Namespace) -> None:
     """Print normalised sentence embeddings of texts with an encoder model (one JSON list per text)."""
     import json
 
-    import sparkgpt
 
-    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    lm = _load(args)
     for vector in lm.embed(args.text):
         print(json.dumps([round(x, 6) for x in vector.tolist()]))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Chat with a model in the terminal (streaming replies), or send one --message and print the reply."""
-    import sparkgpt
     from sparkgpt.chat import chat_session, stream_reply
 
-    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    lm = _load(args)
     sampling = _sampling(args)
     if args.message is not None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -69,11 +66,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Write any loadable model reference (directory, .gguf, alias, hub id) as an HF-compatible directory."""
+    """Write any loadable model reference (directory, .gguf, alias, hub id) as an HF-compatible directory, or as
+    a GGUF file for llama.cpp, Ollama and LM Studio when DST ends in .gguf."""
+    import sparkgpt
+    from sparkgpt.checkpoint import gguf_export
+
+    if Path(args.dst).suffix.lower() == ".gguf":
+        dtype = args.dtype or "f16"
+        print(f"wrote {gguf_export.export_gguf(args.src, args.dst, dtype=dtype)} ({dtype})")
+        return
+    dtype = args.dtype or "float32"
+    if dtype in gguf_export.DTYPES:
+        raise SparkGPTError(f"--dtype {dtype} is a GGUF type; name the output OUT.gguf to write a GGUF file")
+    lm = sparkgpt.load(args.src, dtype=dtype, device="cpu")
+    print(f"wrote {lm.save(args.dst)} ({dtype})")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Write a model reference as a quantised checkpoint (int8 or int4 weights with their scales), which
+    `sparkgpt.load` and every command read back as is, without quantising again."""
     import sparkgpt
 
-    lm = sparkgpt.load(args.src, dtype=args.dtype, device="cpu")
-    print(f"wrote {lm.save(args.dst)} ({args.dtype})")
+    lm = sparkgpt.load(args.src, device="cpu", quantize=args.method)
+    print(f"wrote {lm.save(args.dst)} ({args.method})")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -90,21 +105,103 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Train a GPT on prepared data (also under torchrun for data parallelism); --resume continues a run."""
     from sparkgpt.train import train
 
-    overrides = {key.removeprefix("override:"): value for key, value in vars(args).items()
-                 if key.startswith("override:")}
+    overrides = _overrides(args)
     if args.data is not None:
         overrides["data"] = args.data
-    result = train(args.config, args.out, overrides=overrides, resume=args.resume, progress=not args.quiet)
-    if result.checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
-        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"step {result.step}: train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    _report(train(args.config, args.out, overrides=overrides, resume=args.resume, progress=not args.quiet))
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The --KEY=VALUE config overrides given (`_add_config_overrides`)."""
+    return {key.removeprefix("override:"): value for key, value in vars(args).items() if key.startswith("override:")}
+
+
+def _report(result) -> bool:
+    """Print where a training run ended (rank 0 only); whether it printed."""
+    if result.checkpoint is None or int(os.environ.get("RANK", "0")) != 0:
+        return False
+    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"step {result.step}: train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    return True
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a pretrained model on JSONL (chat, prompt/completion, text; or labeled texts with --task classify),
+    in full or with LoRA adapters; --resume continues a run."""
+    from sparkgpt.train import finetune
+
+    overrides = _overrides(args)
+    if args.data is None and not args.resume:
+        raise SparkGPTError("--data is required: a JSONL file of training records")
+    result = finetune(args.ref, args.data, args.out, val=args.val, method=args.method, task=args.task,
+                      config=args.config, overrides=overrides, resume=args.resume, progress=not args.quiet)
+    if _report(result):
+        print(f"use it: sparkgpt {'classify' if args.task == 'classify' else 'chat'} {result.checkpoint}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    """Distill a teacher model into a student trained from scratch on data prepared with the teacher's tokenizer:
+    KL to the teacher's softened distribution plus cross-entropy; --resume continues a run."""
+    from sparkgpt.train.distill import distill
+
+    overrides = _overrides(args)
+    if not args.resume and not (args.teacher and args.student and args.data):
+        raise SparkGPTError("--teacher, --student and --data are required (unless --resume)")
+    result = distill(args.teacher, args.student, args.data, args.out, overrides=overrides, resume=args.resume,
+                     progress=not args.quiet)
+    _report(result)
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> None:
+    """Merge a LoRA adapter into its base model and write one HF-compatible checkpoint directory."""
+    import sparkgpt
+
+    lm = sparkgpt.load(args.base, dtype=args.dtype, device="cpu", adapter=args.adapter)
+    print(f"wrote {lm.save(args.out)} ({args.dtype})")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    """Label texts with a fine-tuned classification head: print each label and its probabilities, or with --data
+    (labeled JSONL) the accuracy and confusion matrix."""
+    from sparkgpt.evaluate.classification import classification_report, format_report
+
+    lm = _load(args)
+    if args.data is not None:
+        report = classification_report(lm, args.data)
+        print(format_report(report))
+        return
+    if args.text:
+        texts = args.text
+    elif args.file:
+        try:
+            texts = [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as error:
+            raise SparkGPTError(f"{args.file}: cannot read ({error.strerror})") from None
+    else:
+        texts = [sys.stdin.read()]
+    for probabilities in lm.classify(texts):
+        label = max(probabilities, key=probabilities.get)
+        shown = "  ".join(f"{name} {value:.3f}" for name, value in probabilities.items())
+        print(f"{label}\t{shown}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Estimate training memory per rank (weights, gradients, optimizer state, activations) and the largest
+    micro-batch that fits a device, for any model or training preset."""
+    from sparkgpt.plan import plan_config
+
+    if not args.device_memory > 0:
+        raise SparkGPTError(f"--device-memory is {args.device_memory}; expected a positive number of GiB")
+    memory_plan = plan_config(args.config, world_size=args.world_size, parallel=args.parallel,
+                              activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
+                              block_size=args.block_size)
+    print(memory_plan.report(args.device_memory))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (continuous batching) with a web chat page at /."""
     import uvicorn
 
-    import sparkgpt
     from sparkgpt.checkpoint.registry import resolve
     from sparkgpt.serve.api import create_app
     from sparkgpt.serve.engine import Engine
@@ -124,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+        lm = _load(args)
         # Each slot holds a whole sequence; by default at most 4096 tokens of the model's context, to bound memory.
         context = args.context or min(lm.config.max_seq_len, 4096)
         engine = Engine(lm, max_slots=args.max_concurrency, max_queue=args.max_queue, context=context,
@@ -149,8 +246,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SparkGPTError(f"could not serve on {args.host}:{args.port} (is the port free?)")
 
 
-def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
-    """--KEY=VALUE for every TrainConfig key, --model.FIELD=VALUE for every model field (values parsed later)."""
+def _add_config_overrides(parser: argparse.ArgumentParser, own: tuple[str, ...] = ("data",)) -> None:
+    """--KEY=VALUE for every TrainConfig key but the command's `own` options, --model.FIELD=VALUE for every model
+    field (values parsed later)."""
     import dataclasses
 
     from sparkgpt.config import ModelConfig
@@ -158,19 +256,27 @@ def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("config overrides (on top of --config; see sparkgpt/train/config.py)")
     for field in dataclasses.fields(TrainConfig):
-        if field.name not in ("data", "model_overrides"):
+        if field.name not in (*own, "model_overrides"):
             group.add_argument(f"--{field.name}", dest=f"override:{field.name}", metavar="V", default=argparse.SUPPRESS)
     for field in dataclasses.fields(ModelConfig):
         group.add_argument(f"--model.{field.name}", dest=f"override:model.{field.name}", metavar="V",
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def _add_run_options(parser: argparse.ArgumentParser, out_help: str, own: tuple[str, ...] = ("data",)) -> None:
+    """--out, --resume, --quiet and the config overrides of a command that starts a training run."""
+    parser.allow_abbrev = False  # --lr must never silently mean --lr_something
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_overrides(parser, own)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Score a model on a task (bundled name, YAML, JSONL or .txt for perplexity); print a table, save JSON."""
-    import sparkgpt
     from sparkgpt.evaluate.harness import evaluate
 
-    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    lm = _load(args)
     report = evaluate(lm, args.task, shots=args.shots, limit=args.limit, seed=args.seed,
                       chat=args.chat_template, batch_size=args.batch_size)
     print(report.table())
@@ -181,10 +287,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_task(args: argparse.Namespace) -> None:
     """Run a zero-/few-shot application: classify, answer, translate, summarize, keywords, correct, continue, story."""
-    import sparkgpt
     from sparkgpt import tasks
 
-    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    lm = _load(args)
     text = args.text if args.text is not None else sys.stdin.read()
     if args.name == "classify":
         if not args.labels:
@@ -221,10 +326,21 @@ def _human(count: int) -> str:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ref", help="model reference: a checkpoint directory (ours or transformers'), a .gguf file, "
-                        "an alias (smollm2-135m-instruct) or a Hugging Face hub id")
+    parser.add_argument("ref", help="model reference: a checkpoint directory (ours or transformers'), a LoRA adapter "
+                        "folder, a training run folder, a .gguf file, an alias (smollm2-135m-instruct) or a hub id")
+    parser.add_argument("--adapter", help="a LoRA adapter folder (ours or PEFT's) to apply to the model")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="store the weight matrices as int8 or int4 (smaller, faster decoding on a CPU)")
+
+
+def _load(args: argparse.Namespace):
+    """The model the command's options name (`_add_model_options`)."""
+    import sparkgpt
+
+    return sparkgpt.load(args.ref, dtype=args.dtype, device=args.device, adapter=args.adapter,
+                         quantize=args.quantize)
 
 
 def _add_sampling_options(
@@ -299,8 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = command("convert", cmd_convert)
     convert.add_argument("src", help="model reference to read (directory, .gguf file, alias or hub id)")
-    convert.add_argument("dst", help="output directory (HF-compatible checkpoint)")
-    convert.add_argument("--dtype", default="float32", help="weights' dtype: float32 (default), bfloat16, float16")
+    convert.add_argument("dst", help="output directory (HF-compatible checkpoint), or OUT.gguf (a GGUF file)")
+    convert.add_argument("--dtype", default=None, help="weights' dtype: float32 (default), bfloat16, float16; "
+                         "for .gguf: f16 (default), q8_0, q4_0, f32")
+
+    quantize = command("quantize", cmd_quantize)
+    quantize.add_argument("src", help="model reference to read (directory, .gguf file, alias or hub id)")
+    quantize.add_argument("dst", help="output directory (a quantised checkpoint)")
+    quantize.add_argument("--method", choices=["int8", "int4"], default="int8",
+                          help="int8: per-row scales (default); int4: groups of 32 with scale and zero")
 
     prepare = command("prepare", cmd_prepare)
     prepare.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -313,14 +436,57 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--workers", type=int, default=None, help="tokenising processes (default: one per core)")
 
     train = command("train", cmd_train)
-    train.allow_abbrev = False  # --lr must never silently mean --lr_something
     train.add_argument("--config", help="a training preset (shakespeare-char, shakespeare-baby, gpt2, "
                        "sparkgpt-124m) or a YAML file")
     train.add_argument("--data", help="prepared data folder (sparkgpt prepare)")
-    train.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, config.yaml")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_overrides(train)
+    _add_run_options(train, "run folder: checkpoints, metrics.jsonl, loss.png, config.yaml")
+
+    finetune = command("finetune", cmd_finetune)
+    finetune.add_argument("ref", nargs="?", default="", help="the pretrained model (any model reference)")
+    finetune.add_argument("--data", help="training JSONL: {messages}, {prompt, completion}, {text} "
+                          "(or {text, label} with --task classify)")
+    finetune.add_argument("--val", help="validation JSONL (default: a seeded random 10%% of --data, by label for "
+                          "--task classify)")
+    finetune.add_argument("--method", choices=["lora", "full"], default="lora", help="lora (default) or full")
+    finetune.add_argument("--task", choices=["lm", "classify"], default="lm",
+                          help="lm (default): learn to write the targets; classify: a classification head")
+    finetune.add_argument("--config", help="a training preset (finetune-lora, finetune-full) or YAML file")
+    _add_run_options(finetune, "run folder: checkpoints (adapters or models), metrics, plot",
+                     own=("data", "init_from", "val_data", "method", "task"))
+
+    distill = command("distill", cmd_distill)
+    distill.add_argument("--teacher", help="the teacher: any model reference (directory, .gguf, alias, hub id)")
+    distill.add_argument("--student", help="a training preset or YAML file (its model is the student), or a model "
+                         "preset; built with the teacher's vocabulary")
+    distill.add_argument("--data", help="prepared data folder (sparkgpt prepare ... --tokenizer TEACHER)")
+    # --distill_temperature=2 --distill_alpha=0.5 are config overrides
+    _add_run_options(distill, "run folder: checkpoints, metrics.jsonl, loss.png, config.yaml", own=("data", "teacher"))
+
+    merge = command("merge-lora", cmd_merge_lora)
+    merge.add_argument("base", help="the base model reference")
+    merge.add_argument("adapter", help="the LoRA adapter folder")
+    merge.add_argument("out", help="output directory (HF-compatible checkpoint)")
+    merge.add_argument("--dtype", default="float32", help="weights' dtype: float32 (default), bfloat16, float16")
+
+    classify = command("classify", cmd_classify)
+    _add_model_options(classify)
+    classify.add_argument("--text", action="append", help="a text to label (repeatable); default: --file or stdin")
+    classify.add_argument("--file", help="a text file, one text per line")
+    classify.add_argument("--data", help="labeled JSONL ({text, label}): print accuracy and the confusion matrix")
+
+    plan = command("plan", cmd_plan)
+    plan.add_argument("--config", required=True, help="a model preset (gpt2-xl, llama-7b, ...: `sparkgpt models`), "
+                      "a training preset or a YAML file")
+    plan.add_argument("--world-size", type=int, default=1, help="training processes (GPUs) in all (1)")
+    plan.add_argument("--device-memory", type=float, required=True, help="memory of one device, in GiB")
+    plan.add_argument("--parallel", choices=["ddp", "fsdp"], default=None, help="ddp replicates, fsdp shards "
+                      "(default: the config's, else ddp)")
+    plan.add_argument("--activation-checkpointing", action="store_true", default=None,
+                      help="recompute each block in the backward (default: the config's)")
+    plan.add_argument("--dtype", default=None, help="compute dtype: bfloat16 (default for a model preset), float16, "
+                      "float32")
+    plan.add_argument("--block-size", type=int, default=None,
+                      help="tokens per sequence (default: the config's block_size, or the model's context)")
 
     serve = command("serve", cmd_serve)
     _add_model_options(serve)

@@ -217,6 +217,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                          max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5),
     "smollm2-360m": dict(_SMOLLM2, n_layers=32, n_heads=15, n_kv_heads=5, d_model=960, d_ff=2560,
                          max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5),
+    # Llama-2-7B's shape (for `sparkgpt plan` and clusters): 32 layers of 4096, SwiGLU 11008, untied, 32k vocabulary.
+    "llama-7b": dict(_SMOLLM2, vocab_size=32000, n_layers=32, n_heads=32, d_model=4096, d_ff=11008, max_seq_len=4096,
+                     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, bos_token_id=1, eos_token_id=2),
     # Tiny shapes of each family, for tests and quick experiments.
     "tiny-gpt2": dict(_GPT2, vocab_size=512, n_layers=2, n_heads=4, d_model=64, max_seq_len=128,
                       bos_token_id=None, eos_token_id=None),

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sparkgpt.errors import SparkGPTError
 
@@ -25,6 +25,31 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SparkGPTError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; anything else is a one-line error naming
+    the file and line (`path:line: ...`)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SparkGPTError(f"{path}: no such JSONL file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SparkGPTError(f"{path}: not readable ({error})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SparkGPTError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise SparkGPTError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
+        records.append((number, record))
+    if not records:
+        raise SparkGPTError(f"{path}: no records")
+    return records
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
@@ -59,10 +84,36 @@ def atomic_directory(out_dir: str | Path, marker: str = "config.json") -> Iterat
             shutil.rmtree(retired)
         else:
             os.rename(staging, out_dir)
-        with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows it
-            descriptor = os.open(out_dir.parent, os.O_RDONLY)
-            os.fsync(descriptor)
-            os.close(descriptor)
+        _sync_directory(out_dir.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file beside `path`; on success it is fsynced and renamed over `path`, on failure removed,
+    so `path` is always either its old content or the complete new one."""
+    path = Path(path)
+    if path.is_dir():
+        raise SparkGPTError(f"{path}: is a directory; expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, path)
+        _sync_directory(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable, where the platform allows it."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        os.fsync(descriptor)
+        os.close(descriptor)

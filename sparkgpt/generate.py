@@ -10,6 +10,7 @@ import torch
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT, EncoderDecoder, KVCache
+from sparkgpt.model.decode import decode_step
 from sparkgpt.tokenizer import Tokenizer
 
 
@@ -127,7 +128,9 @@ def token_steps(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingPa
     """Yield the next token [B] of every prompt, step by step, up to max_new_tokens; stop iterating to stop.
 
     Prompts of different lengths are left-padded into one batch: padding is masked out of attention and each
-    row's positions count from its own first token, so every row computes what it would alone.
+    row's positions count from its own first token, so every row computes what it would alone. The prompt goes
+    through the model's forward; each new token through its lean decode step (`sparkgpt.model.decode`) when the
+    model has one.
     """
     config = model.config
     weight = model.token_embedding.weight
@@ -157,18 +160,23 @@ def token_steps(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingPa
 
     cache = KVCache(config, batch, capacity, weight.dtype, weight.device)
     logits = model(input_ids, positions=positions, attention_mask=padding_mask[:, :longest] if ragged else None,
-                   cache=cache, last_only=True)
-    next_positions = positions[:, -1:] + 1
+                   cache=cache, last_only=True)[:, -1]
+    step_model = decode_step(model)
+    visible = padding_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]: the decode steps' masks are its prefixes
+    next_positions = positions[:, -1] + 1
     for step in range(params.max_new_tokens):
-        tokens = sample_next(logits[:, -1].float(), params, generator, seen)
+        tokens = sample_next(logits.float(), params, generator, seen)
         yield tokens
         if step + 1 == params.max_new_tokens:
             return
         if seen is not None:
             seen[torch.arange(batch), tokens] = True
-        logits = model(tokens[:, None], positions=next_positions,
-                       attention_mask=padding_mask[:, : cache.length + 1] if ragged else None,
-                       cache=cache, last_only=True)
+        if step_model is not None:
+            logits = step_model(tokens, next_positions, cache, visible[..., : cache.length + 1] if ragged else None)
+        else:
+            logits = model(tokens[:, None], positions=next_positions[:, None],
+                           attention_mask=padding_mask[:, : cache.length + 1] if ragged else None,
+                           cache=cache, last_only=True)[:, -1]
         next_positions = next_positions + 1
 
 

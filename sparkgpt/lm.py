@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory
 from sparkgpt.generate import Completion, SamplingParams, stream_completions
-from sparkgpt.model import GPT
+from sparkgpt.model import GPT, quant
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +72,11 @@ class LM:
         """(prompt index, text delta, Completion when that prompt is done) as tokens are generated.
 
         A prompt is text, or token ids already encoded (as `chat` does with its rendered template)."""
+        from sparkgpt.model import EncoderDecoder
+
+        if not isinstance(self.model, (GPT, EncoderDecoder)):
+            raise SparkGPTError(f"this model cannot generate text: it is {type(self.model).__name__} "
+                                f"({self.config.architecture!r}), not a decoder with a language-model head")
         params = SamplingParams(**sampling)
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         return stream_completions(self.model, self._require_tokenizer(), ids, params, self.stop_token_ids())
@@ -156,27 +162,96 @@ class LM:
         embeddings = torch.cat(rows)
         return embeddings[0] if single else embeddings
 
+    def classify(self, texts: str | Sequence[str], batch_size: int = 16) -> dict[str, float] | list[dict[str, float]]:
+        """Label probabilities from a trained classification head (`sparkgpt finetune --task classify`):
+        {label: probability} for a text, or a list of them for a list of texts. Long texts keep their first tokens."""
+        from sparkgpt.data.finetune import ClassifyBatch
+        from sparkgpt.model.heads import SequenceClassifier
+
+        if not isinstance(self.model, SequenceClassifier):
+            raise SparkGPTError("this model has no classification head (fine-tune one with `sparkgpt finetune "
+                                "--task classify`); for zero-shot labels use sparkgpt.tasks.classify")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        tokenizer, limit = self._require_tokenizer(), self.config.max_seq_len
+        encoded = [(tokenizer.encode(text) or [self.config.bos_token_id or 0])[:limit] for text in texts]
+        device = self.model.score.weight.device
+        results = []
+        with torch.inference_mode():
+            for start in range(0, len(encoded), batch_size):
+                batch = encoded[start:start + batch_size]
+                ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
+                for row, tokens in enumerate(batch):
+                    ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                lengths = torch.tensor([len(tokens) for tokens in batch])
+                inputs = ClassifyBatch(ids, lengths).to(device)
+                probabilities = torch.softmax(self.model(*inputs.model_args()).float(), dim=-1).cpu()
+                results += [dict(zip(self.model.labels, row.tolist(), strict=True)) for row in probabilities]
+        return results[0] if single else results
+
     def save(self, out_dir: str | Path) -> Path:
-        """Write an HF-compatible checkpoint directory (atomically: a crash leaves any old one intact)."""
+        """Write an HF-compatible checkpoint directory (atomically: a crash leaves any old one intact). LoRA
+        adapters kept separate (`load(..., merge=False)`) are saved merged into the weights."""
+        from sparkgpt.train import lora
+
+        model = lora.merge_lora(copy.deepcopy(self.model)) if lora.has_lora(self.model) else self.model
         with atomic_directory(out_dir) as staging:
-            hf.write_checkpoint(staging, self.config, self.model.state_dict())
+            if quant.is_quantized(model):
+                quant.write_checkpoint(staging, model)
+            else:
+                hf.write_model(staging, model)
             if self.tokenizer is not None:
                 self.tokenizer.save(staging)
         return Path(out_dir)
 
 
-def load(ref: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto") -> LM:
+def load(
+    ref: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
+    adapter: str | Path | None = None, merge: bool = True, quantize: str | None = None,
+) -> LM:
     """Load a model reference as an LM: a checkpoint directory (ours or transformers'), a .gguf file, an alias
-    (`sparkgpt.checkpoint.registry.ALIASES`) or a Hugging Face hub id. GGUF weights are dequantised to `dtype`."""
+    (`sparkgpt.checkpoint.registry.ALIASES`) or a Hugging Face hub id. GGUF weights are dequantised to `dtype`.
+
+    A LoRA adapter folder (adapter_config.json: ours or PEFT's) loads the base model it names with the adapter
+    applied; `adapter` applies one to any base reference. With `merge` the adapter's update is added into the base
+    weights (the same outputs at no extra cost per token); without, the adapter layers stay separate.
+
+    `quantize` ("int8" or "int4", `sparkgpt.model.quant`) stores the weight matrices as integers with scales:
+    about 4x / 7x smaller and several times faster to decode on a CPU. A checkpoint written quantised loads as
+    it was saved; GGUF 4-bit blocks become int4 directly."""
+    from sparkgpt.train import lora
+
     path = resolve(ref)
-    dtype, device = pick_dtype(dtype), pick_device(device)
+    if lora.is_adapter(path):
+        if adapter is not None:
+            raise SparkGPTError(f"{ref} is itself an adapter; pass its base model as the reference")
+        adapter, path = path, resolve(lora.base_reference(path))
+    if quantize is not None:
+        quant.check_method(quantize)
+    lm = _load_base(path, pick_dtype(dtype), pick_device(device), quantize if adapter is None else None)
+    if adapter is not None:
+        adapter_dir = resolve(adapter)
+        if not lora.is_adapter(adapter_dir):
+            raise SparkGPTError(f"{adapter}: not a LoRA adapter folder (no {lora.ADAPTER_CONFIG_FILE})")
+        lm.model = lora.attach_adapter(lm.model, adapter_dir, merge)
+    if quantize is not None:
+        quant.quantize_loaded(lm.model, quantize)
+    return lm
+
+
+def _load_base(path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None) -> LM:
     if path.is_file():
         from sparkgpt.checkpoint import gguf
 
         file = gguf.read_gguf(path)
         tokenizer = Tokenizer.from_gguf_metadata(file.metadata, source=str(path))
-        return LM(gguf.load_gguf_model(file, dtype=dtype, device=device), tokenizer)
-    model = hf.load_model(path, dtype=dtype, device=device)
+        return LM(gguf.load_gguf_model(file, dtype=dtype, device=device, quantize=quantize), tokenizer)
+    from sparkgpt.train import sharded
+
+    if sharded.is_sharded(path):  # an FSDP run's checkpoint: its shards gathered into one model
+        model = sharded.load_model(path, dtype=dtype, device=device)
+    else:
+        model = hf.load_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path) if (path / TOKENIZER_FILE).is_file() else None
     if tokenizer is not None:
         # A tokenizer.json may carry fixed padding and truncation (MiniLM's: 128); transformers overrides them per

@@ -158,8 +158,16 @@ class Tokenizer:
         return self.token_to_id(self.eos_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._encoding(text, add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` exactly as written (no special tokens added) and each token's (start, end) characters."""
+        encoding = self._encoding(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def _encoding(self, text: str, add_special_tokens: bool):
         try:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+            return self.backend.encode(text, add_special_tokens=add_special_tokens)
         except Exception as error:  # the Rust library raises a bare Exception (a char-level vocabulary's gaps)
             unknown = sorted({c for c in text if self.backend.token_to_id(c) is None})
             if isinstance(self.backend.model, models.WordLevel) and unknown:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,25 @@ def hf_smollm2(smollm2_gguf: Path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
     return model.eval(), tokenizer
+
+
+class Interrupted(Exception):
+    """Stands for a crash in the middle of a training run."""
+
+
+@contextlib.contextmanager
+def interrupted_at_step(monkeypatch: pytest.MonkeyPatch, step: int):
+    """Training inside the block stops with Interrupted just before optimizer step `step` + 1 (the run must raise)."""
+    from sparkgpt.train import trainer
+
+    original = trainer.Trainer.train_step
+
+    def train_step(self):
+        if self.step == step:
+            raise Interrupted
+        return original(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
+    with pytest.raises(Interrupted):
+        yield
+    monkeypatch.setattr(trainer.Trainer, "train_step", original)

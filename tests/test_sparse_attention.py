@@ -13,6 +13,7 @@ from sparkgpt.model.sparse import block_sparse_attention, pattern_mask, sparse_a
 
 CASES = [  # pattern, window, length, summary
     ("local", 16, 100, 1), ("local", 7, 64, 1), ("local", 1, 40, 1), ("local", 130, 300, 1),
+    ("local", 300, 310, 1),  # every chunk's window reaches before position 0
     ("strided", 8, 100, 1), ("strided", 5, 77, 1), ("fixed", 8, 100, 2), ("fixed", 16, 150, 1), ("dense", 8, 50, 1),
 ]
 

@@ -37,6 +37,7 @@ MAX_ARRAY_NESTING = 8  # arrays of arrays are legal; bound the recursion a hosti
 # ---- metadata value types ---------------------------------------------------------------------------------
 
 STRING, ARRAY, BOOL = 8, 9, 7
+UINT32, INT32, FLOAT32 = 4, 5, 6
 # value type -> (name, numpy dtype); bool is one byte that must be 0 or 1.
 _SCALAR_TYPES: dict[int, tuple[str, str]] = {
     0: ("uint8", "<u1"), 1: ("int8", "<i1"), 2: ("uint16", "<u2"), 3: ("int16", "<i2"),
@@ -555,6 +556,13 @@ def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's reordering of a Q or K projection's output rows (the inverse of `unpermute_rope_rows`): each
+    head's rows [first half; second half] become interleaved pairs, as ggml's rope rotates adjacent values."""
+    rows, cols = weight.shape
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def _check_tensors(gguf: GGUFFile, names: dict[str, str], expected: dict[str, torch.Tensor]) -> None:
     wanted = set(names.values())
     missing = [name for name in names.values() if name not in gguf.tensors]
@@ -571,11 +579,33 @@ def _check_tensors(gguf: GGUFFile, names: dict[str, str], expected: dict[str, to
                                 f"the metadata implies {tuple(expected[ours].shape)}")
 
 
+def q4_as_int4(gguf: GGUFFile, name: str) -> dict[str, torch.Tensor]:
+    """A Q4_0 or Q4_1 matrix as sparkgpt's int4 tensors (`sparkgpt.model.quant`), straight from its blocks: the
+    same 32-value groups and 4-bit levels; the scale d and the zero (0 for Q4_0, m + 8d for Q4_1, as
+    d · q + m = d · (q - 8) + (m + 8d)) rounded to bfloat16, the kernel's precision."""
+    from sparkgpt.model.quant import GROUP_SIZE, pack_nibbles
+
+    info = gguf._info(name)
+    rows, cols = info.shape
+    type_size, scale_bytes = GGML_TYPES[info.ggml_type][2], (2 if info.ggml_type == Q4_0 else 4)
+    blocks = np.ascontiguousarray(gguf.raw(name)).reshape(-1, type_size)
+    d = _f16(blocks[:, :2])
+    zeros = np.zeros_like(d) if info.ggml_type == Q4_0 else _f16(blocks[:, 2:4]) + np.float32(8) * d
+    levels = torch.from_numpy(_nibbles(blocks[:, scale_bytes:], 16)).view(rows, cols)
+    groups = (rows, cols // GROUP_SIZE)
+    return {"qweight": pack_nibbles(levels), "scales": torch.from_numpy(d).view(groups).bfloat16(),
+            "zeros": torch.from_numpy(zeros).view(groups).bfloat16()}
+
+
 def load_gguf_model(
-    source: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    source: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    quantize: str | None = None,
 ):
-    """Build our GPT from a llama-architecture GGUF file, every tensor dequantised and cast to `dtype`."""
+    """Build our GPT from a llama-architecture GGUF file, every tensor dequantised and cast to `dtype`; or, with
+    `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4, Q4_0/Q4_1 matrices keep their own
+    4-bit levels and groups (no float round trip); everything else is dequantised, then quantised."""
     from sparkgpt.model import GPT
+    from sparkgpt.model.quant import layer_method, quantize_model
 
     gguf = source if isinstance(source, GGUFFile) else read_gguf(source)
     config = gguf_model_config(gguf)
@@ -583,12 +613,20 @@ def load_gguf_model(
         expected = GPT(config).state_dict()
     names = llama_tensor_names(config)
     _check_tensors(gguf, names, expected)
-    state = {}
+    state, prequantized = {}, {}
     for ours, theirs in names.items():
-        weight = gguf.tensor(theirs)
+        layer = ours.removesuffix(".weight")
+        direct = quantize == "int4" and layer.startswith("blocks.") and gguf.tensors[theirs].ggml_type in (Q4_0, Q4_1) \
+            and layer_method(layer, quantize, tuple(expected[ours].shape)) == "int4"
+        weight = q4_as_int4(gguf, theirs) if direct else {"weight": gguf.tensor(theirs)}
         if ours.endswith("attn.q_proj.weight"):
-            weight = unpermute_rope_rows(weight, config.n_heads)
+            weight = {key: unpermute_rope_rows(t, config.n_heads) for key, t in weight.items()}
         elif ours.endswith("attn.k_proj.weight"):
-            weight = unpermute_rope_rows(weight, config.n_kv_heads)
-        state[ours] = weight.to(device=device, dtype=dtype)
-    return GPT.from_state_dict(config, state)
+            weight = {key: unpermute_rope_rows(t, config.n_kv_heads) for key, t in weight.items()}
+        if direct:
+            prequantized[layer] = {key: t.to(device) for key, t in weight.items()}
+            state[ours] = torch.empty(expected[ours].shape, device="meta")  # never read: the layer is replaced
+        else:
+            state[ours] = weight["weight"].to(device=device, dtype=dtype)
+    model = GPT.from_state_dict(config, state)
+    return quantize_model(model, quantize, prequantized=prequantized) if quantize else model

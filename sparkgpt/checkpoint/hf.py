@@ -23,6 +23,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+SCORE_WEIGHT = "score.weight"  # a sequence-classification head (transformers' name)
 
 # Keys every transformers config.json may carry that say nothing about the architecture's math.
 _GENERIC_KEYS = {
@@ -31,6 +32,7 @@ _GENERIC_KEYS = {
     "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "task_specific_params",
     "_attn_implementation_autoset", "torchscript", "tie_encoder_decoder", "prefix", "sep_token_id",
     "decoder_start_token_id", "finetuning_task", "add_cross_attention", "cross_attention_hidden_size",
+    "quantization_config",  # checked by sparkgpt.model.quant (ours loads; any other method is refused there)
 }
 
 
@@ -561,27 +563,87 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return theirs
 
 
-def write_checkpoint(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
-    """Write config.json, model.safetensors and generation_config.json into `directory` (already staged)."""
+def write_checkpoint(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor],
+                     labels: list[str] | None = None) -> None:
+    """Write config.json, model.safetensors and generation_config.json into `directory` (already staged).
+
+    With `labels`, `state` also holds a classification head `score.weight`; it is saved under that name and the
+    labels go into config.json as id2label / label2id, which transformers' *ForSequenceClassification reads."""
+    state = dict(state)
+    score = state.pop(SCORE_WEIGHT) if labels else None
     dtype = next(iter(state.values())).dtype
-    write_json(directory / CONFIG_FILE, config_to_hf(config, dtype))
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict_to_hf(state, config).items()}
+    hf_config = config_to_hf(config, dtype)
+    if labels:
+        if "architectures" in hf_config:
+            hf_config["architectures"] = [hf_config["architectures"][0].replace("ForCausalLM",
+                                                                                "ForSequenceClassification")]
+        hf_config["id2label"] = dict(enumerate(labels))
+        hf_config["label2id"] = {label: index for index, label in enumerate(labels)}
+        if config.pad_token_id is None and config.eos_token_id is not None:  # transformers pools by the pad id
+            eos = config.eos_token_id
+            hf_config["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    write_json(directory / CONFIG_FILE, hf_config)
+    tensors = state_dict_to_hf(state, config)
+    if score is not None:
+        tensors[SCORE_WEIGHT] = score
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     write_json(directory / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
 
 
+def write_model(directory: Path, model: torch.nn.Module) -> None:
+    """A model as a checkpoint directory: a GPT, Encoder or EncoderDecoder, or a SequenceClassifier (its decoder
+    with the head and labels)."""
+    labels = getattr(model, "labels", None)
+    state = model.state_dict()
+    if labels is not None:
+        state = {name.removeprefix("backbone."): tensor for name, tensor in state.items()}
+    write_checkpoint(directory, model.config, state, labels)
+
+
 # ---- whole models -----------------------------------------------------------------------------------------
 
-def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Build our GPT from a checkpoint directory (ours or transformers'), weights converted to `dtype`."""
-    from sparkgpt.model import model_class
-
-    directory = Path(directory)
+def read_model_state(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str] | None, str]:
+    """(config, our state dict, classification labels or None, the weights' file for errors) of a checkpoint
+    directory. A classifier's state
+    holds `score.weight` beside the decoder's tensors; an untied decoder saved without its unused lm_head (as
+    transformers saves classifiers) gets a zero one, never used."""
     config, family = read_config(directory)
     files = weight_files(directory)
     source = str(files[0] if len(files) == 1 else directory / WEIGHTS_INDEX_FILE)
-    state = state_dict_from_hf(read_tensors(files), config, family, source)
+    tensors = read_tensors(files)
+    score = tensors.pop(SCORE_WEIGHT, None)
+    labels = None
+    if score is not None:
+        labels = _labels(read_json_object(directory / CONFIG_FILE), score.shape[0], source)
+        if not config.tie_embeddings and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = torch.zeros(config.vocab_size, config.d_model, dtype=score.dtype)
+    state = state_dict_from_hf(tensors, config, family, source)
+    if score is not None:
+        state[SCORE_WEIGHT] = score
+    return config, state, labels, source
+
+
+def _labels(hf_config: dict[str, Any], count: int, source: str) -> list[str]:
+    id2label = hf_config.get("id2label")
+    if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(count)}:
+        raise SparkGPTError(f"{source}: a classification head of {count} labels needs 'id2label' with keys "
+                            f"0..{count - 1} in config.json")
+    return [str(id2label[str(i)]) for i in range(count)]
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Build our model from a checkpoint directory (ours or transformers'), weights converted to `dtype`: a GPT,
+    Encoder or EncoderDecoder, or a SequenceClassifier when the checkpoint has a classification head."""
+    from sparkgpt.model import model_class, quant
+    from sparkgpt.model.heads import SequenceClassifier
+
+    directory = Path(directory)
+    if quant.is_quantized_checkpoint(directory):
+        return quant.load_checkpoint(directory, dtype, device)
+    config, state, labels, source = read_model_state(directory)
+    score = state.pop(SCORE_WEIGHT, None)
     cls = model_class(config)
     with torch.device("meta"):
         expected = cls(config).state_dict()
@@ -589,4 +651,13 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device
         expected.pop("lm_head.weight", None)
     check_shapes(state, expected, source)
     state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
-    return cls.from_state_dict(config, state)
+    model = cls.from_state_dict(config, state)
+    if score is None:
+        return model
+    classifier = SequenceClassifier(model, labels)
+    if tuple(score.shape) != tuple(classifier.score.weight.shape):
+        raise SparkGPTError(f"{source}: {SCORE_WEIGHT} has shape {tuple(score.shape)}; expected "
+                            f"{tuple(classifier.score.weight.shape)}")
+    with torch.no_grad():
+        classifier.score.weight.copy_(score)
+    return classifier.eval()

@@ -59,16 +59,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparkgpt"
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    """A model (config.json) or a LoRA adapter (adapter_config.json, whose base it names)."""
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
+
 def resolve(ref: str | Path) -> Path:
     """The checkpoint directory or GGUF file a reference names, or a one-line error saying what was expected."""
     path = Path(ref).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not _is_checkpoint(path):
             # A training run folder (`sparkgpt train --out`) stands for its newest complete checkpoint.
-            saved = sorted((path / "checkpoints").glob("step-*/config.json"))
+            saved = sorted(folder for folder in (path / "checkpoints").glob("step-*") if _is_checkpoint(folder))
             if saved:
-                return saved[-1].parent
-            raise SparkGPTError(f"{path}: not a checkpoint directory (no config.json)")
+                return saved[-1]
+            raise SparkGPTError(f"{path}: not a checkpoint directory (no config.json) nor a LoRA adapter "
+                                "(no adapter_config.json)")
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":

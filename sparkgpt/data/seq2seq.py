@@ -12,7 +12,6 @@ draws its windows: the rows of optimizer step s are a pure function of (seed, s)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import read_jsonl
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 EOS, BOS, PAD = "</s>", "<s>", "<pad>"
@@ -47,20 +47,10 @@ class Seq2SeqBatch:
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SparkGPTError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("source"), str) \
-                    or not isinstance(record.get("target"), str):
-                raise SparkGPTError(f"{path}:{number}: expected an object with string fields 'source' and 'target'")
-            pairs.append((record["source"], record["target"]))
-    if not pairs:
-        raise SparkGPTError(f"{path}: no {{\"source\": ..., \"target\": ...}} records")
+    for number, record in read_jsonl(path):
+        if not isinstance(record.get("source"), str) or not isinstance(record.get("target"), str):
+            raise SparkGPTError(f"{path}:{number}: expected an object with string fields 'source' and 'target'")
+        pairs.append((record["source"], record["target"]))
     return pairs
 
 

@@ -16,7 +16,6 @@ A plain JSONL file is a task too: items {"prompt", "choices", "answer"} are mult
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.evaluate.metrics import GENERATION_METRICS
+from sparkgpt.files import read_jsonl
 
 BUNDLED_DIR = Path(__file__).parent / "tasks"
 KINDS = ("multiple_choice", "generation", "perplexity")
@@ -161,24 +161,7 @@ def _jsonl_task(path: Path) -> Task:
 
 
 def _read_jsonl(path: Path) -> list[Item]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SparkGPTError(f"{path}: not readable ({error})") from None
-    items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            fields = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SparkGPTError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(fields, dict):
-            raise SparkGPTError(f"{path}: line {number}: expected a JSON object")
-        items.append(Item(fields, f"{path}: line {number}"))
-    if not items:
-        raise SparkGPTError(f"{path}: no items")
-    return items
+    return [Item(fields, f"{path}:{number}") for number, fields in read_jsonl(path)]
 
 
 def _split_and_check(task: Task, items: list[Item], fewshot_split: str, eval_split: str) -> Task:

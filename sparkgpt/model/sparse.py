@@ -13,9 +13,9 @@ Every pattern is causal (j ≤ i) and then keeps, with w = attention_window:
 same keys, but only over the blocks that hold a visible key:
 
 - `local_attention_cpu`: the sliding window on the CPU through PyTorch's flash-attention kernel. Queries go in
-  chunks of C; chunk c sees the keys of chunks c - p .. c (p = ⌈(w-1)/C⌉), a strided view of the keys, never a
-  copy; one masked kernel call covers every chunk. Its backward is the kernel's own, with the key/value gradients
-  of overlapping windows summed back. Time and memory grow as T · (w + C), not T².
+  chunks of C; chunk c sees the keys of chunks c - p .. c (p = ⌈(w-1)/C⌉), a strided view of one zero-prefixed
+  copy of the keys; one masked kernel call per batch row covers every chunk. Its backward is the kernel's own,
+  with the key/value gradients of overlapping windows summed back. Time and memory grow as T · (w + C), not T².
 - `block_sparse_attention`: any pattern, on any device. The sequence is cut into blocks; for each query block the
   key blocks holding a visible key are gathered (their list is worked out per pattern from the block layout) and
   attention runs over those alone, with the element mask inside them. Autograd does the backward.
@@ -84,113 +84,94 @@ def local_chunk_size(window: int) -> int:
 class _LocalWindowAttention(torch.autograd.Function):
     """softmax(Q Kᵀ · scale + M_local) V for q, k, v [B, H, T, d] with T a multiple of the chunk length.
 
-    Window c (the keys of query chunk c) is rows [(c - p)·C, (c + 1)·C) of K seen as [T, H, d] rows: for c ≥ p a
-    strided view of K itself. The first p windows reach before position 0 and read a small zero-padded copy of
-    the first rows instead, with their own masks.
+    K and V are copied once into rows [B, p·C + T, H, d] that start with p chunks of zeros, so window c (the keys
+    of query chunk c) is rows [c·C, (c + p + 1)·C) of that copy for every c: one strided view, one kernel call per
+    batch row, and the output comes back in its final layout. The masks of the first p chunks also hide the zero
+    rows. Few, large operations matter here: with two threads on a busy CPU every parallel operation waits for
+    the second thread to be scheduled, so each extra copy or addition costs far more than its memory traffic.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, window: int, scale: float, chunk: int):
         batch, heads, length, head_dim = q.shape
         n_chunks, reach = length // chunk, math.ceil((window - 1) / chunk)  # earlier chunks a query can see
-        # Rows [B, T, H, d]: the layout the q/k/v projections produce, so these are views, not copies.
-        q_rows, k_rows, v_rows = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        parts = _window_parts(n_chunks, reach, chunk, window, q.dtype, q.device)
+        # Rows [B, T, H, d]: the layout the q/k/v projections produce, so q's are a view, not a copy.
+        # contiguous: with p = 0 the pad is the input itself, which the windows' strides must not assume
+        k_padded, v_padded = (F.pad(t.transpose(1, 2), (0, 0, 0, 0, reach * chunk, 0)).contiguous() for t in (k, v))
+        mask = _window_mask(chunk, reach, window, n_chunks, q.dtype, q.device)
         outs, lses = [], []
         for b in range(batch):
-            for part in parts:
-                qw, kw, vw = _windows(q_rows[b], k_rows[b], v_rows[b], part, chunk, reach)
-                out, lse = _flash_forward(qw, kw, vw, attn_mask=part[2], scale=scale)
-                outs.append(out)
-                lses.append(lse)
-        ctx.save_for_backward(q_rows, k_rows, v_rows, *outs, *lses)
+            qw, kw, vw = _windows(q[b], k_padded[b], v_padded[b], chunk, reach)
+            out, lse = _flash_forward(qw, kw, vw, attn_mask=mask, scale=scale)
+            outs.append(out)
+            lses.append(lse)
+        ctx.save_for_backward(q, k_padded, v_padded, *outs, *lses)
         ctx.window, ctx.scale, ctx.chunk = window, scale, chunk
-        # out [count, H, C, d] is laid out as [count, C, H, d]: a row's chunks are its T rows in order.
-        rows = torch.cat([o.transpose(1, 2) for o in outs]).view(batch, length, heads, head_dim)
-        return rows.transpose(1, 2)
+        # out [n, H, C, d] is laid out as [n, C, H, d]: a row's chunks are its T rows in order.
+        rows = torch.stack([o.transpose(1, 2) for o in outs]) if batch > 1 else outs[0].transpose(1, 2)[None]
+        return rows.view(batch, length, heads, head_dim).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad):
         chunk, window = ctx.chunk, ctx.window
-        q_rows, k_rows, v_rows, *saved = ctx.saved_tensors
-        batch, length, heads, head_dim = q_rows.shape
+        q, k_padded, v_padded, *saved = ctx.saved_tensors
+        batch, heads, length, head_dim = q.shape
         n_chunks, reach = length // chunk, math.ceil((window - 1) / chunk)
-        parts = _window_parts(n_chunks, reach, chunk, window, q_rows.dtype, q_rows.device)
-        outs, lses = saved[:len(saved) // 2], saved[len(saved) // 2:]
-        grad_rows = grad.transpose(1, 2).contiguous()
-        grad_q = []
-        grad_k, grad_v = torch.empty_like(k_rows), torch.empty_like(v_rows)
-        pending = []
+        outs, lses = saved[:batch], saved[batch:]
+        mask = _window_mask(chunk, reach, window, n_chunks, q.dtype, q.device)
+        grad_q, grad_k, grad_v = [], [], []
         for b in range(batch):
-            for p, part in enumerate(parts):
-                first, count, mask = part
-                qw, kw, vw = _windows(q_rows[b], k_rows[b], v_rows[b], part, chunk, reach)
-                go = grad_rows[b, first * chunk:(first + count) * chunk].view(count, chunk, heads, head_dim)
-                index = b * len(parts) + p
-                gq, gk, gv = _flash_backward(go.transpose(1, 2), qw, kw, vw, outs[index], lses[index], 0.0, False,
-                                             attn_mask=mask, scale=ctx.scale)
-                grad_q.append(gq.transpose(1, 2))
-                # Piece s of window first + t holds the gradient of key chunk first + t - reach + s (if ≥ 0). The
-                # last pieces (s = reach: each window's own chunk) tile the sequence once, so they are copied
-                # (every part's before any addition) and the others added.
-                pieces_k = gk.transpose(1, 2).reshape(count, reach + 1, chunk, heads, head_dim)
-                pieces_v = gv.transpose(1, 2).reshape(count, reach + 1, chunk, heads, head_dim)
-                grad_k[b].view(n_chunks, chunk, heads, head_dim)[first:first + count] = pieces_k[:, reach]
-                grad_v[b].view(n_chunks, chunk, heads, head_dim)[first:first + count] = pieces_v[:, reach]
-                pending.append((b, first, count, pieces_k, pieces_v))
-        for b, first, count, pieces_k, pieces_v in pending:
-            for target, pieces in ((grad_k[b], pieces_k), (grad_v[b], pieces_v)):
-                chunks = target.view(n_chunks, chunk, heads, head_dim)
-                for s in range(reach):
-                    skip = max(0, reach - s - first)
-                    if skip < count:
-                        start = first + skip - reach + s
-                        chunks[start:start + count - skip] += pieces[skip:, s]
-        grad_q = torch.cat(grad_q).view(batch, length, heads, head_dim)
-        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None, None, None
+            qw, kw, vw = _windows(q[b], k_padded[b], v_padded[b], chunk, reach)
+            go = grad[b].transpose(0, 1).reshape(n_chunks, chunk, heads, head_dim).transpose(1, 2)
+            gq, gk, gv = _flash_backward(go, qw, kw, vw, outs[b], lses[b], 0.0, False, attn_mask=mask,
+                                         scale=ctx.scale)
+            grad_q.append(gq.transpose(1, 2))
+            grad_k.append(_fold_windows(gk, reach))
+            grad_v.append(_fold_windows(gv, reach))
+        grads = [torch.stack(g) if batch > 1 else g[0][None] for g in (grad_q, grad_k, grad_v)]
+        return *(g.reshape(batch, length, heads, head_dim).transpose(1, 2) for g in grads), None, None, None
 
 
-def _windows(q_rows, k_rows, v_rows, part, chunk: int, reach: int):
-    """A part's chunks of one batch row as queries [count, H, C, d] and key/value windows [count, H, span, d]."""
-    first, count, _ = part
-    _, heads, head_dim = q_rows.shape
-    span, row = (reach + 1) * chunk, heads * head_dim
-    qw = q_rows[first * chunk:(first + count) * chunk].view(count, chunk, heads, head_dim).transpose(1, 2)
-    if first < reach:  # windows reaching before position 0: a zero-padded copy of the rows they need
-        end = (first + count) * chunk
-        k_src = torch.cat([k_rows.new_zeros(reach * chunk, heads, head_dim), k_rows[:end]])
-        v_src = torch.cat([v_rows.new_zeros(reach * chunk, heads, head_dim), v_rows[:end]])
-        start_row = first * chunk
-    else:
-        k_src, v_src, start_row = k_rows, v_rows, (first - reach) * chunk
-    shape, stride = (count, span, heads, head_dim), (chunk * row, row, head_dim, 1)
-    kw = k_src.as_strided(shape, stride, k_src.storage_offset() + start_row * row).transpose(1, 2)
-    vw = v_src.as_strided(shape, stride, v_src.storage_offset() + start_row * row).transpose(1, 2)
+def _windows(q, k_padded, v_padded, chunk: int, reach: int):
+    """One batch row's query chunks [n, H, C, d] (q [H, T, d]) and key/value windows [n, H, (p + 1)·C, d], strided
+    views of the zero-prefixed rows [p·C + T, H, d]."""
+    heads, length, head_dim = q.shape
+    n_chunks, row = length // chunk, heads * head_dim
+    qw = q.transpose(0, 1).reshape(n_chunks, chunk, heads, head_dim).transpose(1, 2)
+    shape, stride = (n_chunks, (reach + 1) * chunk, heads, head_dim), (chunk * row, row, head_dim, 1)
+    kw = k_padded.as_strided(shape, stride, k_padded.storage_offset()).transpose(1, 2)
+    vw = v_padded.as_strided(shape, stride, v_padded.storage_offset()).transpose(1, 2)
     return qw, kw, vw
 
 
-def _window_parts(n_chunks: int, reach: int, chunk: int, window: int, dtype: torch.dtype, device: torch.device):
-    """(first chunk, chunk count, additive mask) per kernel call: the first `reach` chunks reach into the zero
-    padding before position 0 and each get their own mask; every later chunk shares one [1, 1, C, span] mask."""
-    parts = []
-    head = min(reach, n_chunks)
-    if head:
-        parts.append((0, head, _window_mask(chunk, reach, window, head, dtype, device)))
-    if n_chunks > head:
-        parts.append((head, n_chunks - head, _window_mask(chunk, reach, window, 0, dtype, device)))
-    return parts
+def _fold_windows(grad_windows: torch.Tensor, reach: int) -> torch.Tensor:
+    """Sum the kernel's gradients of the overlapping windows [n, H, (p + 1)·C, d] into rows [n, C, H, d].
+
+    Piece s of window c is padded chunk c + s, real chunk c + s - p: the last pieces (s = p) tile the sequence once
+    and are copied, the others are added where they land on a real chunk (the zero prefix's gradient is dropped).
+    """
+    n_chunks, heads, span, head_dim = grad_windows.shape
+    chunk = span // (reach + 1)
+    pieces = grad_windows.transpose(1, 2).view(n_chunks, reach + 1, chunk, heads, head_dim)
+    rows = pieces[:, reach].contiguous()
+    for s in range(reach):
+        rows[:n_chunks - reach + s] += pieces[reach - s:, s]
+    return rows
 
 
-@lru_cache(maxsize=32)
-def _window_mask(chunk: int, reach: int, window: int, head: int, dtype: torch.dtype, device: torch.device):
-    """0 where query a of a chunk sees key b of its window, -inf elsewhere: [head or 1, 1, C, span]."""
+@lru_cache(maxsize=4)
+def _window_mask(chunk: int, reach: int, window: int, n_chunks: int, dtype: torch.dtype, device: torch.device):
+    """0 where query a of chunk c sees key b of its window, -inf elsewhere: [n, 1, C, (p + 1)·C] (the kernel takes
+    one mask per batch entry or one for all). Chunks from p on have the same mask; the first p also hide the zero
+    rows before position 0. T · (p + 1)·C floats, so only the last few lengths are kept."""
     i = torch.arange(chunk, device=device)[:, None] + reach * chunk  # the query's row within the window
     j = torch.arange((reach + 1) * chunk, device=device)[None, :]
-    visible = pattern_allows("local", i, j, window).expand(max(head, 1), chunk, (reach + 1) * chunk).clone()
+    head = min(reach, n_chunks)
+    visible = pattern_allows("local", i, j, window).expand(head + 1, chunk, (reach + 1) * chunk).clone()
     for c in range(head):  # chunk c's window starts (reach - c) chunks before position 0
         visible[c, :, :(reach - c) * chunk] = False
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
-    return mask[:, None]
+    masks = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+    return torch.cat([masks[:head], masks[head:].expand(n_chunks - head, -1, -1)])[:, None]
 
 
 def local_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,

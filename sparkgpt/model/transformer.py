@@ -71,11 +71,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             # The output projection is the input embedding transposed: one matrix maps tokens to and from d_model.
             self.lm_head.weight = self.token_embedding.weight
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: each residual branch adds to the stream, so shrink their outputs by √(2·layers).
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layers))
+        self.init_weights()
         # Decided here, never per step: whether any layer has a sparse pattern, and whether any routes to experts.
         self.sparse = any(pattern != "dense" for pattern in config.layer_patterns())
         self.aux_loss: torch.Tensor | None = None  # the load-balancing loss of the last forward (MoE models)
@@ -95,6 +91,15 @@ class GPT(nn.Module):
             model.lm_head.weight = model.token_embedding.weight  # assign replaced the shared Parameter
         return model.eval()
 
+    def init_weights(self) -> None:
+        """GPT-2's initialisation of every weight matrix (also applied after building on the meta device)."""
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds to the stream, so shrink their outputs by √(2·layers).
+        std = self.config.initializer_range / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=std)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
@@ -110,7 +115,20 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`): the head over `hidden_states`."""
+        return self.lm_head(self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
+                                               cache=cache, last_only=last_only))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The final normalised vectors [B, T, d_model] (or [B, 1, d_model] with `last_only`).
 
         positions: [B, T] position of each token (default: after what the cache holds).
         attention_mask: [B, cached + T], 1 for real tokens and 0 for padding (left padding in a ragged batch);
@@ -146,7 +164,7 @@ class GPT(nn.Module):
             cache.advance(seq_len)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.final_norm(x))
+        return self.final_norm(x)
 
     def _pattern_masks(
         self, mask: torch.Tensor | None, is_causal: bool, positions: torch.Tensor, padding: torch.Tensor | None,
@@ -274,7 +292,7 @@ class _StackModel(nn.Module):
 
     config: ModelConfig
 
-    def _init(self) -> None:
+    def init_weights(self) -> None:
         self.apply(self._init_weights)
         layers = self.config.n_layers + (self.config.n_encoder_layers or 0)
         for name, param in self.named_parameters():
@@ -316,7 +334,7 @@ class Encoder(_StackModel):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         if config.final_norm:
             self.final_norm = make_norm(config)
-        self._init()
+        self.init_weights()
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -363,7 +381,7 @@ class EncoderDecoder(_StackModel):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embeddings.token_embedding.weight
-        self._init()
+        self.init_weights()
 
     # -- the stacks, on vectors (what torch.nn.Transformer computes) --
 

@@ -6,8 +6,9 @@ One scheduler thread owns the model and the cache. Every active sequence holds a
 1. takes in new requests and aborts (from any thread, through a queue),
 2. gives waiting sequences free slots, and prefills newcomers alone (batch 1, straight into their slot's rows,
    in chunks of at most `prefill_chunk` tokens per iteration, so a long prompt never stalls the others for long),
-3. runs one batched decode step over every decoding slot: each row feeds its last token at its own position,
-   writes its key/value at its own column, and attends to its own columns only (a [slots, 1, 1, span] mask),
+3. runs one batched decode step over every decoding slot (the lean step generation uses, `sparkgpt/model/
+   decode.py`): each row feeds its last token at its own position, writes its key/value at its own column, and
+   attends to its own columns only (a [slots, 1, 1, span] mask),
 4. samples each row with its own request's parameters and hands text deltas to the request's sink.
 
 Sequences join between steps and leave the moment they finish, so a short request never waits for a long one.
@@ -33,6 +34,7 @@ from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import Completion, SamplingParams, StreamText, process_logits, sample_next
 from sparkgpt.lm import LM
 from sparkgpt.model import KVCache
+from sparkgpt.model.decode import decode_step
 
 
 class QueueFull(SparkGPTError):
@@ -138,7 +140,7 @@ def _column_major_linear_weights(model: torch.nn.Module) -> None:
     different for one row or for long prompts); the output head dominates. A tied input embedding follows
     the head's weight: looking rows up in a column-major table costs nothing that matters."""
     head = getattr(model, "lm_head", None)
-    head_weight = head.weight if head is not None else None
+    head_weight = getattr(head, "weight", None)  # a quantised head has none (nor any Linear to convert)
     converted: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
@@ -187,6 +189,7 @@ class Engine:
         if self.device.type == "cpu":
             _column_major_linear_weights(self.model)
         self.cache = SlotKVCache(lm.config, max_slots, self.context, weight.dtype, weight.device)
+        self.step = decode_step(self.model)  # the lean decode step generate uses (dense decoders: checked above)
 
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -422,10 +425,8 @@ class Engine:
         device = self.device
         columns_tensor = torch.tensor(columns, device=device)
         self.cache.begin_step(columns_tensor, span)
-        logits = self.model(
-            torch.tensor(tokens, device=device)[:, None], positions=torch.tensor(positions, device=device)[:, None],
-            attention_mask=mask.to(device)[:, None, None, :], cache=self.cache, last_only=True,
-        )[:, -1].float()
+        logits = self.step(torch.tensor(tokens, device=device), torch.tensor(positions, device=device), self.cache,
+                           mask.to(device)[:, None, None, :]).float()
         self.steps += 1
         picks = self._sample_rows(logits)
         for slot, sequence in list(self._decoding.items()):

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from sparkgpt.checkpoint import hf
+from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory, read_json_object, write_json
 from sparkgpt.tokenizer import Tokenizer
+from sparkgpt.train import lora
 from sparkgpt.train.config import TrainConfig, save_train_config
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -104,8 +106,14 @@ def write_trainer_state(
     directory: Path, optimizer: torch.optim.Optimizer, config: TrainConfig, state: dict[str, Any]
 ) -> None:
     directory.mkdir()
-    plain_rng, tensor_rng = rng_state()
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    write_run_state(directory, config, state)
+
+
+def write_run_state(directory: Path, config: TrainConfig, state: dict[str, Any]) -> None:
+    """RNG states, the config, and last state.json: a checkpoint without it is incomplete and never listed."""
+    directory.mkdir(exist_ok=True)
+    plain_rng, tensor_rng = rng_state()
     torch.save(tensor_rng, directory / "rng.pt")
     save_train_config(config, directory / "config.yaml")
     write_json(directory / STATE_FILE, {**state, "rng": plain_rng})
@@ -121,7 +129,11 @@ def save_checkpoint(
             raise SparkGPTError(f"parameter {name} is not finite at step {state['step']}; refusing to save it")
     out = run_dir / CHECKPOINTS_DIR / checkpoint_name(state["step"])
     with atomic_directory(out) as staging:
-        hf.write_checkpoint(staging, model.config, model.state_dict())
+        if lora.has_lora(model):  # the adapter alone: the frozen base is `init_from`'s
+            extra = {"labels": model.labels} if hasattr(model, "labels") else {}
+            lora.save_adapter(staging, model, config.lora_config(), config.init_from, config.task, extra)
+        else:
+            hf.write_model(staging, model)
         if tokenizer is not None:
             tokenizer.save(staging)
         write_trainer_state(staging / TRAINER_STATE_DIR, optimizer, config, state)
@@ -147,22 +159,38 @@ def best_checkpoint(run_dir: Path) -> CheckpointInfo | None:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load weights (safetensors), optimizer state and RNG states into place; return state.json."""
-    config, family = hf.read_config(path)
-    if config.to_dict() != {**model.config.to_dict(), "attention_backend": config.attention_backend}:
-        raise SparkGPTError(f"{path / hf.CONFIG_FILE}: the checkpoint's model differs from the configured one; "
-                            "resume with the run's own config")
-    files = hf.weight_files(path)
-    tensors = hf.state_dict_from_hf(hf.read_tensors(files), config, family, str(files[0]))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_embeddings else set()):
-        raise SparkGPTError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    if lora.is_adapter(path):
+        lora.load_adapter_weights(model, path)
+    else:
+        config, tensors, labels, _ = hf.read_model_state(path)
+        check_same_model(path, config, model.config)
+        if labels is not None:  # a classifier: the decoder's tensors sit under `backbone.`
+            tensors = {name if name == hf.SCORE_WEIGHT else f"backbone.{name}": t for name, t in tensors.items()}
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {"lm_head.weight", "backbone.lm_head.weight"} if config.tie_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise SparkGPTError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     trainer_dir = path / TRAINER_STATE_DIR
-    state = read_json_object(trainer_dir / STATE_FILE)
     try:
         optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
-        tensor_rng = torch.load(trainer_dir / "rng.pt", weights_only=True)
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise SparkGPTError(f"{trainer_dir}: unreadable trainer state ({str(error).splitlines()[0]})") from None
+    return read_run_state(trainer_dir)
+
+
+def check_same_model(path: Path, saved: ModelConfig, configured: ModelConfig) -> None:
+    if saved.to_dict() != {**configured.to_dict(), "attention_backend": saved.attention_backend}:
+        raise SparkGPTError(f"{path / hf.CONFIG_FILE}: the checkpoint's model differs from the configured one; "
+                            "resume with the run's own config")
+
+
+def read_run_state(directory: Path) -> dict[str, Any]:
+    """state.json, with the RNG states it and rng.pt hold restored into this process."""
+    state = read_json_object(directory / STATE_FILE)
+    try:
+        tensor_rng = torch.load(directory / "rng.pt", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise SparkGPTError(f"{directory}: unreadable trainer state ({str(error).splitlines()[0]})") from None
     restore_rng_state(state["rng"], tensor_rng)
     return state
 

@@ -18,7 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from sparkgpt.config import PRESETS, ModelConfig, preset
+from sparkgpt.data.seq2seq import is_seq2seq
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.train.lora import LoRAConfig
 
 
 @dataclass
@@ -28,6 +30,21 @@ class TrainConfig:
     data: str = ""                      # a prepared data folder (`sparkgpt prepare`)
     model: str = "shakespeare-char"     # a model preset (sparkgpt/config.py)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
+    # Fine-tuning: start from a pretrained model (`model` is then ignored) on JSONL data (sparkgpt/data/finetune.py).
+    init_from: str = ""                 # a model reference (directory, .gguf, alias, hub id)
+    val_data: str = ""                  # a JSONL validation file (default: a seeded random 10% of `data`)
+    task: Literal["lm", "classify"] = "lm"  # classify: a sequence-classification head on {"text", "label"} records
+    method: Literal["full", "lora"] = "full"  # lora: freeze the model, train low-rank adapters (sparkgpt/train/lora.py)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # linear layers (leaf names) that get adapters
+    base_dtype: Literal["float32", "bfloat16"] = "float32"  # lora: the frozen weights' dtype (bfloat16 halves them)
+    epochs: float | None = None         # when set, max_steps covers this many passes over the training data
+    # Distillation (sparkgpt/train/distill.py): the `model` preset learns `teacher`'s softened distribution.
+    teacher: str = ""                   # a model reference; `data` must be prepared with its tokenizer
+    distill_temperature: float = 2.0    # T: both models' logits are divided by it before the softmax
+    distill_alpha: float = 0.5          # the weight of T² · KL(teacher ‖ student); 1 − alpha weighs the CE
     # Batch shape. Tokens per optimizer step = batch_size × block_size × grad_accum × world size.
     block_size: int = 64                # tokens per training sequence
     batch_size: int = 12                # sequences per micro-batch, per process
@@ -42,6 +59,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0              # clip the global gradient norm to this; 0 disables clipping
     fused: bool = True                  # the fused AdamW kernel (CPU and CUDA); False is the plain for-loop one
+    # "muon": Muon (orthogonalised momentum, sparkgpt/train/optim.py) on the blocks' weight matrices at muon_lr
+    # (scheduled like lr), AdamW on the rest (embeddings, head, norms, biases). Not with parallel: fsdp.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # Learning-rate schedule: linear warmup, then cosine decay to min_lr over the remaining steps, or
     # warmup-stable-decay ("wsd": constant lr, then a linear decay over the last decay_fraction of the steps).
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -49,7 +71,11 @@ class TrainConfig:
     decay_fraction: float = 0.2
     # Precision and speed. Weights and optimizer state stay fp32; autocast runs matmuls in `dtype`.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    compile: bool = False               # torch.compile the model (slow first step, faster after)
+    compile: bool = False               # torch.compile each block (slow first step, faster after)
+    # Under torchrun: "ddp" replicates the model on every process; "fsdp" shards weights, gradients and AdamW state
+    # across them (FSDP2; sharded DCP checkpoints). activation_checkpointing recomputes each block in the backward.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
     device: str = "auto"                # auto (CUDA when present), cpu, cuda
     seed: int = 1337
     # Evaluation, logging and checkpoints.
@@ -78,6 +104,13 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise SparkGPTError(f"config key {name!r} is {getattr(self, name)!r}; expected a number in [0, 1)")
+        if not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            raise SparkGPTError(f"config key 'muon_lr' is {self.muon_lr!r}; expected a positive number")
+        if not 0 <= self.muon_momentum < 1:
+            raise SparkGPTError(f"config key 'muon_momentum' is {self.muon_momentum!r}; expected a number in [0, 1)")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise SparkGPTError("config key 'optimizer' is 'muon': it orthogonalises whole matrices, which fsdp "
+                                "shards; use parallel: ddp")
         if not 0 <= self.decay_fraction <= 1:
             raise SparkGPTError(f"config key 'decay_fraction' is {self.decay_fraction!r}; expected a number in [0, 1]")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -85,9 +118,37 @@ class TrainConfig:
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise SparkGPTError(f"config key 'peak_tflops' is {self.peak_tflops!r}; expected a positive number")
         for name, allowed in (("schedule", ("cosine", "wsd", "constant")),
-                              ("dtype", ("bfloat16", "float16", "float32"))):
+                              ("dtype", ("bfloat16", "float16", "float32")), ("parallel", ("ddp", "fsdp")),
+                              ("optimizer", ("adamw", "muon")),
+                              ("task", ("lm", "classify")), ("method", ("full", "lora")),
+                              ("base_dtype", ("float32", "bfloat16"))):
             if getattr(self, name) not in allowed:
                 raise SparkGPTError(f"config key {name!r} is {getattr(self, name)!r}; expected one of {allowed}")
+        if self.base_dtype == "bfloat16" and self.method != "lora":
+            raise SparkGPTError("config key 'base_dtype' applies to LoRA's frozen weights; with method 'full' every "
+                                "weight trains in fp32 (use dtype=bfloat16 for bf16 compute)")
+        if self.parallel == "fsdp" and (self.method == "lora" or self.task == "classify"):
+            raise SparkGPTError("parallel 'fsdp' shards whole models; LoRA and classification fine-tuning run with "
+                                "parallel 'ddp' (their trained weights are small)")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise SparkGPTError(f"config key 'distill_temperature' is {self.distill_temperature!r}; expected a "
+                                "positive number")
+        if not 0 <= self.distill_alpha <= 1:
+            raise SparkGPTError(f"config key 'distill_alpha' is {self.distill_alpha!r}; expected a number in [0, 1]")
+        if self.teacher and (self.init_from or is_seq2seq(self.model)):
+            why = "init_from is set" if self.init_from else f"{self.model!r} is an encoder–decoder"
+            raise SparkGPTError(f"config key 'teacher' needs a decoder student built from a model preset; {why}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise SparkGPTError(f"config key 'epochs' is {self.epochs!r}; expected a positive number")
+        if self.data.endswith(".jsonl") and not self.init_from and not is_seq2seq(self.model):
+            raise SparkGPTError(f"data {self.data!r} is JSONL fine-tuning data: set init_from (the pretrained model "
+                                "whose tokenizer and chat template render it), e.g. `sparkgpt finetune REF`")
+        if (self.task == "classify" or self.method == "lora") and not self.init_from:
+            raise SparkGPTError(f"config key {'task' if self.task == 'classify' else 'method'!r} needs init_from "
+                                "(a pretrained model to fine-tune)")
+        if self.init_from:
+            self.lora_config().validate()
+            return  # the model is the pretrained one; `model` and `model_overrides` do not apply
         if self.model not in PRESETS:
             raise SparkGPTError(f"config key 'model' is {self.model!r}; expected a model preset "
                                 f"({', '.join(PRESETS)})")
@@ -103,6 +164,11 @@ class TrainConfig:
             return preset(self.model, **overrides)
         except SparkGPTError as error:
             raise SparkGPTError(f"config key 'model_overrides': {error}") from None
+
+    def lora_config(self) -> LoRAConfig:
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets,
+                          ("score",) if self.task == "classify" else ())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +194,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-baby": dict(_SHAKESPEARE, model="shakespeare-baby", block_size=256, batch_size=64,
                              max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, save_every=500,
                              compile=True),
+    # Fine-tuning a pretrained model (`sparkgpt finetune`): whole examples up to 1,024 tokens, three epochs, no decay
+    # (the pretrained weights are not to be pulled toward zero). LoRA takes a 10x higher lr than updating every weight.
+    "finetune-lora": dict(method="lora", block_size=1024, batch_size=8, epochs=3.0, lr=2e-4, min_lr=2e-5,
+                          warmup_steps=10, weight_decay=0.0, eval_every=50, eval_batches=4, log_every=5,
+                          save_every=100, dtype="bfloat16"),
+    "finetune-full": dict(method="full", block_size=1024, batch_size=8, epochs=3.0, lr=2e-5, min_lr=2e-6,
+                          warmup_steps=10, weight_decay=0.0, eval_every=50, eval_batches=4, log_every=5,
+                          save_every=100, dtype="bfloat16"),
     # GPT-2 small (124M) from scratch on a GPU (nanoGPT's train_gpt2 recipe: ~0.5M tokens per step on 8 GPUs).
     "gpt2": dict(model="gpt2", block_size=1024, batch_size=12, grad_accum=40, max_steps=600_000, lr=6e-4,
                  min_lr=6e-5, warmup_steps=2000, beta2=0.95, weight_decay=0.1, eval_every=1000, eval_batches=200,
@@ -183,6 +257,8 @@ def _convert(name: str, value: Any, kind: Any, source: str) -> Any:
 
 def _apply(values: dict[str, Any], changes: dict[str, Any], source: str) -> None:
     types_by_name = _field_types()
+    if "max_steps" in changes and "epochs" not in changes:
+        values["epochs"] = None  # a step count given on its own replaces a preset's epochs
     for name, value in changes.items():
         if name.startswith("model."):  # model.n_layers=6 on the command line
             model_field = name.removeprefix("model.")

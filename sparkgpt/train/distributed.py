@@ -1,7 +1,7 @@
 """Data parallelism under torchrun: process group, device per rank, DDP wrapping and the few collectives we need.
 
-The model knows nothing of this: DistributedDataParallel wraps it here, and a single process (no torchrun) gets
-a Distributed of world size 1 whose collectives are no-ops.
+The model knows nothing of this: DistributedDataParallel wraps it here (FSDP2 sharding is in parallel.py), and a
+single process (no torchrun) gets a Distributed of world size 1 whose collectives are no-ops.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class Distributed:
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         if not self.enabled:
             return model
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Gradients as views into DDP's all-reduce buckets: one copy of them, not two.
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
 
     @contextlib.contextmanager
     def gradient_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
@@ -85,6 +87,14 @@ class Distributed:
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when it is true on any (so all ranks stop together)."""
         return bool(self.sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+    def broadcast(self, text: str) -> str:
+        """Rank 0's `text` on every rank."""
+        if not self.enabled:
+            return text
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.enabled:

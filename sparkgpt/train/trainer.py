@@ -8,9 +8,11 @@ Rank 0 logs (progress bar, metrics.jsonl, loss.png), evaluates and saves; the ot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +22,19 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.data.datasets import TokenData, eval_offsets, gather, step_offsets
-from sparkgpt.data.seq2seq import Seq2SeqBatch, Seq2SeqData, is_seq2seq
+from sparkgpt.data.finetune import IGNORE, FinetuneData
+from sparkgpt.data.seq2seq import Seq2SeqData, is_seq2seq
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.model import GPT, build_model
+from sparkgpt.model import GPT
+from sparkgpt.model.heads import SequenceClassifier
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
-from sparkgpt.train import checkpoints
+from sparkgpt.train import checkpoints, parallel, sharded
 from sparkgpt.train.config import TrainConfig, load_train_config, save_train_config
 from sparkgpt.train.distributed import Distributed
-from sparkgpt.train.optim import build_optimizer, learning_rate
+from sparkgpt.train.lora import apply_lora, is_adapter
+from sparkgpt.train.optim import build_optimizer, learning_rate, set_learning_rate
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -50,20 +56,26 @@ class TrainResult:
     elapsed_s: float
 
 
-def compute_loss(model: torch.nn.Module, inputs: torch.Tensor | Seq2SeqBatch, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; the logits go to fp32 first so bf16 rounding never reaches the softmax.
-    A Seq2SeqBatch is an encoder–decoder's (source, mask, decoder input); its padding labels are -100, ignored."""
-    logits = model(*inputs.model_args()) if isinstance(inputs, Seq2SeqBatch) else model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def compute_loss(model: torch.nn.Module, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not -100 (padding, prompts), logits in fp32 first so bf16
+    rounding never reaches the softmax. `inputs` is token ids [B, T], or a batch object whose `model_args()` the
+    model takes (an encoder–decoder's source/mask/decoder input; a classifier's ids and lengths, with targets [B])."""
+    logits = model(*inputs.model_args()) if hasattr(inputs, "model_args") else model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
-def flops_per_token(model: GPT, block_size: int) -> float:
-    """Training FLOPs per token (PaLM's estimate, as nanoGPT): 6 per weight (forward + backward) plus attention."""
+def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
+    """Training FLOPs per token (PaLM's estimate, as nanoGPT): 2 per weight forward, 2 backward for the
+    activations' gradients, 2 more for the weight's own gradient when it trains (not for frozen LoRA bases), plus
+    attention."""
     config = model.config
-    params = model.num_parameters()
+    params = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    decoder = getattr(model, "backbone", model)
     if config.positions == "learned":
-        params -= model.position_embedding.weight.numel()  # a lookup, not a matmul
-    return 6 * params + 12 * config.n_layers * config.n_heads * config.head_dim * block_size
+        params -= decoder.position_embedding.weight.numel()  # a lookup, not a matmul
+        trained -= decoder.position_embedding.weight.numel() if decoder.position_embedding.weight.requires_grad else 0
+    return 4 * params + 2 * trained + 12 * config.n_layers * config.n_heads * config.head_dim * block_size
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float | None) -> float:
@@ -78,8 +90,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
                 return tflops * 1e12
         return 100e12
     size = 1024
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    own = torch.Generator().manual_seed(0)  # not the global one: a resumed run's restored RNG must stay untouched
+    a = torch.randn(size, size, dtype=dtype, generator=own)
+    b = torch.randn(size, size, dtype=dtype, generator=own)
     a @ b  # warm the kernels up
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < 0.2:
@@ -93,31 +106,23 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
         self.config, self.run_dir, self.progress = config, run_dir, progress
-        data_type = Seq2SeqData if is_seq2seq(config.model) else TokenData  # encoder–decoder: source/target pairs
-        self.data = data_type(config.data) if config.data else None
-        if self.data is None:
-            raise SparkGPTError("no training data: pass --data DIR (a folder made by `sparkgpt prepare`)")
-        self.data.check_block_size(config.block_size)
-        model_config = config.model_config(vocab_size=self.data.vocab_size)
-        if isinstance(self.data, Seq2SeqData):
-            model_config = model_config.replace(**self.data.model_fields)
-        if model_config.vocab_size < self.data.vocab_size:
-            raise SparkGPTError(
-                f"model vocab_size {model_config.vocab_size} is smaller than the data's vocabulary "
-                f"({self.data.vocab_size} in {self.data.directory / 'meta.json'}); the token ids would not fit")
-        if config.block_size > model_config.max_seq_len:
-            raise SparkGPTError(f"config key 'block_size' ({config.block_size}) exceeds the model's max_seq_len "
-                                f"({model_config.max_seq_len})")
-        tokenizer_path = self.data.directory / TOKENIZER_FILE
-        self.tokenizer = Tokenizer.from_dir(self.data.directory) if tokenizer_path.is_file() else None
-        if isinstance(self.data, Seq2SeqData):
-            self.tokenizer = self.data.tokenizer
-
+        if not config.data:
+            raise SparkGPTError("no training data: pass --data (a folder made by `sparkgpt prepare`, or a JSONL "
+                                "file to fine-tune on)")
         probe_device = Distributed().device(config.device)
         self.dist = Distributed.from_env(probe_device)
         self.device = self.dist.device(config.device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        self.model = build_model(model_config).to(self.device).train()
+        self.model, self.tokenizer, self.data = self._pretrained() if config.init_from else self._from_scratch()
+        config = self.config  # fine-tuning may have capped block_size at the model's context
+        self.train_model = parallel.parallelize(self.model, config, self.dist, self.device)  # before the optimizer
+        if self.dist.is_main and isinstance(self.data, FinetuneData) and (progress or self.data.dropped_any):
+            tqdm.write(self.data.summary(), file=sys.stderr)  # truncated or skipped examples are always reported
+        if config.epochs is not None:  # passes over the data, in optimizer steps
+            per_step = config.batch_size * config.grad_accum * self.dist.world_size
+            per_step *= config.block_size if isinstance(self.data, TokenData) else 1
+            config = self.config = dataclasses.replace(
+                config, max_steps=max(1, math.ceil(config.epochs * len(self.data.train) / per_step)))
         self.optimizer = build_optimizer(self.model, config)
         self.step = 0
         self.elapsed_s = 0.0
@@ -128,13 +133,73 @@ class Trainer:
             self._resume()
         else:
             self._start_fresh()
-        self.ddp_model = self.dist.wrap(self.model, self.device)
-        self.train_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
-        self.autocast_dtype = _AUTOCAST.get(config.dtype)
+        self.autocast_dtype = None if parallel.casts_weights(self.model) else _AUTOCAST.get(config.dtype)
         self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum * self.dist.world_size
         self.flops_per_token = flops_per_token(self.model, config.block_size)
         self.peak = peak_flops(self.device, self.autocast_dtype or torch.float32, config.peak_tflops) \
             if self.dist.is_main else 1.0
+
+    # ---- the model and its data ------------------------------------------------------------------------------
+
+    def _from_scratch(self) -> tuple[torch.nn.Module, Tokenizer | None, Any]:
+        """A randomly initialised `model` preset, sized to a prepared data folder (or seq2seq pairs)."""
+        config = self.config
+        data_type = Seq2SeqData if is_seq2seq(config.model) else TokenData  # encoder–decoder: source/target pairs
+        data = data_type(config.data)
+        data.check_block_size(config.block_size)
+        model_config = config.model_config(vocab_size=data.vocab_size)
+        if isinstance(data, Seq2SeqData):
+            model_config = model_config.replace(**data.model_fields)
+        self._check_fits(model_config, data)
+        tokenizer_path = data.directory / TOKENIZER_FILE
+        tokenizer = Tokenizer.from_dir(data.directory) if tokenizer_path.is_file() else None
+        if isinstance(data, Seq2SeqData):
+            tokenizer = data.tokenizer
+        return parallel.new_model(model_config, config, self.dist, self.device), tokenizer, data
+
+    def _pretrained(self) -> tuple[torch.nn.Module, Tokenizer, Any]:
+        """The model `init_from` names, ready to fine-tune: with a classification head for `task: classify`, frozen
+        with LoRA adapters for `method: lora`; its data a JSONL file, or a prepared folder (continued pretraining)."""
+        from sparkgpt.lm import load
+
+        config = self.config
+        if config.method == "lora" and is_adapter(resolve(config.init_from)):
+            raise SparkGPTError(f"init_from {config.init_from!r} is a LoRA adapter: merge it into its base first "
+                                "(`sparkgpt merge-lora`) and fine-tune the merged model")
+        lm = load(config.init_from, dtype="float32", device=self.device)
+        model = lm.model.backbone if isinstance(lm.model, SequenceClassifier) else lm.model
+        if not isinstance(model, GPT):
+            raise SparkGPTError(f"init_from {config.init_from!r}: fine-tuning needs a decoder (GPT) model; this one is "
+                                f"{model.config.architecture!r}")
+        if lm.tokenizer is None:
+            raise SparkGPTError(f"init_from {config.init_from!r}: the model has no tokenizer to read the data with")
+        if config.block_size > model.config.max_seq_len and not Path(config.data).is_dir():
+            # Examples are truncated to block_size: a model with a shorter context truncates them to that instead.
+            config = self.config = dataclasses.replace(config, block_size=model.config.max_seq_len)
+        if Path(config.data).is_dir():
+            data = TokenData(config.data)
+            data.check_block_size(config.block_size)
+        else:
+            data = FinetuneData(config.data, config.val_data or None, lm.tokenizer, config.block_size, config.task,
+                                seed=config.seed)
+        self._check_fits(model.config, data)
+        if config.task == "classify":
+            same_head = isinstance(lm.model, SequenceClassifier) and lm.model.labels == data.labels
+            model = lm.model if same_head else SequenceClassifier(model, data.labels)
+        if config.method == "lora":
+            if config.base_dtype == "bfloat16":  # the frozen decoder; the adapters (made next) and a head stay fp32
+                getattr(model, "backbone", model).to(torch.bfloat16)
+            apply_lora(model, config.lora_config())
+        return model.train(), lm.tokenizer, data
+
+    def _check_fits(self, model_config: Any, data: Any) -> None:
+        if model_config.vocab_size < data.vocab_size:
+            raise SparkGPTError(
+                f"model vocab_size {model_config.vocab_size} is smaller than the data's vocabulary "
+                f"({data.vocab_size}, {data.directory}); the token ids would not fit")
+        if self.config.block_size > model_config.max_seq_len:
+            raise SparkGPTError(f"config key 'block_size' ({self.config.block_size}) exceeds the model's max_seq_len "
+                                f"({model_config.max_seq_len})")
 
     # ---- starting and resuming ----------------------------------------------------------------------------
 
@@ -164,7 +229,12 @@ class Trainer:
             self._start_fresh()
             return
         latest = found[-1]
-        state = checkpoints.load_checkpoint(latest.path, self.model, self.optimizer)
+        if sharded.is_sharded(latest.path):
+            state = sharded.load_checkpoint(latest.path, self.model, self.optimizer)
+        elif parallel.is_sharded(self.config, self.dist):
+            raise SparkGPTError(f"{latest.path}: saved by a ddp run; resume it with --parallel ddp")
+        else:
+            state = checkpoints.load_checkpoint(latest.path, self.model, self.optimizer)
         if state.get("tokens_per_step") not in (None, self._tokens_per_step()):
             raise SparkGPTError(f"{latest.path}: saved with {state['tokens_per_step']} tokens per step; this run has "
                                 f"{self._tokens_per_step()} (keep batch_size × grad_accum × processes the same)")
@@ -200,7 +270,7 @@ class Trainer:
         """This rank's micro-batch `micro` of step `step`: a slice of the step's global batch (see datasets.py)."""
         config = self.config
         per_rank = config.batch_size * config.grad_accum
-        if isinstance(self.data, Seq2SeqData):  # whole examples, drawn per step as the token windows are
+        if not isinstance(self.data, TokenData):  # whole examples, drawn per step as the token windows are
             start = self.dist.rank * per_rank + micro * config.batch_size
             rows = self.data.step_rows(config.seed, step, per_rank * self.dist.world_size)
             inputs, targets = self.data.batch(self.data.train, rows[start:start + config.batch_size])
@@ -216,29 +286,39 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def objective(self, inputs: Any, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(What the backward minimises, the next-token loss that is logged) for one micro-batch; distillation
+        (distill.py) overrides it to add the teacher's term."""
+        loss = compute_loss(self.train_model, inputs, targets)
+        return loss, loss
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (mean loss over the global batch, gradient norm before clipping)."""
         config = self.config
-        lr = learning_rate(self.step, config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, learning_rate(self.step, config))
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         moe_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0) if self.model.config.n_experts else 0.0
-        for micro in range(config.grad_accum):
-            inputs, targets = self._batch(self.step, micro)
-            with self.dist.gradient_sync(self.ddp_model, sync=micro == config.grad_accum - 1), self._autocast():
-                loss = compute_loss(self.train_model, inputs, targets)
-                objective = loss
+        tokens = 0
+        batches = [self._batch(self.step, micro) for micro in range(config.grad_accum)]
+        # Each micro-batch weighs by its share of the step's target tokens on all ranks, so the step minimises the
+        # mean over every target token however examples of different lengths fall into micro-batches (token
+        # windows all have the same count; DDP's gradient average over ranks is undone by the world size).
+        counts = [self._target_count(targets) for _, targets in batches]
+        total = self.dist.sum(torch.tensor(float(sum(counts)), device=self.device)).item()
+        for micro, (inputs, targets) in enumerate(batches):
+            tokens += (inputs if isinstance(inputs, torch.Tensor) else inputs.model_args()[0]).numel()
+            with self.dist.gradient_sync(self.train_model, sync=micro == config.grad_accum - 1), self._autocast():
+                objective, loss = self.objective(inputs, targets)
                 if moe_coef:  # mixture of experts: the model's load-balancing loss joins the objective
-                    objective = loss + moe_coef * self.model.aux_loss
+                    objective = objective + moe_coef * self.model.aux_loss
                     aux_sum += self.model.aux_loss.detach()
-                (objective / config.grad_accum).backward()
-            loss_sum += loss.detach()
-        loss = self.dist.mean(loss_sum / config.grad_accum).item()
+                (objective * (counts[micro] * self.dist.world_size / total)).backward()
+            loss_sum += loss.detach() * counts[micro]
+        loss = self.dist.sum(loss_sum).item() / total
         self.last_aux_loss = self.dist.mean(aux_sum / config.grad_accum).item() if moe_coef else None
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             where = self.last_checkpoint or "none was saved yet"
@@ -248,33 +328,53 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.step_tokens = tokens * self.dist.world_size  # as processed, padding included (examples vary in length)
         return loss, grad_norm
+
+    def _target_count(self, targets: torch.Tensor) -> int:
+        """The targets that carry loss (not -100: padding, prompts); every one, for token windows."""
+        return targets.numel() if isinstance(self.data, TokenData) else int((targets != IGNORE).sum())
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the fixed evaluation sequences (shared out across ranks)."""
         config = self.config
-        seq2seq = isinstance(self.data, Seq2SeqData)
+        examples = not isinstance(self.data, TokenData)
         count = config.eval_batches * config.batch_size
-        offsets = self.data.eval_rows(config.seed, count) if seq2seq else \
+        offsets = self.data.eval_rows(config.seed, count) if examples else \
             eval_offsets(len(self.data.val), config.block_size, config.seed, count)
         model = self.train_model if not self.dist.enabled else self.model
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        for batch in range(self.dist.rank, config.eval_batches, self.dist.world_size):
-            rows = offsets[batch * config.batch_size:(batch + 1) * config.batch_size]
-            inputs, targets = self.data.batch(self.data.val, rows) if seq2seq else \
+        counted = torch.zeros((), device=self.device)
+        batches = math.ceil(len(offsets) / config.batch_size)  # fewer than eval_batches for a small validation file
+        # Every rank runs as many forwards (FSDP all-gathers in each); one past the end repeats batch 0, uncounted.
+        rounds = math.ceil(batches / self.dist.world_size) * self.dist.world_size
+        for batch in range(self.dist.rank, rounds, self.dist.world_size):
+            real = batch < batches
+            rows = offsets[batch * config.batch_size:(batch + 1) * config.batch_size] if real else \
+                offsets[:config.batch_size]
+            inputs, targets = self.data.batch(self.data.val, rows) if examples else \
                 gather(self.data.val, rows, config.block_size)
             with self._autocast():
-                total += compute_loss(model, inputs.to(self.device), targets.to(self.device))
+                loss = compute_loss(model, inputs.to(self.device), targets.to(self.device))
+            if real:  # weighted by its target tokens: the mean over every validation token
+                count = self._target_count(targets)
+                total += loss * count
+                counted += count
         self.model.train()
-        return self.dist.sum(total).item() / config.eval_batches
+        return (self.dist.sum(total) / self.dist.sum(counted)).item()
 
     def save(self, val_loss: float | None) -> None:
-        if self.dist.is_main:
-            state = {"step": self.step, "val_loss": val_loss, "elapsed_s": self.elapsed_s,
-                     "tokens_per_step": self.tokens_per_step, "world_size": self.dist.world_size,
-                     "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
+        state = {"step": self.step, "val_loss": val_loss, "elapsed_s": self.elapsed_s,
+                 "tokens_per_step": self.tokens_per_step, "world_size": self.dist.world_size,
+                 "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
+        if self.config.parallel == "fsdp":  # every rank writes its shards (sharded.py)
+            self.last_checkpoint = sharded.save_checkpoint(
+                self.run_dir, self.model, self.tokenizer, self.optimizer, self.config, state, self.dist)
+            if self.dist.is_main:
+                checkpoints.prune_checkpoints(self.run_dir, self.config.keep_last)
+        elif self.dist.is_main:
             self.last_checkpoint = checkpoints.save_checkpoint(
                 self.run_dir, self.model, self.tokenizer, self.optimizer, self.config, state)
             checkpoints.prune_checkpoints(self.run_dir, self.config.keep_last)
@@ -289,18 +389,19 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=self.step, desc="training", unit="step",
                    disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
         loss = None
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         try:
             while self.step < config.max_steps:
                 step_start = time.perf_counter()
                 loss, grad_norm = self.train_step()
                 self.elapsed_s += time.perf_counter() - step_start
                 window_steps += 1
+                window_tokens += self.step_tokens
                 bar.update(1)
                 final = self.step == config.max_steps
                 if self.step % config.log_every == 0 or final:
                     seconds = time.perf_counter() - window_start
-                    tokens_per_s = self.tokens_per_step * window_steps / seconds
+                    tokens_per_s = window_tokens / seconds
                     mfu = self.flops_per_token * tokens_per_s / self.peak
                     lr = self.optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
@@ -311,7 +412,7 @@ class Trainer:
                         if self.last_aux_loss is not None:
                             row["aux_loss"] = self.last_aux_loss  # MoE load balancing (k when balanced)
                         self._log(row)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 save_now = self.step % config.save_every == 0 or final
                 if self.step % config.eval_every == 0 or save_now:
                     eval_start = time.perf_counter()
@@ -321,10 +422,12 @@ class Trainer:
                         self._log({"kind": "eval", "step": self.step, "val_loss": self.last_val_loss,
                                    "val_ppl": math.exp(min(self.last_val_loss, 50)), "elapsed_s": self.elapsed_s})
                         plot_losses(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE)
-                        bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {self.last_val_loss:.4f}")
+                        if self.progress:
+                            bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {self.last_val_loss:.4f}")
                     if save_now:
                         self.save(self.last_val_loss)
-                    window_start, window_steps = time.perf_counter(), 0  # evaluation is not training throughput
+                    # evaluation is not training throughput
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         finally:
             bar.close()
         return TrainResult(self.run_dir, self.step, loss, self.last_val_loss, self.last_checkpoint, self.elapsed_s)
@@ -375,7 +478,12 @@ def train(
         resolved = load_train_config(saved, overrides)
     else:
         resolved = load_train_config(config, overrides)
-    trainer = Trainer(resolved, run_dir, resume=resume, progress=progress)
+    trainer_class = Trainer
+    if resolved.teacher:
+        from sparkgpt.train.distill import DistillTrainer  # a Trainer subclass: imported here, not in a cycle
+
+        trainer_class = DistillTrainer
+    trainer = trainer_class(resolved, run_dir, resume=resume, progress=progress)
     try:
         return trainer.run()
     finally:

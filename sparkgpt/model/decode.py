@@ -1,0 +1,163 @@
+"""The lean decode step: one new token per row through a decoder-only GPT, in as few operations as possible.
+
+`GPT.forward` reads like the math and serves every case (training, prefill, padding, sparse patterns, experts).
+A decode step runs the same math for one token per row, hundreds of times per reply, where each small operation's
+dispatch (a few µs on a CPU) adds up: the general forward spends about 50 of them per layer. This step, built once
+per model, spends about 20:
+
+- RMSNorm in five small ops (float32 activations);
+- rotary angles looked up in a table built once (not recomputed per step), q and k turned together in three ops
+  (x·cos + flip(x)·sin±, with the sign of the half-rotation folded into the table);
+- quantised models project q, k, v with one fused int8/int4 matrix and gate/up with another (the separate layers'
+  tensors become row views of the fused ones, so nothing is stored twice);
+- keys/values are written into the preallocated cache and attention reads its filled prefix only, with the query
+  heads that share a key/value head folded into one SDPA call (no copy of K and V).
+
+Every row feeds one token at its own position; `mask` ([B, 1, 1, S] booleans, True where a row may look) covers
+left padding and the serving engine's per-row slots, or is None when every row sees the whole prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparkgpt.model.attention import KVCache, rotary_cos_sin
+from sparkgpt.model.layers import RMSNorm, SwiGLUFFN
+from sparkgpt.model.quant import QuantizedLinear, fuse_rows
+
+
+def _norm(module: nn.Module):
+    """RMSNorm in five ops on float32 rows (its module also casts to and from float32 for bf16 activations;
+    F.rms_norm measured slower here, doing the same casts internally); any other norm as its module."""
+    if isinstance(module, RMSNorm):
+        weight, eps = module.weight, module.eps
+        if weight.dtype == torch.float32:
+            return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+    return module
+
+
+def _fused(layers: list[nn.Module]) -> QuantizedLinear | None:
+    """One quantised layer over the rows of `layers` when they are plain quantised layers of one kind."""
+    first = layers[0]
+    same = all(type(layer) is QuantizedLinear and layer.method == first.method
+               and layer.group_size == first.group_size and (layer.bias is None) == (first.bias is None)
+               for layer in layers)
+    return fuse_rows(layers) if same else None
+
+
+def _linear(module: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A projection as the step calls it: a plain quantised layer's bare kernel, else the module itself (a float
+    Linear, or a wrapper such as LoRA's, whose own forward must run)."""
+    if module is None:
+        return None
+    kernel = module.row_kernel() if type(module) is QuantizedLinear else None
+    return kernel or module
+
+
+class _Layer:
+    """One block's projections (fused where possible) and norms, as the step calls them on rows [B, d]."""
+
+    def __init__(self, block: nn.Module) -> None:
+        attn, ffn = block.attn, block.ffn
+        self.attn_norm, self.ffn_norm = _norm(block.attn_norm), _norm(block.ffn_norm)
+        self.cache_index = attn.cache_index
+        self.qkv = _linear(_fused([attn.q_proj, attn.k_proj, attn.v_proj]))
+        self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.o_proj = _linear(attn.o_proj)
+        self.swiglu = isinstance(ffn, SwiGLUFFN)
+        self.gate_up = _linear(_fused([ffn.gate_proj, ffn.up_proj])) if self.swiglu else None
+        self.down_proj = _linear(ffn.down_proj) if self.swiglu else None
+        self.ffn = ffn
+
+
+class DecodeStep:
+    """Logits [B, vocab] for one new token per row: `step(tokens [B], positions [B], cache, mask)`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config = self.config = model.config
+        self.model = model
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.scale = config.attention_scale
+        self.layers = [_Layer(block) for block in model.blocks]
+        self.final_norm = _norm(model.final_norm)
+        self.rope = config.positions == "rope"
+        self._cos = self._sin = None
+        self.signature = parameter_signature(model)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Decoder-only with dense attention in every layer (sparse patterns take the general forward)."""
+        config = getattr(model, "config", None)
+        return (config is not None and config.architecture == "decoder" and hasattr(model, "lm_head")
+                and all(p == "dense" for p in config.layer_patterns()))
+
+    def _rotary_table(self, length: int, device: torch.device, dtype: torch.dtype) -> None:
+        """cos and signed sin [positions, d] for every position up to `length` (grown by doubling)."""
+        size = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+        size = min(size, max(self.config.max_seq_len, length))
+        cos, sin = rotary_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.config.rope_theta)
+        cos, sin = cos[0, 0], sin[0, 0]
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # rotate_half's sign, folded in
+        self._cos, self._sin = cos.to(dtype), sin.to(dtype)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        model, batch = self.model, tokens.shape[0]
+        n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        x = model.token_embedding(tokens)  # [B, d]: one row per sequence throughout
+        cos = sin = None
+        if self.rope:
+            if self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device:
+                self._rotary_table(int(positions.max()) + 1, x.device, x.dtype)
+            cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [B, 1, d_k]
+        else:
+            x = x + model.position_embedding(positions)
+        group = n_heads // n_kv
+        for layer in self.layers:
+            h = layer.attn_norm(x)
+            if layer.qkv is not None:
+                qkv = layer.qkv(h).to(x.dtype).view(batch, n_heads + 2 * n_kv, head_dim)  # the cache's dtype
+                qk, v = qkv[:, :n_heads + n_kv], qkv[:, n_heads + n_kv:]
+            else:
+                qk = torch.cat([layer.q_proj(h), layer.k_proj(h)], dim=-1).view(batch, n_heads + n_kv, head_dim)
+                v = layer.v_proj(h).view(batch, n_kv, head_dim)
+            if cos is not None:
+                flipped = qk.view(batch, n_heads + n_kv, 2, head_dim // 2).flip(2).view(qk.shape)
+                qk = torch.addcmul(qk * cos, flipped, sin)
+            q, k = qk[:, :n_heads], qk[:, n_heads:]
+            keys, values = cache.update(layer.cache_index, k[:, :, None], v[:, :, None])
+            # The query heads of one key/value head ride along SDPA's query axis: [B, H_kv, group, d].
+            heads = F.scaled_dot_product_attention(q.reshape(batch, n_kv, group, head_dim), keys, values,
+                                                   attn_mask=mask, scale=self.scale)
+            x = x + layer.o_proj(heads.view(batch, n_heads * head_dim))
+            h = layer.ffn_norm(x)
+            if layer.gate_up is not None:
+                gate, up = layer.gate_up(h).chunk(2, dim=-1)
+                x = x + layer.down_proj(F.silu(gate) * up)
+            else:
+                x = x + layer.ffn(h)
+        cache.advance(1)
+        return model.lm_head(self.final_norm(x))
+
+
+def parameter_signature(model: nn.Module) -> tuple:
+    """Identities, dtypes and devices of the model's tensors: a step built for one set of weights is rebuilt if
+    any is replaced or converted (`model.to(dtype)` keeps each Parameter object but changes its data)."""
+    return tuple((id(t), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+
+
+def decode_step(model: nn.Module) -> DecodeStep | None:
+    """The model's lean step (built on first use, kept on the model), or None if the model needs the general
+    forward."""
+    if not DecodeStep.supports(model):
+        return None
+    step = model.__dict__.get("_decode_step")
+    if step is None or step.signature != parameter_signature(model):
+        step = DecodeStep(model)
+        model.__dict__["_decode_step"] = step
+    return step

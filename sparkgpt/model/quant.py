@@ -1,0 +1,488 @@
+"""Quantised weights: int8 and int4 linear layers behind one interface, and the quantised checkpoint format.
+
+A weight matrix W [out, in] is stored as small integers and scales:
+
+- int8: symmetric, one scale per output row: W ≈ q · s, q ∈ [-127, 127].
+- int4: asymmetric, one scale and one zero per group of 32 inputs of a row: W ≈ (q - 8) · s + z, q ∈ [0, 15],
+  two values per byte (column 2j in the low nibble, 2j + 1 in the high one); s and z are bfloat16, the kernel's
+  own precision, so a saved checkpoint holds exactly what the kernel multiplies by. GGUF's Q4_0 (W = d · (q - 8))
+  and Q4_1 (W = d · q + m) blocks are this layout with z = 0 and z = m + 8d, so they load without a float round
+  trip. The output head (and the token embedding tied to it) stays int8 under int4: it is one large matrix that
+  the int8 kernel serves fastest, and llama.cpp's files keep it at 8 bits too.
+
+Kernels, chosen by measurement on the 2-core AMX CPU this project benchmarks on (µs per call, one thread, the
+SmolLM2-135M shapes 1536×576 / 576×1536 / 576×576 / 49152×576; the machine was shared, so ±30%):
+
+| kernel | 1 row | 512 rows |
+|---|---|---|
+| fp32 | 145 / 143 / 28 / 16,852 | 6,538 / 6,078 / 2,283 |
+| bf16 (oneDNN, AMX) | 126 / 130 / 56 / 15,295 | **1,186 / 1,045 / 315** |
+| int8 fbgemm dynamic (int8 activations) | **29 / 31 / 23 / 1,373** | 3,875 / 2,094 / 893 |
+| `_weight_int8pack_mm` (bf16 activations) | 58 / 57 / 24 / 6,641 | 16,724 / 17,898 / 10,693 |
+| `_weight_int4pack_mm_for_cpu` (bf16 activations) | 57 / 60 / 22 / 1,888 | 28,061 / 20,263 / 6,009 |
+
+So a few rows (decode, up to `DECODE_ROWS`) go through an integer kernel: `torch._weight_int8pack_mm` (bf16
+activations) for int8 and `torch._weight_int4pack_mm_for_cpu` for int4, except the output head, which takes
+fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`: 8-bit activations, one scale per call,
+called per row so that no row's scale depends on another's). fbgemm everywhere was fastest in isolation but
+blurs the outliers of the o_proj and down_proj inputs: SmolLM2's held-out perplexity through the decode path
+rose 4.9% with it, 1.3% with those two on bf16 activations, and 0.3% with every layer on bf16 activations; the
+head's 8-bit activations move it to -0.9% (inside the 1% the tests demand) and save several ms per token on its
+49,152 rows. Many rows
+(prefill) dequantise the matrix to bfloat16 (≈0.4 ms for 1536×576) and use the bf16 matmul (oneDNN on AMX),
+which beats every integer kernel by 2-20× there. `torch._int_mm` (int8 × int8 on AMX) was within 10% of bf16
+for the matmul alone but lost once activations are quantised and the int32 result rescaled. Elsewhere (CUDA)
+every call dequantises and multiplies in the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import read_json_object, write_json
+
+METHODS = ("int8", "int4")
+GROUP_SIZE = 32
+DECODE_ROWS = 16  # at most this many rows use the integer kernels; more dequantise to bf16 (see the table above)
+_INT4_INNER_K_TILES = 8  # torch's CPU int4 packing: inner k tiles of 2, 4 or 8 (8 measured fastest)
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise SparkGPTError(f"quantization method {method!r} is not supported; expected one of {', '.join(METHODS)}")
+    return method
+
+
+# ---- quantise / dequantise ----------------------------------------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"qweight": int8 [out, in], "scales": float32 [out]}: symmetric per row, W ≈ q · s."""
+    weight = weight.detach().float().contiguous()  # kernels need row-major integers (GPT-2's weights are not)
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"qweight": qweight, "scales": scales}
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """{"qweight": uint8 [out, in / 2], "scales", "zeros": bfloat16 [out, in / group]}: per group of inputs,
+    W ≈ (q - 8) · s + z with q ∈ [0, 15] spanning the group's [min, max]."""
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise SparkGPTError(f"int4 needs the input width ({cols}) to be a multiple of the group size {group_size}")
+    groups = weight.detach().float().view(rows, cols // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-10).bfloat16()
+    zeros = (low + 8 * scales.float()).bfloat16()
+    # Levels against the rounded scale and zero the kernel will use, so rounding them costs no extra error.
+    levels = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+    return {"qweight": pack_nibbles(levels.to(torch.uint8).view(rows, cols)), "scales": scales, "zeros": zeros}
+
+
+def pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, cols] of values 0..15 -> [rows, cols / 2], column 2j low nibble, 2j + 1 high."""
+    return levels[:, 0::2] | (levels[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize(method: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The matrix [out, in] that quantised `tensors` stand for, in `dtype`."""
+    if method == "int8":
+        return (tensors["qweight"].to(dtype) * tensors["scales"].to(dtype)[:, None])
+    levels = unpack_nibbles(tensors["qweight"])
+    rows, groups = tensors["scales"].shape
+    grouped = levels.view(rows, groups, -1).to(dtype) - 8
+    return (grouped * tensors["scales"].to(dtype)[..., None] + tensors["zeros"].to(dtype)[..., None]).view(rows, -1)
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+# ---- layers ---------------------------------------------------------------------------------------------------
+
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class QuantizedLinear(nn.Module):
+    """y = x Wᵀ + b with W quantised (`method` "int8" or "int4"); a drop-in replacement for nn.Linear.
+
+    The stored tensors (`qweight`, `scales`, and `zeros` for int4) are buffers, so they follow `.to(device)` and
+    appear in the state dict; the kernels' own packed layouts are built from them on first use and kept beside.
+    """
+
+    def __init__(self, in_features: int, out_features: int, method: str, bias: bool = False,
+                 group_size: int = GROUP_SIZE, device: torch.device | str | None = None,
+                 quantize_activations: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.method, self.group_size = check_method(method), group_size
+        # int8 decode kernel: 8-bit activations (fbgemm; the head) if True, else bfloat16 ones (module docstring)
+        self.quantize_activations = quantize_activations and method == "int8" and _fbgemm_available()
+        if method == "int8":
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        else:
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
+            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self._packed: Any = None
+        self._packed_from: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str, group_size: int = GROUP_SIZE,
+                    quantize_activations: bool = False) -> QuantizedLinear:
+        tensors = quantize_int8(linear.weight) if method == "int8" else quantize_int4(linear.weight, group_size)
+        layer = cls(linear.in_features, linear.out_features, method, linear.bias is not None, group_size,
+                    linear.weight.device, quantize_activations)
+        layer.assign(tensors, linear.bias)
+        return layer
+
+    def assign(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
+        """Take quantised tensors (as `quantize_int8` / `quantize_int4` return them) as this layer's weight."""
+        for name, tensor in tensors.items():
+            own = getattr(self, name)
+            if tensor.shape != own.shape or tensor.dtype != own.dtype:
+                raise SparkGPTError(f"quantised tensor {name}: {tuple(tensor.shape)} {tensor.dtype}; expected "
+                                    f"{tuple(own.shape)} {own.dtype}")
+            setattr(self, name, tensor.to(own.device))
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().float().to(self.qweight.device), requires_grad=False)
+        self._packed = None
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("qweight", "scales") if self.method == "int8" else ("qweight", "scales", "zeros")
+        return {name: getattr(self, name) for name in names}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [out, in] in `dtype`."""
+        return dequantize(self.method, self.quantized_tensors(), dtype)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.method == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}{group}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type != "cpu":
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if rows > DECODE_ROWS or not (self.has_kernel or self.quantize_activations):
+            out = F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16))
+            out = out.to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
+        return self.decode_kernel(x, rows)
+
+    @property
+    def has_kernel(self) -> bool:
+        """Whether a bf16-activation integer kernel takes this shape: `_weight_int8pack_mm` multiples of 64 (it
+        gave wrong results and crashed on some other shapes in torch 2.13); int4 layers exist only for shapes the
+        int4 kernel takes (`layer_method`)."""
+        return self.method == "int4" or (self.in_features % 64 == 0 and self.out_features % 64 == 0)
+
+    def row_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For the lean decode step: x [rows <= DECODE_ROWS, in] (float32 or bfloat16) -> x Wᵀ + b [rows, out]
+        (bfloat16 without a bias), the bf16-activation kernel with no per-call checks (about 14 µs less a call);
+        None where `forward` must decide (off the CPU, fbgemm's head, a shape the kernel refuses)."""
+        if self.qweight.device.type != "cpu" or self.quantize_activations or not self.has_kernel:
+            return None
+        packed = self._packed if self._packed_from is self.qweight else self._pack()
+        if self.method == "int8":
+            qweight, scales = self.qweight, packed[0]
+
+            def kernel(x: torch.Tensor) -> torch.Tensor:
+                return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales)
+        else:
+            weight, scales_and_zeros, group_size = *packed, self.group_size
+
+            def kernel(x: torch.Tensor) -> torch.Tensor:
+                return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, group_size, scales_and_zeros)
+        bias = self.bias
+        return kernel if bias is None else lambda x: kernel(x) + bias
+
+    def decode_kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The integer kernel for a few rows (CPU). fbgemm is called row by row: its one activation scale per call
+        would otherwise tie the rows of a batch together, and each row must compute what it would alone."""
+        packed = self._packed if self._packed_from is self.qweight else self._pack()
+        shape = (*x.shape[:-1], self.out_features)
+        if self.method == "int8":
+            if self.quantize_activations:
+                if rows == 1:
+                    return torch.ops.quantized.linear_dynamic(x.float(), packed[1], False).to(x.dtype)
+                per_row = [torch.ops.quantized.linear_dynamic(row, packed[1], False)
+                           for row in x.float().reshape(rows, 1, self.in_features)]
+                return torch.cat(per_row).to(x.dtype).view(shape)
+            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight,
+                                            packed[0]).to(x.dtype)
+            return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
+        weight, scales_and_zeros = packed
+        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), weight,
+                                                self.group_size, scales_and_zeros).to(x.dtype)
+        return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
+
+    def _pack(self) -> Any:
+        """The kernel's layout of the stored weight, built once (again only if the weight is replaced)."""
+        if self.method == "int8":
+            # (the scales _weight_int8pack_mm multiplies by, fbgemm's packed weight or None)
+            self._packed = self.scales.to(torch.bfloat16), None
+            if self.quantize_activations:
+                with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; fbgemm stays
+                    warnings.simplefilter("ignore")
+                    zero_points = torch.zeros(self.out_features, dtype=torch.long)
+                    weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(),
+                                                                      zero_points, 0)
+                    self._packed = self._packed[0], torch.ops.quantized.linear_prepack(weight, self.bias)
+        else:
+            levels = unpack_nibbles(self.qweight).to(torch.int32)
+            weight = torch._convert_weight_to_int4pack_for_cpu(levels, _INT4_INNER_K_TILES)
+            scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+            self._packed = weight, scales_and_zeros
+        self._packed_from = self.qweight
+        return self._packed
+
+
+def fuse_rows(layers: list[QuantizedLinear]) -> QuantizedLinear:
+    """One layer computing `layers` (same input, same method) at once: their rows stacked, so one kernel call
+    replaces several. Each layer's tensors become views of the fused layer's rows: nothing is stored twice."""
+    first = layers[0]
+    fused = QuantizedLinear(first.in_features, sum(layer.out_features for layer in layers), first.method,
+                            first.bias is not None, first.group_size, first.qweight.device,
+                            first.quantize_activations)
+    fused.assign({name: torch.cat([layer.quantized_tensors()[name] for layer in layers])
+                  for name in first.quantized_tensors()},
+                 torch.cat([layer.bias for layer in layers]) if first.bias is not None else None)
+    start = 0
+    for layer in layers:
+        rows = slice(start, start + layer.out_features)
+        for name, tensor in fused.quantized_tensors().items():
+            setattr(layer, name, tensor[rows])
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+        layer._packed, start = None, rows.stop
+    return fused
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding looked up in an int8 table (one scale per token row): E[t] = q[t] · s[t], in the dtype of
+    the scales (the model's activation dtype). A tied output head shares the same int8 table."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty tensor with the device and dtype of the vectors this embedding returns: what code that asks
+        an nn.Embedding's weight for them (to allocate a KV cache, say) needs. The table is `qweight`/`scales`."""
+        return self.scales[:0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids][..., None]
+
+
+# ---- whole models -----------------------------------------------------------------------------------------------
+
+def _quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """The Linear layers quantisation replaces: every one of the blocks (a MoE router excepted: it picks experts,
+    and is tiny) and the output head."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (name == "lm_head" or name.startswith("blocks.")) \
+                and not name.endswith("router"):
+            yield name, module
+
+
+def _reads_a_norm(name: str) -> bool:
+    """Whether layer `name` takes 8-bit activations at decode: the head only (see the module docstring)."""
+    return name == "lm_head"
+
+
+def layer_method(name: str, method: str, shape: tuple[int, ...], group_size: int = GROUP_SIZE) -> str:
+    """The method layer `name` (weight `shape` [out, in]) gets under a model's `method`: int8 for the head (and
+    embedding) always, and for matrices the int4 kernel cannot take (out not a multiple of 16, in not of the
+    group size); `method` otherwise."""
+    out_features, in_features = shape
+    if name in ("lm_head", "token_embedding") or out_features % 16 or in_features % group_size:
+        return "int8"
+    return method
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
+                   prequantized: dict[str, dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Replace the model's Linear layers (and its token embedding) by quantised ones, in place, by name.
+
+    `prequantized` gives some layers' quantised tensors directly (a GGUF file's 4-bit blocks); the rest are
+    quantised from their float weights. A decoder-only GPT is required; the model is returned for chaining."""
+    check_method(method)
+    config = getattr(model, "config", None)
+    if config is None or config.architecture != "decoder" or not hasattr(model, "lm_head"):
+        raise SparkGPTError("quantization supports decoder-only (GPT) models")
+    prequantized = prequantized or {}
+    device = model.final_norm.weight.device
+    for name, linear in list(_quantizable(model)):
+        layer_kind = layer_method(name, method, tuple(linear.weight.shape), group_size)
+        if name in prequantized:  # its float weight may be a meta placeholder: never read
+            layer = QuantizedLinear(linear.in_features, linear.out_features, layer_kind, linear.bias is not None,
+                                    group_size, device, _reads_a_norm(name))
+            layer.assign(prequantized[name], linear.bias)
+        else:
+            layer = QuantizedLinear.from_linear(linear, layer_kind, group_size, _reads_a_norm(name))
+        _replace(model, name, layer)
+    float_table = model.token_embedding.weight
+    if config.tie_embeddings:
+        table = {"qweight": model.lm_head.qweight, "scales": model.lm_head.scales}
+    else:
+        table = prequantized.get("token_embedding") or quantize_int8(float_table)
+    model.token_embedding = QuantizedEmbedding(table["qweight"].to(float_table.device),
+                                               table["scales"].to(float_table.device, float_table.dtype))
+    model.quantization = {"method": method, "group_size": group_size}
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return getattr(model, "quantization", None) is not None
+
+
+def quantize_loaded(model: nn.Module, method: str) -> nn.Module:
+    """`quantize_model` for a model just loaded, which may already be quantised: with `method` (nothing to do) or
+    with another (an error: re-quantising quantised weights would compound their errors)."""
+    if not is_quantized(model):
+        return quantize_model(model, method)
+    if model.quantization["method"] != method:
+        raise SparkGPTError(f"this checkpoint is quantised as {model.quantization['method']}; it cannot be loaded "
+                            f"as {method} (quantise the original weights instead)")
+    return model
+
+
+# ---- the quantised checkpoint: config.json naming the method, safetensors with the integers and scales -------
+
+QUANT_METHOD = "sparkgpt"  # quantization_config.quant_method of our checkpoints (transformers refuses it clearly)
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    return {"quant_method": QUANT_METHOD, **model.quantization, "head": "int8"}
+
+
+def read_quantization(hf_config: dict[str, Any], source: str) -> tuple[str, int] | None:
+    """(method, group size) from a config.json's quantization_config, None if it has none."""
+    spec = hf_config.get("quantization_config")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("quant_method") != QUANT_METHOD:
+        found = spec.get("quant_method") if isinstance(spec, dict) else spec
+        raise SparkGPTError(f"{source}: quantization_config.quant_method {found!r} is not supported; expected "
+                            f"{QUANT_METHOD!r} (a checkpoint written by `sparkgpt quantize`)")
+    method, group_size = spec.get("method"), spec.get("group_size", GROUP_SIZE)
+    if method not in METHODS:
+        raise SparkGPTError(f"{source}: quantization_config.method {method!r}; expected one of {', '.join(METHODS)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise SparkGPTError(f"{source}: quantization_config.group_size {group_size!r}; expected an even integer")
+    return method, group_size
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a quantised checkpoint stores, under our own names: each once (a tied embedding is the head's
+    table), each its own contiguous copy (fused layers' rows are views)."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state = {name: t for name, t in state.items() if not name.startswith("token_embedding.")}
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+
+
+def quantized_skeleton(config: Any, method: str, group_size: int = GROUP_SIZE) -> nn.Module:
+    """A GPT of `config` on the meta device with every quantised layer in place: the shape of a checkpoint."""
+    from sparkgpt.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    for name, linear in list(_quantizable(model)):
+        kind = layer_method(name, method, tuple(linear.weight.shape), group_size)
+        _replace(model, name, QuantizedLinear(linear.in_features, linear.out_features, kind,
+                                              linear.bias is not None, group_size, "meta", _reads_a_norm(name)))
+    model.token_embedding = QuantizedEmbedding(
+        torch.empty(config.vocab_size, config.d_model, dtype=torch.int8, device="meta"),
+        torch.empty(config.vocab_size, dtype=torch.float32, device="meta"))
+    model.quantization = {"method": method, "group_size": group_size}
+    return model
+
+
+def model_from_quantized_state(config: Any, method: str, group_size: int, state: dict[str, torch.Tensor],
+                               source: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Build a quantised GPT from stored tensors, checked against the skeleton's names, shapes and dtypes.
+    Float tensors (norms, biases) become `dtype`; the integers and scales stay as stored."""
+    model = quantized_skeleton(config, method, group_size)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        expected = {name: t for name, t in expected.items() if not name.startswith("token_embedding.")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        problem = f"missing tensor(s) {', '.join(missing[:5])}" if missing else \
+            f"unexpected tensor(s) {', '.join(unexpected[:5])}"
+        raise SparkGPTError(f"{source}: {problem}")
+    loaded = {}
+    for name, tensor in state.items():
+        want = expected[name]
+        quantized_tensor = name.endswith((".qweight", ".scales", ".zeros"))
+        if tuple(tensor.shape) != tuple(want.shape) or (quantized_tensor and tensor.dtype != want.dtype):
+            raise SparkGPTError(f"{source}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}; the config "
+                                f"implies {tuple(want.shape)} {want.dtype}")
+        loaded[name] = tensor.to(device) if quantized_tensor else tensor.to(device, dtype)
+    if config.tie_embeddings:
+        loaded["token_embedding.qweight"] = loaded["lm_head.qweight"]
+        loaded["token_embedding.scales"] = loaded["lm_head.scales"]
+    model.load_state_dict(loaded, assign=True)
+    model.token_embedding.scales = model.token_embedding.scales.to(dtype)  # lookups return the activation dtype
+    return model.eval()
+
+
+def write_checkpoint(directory: Path, model: nn.Module) -> None:
+    """config.json (the model's family, plus quantization_config), model.safetensors and generation_config.json
+    into `directory` (already staged by the caller)."""
+    from sparkgpt.checkpoint import hf
+
+    config = model.config
+    float_dtype = model.final_norm.weight.dtype
+    write_json(directory / hf.CONFIG_FILE,
+               {**hf.config_to_hf(config, float_dtype), "quantization_config": quantization_config(model)})
+    save_file(quantized_state(model), str(directory / hf.WEIGHTS_FILE), metadata={"format": "pt"})
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    write_json(directory / hf.GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
+
+
+def is_quantized_checkpoint(directory: Path) -> bool:
+    from sparkgpt.checkpoint import hf
+
+    path = directory / hf.CONFIG_FILE
+    return path.is_file() and "quantization_config" in read_json_object(path)
+
+
+def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """The quantised GPT a `write_checkpoint` directory holds, its integers and scales used as stored."""
+    from sparkgpt.checkpoint import hf
+
+    config, _ = hf.read_config(directory)
+    method, group_size = read_quantization(read_json_object(directory / hf.CONFIG_FILE),
+                                           str(directory / hf.CONFIG_FILE))
+    files = hf.weight_files(directory)
+    return model_from_quantized_state(config, method, group_size, hf.read_tensors(files), str(files[0]), dtype,
+                                      device)
