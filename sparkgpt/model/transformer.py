@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,18 +107,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        positions: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`): the head over `hidden_states`."""
-        return self.lm_head(self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
-                                               cache=cache, last_only=last_only))
+    def forward(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`): the language-model head over `hidden_states`,
+        which takes the same keyword options (positions, attention_mask, cache, last_only)."""
+        return self.lm_head(self.hidden_states(input_ids, **options))
 
     def hidden_states(
         self,
