@@ -305,7 +305,8 @@ class Trainer:
         # mean over every target token however examples of different lengths fall into micro-batches (token
         # windows all have the same count; DDP's gradient average over ranks is undone by the world size).
         counts = [self._target_count(targets) for _, targets in batches]
-        total = self.dist.sum(torch.tensor(float(sum(counts)), device=self.device)).item()
+        total = sum(counts) * self.dist.world_size if isinstance(self.data, TokenData) else \
+            self.dist.sum(torch.tensor(float(sum(counts)), device=self.device)).item()  # ranks' counts differ
         for micro, (inputs, targets) in enumerate(batches):
             tokens += (inputs if isinstance(inputs, torch.Tensor) else inputs.model_args()[0]).numel()
             with self.dist.gradient_sync(self.train_model, sync=micro == config.grad_accum - 1), self._autocast():
