@@ -179,12 +179,7 @@ class LM:
         results = []
         with torch.inference_mode():
             for start in range(0, len(encoded), batch_size):
-                batch = encoded[start:start + batch_size]
-                ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
-                for row, tokens in enumerate(batch):
-                    ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                lengths = torch.tensor([len(tokens) for tokens in batch])
-                inputs = ClassifyBatch(ids, lengths).to(device)
+                inputs = ClassifyBatch.of(encoded[start:start + batch_size], pad=0).to(device)  # pads are unread
                 probabilities = torch.softmax(self.model(*inputs.model_args()).float(), dim=-1).cpu()
                 results += [dict(zip(self.model.labels, row.tolist(), strict=True)) for row in probabilities]
         return results[0] if single else results

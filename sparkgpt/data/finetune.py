@@ -33,12 +33,24 @@ _EVAL_STREAM = 0x5EED_E7A1
 _ROLES = ("system", "user", "assistant", "tool")
 
 
+def pad_right(sequences: list[list[int]], pad: int) -> torch.Tensor:
+    """[len(sequences), longest] int64: each sequence at the start of its row, the rest `pad`."""
+    padded = torch.full((len(sequences), max(map(len, sequences))), pad, dtype=torch.long)
+    for row, values in enumerate(sequences):
+        padded[row, :len(values)] = torch.tensor(values, dtype=torch.long)
+    return padded
+
+
 @dataclass
 class ClassifyBatch:
     """Model inputs of a classification batch: right-padded ids [B, T] and each row's real length [B]."""
 
     input_ids: torch.Tensor
     lengths: torch.Tensor
+
+    @classmethod
+    def of(cls, sequences: list[list[int]], pad: int) -> ClassifyBatch:
+        return cls(pad_right(sequences, pad), torch.tensor([len(s) for s in sequences], dtype=torch.long))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> ClassifyBatch:
         return ClassifyBatch(self.input_ids.to(device, non_blocking=non_blocking),
@@ -284,14 +296,8 @@ class FinetuneData:
     def batch(self, examples: list[Example], rows: np.ndarray) -> tuple[torch.Tensor | ClassifyBatch, torch.Tensor]:
         """(inputs, targets) for examples[rows], right-padded to the longest."""
         chosen = [examples[int(row)] for row in rows]
-        longest = max(len(example.ids) for example in chosen)
-        ids = torch.full((len(chosen), longest), self.pad_id, dtype=torch.long)
-        for row, example in enumerate(chosen):
-            ids[row, :len(example.ids)] = torch.tensor(example.ids, dtype=torch.long)
         if self.task == "classify":
-            lengths = torch.tensor([len(example.ids) for example in chosen], dtype=torch.long)
-            return ClassifyBatch(ids, lengths), torch.tensor([example.target for example in chosen], dtype=torch.long)
-        targets = torch.full((len(chosen), longest), IGNORE, dtype=torch.long)
-        for row, example in enumerate(chosen):
-            targets[row, :len(example.target)] = torch.tensor(example.target, dtype=torch.long)
-        return ids, targets
+            return ClassifyBatch.of([example.ids for example in chosen], self.pad_id), \
+                torch.tensor([example.target for example in chosen], dtype=torch.long)
+        return pad_right([example.ids for example in chosen], self.pad_id), \
+            pad_right([example.target for example in chosen], IGNORE)
