@@ -9,8 +9,7 @@ last 10% validation (`sparkgpt prepare shakespeare --tokenizer char`).
 2. Wall time (training + evaluations) until the validation loss reaches 1.89: the reference runs nanoGPT's CPU
    recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3 cosine over 2,000 steps, evaluating every 250);
    sparkgpt runs its `shakespeare-char` preset (same shape, Llama-style block, bf16) with the RACE settings: Muon,
-   batch 48, higher lrs, a 150-step schedule, eager attention (faster than the fused bf16 kernel at 64 tokens ×
-   32-wide heads), evaluating every 50 steps. Both score the same fixed 240 validation
+   batch 48, higher lrs, a 150-step schedule, evaluating every 50 steps. Both score the same fixed 240 validation
    sequences of 64 characters (15,360 predictions: nanoGPT's eval_iters=20 × batch 12); the final sparkgpt model is
    then scored again on 2,400 sequences in fp32, so a lucky draw of the 240 cannot pass for the target.
 
@@ -40,9 +39,9 @@ NANOGPT_ARCH = {"model.positions": "learned", "model.norm": "layernorm", "model.
 NANOGPT_SETTINGS = {"dtype": "float32", "compile": "false", "fused": "false", "optimizer": "adamw"}
 VAL_SEQUENCES = 240  # nanoGPT's CPU recipe: eval_iters 20 × batch 12, of block 64
 RACE_STEPS = 150
-RACE = {"optimizer": "muon", "muon_lr": "0.06", "lr": "8e-3", "min_lr": "8e-4", "batch_size": "48",
-        "warmup_steps": "10", "max_steps": str(RACE_STEPS), "model.attention_backend": "eager",
-        "eval_every": "50", "eval_batches": str(VAL_SEQUENCES // 48), "log_every": "25"}
+RACE = {"optimizer": "muon", "muon_lr": "0.05", "lr": "1.2e-2", "min_lr": "1.2e-3", "batch_size": "48",
+        "warmup_steps": "10", "max_steps": str(RACE_STEPS), "eval_every": "50",
+        "eval_batches": str(VAL_SEQUENCES // 48), "log_every": "25"}
 SEED = 1337
 
 

@@ -4,8 +4,12 @@ heads against transformers, exact resume, and the CLI."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import AddedToken
@@ -13,7 +17,7 @@ from tokenizers import AddedToken
 import sparkgpt
 from sparkgpt.checkpoint import hf
 from sparkgpt.cli import main
-from sparkgpt.data.finetune import IGNORE, FinetuneData, encode_chat, epoch_rows
+from sparkgpt.data.finetune import IGNORE, FinetuneData, encode_chat, epoch_rows, micro_batch_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model.heads import SequenceClassifier
 from sparkgpt.train import lora, trainer
@@ -133,6 +137,14 @@ def test_epoch_rows_visit_every_example_once_per_epoch():
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------------
+
+def test_ranks_take_turns_at_the_longest_micro_batches():
+    step_rows = np.arange(8)  # longest first
+    taken = {(rank, micro): micro_batch_rows(step_rows, rank, 2, micro, 2).tolist()
+             for rank in range(2) for micro in range(2)}
+    assert taken == {(0, 0): [0, 1], (1, 0): [2, 3], (0, 1): [4, 5], (1, 1): [6, 7]}
+    assert micro_batch_rows(step_rows, 0, 1, 1, 4).tolist() == [4, 5, 6, 7]  # one process: in order
+
 
 def test_lora_starts_equal_to_the_base_and_counts_its_parameters(chat_llama):
     _, directory = chat_llama
@@ -526,3 +538,26 @@ def test_lora_on_smollm2_resumes_exactly(smollm2_gguf, tmp_path, monkeypatch):
     assert resumed.step == whole.step == 4 and resumed.val_loss == whole.val_loss
     expected, got = adapter_tensors(whole.checkpoint), adapter_tensors(resumed.checkpoint)
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+@pytest.mark.slow
+def test_two_processes_finetune_as_one_with_the_same_global_batch(chat_llama, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): the same losses as one process with twice the accumulation, though the
+    ranks' micro-batches hold examples of different lengths (each rank gets its turn of the longest)."""
+    _, directory = chat_llama
+    records = [{"prompt": "Q" * (1 + i % 7), "completion": " answer" * (1 + i % 4)} for i in range(24)]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    flags = ["--quiet", "--max_steps=3", "--block_size=64", "--batch_size=2", "--dtype=float32", "--eval_batches=1",
+             "--eval_every=3", "--lora_dropout=0", "--log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparkgpt",
+         "finetune", str(directory), "--data", str(data), "--out", str(tmp_path / "ddp"), *flags],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["finetune", str(directory), "--data", str(data), "--out", str(tmp_path / "single"), *flags,
+                 "--grad_accum=2"]) == 0
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "train"] for run in ("ddp", "single")]
+    assert len(losses[0]) == len(losses[1]) == 3
+    assert max(abs(a - b) for a, b in zip(*losses, strict=True)) < 1e-5, losses

@@ -142,6 +142,24 @@ def test_quantized_checkpoint_round_trips_without_quantizing_again(hf_llama, tmp
     assert kinds == ({"int8"} if method == "int8" else {"int8", "int4"})
 
 
+@torch.inference_mode()
+def test_quantized_model_computes_in_bfloat16_and_its_decode_step_follows_the_forward(hf_llama):
+    """On the CPU the activations, norms and KV cache of a quantised model are bf16 (what its kernels take); the
+    decode step keeps a float32 residual stream and gives the logits the whole-sequence forward gives."""
+    _, directory = hf_llama
+    lm = sparkgpt.load(directory, device="cpu", dtype="float32", quantize="int8")
+    assert lm.model.final_norm.weight.dtype == torch.bfloat16
+    assert lm.model.token_embedding.weight.dtype == torch.bfloat16  # what sizes the KV cache
+    ids = torch.randint(0, lm.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    full = lm.model(ids)[0].float()
+    cache = KVCache(lm.config, 1, 12, torch.bfloat16, torch.device("cpu"))
+    lm.model(ids[:, :4], cache=cache)
+    step = decode_step(lm.model)
+    stepped = torch.stack([step(ids[0, t:t + 1], torch.tensor([t]), cache)[0] for t in range(4, 12)])
+    assert stepped.dtype == torch.float32
+    assert relative_error(stepped, full[4:]) < 0.02
+
+
 def test_quantized_gpt2_follows_its_float_logits(hf_gpt2):
     _, directory = hf_gpt2
     float_lm = sparkgpt.load(directory, device="cpu")
@@ -191,7 +209,7 @@ def decode_perplexity(lm: sparkgpt.LM, text: str) -> float:
     """Perplexity of `text` scored one token at a time through the KV cache and the lean decode step (the path
     generation takes, with the integer kernels), after a 1-token prefill."""
     ids = torch.tensor(lm.tokenizer.encode(text))
-    cache = KVCache(lm.config, 1, len(ids), torch.float32, torch.device("cpu"))
+    cache = KVCache(lm.config, 1, len(ids), lm.model.token_embedding.weight.dtype, torch.device("cpu"))
     logits = [lm.model(ids[None, :1], cache=cache)[0, -1]]
     step = decode_step(lm.model)
     for position in range(1, len(ids) - 1):

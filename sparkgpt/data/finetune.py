@@ -215,6 +215,14 @@ def epoch_rows(n: int, seed: int, step: int, count: int) -> np.ndarray:
     return np.asarray(rows)
 
 
+def micro_batch_rows(step_rows: np.ndarray, rank: int, world_size: int, micro: int, batch_size: int) -> np.ndarray:
+    """Micro-batch `micro` of rank `rank` from a step's rows (longest first, `FinetuneData.step_rows`): consecutive
+    micro-batches are dealt to the ranks in turn (the (micro·W + rank)-th), so each pads little and every rank
+    gets a like share of the long examples (taking them in rank order would give rank 0 all the longest)."""
+    start = (micro * world_size + rank) * batch_size
+    return step_rows[start:start + batch_size]
+
+
 class FinetuneData:
     """Tokenised fine-tuning examples, train and val, with the trainer's data interface."""
 

@@ -5,7 +5,7 @@ A decode step runs the same math for one token per row, hundreds of times per re
 dispatch (a few µs on a CPU) adds up: the general forward spends about 50 of them per layer. This step, built once
 per model, spends about 20:
 
-- RMSNorm in five small ops (float32 activations);
+- RMSNorm in five small ops on a float32 residual stream (a quantised model's too: its kernels take bf16 rows);
 - rotary angles looked up in a table built once (not recomputed per step), q and k turned together in three ops
   (x·cos + flip(x)·sin±, with the sign of the half-rotation folded into the table);
 - quantised models project q, k, v with one fused int8/int4 matrix and gate/up with another (the separate layers'
@@ -27,16 +27,21 @@ from torch.nn import functional as F
 
 from sparkgpt.model.attention import KVCache, rotary_cos_sin
 from sparkgpt.model.layers import RMSNorm, SwiGLUFFN
-from sparkgpt.model.quant import QuantizedLinear, fuse_rows
+from sparkgpt.model.quant import QuantizedLinear, fuse_rows, is_quantized
 
 
-def _norm(module: nn.Module):
-    """RMSNorm in five ops on float32 rows (its module also casts to and from float32 for bf16 activations;
-    F.rms_norm measured slower here, doing the same casts internally); any other norm as its module."""
+def _norm(module: nn.Module, residual_dtype: torch.dtype):
+    """The norm on rows of the residual stream. Float32 rows: RMSNorm in five ops (its module also casts to and
+    from float32 for bf16 activations; F.rms_norm measured slower here, doing the same casts internally), and
+    LayerNorm with float32 copies of its (possibly bf16) gain and bias. Otherwise the module itself."""
+    if residual_dtype != torch.float32:
+        return module
     if isinstance(module, RMSNorm):
-        weight, eps = module.weight, module.eps
-        if weight.dtype == torch.float32:
-            return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+        weight, eps = module.weight.float(), module.eps
+        return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+    if isinstance(module, nn.LayerNorm):
+        weight, bias = (None if t is None else t.float() for t in (module.weight, module.bias))
+        return lambda x: F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
     return module
 
 
@@ -61,9 +66,9 @@ def _linear(module: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] 
 class _Layer:
     """One block's projections (fused where possible) and norms, as the step calls them on rows [B, d]."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, residual_dtype: torch.dtype) -> None:
         attn, ffn = block.attn, block.ffn
-        self.attn_norm, self.ffn_norm = _norm(block.attn_norm), _norm(block.ffn_norm)
+        self.attn_norm, self.ffn_norm = _norm(block.attn_norm, residual_dtype), _norm(block.ffn_norm, residual_dtype)
         self.cache_index = attn.cache_index
         self.qkv = _linear(_fused([attn.q_proj, attn.k_proj, attn.v_proj]))
         self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
@@ -82,8 +87,12 @@ class DecodeStep:
         self.model = model
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.scale = config.attention_scale
-        self.layers = [_Layer(block) for block in model.blocks]
-        self.final_norm = _norm(model.final_norm)
+        # A quantised model's integer kernels take and give bf16 rows, and its KV cache is bf16
+        # (`quant.compute_dtype`); its residual stream stays float32 here all the same: converting each kernel's
+        # input costs no more than converting its output would, and the rows keep their precision across layers.
+        self.residual_dtype = torch.float32 if is_quantized(model) else model.final_norm.weight.dtype
+        self.layers = [_Layer(block, self.residual_dtype) for block in model.blocks]
+        self.final_norm = _norm(model.final_norm, self.residual_dtype)
         self.rope = config.positions == "rope"
         self._cos = self._sin = None
         self.signature = parameter_signature(model)
@@ -109,11 +118,12 @@ class DecodeStep:
                  mask: torch.Tensor | None = None) -> torch.Tensor:
         model, batch = self.model, tokens.shape[0]
         n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        x = model.token_embedding(tokens)  # [B, d]: one row per sequence throughout
+        x = model.token_embedding(tokens).to(self.residual_dtype)  # [B, d]: one row per sequence throughout
+        heads_dtype = cache.keys.dtype  # q, k, v and attention: the cache's dtype
         cos = sin = None
         if self.rope:
             if self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device:
-                self._rotary_table(int(positions.max()) + 1, x.device, x.dtype)
+                self._rotary_table(int(positions.max()) + 1, x.device, heads_dtype)
             cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [B, 1, d_k]
         else:
             x = x + model.position_embedding(positions)
@@ -121,11 +131,12 @@ class DecodeStep:
         for layer in self.layers:
             h = layer.attn_norm(x)
             if layer.qkv is not None:
-                qkv = layer.qkv(h).to(x.dtype).view(batch, n_heads + 2 * n_kv, head_dim)  # the cache's dtype
+                qkv = layer.qkv(h).to(heads_dtype).view(batch, n_heads + 2 * n_kv, head_dim)
                 qk, v = qkv[:, :n_heads + n_kv], qkv[:, n_heads + n_kv:]
             else:
-                qk = torch.cat([layer.q_proj(h), layer.k_proj(h)], dim=-1).view(batch, n_heads + n_kv, head_dim)
-                v = layer.v_proj(h).view(batch, n_kv, head_dim)
+                qk = torch.cat([layer.q_proj(h), layer.k_proj(h)], dim=-1).to(heads_dtype).view(
+                    batch, n_heads + n_kv, head_dim)
+                v = layer.v_proj(h).to(heads_dtype).view(batch, n_kv, head_dim)
             if cos is not None:
                 flipped = qk.view(batch, n_heads + n_kv, 2, head_dim // 2).flip(2).view(qk.shape)
                 qk = torch.addcmul(qk * cos, flipped, sin)

@@ -355,6 +355,31 @@ def quantize_model(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
     model.token_embedding = QuantizedEmbedding(table["qweight"].to(float_table.device),
                                                table["scales"].to(float_table.device, float_table.dtype))
     model.quantization = {"method": method, "group_size": group_size}
+    return to_compute_dtype(model, compute_dtype(device, float_table.dtype))
+
+
+def compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The activations' dtype of a quantised model: bfloat16 on the CPU, `dtype` elsewhere.
+
+    The CPU kernels take bf16 activations whatever the model's float dtype, and the prefill path dequantises to
+    bf16: float32 norms, residuals and attention around them only add conversions (with bf16 activations the
+    SmolLM2-135M prefill ran 1.4x faster, perplexity +0.2%). The decode step keeps its residual stream in float32
+    (`sparkgpt.model.decode`)."""
+    return torch.bfloat16 if torch.device(device).type == "cpu" else dtype
+
+
+def to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every float tensor of the model but the quantised layers' own (norms, learned positions, the embedding's
+    scales: what sets the activations' dtype) in `dtype`. The quantised layers' biases stay float32 (fbgemm's
+    packed head takes them so) and are cast per call."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                converted = tensor.to(dtype)
+                setattr(module, name, nn.Parameter(converted, tensor.requires_grad) if isinstance(tensor, nn.Parameter)
+                        else converted)
     return model
 
 
@@ -401,10 +426,13 @@ def read_quantization(hf_config: dict[str, Any], source: str) -> tuple[str, int]
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a quantised checkpoint stores, under our own names: each once (a tied embedding is the head's
-    table), each its own contiguous copy (fused layers' rows are views)."""
+    table), each its own contiguous copy (fused layers' rows are views). An untied embedding's scales are stored
+    float32, as quantised (the model holds them in its activations' dtype)."""
     state = model.state_dict()
     if model.config.tie_embeddings:
         state = {name: t for name, t in state.items() if not name.startswith("token_embedding.")}
+    elif "token_embedding.scales" in state:
+        state["token_embedding.scales"] = state["token_embedding.scales"].float()
     return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
 
 
@@ -428,7 +456,7 @@ def quantized_skeleton(config: Any, method: str, group_size: int = GROUP_SIZE) -
 def model_from_quantized_state(config: Any, method: str, group_size: int, state: dict[str, torch.Tensor],
                                source: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Build a quantised GPT from stored tensors, checked against the skeleton's names, shapes and dtypes.
-    Float tensors (norms, biases) become `dtype`; the integers and scales stay as stored."""
+    Float tensors (norms, biases) take the compute dtype (`compute_dtype`); the integers and scales stay as stored."""
     model = quantized_skeleton(config, method, group_size)
     expected = model.state_dict()
     if config.tie_embeddings:
@@ -445,13 +473,12 @@ def model_from_quantized_state(config: Any, method: str, group_size: int, state:
         if tuple(tensor.shape) != tuple(want.shape) or (quantized_tensor and tensor.dtype != want.dtype):
             raise SparkGPTError(f"{source}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}; the config "
                                 f"implies {tuple(want.shape)} {want.dtype}")
-        loaded[name] = tensor.to(device) if quantized_tensor else tensor.to(device, dtype)
+        loaded[name] = tensor.to(device)
     if config.tie_embeddings:
         loaded["token_embedding.qweight"] = loaded["lm_head.qweight"]
         loaded["token_embedding.scales"] = loaded["lm_head.scales"]
     model.load_state_dict(loaded, assign=True)
-    model.token_embedding.scales = model.token_embedding.scales.to(dtype)  # lookups return the activation dtype
-    return model.eval()
+    return to_compute_dtype(model, compute_dtype(device, dtype)).eval()
 
 
 def write_checkpoint(directory: Path, model: nn.Module) -> None:

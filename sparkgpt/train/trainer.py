@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.data.datasets import TokenData, eval_offsets, gather, step_offsets
-from sparkgpt.data.finetune import IGNORE, FinetuneData
+from sparkgpt.data.finetune import IGNORE, FinetuneData, micro_batch_rows
 from sparkgpt.data.seq2seq import Seq2SeqData, is_seq2seq
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT
@@ -271,9 +271,9 @@ class Trainer:
         config = self.config
         per_rank = config.batch_size * config.grad_accum
         if not isinstance(self.data, TokenData):  # whole examples, drawn per step as the token windows are
-            start = self.dist.rank * per_rank + micro * config.batch_size
-            rows = self.data.step_rows(config.seed, step, per_rank * self.dist.world_size)
-            inputs, targets = self.data.batch(self.data.train, rows[start:start + config.batch_size])
+            rows = micro_batch_rows(self.data.step_rows(config.seed, step, per_rank * self.dist.world_size),
+                                    self.dist.rank, self.dist.world_size, micro, config.batch_size)
+            inputs, targets = self.data.batch(self.data.train, rows)
             return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         offsets = step_offsets(len(self.data.train), config.block_size, config.seed, step,
                                per_rank * self.dist.world_size)
