@@ -1,9 +1,13 @@
 """GGUF export, checked against references: the `gguf` package's quantisers and reader, llama.cpp's Q/K
-permutation (as convert_hf_to_gguf.py writes it), and transformers loading the exported file (gguf_file=)."""
+permutation (as convert_hf_to_gguf.py writes it), transformers loading the exported file (gguf_file=), and
+llama.cpp itself running it (node-llama-cpp's prebuilt CPU build, installed into tests/llama_cpp by `make test`)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -362,3 +366,19 @@ def test_smollm2_f16_greedy_text_equals_the_original(smollm2_lm, smollm2_exports
     question = [{"role": "user", "content": "What is the capital of France?"}]
     answer = exported.chat(question, temperature=0, max_new_tokens=12)
     assert answer == smollm2_lm.chat(question, temperature=0, max_new_tokens=12) and "Paris" in answer
+
+
+LLAMA_CPP = Path(__file__).parent / "llama_cpp"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_llama_cpp_runs_the_export_to_our_greedy_text(smollm2_lm, smollm2_exports, dtype):
+    """The exported file in llama.cpp: the same 16 greedy tokens as sparkgpt from the original weights."""
+    if shutil.which("node") is None or not (LLAMA_CPP / "node_modules" / "node-llama-cpp").is_dir():
+        pytest.skip("llama.cpp is not installed: `make test` installs it where node and npm are (.ci/run does)")
+    texts = TEXTS[:2]
+    result = subprocess.run(["node", str(LLAMA_CPP / "generate.mjs"), str(smollm2_exports[dtype]), "16", *texts],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == smollm2_lm.generate(texts, max_new_tokens=16, temperature=0)
