@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LLAMA_CPP := tests/llama_cpp/node_modules/.installed
+LLAMA_CPP := tools/llama_cpp/node_modules/.installed
 
 .PHONY: setup demo test lint bench clean
 
@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # llama.cpp for the GGUF export test: node-llama-cpp's prebuilt CPU binary (83 MB; the test skips without npm).
-$(LLAMA_CPP): tests/llama_cpp/package-lock.json
+$(LLAMA_CPP): tools/llama_cpp/package-lock.json
 	@if command -v npm >/dev/null; then \
-		npm ci --prefix tests/llama_cpp --omit=optional --no-audit --no-fund --silent && touch $@; \
+		npm ci --prefix tools/llama_cpp --omit=optional --no-audit --no-fund --silent && touch $@; \
 	else echo "npm not found: the llama.cpp check of GGUF export will be skipped"; fi
 
 # Prepare Shakespeare, train a small char-level GPT on the CPU for about two minutes, print samples from it.
@@ -40,4 +40,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_generate.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis tests/llama_cpp/node_modules
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis tools/llama_cpp/node_modules

@@ -6,6 +6,7 @@ dequantised, handed to both) or a random-init model of the same shape (`--weight
 Decode: new tokens per second at batch 1, 128 tokens after a 16-token prompt (total time minus that prefill).
 Quantised rows (`sparkgpt.model.quant`, int8 and int4 from the same float weights) are compared with transformers
 fp32 for decode and transformers bf16 for prefill (the issue's goals), beside their perplexity on a fixed text.
+Where `make test` has installed it (tools/llama_cpp), llama.cpp itself runs the same prompts on the GGUF file.
 
     python benchmarks/bench_generate.py [--weights smollm2-135m-instruct|random] [--threads 2] [--repeats 3]
 """
@@ -14,16 +15,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import sparkgpt
 from sparkgpt.checkpoint.hf import config_to_hf, state_dict_to_hf
+from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.generate import SamplingParams, token_steps
 from sparkgpt.model.quant import quantize_model
 
+LLAMA_CPP = Path(__file__).parent.parent / "tools" / "llama_cpp"
 # A fixed text for the quality column (plain prose written for this benchmark).
 TEXT = ("The old bridge crossed the river just below the mill, where the water ran fast and cold even in summer. "
         "Children from the village came to fish there after school, and their parents warned them every spring "
@@ -53,11 +60,15 @@ def theirs(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], object]
                                   min_new_tokens=new_tokens, do_sample=False)
 
 
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 512-token prompt of the prefill figure and the 16-token prompt of the decode figure (random ids)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 49152, (1, 512), generator=generator), torch.randint(0, 49152, (1, 16), generator=generator)
+
+
 def measure(make_run, model, repeats: int) -> tuple[float, float]:
     """(prefill tokens/s on 512 tokens, decode tokens/s for 128 tokens)."""
-    generator = torch.Generator().manual_seed(0)
-    long_prompt = torch.randint(0, 49152, (1, 512), generator=generator)
-    short_prompt = torch.randint(0, 49152, (1, 16), generator=generator)
+    long_prompt, short_prompt = prompts()
     prefill = best_time(make_run(model, long_prompt, 1), repeats)
     first = best_time(make_run(model, short_prompt, 1), repeats)
     whole = best_time(make_run(model, short_prompt, 129), repeats)
@@ -116,6 +127,25 @@ def main() -> None:
         print(f"{method:<9}{'sparkgpt':<14}{prefill:>14.0f}{decode:>14.1f}{quality[method]:>12.3f}")
         print(f"{'':<9}{'ratio':<14}{prefill / reference_rows[torch.bfloat16][0]:>13.2f}x"
               f"{decode / reference_rows[torch.float32][1]:>13.2f}x   (prefill vs transformers bf16, decode vs fp32)")
+    gguf_file = resolve(args.weights) if args.weights != "random" else None
+    figures = llama_cpp(gguf_file, args.threads, args.repeats) if gguf_file and gguf_file.suffix == ".gguf" else None
+    if figures:  # the file's own weights (Q4_1 for the default), not re-quantised
+        print(f"{'gguf':<9}{'llama.cpp':<14}{figures[0]:>14.0f}{figures[1]:>14.1f}")
+        print(f"{'':<9}{'ratio':<14}{figures[0] / reference_rows[torch.bfloat16][0]:>13.2f}x"
+              f"{figures[1] / reference_rows[torch.float32][1]:>13.2f}x   (as above)")
+
+
+def llama_cpp(gguf_file: Path, threads: int, repeats: int) -> tuple[float, float] | None:
+    """llama.cpp's (prefill, decode) tokens/s on the same prompts (tools/llama_cpp/speed.mjs through node-llama-cpp's
+    prebuilt CPU build, which `make test` installs), or None where it is not installed."""
+    if shutil.which("node") is None or not (LLAMA_CPP / "node_modules" / "node-llama-cpp").is_dir():
+        return None
+    long_prompt, short_prompt = prompts()
+    spec = json.dumps({"long": long_prompt[0].tolist(), "short": short_prompt[0].tolist(), "new_tokens": 128})
+    result = subprocess.run(["node", str(LLAMA_CPP / "speed.mjs"), str(gguf_file), str(threads), str(repeats), spec],
+                            capture_output=True, text=True, check=True, timeout=900)
+    figures = json.loads(result.stdout)
+    return figures["prefill_tok_s"], figures["decode_tok_s"]
 
 
 @torch.inference_mode()

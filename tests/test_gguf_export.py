@@ -1,6 +1,6 @@
 """GGUF export, checked against references: the `gguf` package's quantisers and reader, llama.cpp's Q/K
 permutation (as convert_hf_to_gguf.py writes it), transformers loading the exported file (gguf_file=), and
-llama.cpp itself running it (node-llama-cpp's prebuilt CPU build, installed into tests/llama_cpp by `make test`)."""
+llama.cpp itself running it (node-llama-cpp's prebuilt CPU build, installed into tools/llama_cpp by `make test`)."""
 
 from __future__ import annotations
 
@@ -368,7 +368,7 @@ def test_smollm2_f16_greedy_text_equals_the_original(smollm2_lm, smollm2_exports
     assert answer == smollm2_lm.chat(question, temperature=0, max_new_tokens=12) and "Paris" in answer
 
 
-LLAMA_CPP = Path(__file__).parent / "llama_cpp"
+LLAMA_CPP = Path(__file__).parent.parent / "tools" / "llama_cpp"
 
 
 @pytest.mark.slow
