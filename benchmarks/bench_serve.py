@@ -6,7 +6,10 @@ requests are done. Reports aggregate generated tokens/s (usage.completion_tokens
 time), p50/p99 request latency and p50 time to first token; then a soak of `--soak` requests at concurrency 16,
 which must finish with zero errors. Goal: throughput at concurrency 8 >= 4x throughput at concurrency 1.
 
-    python benchmarks/bench_serve.py [--ref smollm2-135m-instruct] [--max-tokens 64] [--threads 2]
+`--engine` runs the same levels on the serving engine alone, in this process (no server, no HTTP, the same
+prompts and sampling parameters): the scheduler's own throughput, for quick iteration on it.
+
+    python benchmarks/bench_serve.py [--ref smollm2-135m-instruct] [--max-tokens 64] [--threads 2] [--engine]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -45,10 +49,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def messages(index: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a long story about {TOPICS[index % len(TOPICS)]}."}]
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int) -> Result:
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
-            "temperature": 0.7, "top_p": 0.95, "seed": index,
-            "messages": [{"role": "user", "content": f"Write a long story about {TOPICS[index % len(TOPICS)]}."}]}
+            "temperature": 0.7, "top_p": 0.95, "seed": index, "messages": messages(index)}
     start = time.perf_counter()
     first_token, tokens = None, 0
     try:
@@ -87,6 +94,46 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
         return time.perf_counter() - start, results
 
 
+def run_engine_level(engine, concurrency: int, requests: int, max_tokens: int,
+                     first_index: int) -> tuple[float, list[Result]]:
+    """`run_level` on the engine alone: `concurrency` threads each submit the next request when theirs is done."""
+    import queue
+    import threading
+
+    from sparkgpt.generate import SamplingParams
+
+    pending = iter(range(first_index, first_index + requests))
+    lock = threading.Lock()
+    results: list[Result] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                index = next(pending, None)
+            if index is None:
+                return
+            events: queue.SimpleQueue = queue.SimpleQueue()
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=0.7, top_p=0.95, seed=index)
+            start = time.perf_counter()
+            engine.submit(engine.lm.chat_prompt(messages(index)), params, events.put)
+            first_token, done = None, None
+            while done is None:
+                for event in events.get():
+                    if first_token is None and event.text:
+                        first_token = time.perf_counter() - start
+                    if event.finish_reason is not None or event.error is not None:
+                        done = event
+            results.append(Result(time.perf_counter() - start, first_token, done.completion_tokens, done.error))
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, results
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -120,12 +167,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", action="store_true", help="the engine alone, in this process (no HTTP)")
     args = parser.parse_args()
+    slots = max(16, *args.levels)
+    if args.engine:
+        engine_benchmark(args, slots)
+        return
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     model = "bench"
-    slots = max(16, *args.levels)
     command = [sys.executable, "-m", "sparkgpt", "serve", args.ref, "--port", str(port), "--model-name", model,
                "--max-concurrency", str(slots), "--max-queue", "1024", "--context", "1024", "--dtype", args.dtype,
                "--device", args.device, "--log-level", "warning"]
@@ -160,15 +211,41 @@ def benchmark(args: argparse.Namespace, server: subprocess.Popen, log, url: str,
         time.sleep(0.2)
     print(f"server up: {args.ref}, {slots} slots, max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95, "
           f"{os.cpu_count()} cores", flush=True)
-    asyncio.run(run_level(url, model, 2, 2, 8, 10_000))  # warm-up: first-call allocations, kernel selection
+    report(args, lambda concurrency, requests, max_tokens, first_index: asyncio.run(
+        run_level(url, model, concurrency, requests, max_tokens, first_index)))
+
+
+def engine_benchmark(args: argparse.Namespace, slots: int) -> None:
+    """The levels and the soak on an Engine in this process, configured as `sparkgpt serve` configures it."""
+    import torch
+
+    import sparkgpt
+    from sparkgpt.serve.engine import Engine
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
+    engine = Engine(lm, max_slots=slots, max_queue=1024, context=1024).start()
+    print(f"engine alone: {args.ref}, {slots} slots, max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    try:
+        report(args, lambda *level: run_engine_level(engine, *level))
+    finally:
+        engine.stop()
+
+
+def report(args: argparse.Namespace, run: Callable[[int, int, int, int], tuple[float, list[Result]]]) -> None:
+    """Warm up, run each concurrency level and the soak with `run(concurrency, requests, max_tokens, first
+    index)`; print each, the goal's ratio and a markdown table."""
+    run(2, 2, 8, 10_000)  # warm-up: first-call allocations, kernel selection
     rows, index = [], 0
     for concurrency in args.levels:
         requests = args.requests_per_client * concurrency
-        wall, results = asyncio.run(run_level(url, model, concurrency, requests, args.max_tokens, index))
+        wall, results = run(concurrency, requests, args.max_tokens, index)
         rows.append(summarise("level", concurrency, wall, results))
         index += requests
     if args.soak:
-        wall, results = asyncio.run(run_level(url, model, 16, args.soak, args.max_tokens, index))
+        wall, results = run(16, args.soak, args.max_tokens, index)
         rows.append(summarise("soak", 16, wall, results))
     by_level = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["label"] == "level"}
     if 1 in by_level and 8 in by_level:

@@ -5,6 +5,7 @@ Most tests serve a tiny random Llama-style checkpoint built here (fast); one slo
 
 from __future__ import annotations
 
+import queue
 import re
 import socket
 import subprocess
@@ -93,6 +94,70 @@ def test_engine_batches_ragged_requests_and_each_equals_solo_generation(tokenize
         assert engine.active_sequences == 0 and engine.queue_depth == 0
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_newcomers_admitted_together_are_prefilled_in_one_forward_and_each_equals_solo(
+        tokenizer: Tokenizer, positions: str):
+    lm = tiny_lm(tokenizer, positions=positions, max_seq_len=128)
+    base = lm.encode("To be, or not to be, that is the question")
+    # Different lengths (left padding in the batch), and first a prompt that extends `base`, whose keys/values its
+    # slot will hold already: that row starts at a cached column while the others start at 0.
+    prompts = [base + lm.encode(" Whether 'tis nobler")]
+    prompts += [lm.encode(text) for text in ["x", "Hello there", "def add(a, b):\n    return a + b"]]
+    lengths = [11, 9, 14, 5]
+    expected = [lm.complete([p], max_new_tokens=n, temperature=0)[0].text for p, n in zip(prompts, lengths,
+                                                                                             strict=True)]
+    forwards: list[tuple[int, ...]] = []  # input shapes of the model's general forward (prefills; decode is lean)
+    lm.model.register_forward_pre_hook(lambda module, args: forwards.append(tuple(args[0].shape)))
+
+    def run_together(engine: Engine) -> list[str]:
+        """Submit every prompt before the engine thread starts, so that one iteration admits them all."""
+        events: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in prompts]
+        for prompt, n, sink in zip(prompts, lengths, events, strict=True):
+            engine.submit(prompt, SamplingParams(max_new_tokens=n, temperature=0), sink.put)
+        engine.start()
+        texts = []
+        for sink in events:
+            text, done = "", False
+            while not done:
+                for event in sink.get(timeout=60):
+                    assert event.error is None
+                    text, done = text + event.text, event.finish_reason is not None
+            texts.append(text)
+        engine.stop()
+        return texts
+
+    engine = Engine(lm, max_slots=4, max_queue=8, context=128)
+    engine.start()
+    assert engine.generate(base, SamplingParams(max_new_tokens=2, temperature=0))[0].text  # fills slot 0
+    engine.stop()
+    forwards.clear()
+    assert run_together(engine) == expected
+    longest = max(len(p) for p in prompts[1:])  # the first row prefills only what follows `base`
+    assert forwards == [(4, longest)] and engine.prefills == 2
+    assert engine.reused_prompt_tokens >= len(base)
+
+    # A budget below rows × width: each forward stays within it, the rest waits for the next iteration.
+    budget = 2 * longest
+    engine = Engine(lm, max_slots=4, max_queue=8, context=128, prefill_chunk=budget)
+    forwards.clear()
+    assert run_together(engine) == expected
+    assert 1 < len(forwards) < len(prompts) + 1 and all(rows * width <= budget for rows, width in forwards)
+
+
+def test_packed_output_head_equals_torch_linear(tokenizer: Tokenizer):
+    from sparkgpt.serve.engine import _PackedHead
+
+    lm = tiny_lm(tokenizer, max_seq_len=64)
+    head = lm.model.lm_head
+    Engine(lm, max_slots=2, context=64)  # on a CPU the engine gives a float32 head a oneDNN copy
+    packed = lm.model.lm_head
+    assert isinstance(packed, _PackedHead) and packed.weight is head.weight is lm.model.token_embedding.weight
+    for shape in [(1, 64), (1, 1, 64), (8, 64), (3, 5, 64)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    assert set(lm.model.state_dict()) == set(tiny_lm(tokenizer, max_seq_len=64).model.state_dict())
 
 
 def test_engine_per_request_sampling_stop_strings_and_limits(tokenizer: Tokenizer):
