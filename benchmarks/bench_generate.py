@@ -4,8 +4,9 @@ Weights: the real SmolLM2-135M-Instruct (`--weights smollm2-135m-instruct`, the 
 dequantised, handed to both) or a random-init model of the same shape (`--weights random`: 30 layers, 576 wide,
 9 heads, 3 key/value heads, vocab 49,152). Prefill: time to the first new token for a 512-token prompt.
 Decode: new tokens per second at batch 1, 128 tokens after a 16-token prompt (total time minus that prefill).
-Quantised rows (`sparkgpt.model.quant`, int8 and int4 from the same float weights) are compared with transformers
-fp32 for decode and transformers bf16 for prefill (the issue's goals), beside their perplexity on a fixed text.
+Quantised rows (`sparkgpt.model.quant`, int8 and int4 from the same float weights; float32 activations, and
+bfloat16 ones marked /bf16) are compared with transformers fp32 for decode and transformers bf16 for prefill (the
+issue's goals), beside their perplexity on a fixed text.
 Where `make test` has installed it (tools/llama_cpp), llama.cpp itself runs the same prompts on the GGUF file.
 
     python benchmarks/bench_generate.py [--weights smollm2-135m-instruct|random] [--threads 2] [--repeats 3]
@@ -103,7 +104,9 @@ def main() -> None:
     with torch.no_grad():  # the same weights: the same logits
         torch.testing.assert_close(model(probe), reference(probe).logits, atol=1e-4, rtol=0)
 
-    quantized = {method: quantize_model(copy.deepcopy(model), method) for method in ("int8", "int4")}
+    # float32 activations (the default) and bfloat16 ones (dtype="bfloat16": the faster prefill) for each method
+    quantized = {f"{method}{suffix}": quantize_model(copy.deepcopy(model).to(dtype), method)
+                 for method in ("int8", "int4") for suffix, dtype in (("", torch.float32), ("/bf16", torch.bfloat16))}
     text = torch.tensor([text_ids])
     quality = {name: perplexity(m, text) for name, m in (("float32", model), *quantized.items())}
 

@@ -143,11 +143,11 @@ def test_quantized_checkpoint_round_trips_without_quantizing_again(hf_llama, tmp
 
 
 @torch.inference_mode()
-def test_quantized_model_computes_in_bfloat16_and_its_decode_step_follows_the_forward(hf_llama):
-    """On the CPU the activations, norms and KV cache of a quantised model are bf16 (what its kernels take); the
-    decode step keeps a float32 residual stream and gives the logits the whole-sequence forward gives."""
+def test_a_bfloat16_quantized_model_decodes_with_a_float32_residual_as_its_forward_does(hf_llama):
+    """dtype bfloat16: activations, norms and KV cache are bf16 (what the kernels take); the decode step keeps a
+    float32 residual stream and gives the logits the whole-sequence forward gives."""
     _, directory = hf_llama
-    lm = sparkgpt.load(directory, device="cpu", dtype="float32", quantize="int8")
+    lm = sparkgpt.load(directory, device="cpu", dtype="bfloat16", quantize="int8")
     assert lm.model.final_norm.weight.dtype == torch.bfloat16
     assert lm.model.token_embedding.weight.dtype == torch.bfloat16  # what sizes the KV cache
     ids = torch.randint(0, lm.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -87,9 +87,9 @@ class DecodeStep:
         self.model = model
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.scale = config.attention_scale
-        # A quantised model's integer kernels take and give bf16 rows, and its KV cache is bf16
-        # (`quant.compute_dtype`); its residual stream stays float32 here all the same: converting each kernel's
-        # input costs no more than converting its output would, and the rows keep their precision across layers.
+        # A quantised model's integer kernels take and give bf16 rows whatever its float dtype; its residual stream
+        # stays float32 here (a bf16 model's too: its norms, q/k/v and KV cache stay bf16): converting each
+        # kernel's input costs no more than converting its output would, and the rows keep their precision.
         self.residual_dtype = torch.float32 if is_quantized(model) else model.final_norm.weight.dtype
         self.layers = [_Layer(block, self.residual_dtype) for block in model.blocks]
         self.final_norm = _norm(model.final_norm, self.residual_dtype)

@@ -180,7 +180,11 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // self.in_features
         if x.device.type != "cpu":
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if rows > DECODE_ROWS or not (self.has_kernel or self.quantize_activations):
+        # Integer kernels for decode only (one token per row: [rows, in] or [B, 1, in]). A prompt, however short,
+        # takes the dequantised matmul, so a sequence's numbers never depend on what it was batched with (the
+        # serving engine prefills newcomers together; the kernels and the matmul round differently).
+        several_per_row = x.dim() > 2 and x.shape[-2] > 1
+        if several_per_row or rows > DECODE_ROWS or not (self.has_kernel or self.quantize_activations):
             out = F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16))
             out = out.to(x.dtype)
             return out if self.bias is None else out + self.bias.to(x.dtype)
@@ -355,20 +359,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
     model.token_embedding = QuantizedEmbedding(table["qweight"].to(float_table.device),
                                                table["scales"].to(float_table.device, float_table.dtype))
     model.quantization = {"method": method, "group_size": group_size}
-    return to_compute_dtype(model, compute_dtype(device, float_table.dtype))
+    return model
 
 
-def compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
-    """The activations' dtype of a quantised model: bfloat16 on the CPU, `dtype` elsewhere.
-
-    The CPU kernels take bf16 activations whatever the model's float dtype, and the prefill path dequantises to
-    bf16: float32 norms, residuals and attention around them only add conversions (with bf16 activations the
-    SmolLM2-135M prefill ran 1.4x faster, perplexity +0.2%). The decode step keeps its residual stream in float32
-    (`sparkgpt.model.decode`)."""
-    return torch.bfloat16 if torch.device(device).type == "cpu" else dtype
-
-
-def to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def float_tensors_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Every float tensor of the model but the quantised layers' own (norms, learned positions, the embedding's
     scales: what sets the activations' dtype) in `dtype`. The quantised layers' biases stay float32 (fbgemm's
     packed head takes them so) and are cast per call."""
@@ -456,7 +450,7 @@ def quantized_skeleton(config: Any, method: str, group_size: int = GROUP_SIZE) -
 def model_from_quantized_state(config: Any, method: str, group_size: int, state: dict[str, torch.Tensor],
                                source: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Build a quantised GPT from stored tensors, checked against the skeleton's names, shapes and dtypes.
-    Float tensors (norms, biases) take the compute dtype (`compute_dtype`); the integers and scales stay as stored."""
+    Float tensors (norms, biases) become `dtype`; the integers and scales stay as stored."""
     model = quantized_skeleton(config, method, group_size)
     expected = model.state_dict()
     if config.tie_embeddings:
@@ -478,7 +472,7 @@ def model_from_quantized_state(config: Any, method: str, group_size: int, state:
         loaded["token_embedding.qweight"] = loaded["lm_head.qweight"]
         loaded["token_embedding.scales"] = loaded["lm_head.scales"]
     model.load_state_dict(loaded, assign=True)
-    return to_compute_dtype(model, compute_dtype(device, dtype)).eval()
+    return float_tensors_to(model, dtype).eval()
 
 
 def write_checkpoint(directory: Path, model: nn.Module) -> None:
