@@ -112,7 +112,7 @@ def main() -> None:
 
     print(f"weights {args.weights}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{args.threads} threads")
-    print(f"{'dtype':<9}{'':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'perplexity':>12}")
+    print(f"{'dtype':<11}{'':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'perplexity':>12}")
     reference_rows = {}
     for dtype in (torch.float32, torch.bfloat16):
         rows = {}
@@ -120,21 +120,21 @@ def main() -> None:
             m.to(dtype)
             rows[name] = measure(make_run, m, args.repeats)
             extra = f"{quality['float32']:>12.3f}" if name == "sparkgpt" and dtype == torch.float32 else ""
-            print(f"{str(dtype).removeprefix('torch.'):<9}{name:<14}{rows[name][0]:>14.0f}{rows[name][1]:>14.1f}"
+            print(f"{str(dtype).removeprefix('torch.'):<11}{name:<14}{rows[name][0]:>14.0f}{rows[name][1]:>14.1f}"
                   f"{extra}")
         ratio = [a / b for a, b in zip(rows["sparkgpt"], rows["transformers"], strict=True)]
-        print(f"{'':<9}{'ratio':<14}{ratio[0]:>13.2f}x{ratio[1]:>13.2f}x")
+        print(f"{'':<11}{'ratio':<14}{ratio[0]:>13.2f}x{ratio[1]:>13.2f}x")
         reference_rows[dtype] = rows["transformers"]
     for method, m in quantized.items():
         prefill, decode = measure(ours, m, args.repeats)
-        print(f"{method:<9}{'sparkgpt':<14}{prefill:>14.0f}{decode:>14.1f}{quality[method]:>12.3f}")
-        print(f"{'':<9}{'ratio':<14}{prefill / reference_rows[torch.bfloat16][0]:>13.2f}x"
+        print(f"{method:<11}{'sparkgpt':<14}{prefill:>14.0f}{decode:>14.1f}{quality[method]:>12.3f}")
+        print(f"{'':<11}{'ratio':<14}{prefill / reference_rows[torch.bfloat16][0]:>13.2f}x"
               f"{decode / reference_rows[torch.float32][1]:>13.2f}x   (prefill vs transformers bf16, decode vs fp32)")
     gguf_file = resolve(args.weights) if args.weights != "random" else None
     figures = llama_cpp(gguf_file, args.threads, args.repeats) if gguf_file and gguf_file.suffix == ".gguf" else None
     if figures:  # the file's own weights (Q4_1 for the default), not re-quantised
-        print(f"{'gguf':<9}{'llama.cpp':<14}{figures[0]:>14.0f}{figures[1]:>14.1f}")
-        print(f"{'':<9}{'ratio':<14}{figures[0] / reference_rows[torch.bfloat16][0]:>13.2f}x"
+        print(f"{'gguf':<11}{'llama.cpp':<14}{figures[0]:>14.0f}{figures[1]:>14.1f}")
+        print(f"{'':<11}{'ratio':<14}{figures[0] / reference_rows[torch.bfloat16][0]:>13.2f}x"
               f"{figures[1] / reference_rows[torch.float32][1]:>13.2f}x   (as above)")
 
 
