@@ -21,7 +21,7 @@ SmolLM2-135M shapes 1536×576 / 576×1536 / 576×576 / 49152×576; the machine w
 | `_weight_int8pack_mm` (bf16 activations) | 58 / 57 / 24 / 6,641 | 16,724 / 17,898 / 10,693 |
 | `_weight_int4pack_mm_for_cpu` (bf16 activations) | 57 / 60 / 22 / 1,888 | 28,061 / 20,263 / 6,009 |
 
-So a few rows (decode, up to `DECODE_ROWS`) go through an integer kernel: `torch._weight_int8pack_mm` (bf16
+So decode rows (one token each, up to `DECODE_ROWS`) go through an integer kernel: `torch._weight_int8pack_mm` (bf16
 activations) for int8 and `torch._weight_int4pack_mm_for_cpu` for int4, except the output head, which takes
 fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`: 8-bit activations, one scale per call,
 called per row so that no row's scale depends on another's). fbgemm everywhere was fastest in isolation but
@@ -52,7 +52,7 @@ from sparkgpt.files import read_json_object, write_json
 
 METHODS = ("int8", "int4")
 GROUP_SIZE = 32
-DECODE_ROWS = 16  # at most this many rows use the integer kernels; more dequantise to bf16 (see the table above)
+DECODE_ROWS = 16  # decode steps of at most this many rows use the integer kernels; prompts dequantise to bf16
 _INT4_INNER_K_TILES = 8  # torch's CPU int4 packing: inner k tiles of 2, 4 or 8 (8 measured fastest)
 
 
