@@ -273,6 +273,7 @@ def test_served_batches_of_a_quantized_model_equal_solo_generation(tokenizer, me
     prompts = [lm.encode(text) for text in ["Hello there", "To be, or not to be", "x", "The quick brown fox"]]
     expected = [lm.complete([p], max_new_tokens=20, temperature=0)[0].text for p in prompts]
     engine = Engine(lm, max_slots=4, context=128).start()
+    assert engine.step.native is not None  # the native kernel, writing each row at its own slot's column
     results: list[str | None] = [None] * len(prompts)
 
     def run(i: int) -> None:

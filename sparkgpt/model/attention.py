@@ -134,6 +134,11 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def write_columns(self, batch: int) -> tuple[torch.Tensor, int]:
+        """For a decode step of `batch` rows: the column [B] each row writes its key/value at, and how many
+        columns attention reads (the native decode kernel's view of `update`)."""
+        return torch.full((batch,), self.length, dtype=torch.long, device=self.keys.device), self.length + 1
+
     def advance(self, n_tokens: int) -> None:
         if self.sparse and self._new_positions is not None:
             self.window_positions = self._ring_write(self.window_positions, self._new_positions)

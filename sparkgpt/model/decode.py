@@ -15,6 +15,11 @@ per model, spends about 20:
 
 Every row feeds one token at its own position; `mask` ([B, 1, 1, S] booleans, True where a row may look) covers
 left padding and the serving engine's per-row slots, or is None when every row sees the whole prefix.
+
+Even 20 operations a layer leave a quantised model's step spending as long in dispatch as in its integer kernels.
+So where every block is a quantised Llama-family block on the CPU, the loop below runs as one native call
+(csrc/decode_layers.cpp, built on first use; see `native`): the same kernels, with norms, rotary, cache writes and
+attention as plain loops. This loop stays the reference (tests/test_native.py) and the path for everything else.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparkgpt.model import native
 from sparkgpt.model.attention import KVCache, rotary_cos_sin
 from sparkgpt.model.layers import RMSNorm, SwiGLUFFN
 from sparkgpt.model.quant import QuantizedLinear, fuse_rows, is_quantized
@@ -70,13 +76,35 @@ class _Layer:
         attn, ffn = block.attn, block.ffn
         self.attn_norm, self.ffn_norm = _norm(block.attn_norm, residual_dtype), _norm(block.ffn_norm, residual_dtype)
         self.cache_index = attn.cache_index
-        self.qkv = _linear(_fused([attn.q_proj, attn.k_proj, attn.v_proj]))
+        fused_qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv = _linear(fused_qkv)
         self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
         self.o_proj = _linear(attn.o_proj)
         self.swiglu = isinstance(ffn, SwiGLUFFN)
-        self.gate_up = _linear(_fused([ffn.gate_proj, ffn.up_proj])) if self.swiglu else None
+        fused_gate_up = _fused([ffn.gate_proj, ffn.up_proj]) if self.swiglu else None
+        self.gate_up = _linear(fused_gate_up)
         self.down_proj = _linear(ffn.down_proj) if self.swiglu else None
         self.ffn = ffn
+        self.native = self._native_operands(block, [fused_qkv, attn.o_proj, fused_gate_up,
+                                                    ffn.down_proj if self.swiglu else None])
+
+    @staticmethod
+    def _native_operands(block: nn.Module, projections: list[nn.Module | None]) -> tuple[list, list, int] | None:
+        """What the native kernel takes for this block: its tensors in csrc/decode_layers.cpp's order, the bits of
+        each projection and the int4 group size; None unless the block is RMSNorm, SwiGLU and four plain
+        bias-free quantised projections with bf16-activation kernels."""
+        norms = (block.attn_norm, block.ffn_norm)
+        if not all(type(norm) is RMSNorm for norm in norms) or not all(
+                type(p) is QuantizedLinear and p.bias is None for p in projections):
+            return None
+        operands = [p.kernel_operands() for p in projections]
+        group_sizes = {p.group_size for p in projections if p.method == "int4"}
+        if any(o is None for o in operands) or len(group_sizes) > 1 or len({n.eps for n in norms}) > 1:
+            return None
+        attn_norm, ffn_norm = (norm.weight.float().contiguous() for norm in norms)
+        (qkv, qkv_scales), (out, out_scales), (gate_up, gate_up_scales), (down, down_scales) = operands
+        tensors = [attn_norm, qkv, qkv_scales, out, out_scales, ffn_norm, gate_up, gate_up_scales, down, down_scales]
+        return tensors, [4 if p.method == "int4" else 8 for p in projections], next(iter(group_sizes), 0)
 
 
 class DecodeStep:
@@ -96,6 +124,24 @@ class DecodeStep:
         self.rope = config.positions == "rope"
         self._cos = self._sin = None
         self.signature = parameter_signature(model)
+        self.native = self._native_kernel()
+
+    def _native_kernel(self) -> tuple | None:
+        """(op, tensors, bits, group size, eps) for csrc/decode_layers.cpp where every block qualifies (a
+        quantised Llama-family model on the CPU, float32 residual) and the kernel builds; else None."""
+        blocks = [layer.native for layer in self.layers]
+        if (self.residual_dtype != torch.float32 or not self.rope or not all(blocks)
+                or len({group for *_, group in blocks if group}) > 1
+                or len({block.attn_norm.eps for block in self.model.blocks}) > 1
+                or self.model.final_norm.weight.device.type != "cpu"):
+            return None
+        ops = native.ops()
+        if ops is None:
+            return None
+        group_size = max(group for *_, group in blocks)
+        tensors = [t for block_tensors, _, _ in blocks for t in block_tensors]
+        bits = [b for _, block_bits, _ in blocks for b in block_bits]
+        return ops.decode_layers, tensors, bits, group_size, self.model.blocks[0].attn_norm.eps
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -122,11 +168,15 @@ class DecodeStep:
         heads_dtype = cache.keys.dtype  # q, k, v and attention: the cache's dtype
         cos = sin = None
         if self.rope:
-            if self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device:
-                self._rotary_table(int(positions.max()) + 1, x.device, heads_dtype)
+            table_dtype = torch.float32 if self.native else heads_dtype  # the native kernel rotates in float32
+            if (self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device
+                    or self._cos.dtype != table_dtype):
+                self._rotary_table(int(positions.max()) + 1, x.device, table_dtype)
             cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [B, 1, d_k]
         else:
             x = x + model.position_embedding(positions)
+        if self.native is not None:
+            return model.lm_head(self.final_norm(self._native_layers(x, cos[:, 0], sin[:, 0], cache, mask)))
         group = n_heads // n_kv
         for layer in self.layers:
             h = layer.attn_norm(x)
@@ -154,6 +204,22 @@ class DecodeStep:
                 x = x + layer.ffn(h)
         cache.advance(1)
         return model.lm_head(self.final_norm(x))
+
+
+    def _native_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """Every block through csrc/decode_layers.cpp: the loop above, with the same kernels, in one call."""
+        op, tensors, bits, group_size, eps = self.native
+        batch = x.shape[0]
+        columns, span = cache.write_columns(batch)
+        visible = None if mask is None else mask.reshape(batch, span)
+        if visible is not None and visible.stride(-1) != 1:
+            visible = visible.contiguous()
+        scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+        x = op(x.contiguous(), cos, sin, cache.keys, cache.values, columns, span, visible, tensors, bits,
+               self.n_heads, self.n_kv_heads, group_size, eps, scale)
+        cache.advance(1)
+        return x
 
 
 def parameter_signature(model: nn.Module) -> tuple:

@@ -49,6 +49,7 @@ from torch.nn import functional as F
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import read_json_object, write_json
+from sparkgpt.model import native
 
 METHODS = ("int8", "int4")
 GROUP_SIZE = 32
@@ -97,13 +98,21 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(method: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The matrix [out, in] that quantised `tensors` stand for, in `dtype`."""
+    """The matrix [out, in] that quantised `tensors` stand for, in `dtype`. bfloat16 on the CPU (a prompt's
+    matmul) is rebuilt by the native kernel in one pass where it is available: each value computed in float32
+    and rounded once, so it equals the float32 matrix below rounded to bf16."""
+    ops = native.ops() if dtype == torch.bfloat16 and tensors["qweight"].device.type == "cpu" else None
+    if ops is not None:
+        if method == "int8":
+            return ops.dequantize_int8(tensors["qweight"], tensors["scales"])
+        return ops.dequantize_int4(tensors["qweight"], tensors["scales"], tensors["zeros"],
+                                   tensors["qweight"].shape[1] * 2 // tensors["scales"].shape[1])
     if method == "int8":
-        return (tensors["qweight"].to(dtype) * tensors["scales"].to(dtype)[:, None])
+        return (tensors["qweight"].float() * tensors["scales"].float()[:, None]).to(dtype)
     levels = unpack_nibbles(tensors["qweight"])
     rows, groups = tensors["scales"].shape
-    grouped = levels.view(rows, groups, -1).to(dtype) - 8
-    return (grouped * tensors["scales"].to(dtype)[..., None] + tensors["zeros"].to(dtype)[..., None]).view(rows, -1)
+    scales, zeros = tensors["scales"].float()[..., None], tensors["zeros"].float()[..., None]
+    return (levels.view(rows, groups, -1).float() * scales + (zeros - 8 * scales)).view(rows, -1).to(dtype)
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
@@ -201,21 +210,30 @@ class QuantizedLinear(nn.Module):
         """For the lean decode step: x [rows <= DECODE_ROWS, in] (float32 or bfloat16) -> x Wᵀ + b [rows, out]
         (bfloat16 without a bias), the bf16-activation kernel with no per-call checks (about 14 µs less a call);
         None where `forward` must decide (off the CPU, fbgemm's head, a shape the kernel refuses)."""
-        if self.qweight.device.type != "cpu" or self.quantize_activations or not self.has_kernel:
+        operands = self.kernel_operands()
+        if operands is None:
             return None
-        packed = self._packed if self._packed_from is self.qweight else self._pack()
         if self.method == "int8":
-            qweight, scales = self.qweight, packed[0]
+            qweight, scales = operands
 
             def kernel(x: torch.Tensor) -> torch.Tensor:
                 return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales)
         else:
-            weight, scales_and_zeros, group_size = *packed, self.group_size
+            weight, scales_and_zeros, group_size = *operands, self.group_size
 
             def kernel(x: torch.Tensor) -> torch.Tensor:
                 return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, group_size, scales_and_zeros)
         bias = self.bias
         return kernel if bias is None else lambda x: kernel(x) + bias
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The bf16-activation kernel's (weight, scales) as `row_kernel` and the native decode step pass them:
+        int8 (qweight, bf16 row scales) for `_weight_int8pack_mm`, int4 (packed weight, scales and zeros) for
+        `_weight_int4pack_mm_for_cpu`; None where `forward` must decide (see `row_kernel`)."""
+        if self.qweight.device.type != "cpu" or self.quantize_activations or not self.has_kernel:
+            return None
+        packed = self._packed if self._packed_from is self.qweight else self._pack()
+        return (self.qweight, packed[0]) if self.method == "int8" else packed
 
     def decode_kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The integer kernel for a few rows (CPU). fbgemm is called row by row: its one activation scale per call

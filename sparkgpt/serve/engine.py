@@ -125,6 +125,11 @@ class SlotKVCache(KVCache):
             return self.keys[layer, :batch, :, : self._span], self.values[layer, :batch, :, : self._span]
         return self.keys[layer, slots, :, : self._span], self.values[layer, slots, :, : self._span]
 
+    def write_columns(self, batch: int) -> tuple[torch.Tensor, int]:
+        if self._slots is not None:
+            raise RuntimeError("a decode step's rows are slots 0..B-1 (begin(None, ...))")
+        return self._columns[:batch, 0].contiguous(), self._span
+
     def advance(self, n_tokens: int) -> None:
         pass  # each slot's length is the engine's bookkeeping
 

@@ -1,0 +1,85 @@
+// Quantised weights back to a bfloat16 matrix, in one pass: what a prompt's matmul multiplies by (quant.py).
+//
+// A prompt of many rows is fastest through the bf16 matmul (oneDNN on AMX), so each call rebuilds its weight in
+// bf16. From Python that takes about seven whole-matrix operations (unpack the nibbles, convert, subtract,
+// multiply, add, ...) and a third of a 512-token prefill; here it is one loop per row, each value computed in float
+// and rounded once: W = (q - 8)·s + z for int4 groups, W = q·s for int8 rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace {
+
+using at::Tensor;
+using c10::BFloat16;
+
+// One row of int4 groups (`Group` values each, or `group_size` when Group is 0) into bf16.
+template <int64_t Group>
+void dequantize_int4_row(const uint8_t* bytes, const BFloat16* scale, const BFloat16* zero, int64_t groups,
+                         int64_t group_size, BFloat16* out) {
+  const int64_t size = Group ? Group : group_size;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float step = static_cast<float>(scale[g]);
+    const float offset = static_cast<float>(zero[g]) - 8.f * step;
+    // each byte's two values as one 32-bit store (low nibble first): contiguous, so the loop vectorises
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(out + g * size);
+    const uint8_t* group = bytes + g * (size / 2);
+    for (int64_t j = 0; j < size / 2; ++j) {
+      const BFloat16 low(static_cast<float>(group[j] & 15) * step + offset);
+      const BFloat16 high(static_cast<float>(group[j] >> 4) * step + offset);
+      pairs[j] = static_cast<uint32_t>(low.x) | (static_cast<uint32_t>(high.x) << 16);
+    }
+  }
+}
+
+// qweight uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high one); scales, zeros bf16 [N, K/group]
+Tensor dequantize_int4(const Tensor& qweight, const Tensor& scales, const Tensor& zeros, int64_t group_size) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kBFloat16 &&
+                  zeros.scalar_type() == at::kBFloat16, "int4: uint8 qweight, bf16 scales and zeros");
+  const Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+  const int64_t rows = q.size(0), cols = q.size(1) * 2, groups = s.size(1);
+  TORCH_CHECK(groups * group_size == cols && z.sizes() == s.sizes() && s.size(0) == rows, "int4: shapes");
+  Tensor out = at::empty({rows, cols}, q.options().dtype(at::kBFloat16));
+  const uint8_t* packed = q.data_ptr<uint8_t>();
+  const BFloat16* scale = s.data_ptr<BFloat16>();
+  const BFloat16* zero = z.data_ptr<BFloat16>();
+  BFloat16* weights = out.data_ptr<BFloat16>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const auto at = [&](auto* base, int64_t width) { return base + row * width; };
+      if (group_size == 32)  // the default: a fixed trip count the compiler unrolls
+        dequantize_int4_row<32>(at(packed, cols / 2), at(scale, groups), at(zero, groups), groups, 32,
+                                at(weights, cols));
+      else
+        dequantize_int4_row<0>(at(packed, cols / 2), at(scale, groups), at(zero, groups), groups, group_size,
+                               at(weights, cols));
+    }
+  });
+  return out;
+}
+
+// qweight int8 [N, K]; scales float32 [N]
+Tensor dequantize_int8(const Tensor& qweight, const Tensor& scales) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
+              "int8: int8 qweight, float32 scales");
+  const Tensor q = qweight.contiguous(), s = scales.contiguous();
+  const int64_t rows = q.size(0), cols = q.size(1);
+  TORCH_CHECK(s.numel() == rows, "int8: one scale per row");
+  Tensor out = at::empty({rows, cols}, q.options().dtype(at::kBFloat16));
+  const int8_t* levels = q.data_ptr<int8_t>();
+  const float* scale = s.data_ptr<float>();
+  BFloat16* weights = out.data_ptr<BFloat16>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      for (int64_t j = 0; j < cols; ++j)
+        weights[row * cols + j] = BFloat16(static_cast<float>(levels[row * cols + j]) * scale[row]);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
+  m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", dequantize_int4);
+  m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor", dequantize_int8);
+}

@@ -1,0 +1,72 @@
+"""Native (C++) kernels, compiled on first use by torch's extension builder and cached per machine.
+
+Two so far, each with a readable PyTorch version that is its reference in the tests and takes over wherever the
+native library is unavailable:
+
+- `decode_layers` (csrc/decode_layers.cpp) runs every block of a quantised Llama-family model's decode step in
+  one call (the reference: `DecodeStep`'s loop in decode.py);
+- `dequantize_int4` / `dequantize_int8` (csrc/dequantize.cpp) rebuild a quantised weight in bfloat16 in one pass
+  for a prompt's matmul (the reference: `quant.dequantize`).
+
+The build needs a C++ compiler (g++ or clang) and ninja (a dependency of sparkgpt): about
+15 seconds once, then the cached library loads in milliseconds (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions). It is compiled for the CPU it runs on (-march=native), and the library's name carries
+that CPU's feature flags, so a home folder shared between machines never loads a build for another CPU.
+`SPARKGPT_NATIVE=0` turns the native path off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_layers.cpp", "dequantize.cpp")]
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's model and feature flags (Linux), so builds for other CPUs are never loaded."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
+
+
+def _built(name: str) -> bool:
+    """Whether the extension builder's cache already holds a build of `name` (a private helper: False if gone)."""
+    from torch.utils import cpp_extension
+
+    try:
+        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:
+        return False
+
+
+@functools.cache
+def ops() -> Any | None:
+    """The `torch.ops.sparkgpt` namespace, built on first call; None where it cannot be (with one warning saying
+    why), or when SPARKGPT_NATIVE=0."""
+    if os.environ.get("SPARKGPT_NATIVE", "1") == "0":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        name = f"sparkgpt_native_{_cpu_key()}"
+        if not _built(name):
+            print("sparkgpt: compiling native kernels for this CPU (once, about 20 s)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler or ninja, a failed build: the Python step does the same work
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"sparkgpt: native kernels unavailable ({reason}); using their PyTorch versions",
+                      stacklevel=2)
+        return None
+    return torch.ops.sparkgpt

@@ -1,0 +1,101 @@
+"""The native (C++) kernels against their PyTorch versions and the model's own forward: the decode step's layers
+in one call (csrc/decode_layers.cpp) and the one-pass dequantisation (csrc/dequantize.cpp)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparkgpt
+from sparkgpt.model import KVCache, native, quant
+from sparkgpt.model.decode import DecodeStep
+from sparkgpt.model.quant import QuantizedLinear, quantize_model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The native library; the tests fail (never skip) where it cannot be built: CI has a compiler."""
+    built = native.ops()
+    assert built is not None, "the native kernels did not build (see the warning): a C++ compiler and ninja needed"
+    return built
+
+
+@pytest.mark.parametrize(("method", "group_size"), [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_native_dequantization_equals_the_float32_matrix_rounded_once(ops, method, group_size):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 192) * torch.logspace(-2, 1, 192)  # columns of very different sizes
+    tensors = quant.quantize_int8(weight) if method == "int8" else quant.quantize_int4(weight, group_size)
+    expected = quant.dequantize(method, tensors, torch.float32).to(torch.bfloat16)
+    if method == "int8":
+        actual = ops.dequantize_int8(tensors["qweight"], tensors["scales"])
+    else:
+        actual = ops.dequantize_int4(tensors["qweight"], tensors["scales"], tensors["zeros"], group_size)
+    assert torch.equal(actual, expected)
+    assert torch.equal(quant.dequantize(method, tensors, torch.bfloat16), expected)  # the path prompts take
+
+
+def tiny_llama(method: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A quantised Llama-shaped model whose every projection has an integer kernel (int8's needs multiples of 64).
+    Under int4 the down projections are int8 (re-quantised from their int4 values), so blocks mix both kernels."""
+    torch.manual_seed(0)
+    config = sparkgpt.ModelConfig(vocab_size=320, n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, d_ff=192,
+                                  max_seq_len=64, positions="rope", norm="rmsnorm", ffn="swiglu", bias=False,
+                                  initializer_range=0.2)
+    model = quantize_model(sparkgpt.GPT(config).eval().to(dtype), method)
+    if method == "int4":
+        for block in model.blocks:
+            linear = torch.nn.Linear(192, 128, bias=False)
+            linear.weight.data = block.ffn.down_proj.dequantize()
+            block.ffn.down_proj = QuantizedLinear.from_linear(linear, "int8")
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@torch.inference_mode()
+def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, method, dtype):
+    """A ragged batch (left padding, a mask) decoded 7 tokens after a 5-token prefill: at each step, from the same
+    cache, the native step's logits and cache writes equal the Python step's (float32: to rounding; bfloat16:
+    the Python step rounds q, k and rotary products to bf16 where the kernel keeps float32), and both follow the
+    whole-sequence forward as closely."""
+    model = tiny_llama(method, dtype)
+    fast = DecodeStep(model)
+    assert fast.native is not None
+    slow = DecodeStep(model)
+    slow.native = None
+    assert set(fast.native[2]) == ({8} if method == "int8" else {4, 8})
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[1, :3] = 0
+    positions = (padding.cumsum(dim=1) - 1).clamp(min=0)
+    full = model(ids, positions=positions, attention_mask=padding)
+    cache = KVCache(model.config, 2, 12, dtype, torch.device("cpu"))
+    model(ids[:, :5], positions=positions[:, :5], attention_mask=padding[:, :5], cache=cache)
+    mask = padding.bool()[:, None, None, :]
+    same = 1e-5 if dtype == torch.float32 else 0.05
+    for t in range(5, 12):
+        python_cache = copy.deepcopy(cache)
+        ours = fast(ids[:, t], positions[:, t], cache, mask[..., : t + 1])
+        reference = slow(ids[:, t], positions[:, t], python_cache, mask[..., : t + 1])
+        assert cache.length == python_cache.length == t + 1
+        assert relative_error(ours, reference) < same
+        assert relative_error(cache.keys[:, :, :, t], python_cache.keys[:, :, :, t]) < same
+        assert relative_error(cache.values[:, :, :, t], python_cache.values[:, :, :, t]) < same
+        for row in range(2):
+            assert relative_error(ours[row], full[row, t]) < 1.5 * relative_error(reference[row], full[row, t]) + 1e-3
+
+
+def test_native_kernels_can_be_turned_off():
+    script = "from sparkgpt.model import native; print(native.ops() is None)"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SPARKGPT_NATIVE": "0"})
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
