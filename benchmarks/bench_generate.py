@@ -40,14 +40,25 @@ TEXT = ("The old bridge crossed the river just below the mill, where the water r
         "Then a group of neighbours cleared the path, repaired the railings, and planted flowers along the bank.")
 
 
-def best_time(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: first-call allocations and kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def measure_in_rounds(implementations: dict[str, tuple[object, Callable]], rounds: int) -> dict[str, tuple]:
+    """{name: (prefill tokens/s on 512 tokens, decode tokens/s for 128 tokens)}, each the best of `rounds`.
+
+    Every implementation is timed once per round, in turn, so that the machine's drift (up to 2× within an hour
+    on this shared machine) falls on all of them alike rather than on whichever ran last."""
+    long_prompt, short_prompt = prompts()
+    jobs = {name: [make_run(model, long_prompt, 1), make_run(model, short_prompt, 1),
+                   make_run(model, short_prompt, 129)] for name, (model, make_run) in implementations.items()}
+    for runs in jobs.values():
+        for run in runs:
+            run()  # warm-up: first-call allocations, kernel selection, the native build
+    best = {name: [float("inf")] * 3 for name in jobs}
+    for _ in range(rounds):
+        for name, runs in jobs.items():
+            for i, run in enumerate(runs):
+                start = time.perf_counter()
+                run()
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: (512 / prefill, 128 / (whole - first)) for name, (prefill, first, whole) in best.items()}
 
 
 def ours(model: sparkgpt.GPT, prompt: torch.Tensor, new_tokens: int) -> Callable[[], object]:
@@ -67,19 +78,10 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 49152, (1, 512), generator=generator), torch.randint(0, 49152, (1, 16), generator=generator)
 
 
-def measure(make_run, model, repeats: int) -> tuple[float, float]:
-    """(prefill tokens/s on 512 tokens, decode tokens/s for 128 tokens)."""
-    long_prompt, short_prompt = prompts()
-    prefill = best_time(make_run(model, long_prompt, 1), repeats)
-    first = best_time(make_run(model, short_prompt, 1), repeats)
-    whole = best_time(make_run(model, short_prompt, 129), repeats)
-    return 512 / prefill, 128 / (whole - first)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each figure is the best of them")
     parser.add_argument("--weights", default="smollm2-135m-instruct", help="a model reference, or 'random'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,31 +113,33 @@ def main() -> None:
     quality = {name: perplexity(m, text) for name, m in (("float32", model), *quantized.items())}
 
     print(f"weights {args.weights}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, best of {args.repeats} rounds")
+    implementations = {
+        "float32 transformers": (reference, theirs), "float32 sparkgpt": (model, ours),
+        "bfloat16 transformers": (copy.deepcopy(reference).to(torch.bfloat16), theirs),
+        "bfloat16 sparkgpt": (copy.deepcopy(model).to(torch.bfloat16), ours),
+        **{f"{method} sparkgpt": (m, ours) for method, m in quantized.items()},
+    }
+    figures = measure_in_rounds(implementations, args.repeats)
     print(f"{'dtype':<11}{'':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'perplexity':>12}")
-    reference_rows = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        rows = {}
-        for name, m, make_run in (("transformers", reference, theirs), ("sparkgpt", model, ours)):
-            m.to(dtype)
-            rows[name] = measure(make_run, m, args.repeats)
-            extra = f"{quality['float32']:>12.3f}" if name == "sparkgpt" and dtype == torch.float32 else ""
-            print(f"{str(dtype).removeprefix('torch.'):<11}{name:<14}{rows[name][0]:>14.0f}{rows[name][1]:>14.1f}"
-                  f"{extra}")
-        ratio = [a / b for a, b in zip(rows["sparkgpt"], rows["transformers"], strict=True)]
-        print(f"{'':<11}{'ratio':<14}{ratio[0]:>13.2f}x{ratio[1]:>13.2f}x")
-        reference_rows[dtype] = rows["transformers"]
-    for method, m in quantized.items():
-        prefill, decode = measure(ours, m, args.repeats)
+    for dtype in ("float32", "bfloat16"):
+        rows = [figures[f"{dtype} transformers"], figures[f"{dtype} sparkgpt"]]
+        for name, row in zip(("transformers", "sparkgpt"), rows, strict=True):
+            extra = f"{quality['float32']:>12.3f}" if name == "sparkgpt" and dtype == "float32" else ""
+            print(f"{dtype:<11}{name:<14}{row[0]:>14.0f}{row[1]:>14.1f}{extra}")
+        print(f"{'':<11}{'ratio':<14}{rows[1][0] / rows[0][0]:>13.2f}x{rows[1][1] / rows[0][1]:>13.2f}x")
+    prefill_reference, decode_reference = figures["bfloat16 transformers"][0], figures["float32 transformers"][1]
+    for method in quantized:
+        prefill, decode = figures[f"{method} sparkgpt"]
         print(f"{method:<11}{'sparkgpt':<14}{prefill:>14.0f}{decode:>14.1f}{quality[method]:>12.3f}")
-        print(f"{'':<11}{'ratio':<14}{prefill / reference_rows[torch.bfloat16][0]:>13.2f}x"
-              f"{decode / reference_rows[torch.float32][1]:>13.2f}x   (prefill vs transformers bf16, decode vs fp32)")
+        print(f"{'':<11}{'ratio':<14}{prefill / prefill_reference:>13.2f}x{decode / decode_reference:>13.2f}x"
+              "   (prefill vs transformers bf16, decode vs fp32)")
     gguf_file = resolve(args.weights) if args.weights != "random" else None
     figures = llama_cpp(gguf_file, args.threads, args.repeats) if gguf_file and gguf_file.suffix == ".gguf" else None
     if figures:  # the file's own weights (Q4_1 for the default), not re-quantised
         print(f"{'gguf':<11}{'llama.cpp':<14}{figures[0]:>14.0f}{figures[1]:>14.1f}")
-        print(f"{'':<11}{'ratio':<14}{figures[0] / reference_rows[torch.bfloat16][0]:>13.2f}x"
-              f"{figures[1] / reference_rows[torch.float32][1]:>13.2f}x   (as above)")
+        print(f"{'':<11}{'ratio':<14}{figures[0] / prefill_reference:>13.2f}x"
+              f"{figures[1] / decode_reference:>13.2f}x   (as above)")
 
 
 def llama_cpp(gguf_file: Path, threads: int, repeats: int) -> tuple[float, float] | None:
