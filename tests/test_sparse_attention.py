@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparkgpt
-from sparkgpt.model import GPT, KVCache
+from sparkgpt.model import GPT, KVCache, native
 from sparkgpt.model.attention import eager_attention
 from sparkgpt.model.sparse import block_sparse_attention, pattern_mask, sparse_attention
 
@@ -19,14 +19,21 @@ CASES = [  # pattern, window, length, summary
 
 
 @pytest.mark.parametrize(("pattern", "window", "length", "summary"), CASES)
-@pytest.mark.parametrize("fast_path", ["dispatch", "block_sparse"])
-def test_fast_path_equals_masked_reference_forward_and_gradients(pattern, window, length, summary, fast_path):
+@pytest.mark.parametrize("fast_path", ["dispatch", "without_native", "block_sparse"])
+def test_fast_path_equals_masked_reference_forward_and_gradients(pattern, window, length, summary, fast_path,
+                                                                 monkeypatch):
+    """dispatch: what `sparse_attention` picks (the native band kernel for local float32 on the CPU, built in CI);
+    without_native: the same with the native library unavailable (the flash-kernel chunks)."""
+    if fast_path == "without_native":
+        monkeypatch.setattr(native, "ops", lambda: None)
+    elif pattern == "local" and fast_path == "dispatch":
+        assert native.ops() is not None, "the native kernels did not build"
     torch.manual_seed(0)
     q = torch.randn(2, 4, length, 16, requires_grad=True)
     k, v = (torch.randn(2, 2, length, 16, requires_grad=True) for _ in range(2))  # grouped-query: 2 kv heads
     mask = pattern_mask(pattern, length, length, window, summary, q.device)
     expected = eager_attention(q, k, v, mask, False)
-    if fast_path == "dispatch":
+    if fast_path != "block_sparse":
         got = sparse_attention(q, k, v, pattern, window, summary)
     else:
         group = q.shape[1] // k.shape[1]
@@ -39,7 +46,10 @@ def test_fast_path_equals_masked_reference_forward_and_gradients(pattern, window
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_local_fast_path_with_explicit_scale_and_batch():
+@pytest.mark.parametrize("with_native", [True, False])
+def test_local_fast_path_with_explicit_scale_and_batch(with_native, monkeypatch):
+    if not with_native:
+        monkeypatch.setattr(native, "ops", lambda: None)
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 200, 8, requires_grad=True) for _ in range(3))
     mask = pattern_mask("local", 200, 200, 40, 1, q.device)

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_layers.cpp", "dequantize.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("decode_layers.cpp", "dequantize.cpp", "local_attention.cpp")]
 
 
 def _cpu_key() -> str:

@@ -12,7 +12,10 @@ Every pattern is causal (j ≤ i) and then keeps, with w = attention_window:
 (`attention.eager_attention` / `sdpa_attention`). The fast paths compute exactly the same softmax over exactly the
 same keys, but only over the blocks that hold a visible key:
 
-- `local_attention_cpu`: the sliding window on the CPU through PyTorch's flash-attention kernel. Queries go in
+- `local_attention_cpu`: the sliding window on the CPU. float32 goes through the native band kernel
+  (csrc/local_attention.cpp: each chunk of 64 queries multiplies only the keys its band reaches, with the
+  matrix library's GEMM on views of q, k and v and a vectorised softmax; its own backward). Otherwise, or without
+  the native library, through PyTorch's flash-attention kernel: queries go in
   chunks of C; chunk c sees the keys of chunks c - p .. c (p = ⌈(w-1)/C⌉), a strided view of one zero-prefixed
   copy of the keys; one masked kernel call per batch row covers every chunk. Its backward is the kernel's own,
   with the key/value gradients of overlapping windows summed back. Time and memory grow as T · (w + C), not T².
@@ -30,6 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from sparkgpt.config import ATTENTION_PATTERNS as PATTERNS
+from sparkgpt.model import native
 
 
 def pattern_allows(pattern: str, i: torch.Tensor, j: torch.Tensor, window: int, summary: int = 1) -> torch.Tensor:
@@ -72,6 +76,7 @@ def position_mask(
 
 # ---- the sliding window on the CPU: flash-attention kernel over strided chunk windows ---------------------------
 
+NATIVE_CHUNK = 64  # the native kernel's query chunk: 64 and 128 measured alike; 64 wastes fewer keys
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -176,15 +181,38 @@ def _window_mask(chunk: int, reach: int, window: int, n_chunks: int, dtype: torc
 
 def local_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                         scale: float | None = None) -> torch.Tensor:
-    """Sliding-window causal attention on the CPU; q, k, v [B, H, T, d] (same head count)."""
+    """Sliding-window causal attention on the CPU; q, k, v [B, H, T, d] (same head count). float32 takes the
+    native band kernel where it is built (`_NativeLocalAttention`), anything else the flash-kernel chunks."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    ops = native.ops() if q.dtype == torch.float32 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 else None
+    if ops is not None:
+        return _NativeLocalAttention.apply(q, k, v, window, scale, ops)
     chunk = local_chunk_size(window)
     length = q.shape[2]
     pad = -length % chunk
     if pad:  # the extra queries at the end see real keys and are dropped; real queries never see the extra keys
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = _LocalWindowAttention.apply(q, k, v, window, scale, chunk)
     return out[:, :, :length] if pad else out
+
+
+class _NativeLocalAttention(torch.autograd.Function):
+    """The sliding window through csrc/local_attention.cpp: chunks of NATIVE_CHUNK queries multiply only the keys
+    their band reaches (at most NATIVE_CHUNK + w - 1), GEMMs on views of q, k, v (no copies), the softmax
+    vectorised, key/value gradients summed in place. Its own forward saves the log-sum-exp its backward needs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float, ops):
+        out, lse = ops.local_attention_forward(q, k, v, window, scale, NATIVE_CHUNK)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.scale, ctx.ops = window, scale, ops
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = ctx.ops.local_attention_backward(grad, q, k, v, out, lse, ctx.window, ctx.scale, NATIVE_CHUNK)
+        return *grads, None, None, None
 
 
 # ---- any pattern: gather the visible key blocks of each query block ----------------------------------------------
