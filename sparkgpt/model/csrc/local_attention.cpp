@@ -116,9 +116,11 @@ std::tuple<Tensor, Tensor> local_attention_forward(const Tensor& q_in, const Ten
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
               "local attention: float32 q, k, v of one shape [B, H, T, d]");
-  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
+  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2);
   const Band band{window, chunk};
-  Tensor out = at::empty({batch, heads, length, dim}, q.options());
+  // in q's own layout (the projections' [B, T, H, d] seen as [B, H, T, d]), so the caller's merge of heads
+  // is a view, not a copy; the gradients below likewise
+  Tensor out = at::empty_like(q);
   Tensor lse = at::empty({batch, heads, length}, q.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     Tensor scores = at::empty({chunk, chunk + window - 1}, q.options());
@@ -149,9 +151,9 @@ std::tuple<Tensor, Tensor, Tensor> local_attention_backward(const Tensor& grad_i
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2);
   const Band band{window, chunk};
   const float scaling = static_cast<float>(scale);
-  Tensor grad_q = at::empty(q.sizes(), q.options());
-  Tensor grad_k = at::zeros(q.sizes(), q.options());
-  Tensor grad_v = at::zeros(q.sizes(), q.options());
+  Tensor grad_q = at::empty_like(q);
+  Tensor grad_k = at::zeros_like(k);
+  Tensor grad_v = at::zeros_like(v);
   // D_i = dO_i · O_i for every query: [B, H, T]
   const Tensor row_dots = (grad * out).sum(-1);
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
