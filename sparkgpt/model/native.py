@@ -1,17 +1,21 @@
 """Native (C++) kernels, compiled on first use by torch's extension builder and cached per machine.
 
-Two so far, each with a readable PyTorch version that is its reference in the tests and takes over wherever the
-native library is unavailable:
+Three so far, each with a PyTorch version that is its reference in the tests and takes over wherever the native
+library is unavailable:
 
 - `decode_layers` (csrc/decode_layers.cpp) runs every block of a quantised Llama-family model's decode step in
   one call (the reference: `DecodeStep`'s loop in decode.py);
 - `dequantize_int4` / `dequantize_int8` (csrc/dequantize.cpp) rebuild a quantised weight in bfloat16 in one pass
-  for a prompt's matmul (the reference: `quant.dequantize`).
+  for a prompt's matmul (the reference: `quant.dequantize`);
+- `local_attention_forward` / `_backward` (csrc/local_attention.cpp): sliding-window attention over each query
+  chunk's band of keys alone (the references: the masked dense attention, and the flash-kernel chunks in sparse.py).
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency of sparkgpt): about
-15 seconds once, then the cached library loads in milliseconds (`TORCH_EXTENSIONS_DIR`, by default
-~/.cache/torch_extensions). It is compiled for the CPU it runs on (-march=native), and the library's name carries
-that CPU's feature flags, so a home folder shared between machines never loads a build for another CPU.
+30 seconds once, then the cached library loads in milliseconds (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions). It is compiled for the CPU it runs on (-march=native; `SPARKGPT_NATIVE_CFLAGS`
+replaces those flags), and the library's name carries that CPU's feature flags and the compiler flags, so a home
+folder shared between machines never loads a build for another CPU. AVX-512 loops are used where the CPU has
+them, portable loops elsewhere (tests/test_native.py also builds and checks the portable ones).
 `SPARKGPT_NATIVE=0` turns the native path off.
 """
 
@@ -31,13 +35,14 @@ SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("decode_layers.cpp", "dequantize.cpp", "local_attention.cpp")]
 
 
-def _cpu_key() -> str:
-    """A short hash of this CPU's model and feature flags (Linux), so builds for other CPUs are never loaded."""
+def _build_key(flags: list[str]) -> str:
+    """A short hash of this CPU's model and feature flags (Linux) and the compiler flags, so a build for another
+    CPU, or with other flags, is never loaded."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2] + flags
     return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
 
 
@@ -60,11 +65,12 @@ def ops() -> Any | None:
     try:
         from torch.utils import cpp_extension
 
-        name = f"sparkgpt_native_{_cpu_key()}"
+        flags = os.environ.get("SPARKGPT_NATIVE_CFLAGS", "-O3 -march=native").split()
+        name = f"sparkgpt_native_{_build_key(flags)}"
         if not _built(name):
-            print("sparkgpt: compiling native kernels for this CPU (once, about 20 s)", file=sys.stderr)
+            print("sparkgpt: compiling native kernels for this CPU (once, about 30 s)", file=sys.stderr)
         cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                           extra_cflags=[*flags, "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler or ninja, a failed build: the Python step does the same work
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"sparkgpt: native kernels unavailable ({reason}); using their PyTorch versions",
