@@ -61,6 +61,20 @@ def test_local_fast_path_with_explicit_scale_and_batch(with_native, monkeypatch)
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_local_attention_equals_masked_reference():
+    """torch.compile traces the native band kernel through the output shapes native.py registers for it."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 200, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, "local", 40).square().sum())
+    got = compiled(q, k, v)
+    expected = eager_attention(q, k, v, pattern_mask("local", 200, 200, 40, 1, q.device), False).square().sum()
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-5)
+    for ours, reference in zip(torch.autograd.grad(got, (q, k, v)), torch.autograd.grad(expected, (q, k, v)),
+                               strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def hf_gpt_neo(tmp_path_factory):
     transformers = pytest.importorskip("transformers")

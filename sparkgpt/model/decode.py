@@ -205,7 +205,6 @@ class DecodeStep:
         cache.advance(1)
         return model.lm_head(self.final_norm(x))
 
-
     def _native_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                        mask: torch.Tensor | None) -> torch.Tensor:
         """Every block through csrc/decode_layers.cpp: the loop above, with the same kernels, in one call."""

@@ -13,9 +13,10 @@ library is unavailable:
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency of sparkgpt): about
 30 seconds once, then the cached library loads in milliseconds (`TORCH_EXTENSIONS_DIR`, by default
 ~/.cache/torch_extensions). It is compiled for the CPU it runs on (-march=native; `SPARKGPT_NATIVE_CFLAGS`
-replaces those flags), and the library's name carries that CPU's feature flags and the compiler flags, so a home
-folder shared between machines never loads a build for another CPU. AVX-512 loops are used where the CPU has
-them, portable loops elsewhere (tests/test_native.py also builds and checks the portable ones).
+replaces those flags), and the library's name carries a hash of that CPU's feature flags, the compiler flags and
+the sources, so a home folder shared between machines never loads a build for another CPU or version. AVX-512
+loops are used where the CPU has them, portable loops elsewhere (tests/test_native.py also builds and checks the
+portable ones).
 `SPARKGPT_NATIVE=0` turns the native path off.
 """
 
@@ -36,13 +37,15 @@ SOURCES = [Path(__file__).parent / "csrc" / name
 
 
 def _build_key(flags: list[str]) -> str:
-    """A short hash of this CPU's model and feature flags (Linux) and the compiler flags, so a build for another
-    CPU, or with other flags, is never loaded."""
+    """A short hash of this CPU's model and feature flags (Linux), the compiler flags and the sources, so a build
+    for another CPU, other flags or another version of sparkgpt is never loaded (nor rebuilt over while another
+    process uses it)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
     wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2] + flags
+    wanted += [path.read_text() for path in SOURCES]
     return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
 
 
@@ -56,6 +59,7 @@ def _built(name: str) -> bool:
         return False
 
 
+@torch.compiler.disable  # a compiled model calls it: run as Python, never traced (it reads files, may build)
 @functools.cache
 def ops() -> Any | None:
     """The `torch.ops.sparkgpt` namespace, built on first call; None where it cannot be (with one warning saying
@@ -76,4 +80,26 @@ def ops() -> Any | None:
         warnings.warn(f"sparkgpt: native kernels unavailable ({reason}); using their PyTorch versions",
                       stacklevel=2)
         return None
+    _register_fakes()
     return torch.ops.sparkgpt
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops' outputs without running them, so torch.compile can trace a model that calls them (a
+    sparse model's local attention in training)."""
+
+    @torch.library.register_fake("sparkgpt::local_attention_forward")
+    def _(q, k, v, window, scale, chunk):
+        return torch.empty_like(q), q.new_empty(q.shape[:-1])
+
+    @torch.library.register_fake("sparkgpt::local_attention_backward")
+    def _(grad, q, k, v, out, lse, window, scale, chunk):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("sparkgpt::dequantize_int4")
+    def _(qweight, scales, zeros, group_size):
+        return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("sparkgpt::dequantize_int8")
+    def _(qweight, scales):
+        return qweight.new_empty(qweight.shape, dtype=torch.bfloat16)

@@ -107,7 +107,14 @@ Tensor dequantize_int8(const Tensor& qweight, const Tensor& scales) {
 
 }  // namespace
 
+// Declared, then implemented for the CPU key (not as composites), so torch.compile can trace them through the
+// shapes native.py registers.
 TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
-  m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", dequantize_int4);
-  m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor", dequantize_int8);
+  m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparkgpt, CPU, m) {
+  m.impl("dequantize_int4", dequantize_int4);
+  m.impl("dequantize_int8", dequantize_int8);
 }

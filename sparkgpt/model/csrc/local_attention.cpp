@@ -203,9 +203,16 @@ std::tuple<Tensor, Tensor, Tensor> local_attention_backward(const Tensor& grad_i
 
 }  // namespace
 
+// Declared, then implemented for the CPU key (not as composites), so torch.compile can trace a model that calls
+// them through the shapes native.py registers; sparse.py's autograd.Function pairs them.
 TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
   m.def("local_attention_forward(Tensor q, Tensor k, Tensor v, int window, float scale, int chunk) "
-        "-> (Tensor, Tensor)", local_attention_forward);
+        "-> (Tensor, Tensor)");
   m.def("local_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, "
-        "float scale, int chunk) -> (Tensor, Tensor, Tensor)", local_attention_backward);
+        "float scale, int chunk) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sparkgpt, CPU, m) {
+  m.impl("local_attention_forward", local_attention_forward);
+  m.impl("local_attention_backward", local_attention_backward);
 }
