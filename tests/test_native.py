@@ -44,13 +44,14 @@ def test_native_dequantization_equals_the_float32_matrix_rounded_once(ops, metho
     assert torch.equal(quant.dequantize(method, tensors, torch.bfloat16), expected)  # the path prompts take
 
 
-def tiny_llama(method: str, dtype: torch.dtype) -> torch.nn.Module:
+def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None) -> torch.nn.Module:
     """A quantised Llama-shaped model whose every projection has an integer kernel (int8's needs multiples of 64).
-    Under int4 the down projections are int8 (re-quantised from their int4 values), so blocks mix both kernels."""
+    Under int4 the down projections are int8 (re-quantised from their int4 values), so blocks mix both kernels.
+    `head_dim` 64 makes the heads 256 wide in all against d_model 128."""
     torch.manual_seed(0)
     config = sparkgpt.ModelConfig(vocab_size=320, n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, d_ff=192,
-                                  max_seq_len=64, positions="rope", norm="rmsnorm", ffn="swiglu", bias=False,
-                                  initializer_range=0.2)
+                                  head_dim=head_dim, max_seq_len=64, positions="rope", norm="rmsnorm",
+                                  ffn="swiglu", bias=False, initializer_range=0.2)
     model = quantize_model(sparkgpt.GPT(config).eval().to(dtype), method)
     if method == "int4":
         for block in model.blocks:
@@ -60,15 +61,16 @@ def tiny_llama(method: str, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize(("method", "dtype", "head_dim"), [
+    ("int8", torch.float32, None), ("int8", torch.bfloat16, None), ("int4", torch.float32, None),
+    ("int4", torch.bfloat16, None), ("int8", torch.float32, 64)])
 @torch.inference_mode()
-def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, method, dtype):
+def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, method, dtype, head_dim):
     """A ragged batch (left padding, a mask) decoded 7 tokens after a 5-token prefill: at each step, from the same
     cache, the native step's logits and cache writes equal the Python step's (float32: to rounding; bfloat16:
     the Python step rounds q, k and rotary products to bf16 where the kernel keeps float32), and both follow the
     whole-sequence forward as closely."""
-    model = tiny_llama(method, dtype)
+    model = tiny_llama(method, dtype, head_dim)
     fast = DecodeStep(model)
     assert fast.native is not None
     slow = DecodeStep(model)

@@ -104,7 +104,7 @@ void attend(const T* queries, const T* keys, const T* values, const bool* visibl
         const T* value = v + j * s.head_dim;
         for (int64_t i = 0; i < s.head_dim; ++i) mixed[i] += weight * static_cast<float>(value[i]);
       }
-      BFloat16* o = out + row * s.width + head * s.head_dim;
+      BFloat16* o = out + (row * s.n_heads + head) * s.head_dim;
       for (int64_t i = 0; i < s.head_dim; ++i) o[i] = BFloat16(mixed[i] / total);
     }
   });
