@@ -166,16 +166,17 @@ class DecodeStep:
         n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         x = model.token_embedding(tokens).to(self.residual_dtype)  # [B, d]: one row per sequence throughout
         heads_dtype = cache.keys.dtype  # q, k, v and attention: the cache's dtype
+        native_cache = self.native is not None and heads_dtype in (torch.float32, torch.bfloat16)
         cos = sin = None
         if self.rope:
-            table_dtype = torch.float32 if self.native else heads_dtype  # the native kernel rotates in float32
+            table_dtype = torch.float32 if native_cache else heads_dtype  # the native kernel rotates in float32
             if (self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device
                     or self._cos.dtype != table_dtype):
                 self._rotary_table(int(positions.max()) + 1, x.device, table_dtype)
             cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [B, 1, d_k]
         else:
             x = x + model.position_embedding(positions)
-        if self.native is not None:
+        if native_cache:
             return model.lm_head(self.final_norm(self._native_layers(x, cos[:, 0], sin[:, 0], cache, mask)))
         group = n_heads // n_kv
         for layer in self.layers:
