@@ -67,8 +67,7 @@ def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None) -> 
 @torch.inference_mode()
 def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, method, dtype, head_dim):
     """A ragged batch (left padding, a mask) decoded 7 tokens after a 5-token prefill: at each step, from the same
-    cache, the native step's logits and cache writes equal the Python step's (float32: to rounding; bfloat16:
-    the Python step rounds q, k and rotary products to bf16 where the kernel keeps float32), and both follow the
+    cache, the native step's logits and cache writes equal the Python step's to rounding, and both follow the
     whole-sequence forward as closely."""
     model = tiny_llama(method, dtype, head_dim)
     fast = DecodeStep(model)
@@ -84,7 +83,11 @@ def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, 
     cache = KVCache(model.config, 2, 12, dtype, torch.device("cpu"))
     model(ids[:, :5], positions=positions[:, :5], attention_mask=padding[:, :5], cache=cache)
     mask = padding.bool()[:, None, None, :]
-    same = 1e-5 if dtype == torch.float32 else 0.05
+    # Both round each kernel input to bf16: where their float32 sums differ in the last bit (the native attention's
+    # vectorised order and e^x against SDPA's), a rounding can fall the other way and move this tiny random model's
+    # logits by up to about 1%; bf16 caches add the Python step's bf16 rotary products. A 5% error in the attention
+    # scale fails every case (checked).
+    same = 2e-2 if dtype == torch.float32 else 0.05
     for t in range(5, 12):
         python_cache = copy.deepcopy(cache)
         ours = fast(ids[:, t], positions[:, t], cache, mask[..., : t + 1])

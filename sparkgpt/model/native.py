@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("decode_layers.cpp", "dequantize.cpp", "local_attention.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("decode_layers.cpp", "dequantize.cpp", "local_attention.cpp")]
+HEADERS = [CSRC / "vector_math.h"]
 
 
 def _build_key(flags: list[str]) -> str:
@@ -45,7 +46,7 @@ def _build_key(flags: list[str]) -> str:
     except OSError:
         lines = []
     wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2] + flags
-    wanted += [path.read_text() for path in SOURCES]
+    wanted += [path.read_text() for path in (*SOURCES, *HEADERS)]
     return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
 
 

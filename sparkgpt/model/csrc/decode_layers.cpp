@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vector_math.h"
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -83,27 +85,14 @@ void attend(const T* queries, const T* keys, const T* values, const bool* visibl
       const T* v = values + row * slot_stride + (head / group) * head_stride;
       const bool* allowed = visible == nullptr ? nullptr : visible + row * visible_stride;
       for (int64_t i = 0; i < s.head_dim; ++i) query[i] = static_cast<float>(q[i]) * scale;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < s.span; ++j) {
-        if (allowed != nullptr && !allowed[j]) {
-          scores[j] = -std::numeric_limits<float>::infinity();
-          continue;
-        }
-        const T* key = k + j * s.head_dim;
-        float dot = 0.f;
-        for (int64_t i = 0; i < s.head_dim; ++i) dot += query[i] * static_cast<float>(key[i]);
-        scores[j] = dot;
-        top = std::max(top, dot);
-      }
-      float total = 0.f;
+      for (int64_t j = 0; j < s.span; ++j)
+        scores[j] = allowed != nullptr && !allowed[j] ? -std::numeric_limits<float>::infinity()
+                                                      : sparkgpt::dot(query.data(), k + j * s.head_dim, s.head_dim);
+      const float top = sparkgpt::max_row(scores.data(), 0, s.span);
+      const float total = sparkgpt::exp_row(scores.data(), 0, s.span, 1.f, top);  // masked columns: e^-inf = 0
       std::fill(mixed.begin(), mixed.end(), 0.f);
-      for (int64_t j = 0; j < s.span; ++j) {
-        if (scores[j] == -std::numeric_limits<float>::infinity()) continue;
-        const float weight = std::exp(scores[j] - top);
-        total += weight;
-        const T* value = v + j * s.head_dim;
-        for (int64_t i = 0; i < s.head_dim; ++i) mixed[i] += weight * static_cast<float>(value[i]);
-      }
+      for (int64_t j = 0; j < s.span; ++j)
+        if (scores[j] != 0.f) sparkgpt::add_scaled(mixed.data(), scores[j], v + j * s.head_dim, s.head_dim);
       BFloat16* o = out + (row * s.n_heads + head) * s.head_dim;
       for (int64_t i = 0; i < s.head_dim; ++i) o[i] = BFloat16(mixed[i] / total);
     }
@@ -169,7 +158,8 @@ void run_blocks(Tensor& x, const c10::optional<Tensor>& cos, const c10::optional
         // as torch computes silu(gate) * up on bf16 tensors: each result rounded to bf16
         const float gate = static_cast<float>(gu[row * 2 * hidden + i]);
         const BFloat16 silu(gate / (1.f + std::exp(-gate)));
-        act[row * hidden + i] = BFloat16(static_cast<float>(silu) * static_cast<float>(gu[row * 2 * hidden + hidden + i]));
+        const float up = static_cast<float>(gu[row * 2 * hidden + hidden + i]);
+        act[row * hidden + i] = BFloat16(static_cast<float>(silu) * up);
       }
     add_rows(residual, project(activated, t[kDown], t[kDownScales], b[3], group_size).data_ptr<BFloat16>(),
              s.batch * s.width);

@@ -15,73 +15,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vector_math.h"
+
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <tuple>
 
 namespace {
 
 using at::Tensor;
-
-// The softmax loops, over up to C + w - 1 scores per query, are most of this kernel's work beside the GEMMs: with
-// AVX-512 they run 16 lanes at a time (e^x by scalef(2^n, Taylor polynomial of e^r), |r| ≤ ln2 / 2, relative error
-// below 2e-7), elsewhere as plain loops over std::exp.
-#if defined(__AVX512F__)
-#include <immintrin.h>
-
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // e^-87: float's smallest normal, so no slow denormals follow
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: r is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);  // p · 2^n
-}
-
-// f(offset, lanes) over [begin, end) in blocks of 16, the last one masked.
-template <typename F>
-inline void for_lanes(int64_t begin, int64_t end, F f) {
-  for (int64_t j = begin; j < end; j += 16) {
-    const int64_t left = end - j;
-    f(j, left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1));
-  }
-}
-#endif
-
-// e^(row · scale - shift) in place over [low, high); returns their sum.
-inline float exp_row(float* row, int64_t low, int64_t high, float scale, float shift) {
-#if defined(__AVX512F__)
-  __m512 total = _mm512_setzero_ps();
-  for_lanes(low, high, [&](int64_t j, __mmask16 lanes) {
-    const __m512 x = _mm512_maskz_loadu_ps(lanes, row + j);
-    const __m512 e = exp16(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift)));
-    _mm512_mask_storeu_ps(row + j, lanes, e);
-    total = _mm512_mask_add_ps(total, lanes, total, e);
-  });
-  return _mm512_reduce_add_ps(total);
-#else
-  float total = 0.f;
-  for (int64_t j = low; j < high; ++j) total += row[j] = std::exp(row[j] * scale - shift);
-  return total;
-#endif
-}
-
-inline float max_row(const float* row, int64_t low, int64_t high) {
-#if defined(__AVX512F__)
-  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for_lanes(low, high, [&](int64_t j, __mmask16 lanes) {
-    top = _mm512_mask_max_ps(top, lanes, top, _mm512_maskz_loadu_ps(lanes, row + j));
-  });
-  return _mm512_reduce_max_ps(top);
-#else
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = low; j < high; ++j) top = std::max(top, row[j]);
-  return top;
-#endif
-}
+using sparkgpt::exp_row;
+using sparkgpt::max_row;
 
 struct Band {
   int64_t window, chunk;
