@@ -119,3 +119,39 @@ def test_the_portable_build_passes_the_same_tests():
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@torch.no_grad()
+def test_fused_bf16_pointwise_ops_equal_the_pytorch_formulas(ops):
+    """RMSNorm, SiLU(gate) ⊙ up and the rotary turn in one pass each (csrc/pointwise.cpp) against layers.py's and
+    attention.py's formulas, run with autograd on (the references). They round at the same steps, so they agree to
+    the bit but for a rare last bit of RMSNorm (the order of its sum)."""
+    from sparkgpt.model.attention import apply_rotary, rotary_cos_sin
+    from sparkgpt.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    norm = RMSNorm(200, 1e-5).to(dtype)
+    norm.weight.data.normal_()
+    x = (torch.randn(3, 7, 200) * torch.logspace(-2, 2, 200)).to(dtype)  # rows of very different sizes
+    gate, up = (torch.randn(3, 7, 333) * 4).to(dtype), torch.randn(3, 7, 333).to(dtype)
+    q = torch.randn(2, 7, 5, 64).to(dtype).transpose(1, 2)  # [B, H, T, d] as the projections leave it
+    cos, sin = (t.to(dtype) for t in rotary_cos_sin(torch.arange(7)[None].expand(2, 7), 64, 10000.0))
+    with torch.enable_grad():
+        expected = [norm(x), torch.nn.functional.silu(gate) * up, apply_rotary(q, cos, sin),
+                    apply_rotary(q, cos[:1], sin[:1])]
+    got = [norm(x), ops.silu_mul(gate, up), apply_rotary(q, cos, sin), apply_rotary(q, cos[:1], sin[:1])]
+    assert native.inference_ops(x) is ops  # so norm(x) and apply_rotary above ran the native ops
+    for ours, reference in zip(got, expected, strict=True):
+        assert ours.dtype == dtype and ours.shape == reference.shape
+        torch.testing.assert_close(ours, reference.detach(), atol=0, rtol=2 ** -7)
+    assert (got[0] != expected[0]).float().mean() < 0.01
+    assert all(torch.equal(ours, reference.detach()) for ours, reference in zip(got[1:], expected[1:], strict=True))
+
+
+def test_fused_ops_stay_out_of_autograd_and_compile():
+    x = torch.randn(4, 8, requires_grad=True)
+    assert native.inference_ops(x) is None  # grad mode on
+    with torch.no_grad():
+        assert native.inference_ops(x.bfloat16()) is not None
+        assert native.inference_ops(x) is None  # float32 keeps PyTorch's ops, bit for bit

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparkgpt.config import ModelConfig
-from sparkgpt.model.sparse import sparse_attention
+from sparkgpt.model import native
+from sparkgpt.model.sparse import bf16_band_attention, sparse_attention
 
 
 def repeat_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -60,10 +61,16 @@ def sdpa_attention(
         grouped = q.view(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
         return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).view(
             batch, n_heads, 1, head_dim)
-    if q.device.type == "cpu" and torch.is_grad_enabled() and (
-            torch.is_autocast_enabled("cpu") or v.dtype == torch.bfloat16):
-        # Training on a CPU: torch's bf16 flash kernel's backward runs several times slower than its fp32 one
-        # (fwd+bwd of [48, 4, 64, 32]: 28.6 ms bf16, 6.2 ms fp32; [64, 6, 256, 64]: 203 ms, 154 ms; torch 2.13).
+    cpu_bf16 = q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype == torch.bfloat16)
+    if cpu_bf16 and is_causal and mask is None and q_len == k.shape[2] and (
+            out := bf16_band_attention(q, k, v, q_len, scale)) is not None:
+        # Our bf16 kernel (csrc/attention_bf16.cpp): fwd+bwd of [64, 6, 256, 64] 61 ms against 139 ms for torch's
+        # float32 flash kernel; forward alone at torch's bf16 kernel's speed.
+        return out
+    if cpu_bf16 and torch.is_grad_enabled():
+        # Training on a CPU without that kernel: torch's bf16 flash kernel's backward runs several times slower
+        # than its fp32 one (fwd+bwd of [48, 4, 64, 32]: 28.6 ms bf16, 6.2 ms fp32; [64, 6, 256, 64]: 203 ms,
+        # 154 ms; torch 2.13).
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
@@ -91,6 +98,9 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if (fused := native.inference_ops(x)) is not None and cos.dtype == sin.dtype == x.dtype and \
+            x.stride(-1) == 1 and cos.shape[0] in (1, x.shape[0]):
+        return fused.rotary(x, cos.contiguous(), sin.contiguous())  # the lines below in one pass
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparkgpt.config import ModelConfig
+from sparkgpt.model import native
 
 
 class RMSNorm(nn.Module):
@@ -24,6 +25,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (fused := native.inference_ops(x)) is not None and self.weight.dtype == x.dtype:
+            return fused.rms_norm(x.contiguous(), self.weight, self.eps)  # the lines below in one pass
         x32 = x.float()
         normalised = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normalised.to(x.dtype)
@@ -63,7 +66,10 @@ class SwiGLUFFN(nn.Module):
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if (fused := native.inference_ops(gate)) is not None and up.dtype == gate.dtype:
+            return self.down_proj(fused.silu_mul(gate.contiguous(), up.contiguous()))  # one pass, same rounding
+        return self.down_proj(F.silu(gate) * up)
 
 
 FFN_VARIANTS: dict[str, type[nn.Module]] = {"gelu": GeluFFN, "gelu_exact": GeluFFN, "relu": GeluFFN,

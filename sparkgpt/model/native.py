@@ -1,6 +1,6 @@
 """Native (C++) kernels, compiled on first use by torch's extension builder and cached per machine.
 
-Three so far, each with a PyTorch version that is its reference in the tests and takes over wherever the native
+Five so far, each with a PyTorch version that is its reference in the tests and takes over wherever the native
 library is unavailable:
 
 - `decode_layers` (csrc/decode_layers.cpp) runs every block of a quantised Llama-family model's decode step in
@@ -8,7 +8,12 @@ library is unavailable:
 - `dequantize_int4` / `dequantize_int8` (csrc/dequantize.cpp) rebuild a quantised weight in bfloat16 in one pass
   for a prompt's matmul (the reference: `quant.dequantize`);
 - `local_attention_forward` / `_backward` (csrc/local_attention.cpp): sliding-window attention over each query
-  chunk's band of keys alone (the references: the masked dense attention, and the flash-kernel chunks in sparse.py).
+  chunk's band of keys alone (the references: the masked dense attention, and the flash-kernel chunks in sparse.py);
+- `attention_bf16_forward` / `_backward` (csrc/attention_bf16.cpp): causal or sliding-window attention in bfloat16
+  with float32 sums on oneDNN's small-GEMM micro-kernel (the reference: the float32 attention formula);
+- `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
+  bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
+  attention.py).
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency of sparkgpt): about
 30 seconds once, then the cached library loads in milliseconds (`TORCH_EXTENSIONS_DIR`, by default
@@ -33,7 +38,8 @@ from typing import Any
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("decode_layers.cpp", "dequantize.cpp", "local_attention.cpp")]
+SOURCES = [CSRC / name for name in (
+    "decode_layers.cpp", "dequantize.cpp", "local_attention.cpp", "attention_bf16.cpp", "pointwise.cpp")]
 HEADERS = [CSRC / "vector_math.h"]
 
 
@@ -85,6 +91,23 @@ def ops() -> Any | None:
     return torch.ops.sparkgpt
 
 
+def inference_ops(x: torch.Tensor) -> Any | None:
+    """The library, for the fused per-token ops (csrc/pointwise.cpp), when `x` is a bfloat16 CPU tensor outside
+    autograd (no_grad or inference_mode) and outside torch.compile, whose own fusion applies there; else None."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != torch.bfloat16:
+        return None
+    return None if torch.compiler.is_compiling() else ops()
+
+
+@torch.compiler.disable
+@functools.cache
+def bf16_attention_supported() -> bool:
+    """Whether attention_bf16 runs here: the library is built and torch's oneDNN has the bf16 micro-kernel for this
+    CPU (AMX or AVX-512 bf16)."""
+    built = ops()
+    return built is not None and bool(built.attention_bf16_supported())
+
+
 def _register_fakes() -> None:
     """Shapes of the ops' outputs without running them, so torch.compile can trace a model that calls them (a
     sparse model's local attention in training)."""
@@ -96,6 +119,17 @@ def _register_fakes() -> None:
     @torch.library.register_fake("sparkgpt::local_attention_backward")
     def _(grad, q, k, v, out, lse, window, scale, chunk):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("sparkgpt::attention_bf16_forward")
+    def _(q, k, v, window, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("sparkgpt::attention_bf16_backward")
+    def _(grad, q, k, v, out, lse, window, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    for name in ("rms_norm", "silu_mul", "rotary"):  # outputs shaped and laid out as the first input
+        torch.library.register_fake(f"sparkgpt::{name}", lambda x, *rest: torch.empty_like(x))
 
     @torch.library.register_fake("sparkgpt::dequantize_int4")
     def _(qweight, scales, zeros, group_size):

@@ -14,8 +14,10 @@ same keys, but only over the blocks that hold a visible key:
 
 - `local_attention_cpu`: the sliding window on the CPU. float32 goes through the native band kernel
   (csrc/local_attention.cpp: each chunk of 64 queries multiplies only the keys its band reaches, with the
-  matrix library's GEMM on views of q, k and v and a vectorised softmax; its own backward). Otherwise, or without
-  the native library, through PyTorch's flash-attention kernel: queries go in
+  matrix library's GEMM on views of q, k and v and a vectorised softmax; its own backward), bfloat16 through the
+  same band structure on the bf16 micro-kernel (`bf16_band_attention`, csrc/attention_bf16.cpp, which is also
+  attention.py's causal attention for bf16 on the CPU). Otherwise, or without the native library, through
+  PyTorch's flash-attention kernel: queries go in
   chunks of C; chunk c sees the keys of chunks c - p .. c (p = ⌈(w-1)/C⌉), a strided view of one zero-prefixed
   copy of the keys; one masked kernel call per batch row covers every chunk. Its backward is the kernel's own,
   with the key/value gradients of overlapping windows summed back. Time and memory grow as T · (w + C), not T².
@@ -182,11 +184,13 @@ def _window_mask(chunk: int, reach: int, window: int, n_chunks: int, dtype: torc
 def local_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                         scale: float | None = None) -> torch.Tensor:
     """Sliding-window causal attention on the CPU; q, k, v [B, H, T, d] (same head count). float32 takes the
-    native band kernel where it is built (`_NativeLocalAttention`), anything else the flash-kernel chunks."""
+    native band kernel where it is built (`_NativeBandAttention`), anything else the flash-kernel chunks."""
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.dtype == torch.bfloat16 and (out := bf16_band_attention(q, k, v, window, scale)) is not None:
+        return out
     ops = native.ops() if q.dtype == torch.float32 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 else None
     if ops is not None:
-        return _NativeLocalAttention.apply(q, k, v, window, scale, ops)
+        return _NativeBandAttention.apply(q, k, v, window, scale, ops, "local_attention")
     chunk = local_chunk_size(window)
     length = q.shape[2]
     pad = -length % chunk
@@ -196,23 +200,38 @@ def local_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
     return out[:, :, :length] if pad else out
 
 
-class _NativeLocalAttention(torch.autograd.Function):
-    """The sliding window through csrc/local_attention.cpp: chunks of NATIVE_CHUNK queries multiply only the keys
-    their band reaches (at most NATIVE_CHUNK + w - 1), GEMMs on views of q, k, v (no copies), the softmax
-    vectorised, key/value gradients summed in place. Its own forward saves the log-sum-exp its backward needs."""
+def bf16_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                        scale: float | None = None) -> torch.Tensor | None:
+    """Causal attention (window = T) or a sliding window on the CPU in bfloat16 with float32 sums, through
+    csrc/attention_bf16.cpp; q [B, H, T, d], k, v [B, H_kv, T, d] (grouped-query heads are not repeated), any
+    float dtype (cast to bf16; the result is bf16). None where the native library is not built or this CPU and
+    torch build lack the bf16 micro-kernel, so the caller takes another path."""
+    if not native.bf16_attention_supported() or q.shape[-1] % 2 or q.shape[2] != k.shape[2]:
+        return None
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v = (t.to(torch.bfloat16) if t.stride(-1) == 1 else t.to(torch.bfloat16).contiguous() for t in (q, k, v))
+    return _NativeBandAttention.apply(q, k, v, window, scale, native.ops(), "attention_bf16")
+
+
+class _NativeBandAttention(torch.autograd.Function):
+    """A native band kernel's forward and backward: `kernel` "local_attention" (csrc/local_attention.cpp, float32:
+    chunks of NATIVE_CHUNK queries times the keys their band reaches, GEMMs on views of q, k, v) or
+    "attention_bf16" (csrc/attention_bf16.cpp: the same on the bf16 micro-kernel with float32 sums). The forward
+    saves the log-sum-exp its backward needs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float, ops):
-        out, lse = ops.local_attention_forward(q, k, v, window, scale, NATIVE_CHUNK)
+    def forward(ctx, q, k, v, window: int, scale: float, ops, kernel: str):
+        chunk = (NATIVE_CHUNK,) if kernel == "local_attention" else ()  # the bf16 kernel's chunk is fixed
+        out, lse = getattr(ops, f"{kernel}_forward")(q, k, v, window, scale, *chunk)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.scale, ctx.ops = window, scale, ops
+        ctx.window, ctx.scale, ctx.backward_op, ctx.chunk = window, scale, getattr(ops, f"{kernel}_backward"), chunk
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = ctx.ops.local_attention_backward(grad, q, k, v, out, lse, ctx.window, ctx.scale, NATIVE_CHUNK)
-        return *grads, None, None, None
+        grads = ctx.backward_op(grad, q, k, v, out, lse, ctx.window, ctx.scale, *ctx.chunk)
+        return *grads, None, None, None, None
 
 
 # ---- any pattern: gather the visible key blocks of each query block ----------------------------------------------

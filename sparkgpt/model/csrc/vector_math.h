@@ -46,24 +46,56 @@ inline __m512 load16(const c10::BFloat16* row, __mmask16 lanes) {
   const __m256i bits = _mm256_maskz_loadu_epi16(lanes, row);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+
+// 16 floats rounded to bf16 (nearest even), as their 16-bit patterns.
+inline __m256i bf16_bits(__m512 x) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+#else
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+#endif
+}
+
+inline void store16(float* row, __m512 x, __mmask16 lanes) { _mm512_mask_storeu_ps(row, lanes, x); }
+inline void store16(c10::BFloat16* row, __m512 x, __mmask16 lanes) {
+  _mm256_mask_storeu_epi16(row, lanes, bf16_bits(x));
+}
+
+// x rounded to bf16 and read back as float
+inline __m512 round16(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(x)), 16));
+}
 #endif
 
-// e^(row · scale - shift) in place over [low, high); returns their sum.
-inline float exp_row(float* row, int64_t low, int64_t high, float scale, float shift) {
-#if defined(__AVX512F__)
+// out[j] = e^(row[j] · scale - shift) over [low, high), out float (may be row itself) or bf16; returns the sum of
+// the unrounded values.
+template <typename T>
+inline float exp_row(const float* row, T* out, int64_t low, int64_t high, float scale, float shift) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
   __m512 total = _mm512_setzero_ps();
   for_lanes(low, high, [&](int64_t j, __mmask16 lanes) {
     const __m512 x = _mm512_maskz_loadu_ps(lanes, row + j);
     const __m512 e = exp16(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift)));
-    _mm512_mask_storeu_ps(row + j, lanes, e);
+    store16(out + j, e, lanes);
     total = _mm512_mask_add_ps(total, lanes, total, e);
   });
   return _mm512_reduce_add_ps(total);
 #else
   float total = 0.f;
-  for (int64_t j = low; j < high; ++j) total += row[j] = std::exp(row[j] * scale - shift);
+  for (int64_t j = low; j < high; ++j) {
+    const float e = std::exp(row[j] * scale - shift);
+    out[j] = static_cast<T>(e);
+    total += e;
+  }
   return total;
 #endif
+}
+
+inline float exp_row(float* row, int64_t low, int64_t high, float scale, float shift) {
+  return exp_row(row, row, low, high, scale, shift);
 }
 
 inline float max_row(const float* row, int64_t low, int64_t high) {
@@ -80,18 +112,18 @@ inline float max_row(const float* row, int64_t low, int64_t high) {
 #endif
 }
 
-// Σ a[i] · b[i] over n values, b float or bf16.
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
+// Σ a[i] · b[i] over n values, each float or bf16.
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   __m512 sum = _mm512_setzero_ps();
   for_lanes(0, n, [&](int64_t i, __mmask16 lanes) {
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, a + i), load16(b + i, lanes), sum);
+    sum = _mm512_fmadd_ps(load16(a + i, lanes), load16(b + i, lanes), sum);
   });
   return _mm512_reduce_add_ps(sum);
 #else
   float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * static_cast<float>(b[i]);
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   return sum;
 #endif
 }
@@ -107,6 +139,17 @@ inline void add_scaled(float* acc, float weight, const T* v, int64_t n) {
   });
 #else
   for (int64_t i = 0; i < n; ++i) acc[i] += weight * static_cast<float>(v[i]);
+#endif
+}
+
+// out[i] = bf16(scale · in[i]) over n values, rounded to nearest even.
+inline void to_bf16(const float* in, c10::BFloat16* out, int64_t n, float scale = 1.f) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for_lanes(0, n, [&](int64_t i, __mmask16 lanes) {
+    store16(out + i, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, in + i), _mm512_set1_ps(scale)), lanes);
+  });
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = c10::BFloat16(in[i] * scale);
 #endif
 }
 

@@ -1,0 +1,291 @@
+// Causal attention (optionally a sliding window: query i sees keys j with i - w < j <= i) in bfloat16 with float32
+// accumulation, forward and backward, on oneDNN's small-GEMM micro-kernel (`at::native::cpublas::brgemm`: AMX tiles
+// on CPUs that have them).
+//
+// Why a kernel of our own: torch's CPU flash-attention kernel in bf16 runs its backward several times slower than
+// its float32 one ([64, 6, 256, 64]: 4.6×), so training kept attention in float32; and `at::mm` on bf16 returns
+// bf16, so scores cannot be summed in float32 through it. The micro-kernel multiplies a 64 × 64 × 64 bf16 block
+// into float32 at over 1 TFLOP/s on one core here, about 30× `at::mm` on such small blocks.
+//
+// The structure is local_attention.cpp's: each chunk of 64 queries multiplies the whole range of keys it can see
+// (rounded out to blocks of 64; the softmax masks the rest) and takes its softmax over the chunk's full rows, with
+// no online rescaling. The micro-kernel wants its right-hand operand packed (pairs of rows interleaved, panels of at
+// most 64 columns), so K, V, Kᵀ and Vᵀ are packed once per key/value head, padded with zero keys to a multiple of
+// 64; queries and output gradients are read in place. P and dS are rounded to bf16 for their GEMMs, as flash
+// attention does on GPUs; every sum is float32.
+//
+//   forward:  S = Q_c K_rᵀ · scale (masked), E = exp(S - max S), O_c = (E V_r) / Σ E, lse = log Σ exp(S)
+//   backward: P = exp(S - lse), dP = dO_c V_rᵀ, dS = P ⊙ (dP - rowsum(dO_c ⊙ O_c)) · scale,
+//             dQ_c = dS K_r, dK_r += dSᵀ Q_c, dV_r += Pᵀ dO_c
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include "vector_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using bf16 = c10::BFloat16;
+namespace blas = at::native::cpublas;
+using sparkgpt::exp_row;
+using sparkgpt::max_row;
+
+constexpr int64_t BLOCK = 64;  // queries per chunk, keys per block, columns per packed panel
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// A row-major [rows, cols] bf16 matrix (row stride ld, rows even) packed for the micro-kernel as its B operand:
+// panels of BLOCK columns, each [rows, width] with pairs of rows interleaved, so an even row offset is a plain
+// pointer offset.
+struct Packed {
+  int64_t rows = 0, cols = 0;
+  std::vector<bf16> data;
+
+  void pack(const bf16* matrix, int64_t rows_, int64_t cols_, int64_t ld) {
+    rows = rows_;
+    cols = cols_;
+    data.resize(rows * round_up(cols, BLOCK));
+    for (int64_t p = 0; p * BLOCK < cols; ++p)
+      blas::pack(rows, width(p), ld, width(p), at::kBFloat16, at::kBFloat16, matrix + p * BLOCK,
+                 data.data() + p * rows * BLOCK);
+  }
+  int64_t width(int64_t panel) const { return std::min(BLOCK, cols - panel * BLOCK); }
+  const bf16* at(int64_t panel, int64_t row) const { return data.data() + panel * rows * BLOCK + row * width(panel); }
+};
+
+// C[m, columns first..end) (+)= A[m, depth] · B[row.., first..end), A bf16 row stride lda, C float row stride ldc,
+// C's column 0 being B's column `first` (first and end multiples of BLOCK, or end = B.cols).
+void gemm(int64_t m, int64_t depth, const bf16* a, int64_t lda, const Packed& b, int64_t row, int64_t first,
+          int64_t end, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t p = first / BLOCK; p * BLOCK < end; ++p)
+    blas::brgemm(m, b.width(p), depth, lda, b.width(p), ldc, accumulate, a, b.at(p, row),
+                 c + p * BLOCK - first, /*is_vnni=*/true);
+}
+
+struct Band {
+  int64_t window;
+  // the keys a chunk of queries [start, start + rows) may see, rounded out to whole blocks: [first, end)
+  int64_t first(int64_t start) const { return std::max<int64_t>(0, start - window + 1) / BLOCK * BLOCK; }
+  static int64_t end(int64_t start, int64_t rows) { return round_up(start + rows, BLOCK); }
+  // visible keys of query `query`, relative to `first`: [low, high)
+  int64_t low(int64_t query, int64_t first) const { return std::max<int64_t>(0, query - window + 1) - first; }
+  static int64_t high(int64_t query, int64_t first) { return query - first + 1; }
+};
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                  v.scalar_type() == at::kBFloat16,
+              "attention_bf16: bfloat16 q, k, v");
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+                  q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(3) % 2 == 0,
+              "attention_bf16: q [B, H, T, d], k and v [B, H_kv, T, d] with H a multiple of H_kv and d even");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_bf16: unit stride on d");
+}
+
+// Rows of a [B, H, T, d] bf16 tensor (unit stride on d) by raw pointer: the inner loops make no tensor calls.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t batch_stride, head_stride, row_stride;
+  template <typename Tensor_>
+  explicit Rows(Tensor_& t)
+      : data(reinterpret_cast<T*>(t.data_ptr())), batch_stride(t.stride(0)), head_stride(t.stride(1)),
+        row_stride(t.stride(2)) {}
+  T* operator()(int64_t b, int64_t h, int64_t r) const {
+    return data + b * batch_stride + h * head_stride + r * row_stride;
+  }
+};
+using InRows = Rows<const bf16>;
+using OutRows = Rows<bf16>;
+
+// rows [first, first + count) of batch b, head h as a dense [padded, dim] matrix, zero past `count` (transposed:
+// [dim, padded])
+void gather_rows(std::vector<bf16>& dense, const InRows& t, int64_t b, int64_t h, int64_t first, int64_t count,
+                 int64_t padded, int64_t dim) {
+  dense.resize(padded * dim);
+  for (int64_t r = 0; r < count; ++r) std::copy_n(t(b, h, first + r), dim, dense.data() + r * dim);
+  std::fill(dense.begin() + count * dim, dense.end(), bf16(0.f));
+}
+void gather_transposed(std::vector<bf16>& dense, const InRows& t, int64_t b, int64_t h, int64_t first,
+                       int64_t count, int64_t padded, int64_t dim) {
+  dense.assign(dim * padded, bf16(0.f));
+  for (int64_t r = 0; r < count; ++r) {
+    const bf16* row = t(b, h, first + r);
+    for (int64_t c = 0; c < dim; ++c) dense[c * padded + r] = row[c];
+  }
+}
+
+// One batch row and key/value head of K or V, packed as Kᵀ [d, keys] for S = Q Kᵀ (or Vᵀ for dP = dO Vᵀ), or as
+// V [keys, d] for O = P V (or K for dQ = dS K).
+void pack_rows(Packed& packed, std::vector<bf16>& scratch, const InRows& t, int64_t b, int64_t h, int64_t length,
+               int64_t padded, int64_t dim) {
+  gather_rows(scratch, t, b, h, 0, length, padded, dim);
+  packed.pack(scratch.data(), padded, dim, dim);
+}
+void pack_transposed(Packed& packed, std::vector<bf16>& scratch, const InRows& t, int64_t b, int64_t h,
+                     int64_t length, int64_t padded, int64_t dim) {
+  gather_transposed(scratch, t, b, h, 0, length, padded, dim);
+  packed.pack(scratch.data(), dim, padded, padded);
+}
+
+std::tuple<Tensor, Tensor> attention_bf16_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                  int64_t window, double scale) {
+  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
+  check_inputs(q, k, v);
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = q.size(2), dim = q.size(3);
+  const int64_t group = heads / kv_heads, padded = round_up(length, BLOCK), chunks = padded / BLOCK;
+  const Band band{window};
+  const float scaling = static_cast<float>(scale);
+  Tensor out = at::empty_like(q);  // q's layout: [B, T, H, d] seen as [B, H, T, d] keeps the merge of heads a view
+  Tensor lse = at::empty({batch, heads, length}, q.options().dtype(at::kFloat));
+  const InRows queries(q), keys(k), values(v);
+  const OutRows outs(out);
+  float* lse_data = lse.data_ptr<float>();
+
+  std::vector<Packed> keys_t(batch * kv_heads), values_packed(batch * kv_heads);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<bf16> scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, g = task % kv_heads;
+      pack_transposed(keys_t[task], scratch, keys, b, g, length, padded, dim);
+      pack_rows(values_packed[task], scratch, values, b, g, length, padded, dim);
+    }
+  });
+  // A task is chunk i and chunk n-1-i of one head: equal work per task under the causal triangle.
+  const int64_t pairs = (chunks + 1) / 2;
+  at::parallel_for(0, batch * heads * pairs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(BLOCK * padded), acc(BLOCK * dim), inverse_sums(BLOCK);
+    std::vector<bf16> probs(BLOCK * padded);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (heads * pairs), h = task / pairs % heads, pair = task % pairs;
+      const Packed &kt = keys_t[b * kv_heads + h / group], &vs = values_packed[b * kv_heads + h / group];
+      float* lses = lse_data + (b * heads + h) * length;
+      const int64_t mine[2] = {pair, chunks - 1 - pair};
+      for (int64_t n = 0; n < (mine[0] == mine[1] ? 1 : 2); ++n) {
+        const int64_t start = mine[n] * BLOCK, rows = std::min(BLOCK, length - start);
+        const int64_t first = band.first(start), stop = Band::end(start, rows), width = stop - first;
+        gemm(rows, dim, queries(b, h, start), queries.row_stride, kt, 0, first, stop, scores.data(), width, false);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* row = scores.data() + i * width;
+          bf16* prob = probs.data() + i * width;
+          const int64_t low = band.low(start + i, first), high = Band::high(start + i, first);
+          const float top = max_row(row, low, high) * scaling;
+          // e^(s - max) in bf16 for the GEMM; the division by their sum waits for the output row (as in flash
+          // attention), one pass fewer over the scores
+          const float total = exp_row(row, prob, low, high, scaling, top);
+          std::fill(prob, prob + low, bf16(0.f));
+          std::fill(prob + high, prob + width, bf16(0.f));
+          lses[start + i] = top + std::log(total);
+          inverse_sums[i] = 1.f / total;
+        }
+        gemm(rows, width, probs.data(), width, vs, first, 0, dim, acc.data(), dim, false);
+        for (int64_t i = 0; i < rows; ++i)
+          sparkgpt::to_bf16(acc.data() + i * dim, outs(b, h, start + i), dim, inverse_sums[i]);
+      }
+    }
+    blas::brgemm_release();
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bf16_backward(const Tensor& grad_in, const Tensor& q_in,
+                                                           const Tensor& k_in, const Tensor& v_in,
+                                                           const Tensor& out_in, const Tensor& lse, int64_t window,
+                                                           double scale) {
+  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach(), out = out_in.detach();
+  Tensor grad = grad_in.detach().to(at::kBFloat16);
+  if (grad.stride(3) != 1) grad = grad.contiguous();
+  check_inputs(q, k, v);
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = q.size(2), dim = q.size(3);
+  const int64_t group = heads / kv_heads, padded = round_up(length, BLOCK);
+  const Band band{window};
+  const float scaling = static_cast<float>(scale);
+  Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  const InRows queries(q), keys(k), values(v), outs(out), grads(grad);
+  const OutRows grad_queries(grad_q), grad_keys(grad_k), grad_values(grad_v);
+  const float* lse_data = lse.const_data_ptr<float>();
+
+  // Each task is one key/value head of one batch row, so its key and value gradients are summed in place: as
+  // dKᵀ += Q_cᵀ dS and dVᵀ += dO_cᵀ P, whose right-hand operands (dS, P) the packing routine lays out (a transpose
+  // of the small Q_c and dO_c costs less than one of dS and P).
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    Packed kt, vt, ks, ds_packed, p_packed;
+    std::vector<bf16> scratch, ds(BLOCK * padded), p(BLOCK * padded), q_t, grad_t;
+    std::vector<float> probs(BLOCK * padded), dprobs(BLOCK * padded), acc(BLOCK * dim);
+    std::vector<float> key_sums(dim * padded), value_sums(dim * padded);  // dKᵀ, dVᵀ
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, g = task % kv_heads;
+      pack_transposed(kt, scratch, keys, b, g, length, padded, dim);
+      pack_transposed(vt, scratch, values, b, g, length, padded, dim);
+      pack_rows(ks, scratch, keys, b, g, length, padded, dim);
+      std::fill(key_sums.begin(), key_sums.end(), 0.f);
+      std::fill(value_sums.begin(), value_sums.end(), 0.f);
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        const float* lses = lse_data + (b * heads + h) * length;
+        for (int64_t start = 0; start < length; start += BLOCK) {
+          const int64_t rows = std::min(BLOCK, length - start);
+          const int64_t first = band.first(start), stop = Band::end(start, rows), width = stop - first;
+          gemm(rows, dim, queries(b, h, start), queries.row_stride, kt, 0, first, stop, probs.data(), width, false);
+          gemm(rows, dim, grads(b, h, start), grads.row_stride, vt, 0, first, stop, dprobs.data(), width, false);
+          for (int64_t i = 0; i < rows; ++i) {
+            const float dot = sparkgpt::dot(grads(b, h, start + i), outs(b, h, start + i), dim);  // dO_i · O_i
+            float *pr = probs.data() + i * width, *dpr = dprobs.data() + i * width;
+            bf16 *p_row = p.data() + i * width, *ds_row = ds.data() + i * width;
+            const int64_t low = band.low(start + i, first), high = Band::high(start + i, first);
+            exp_row(pr, low, high, scaling, lses[start + i]);  // P, from the forward's log-sum-exp
+            for (int64_t j = low; j < high; ++j) dpr[j] = pr[j] * (dpr[j] - dot);
+            for (bf16* row : {p_row, ds_row}) {
+              std::fill(row, row + low, bf16(0.f));
+              std::fill(row + high, row + width, bf16(0.f));
+            }
+            sparkgpt::to_bf16(pr + low, p_row + low, high - low);
+            sparkgpt::to_bf16(dpr + low, ds_row + low, high - low, scaling);
+          }
+          std::fill(p.begin() + rows * width, p.begin() + BLOCK * width, bf16(0.f));
+          std::fill(ds.begin() + rows * width, ds.begin() + BLOCK * width, bf16(0.f));
+          gemm(rows, width, ds.data(), width, ks, first, 0, dim, acc.data(), dim, false);
+          for (int64_t i = 0; i < rows; ++i) sparkgpt::to_bf16(acc.data() + i * dim, grad_queries(b, h, start + i), dim);
+          ds_packed.pack(ds.data(), BLOCK, width, width);
+          p_packed.pack(p.data(), BLOCK, width, width);
+          gather_transposed(q_t, queries, b, h, start, rows, BLOCK, dim);
+          gather_transposed(grad_t, grads, b, h, start, rows, BLOCK, dim);
+          gemm(dim, BLOCK, q_t.data(), BLOCK, ds_packed, 0, 0, width, key_sums.data() + first, padded, true);
+          gemm(dim, BLOCK, grad_t.data(), BLOCK, p_packed, 0, 0, width, value_sums.data() + first, padded, true);
+        }
+      }
+      for (int64_t r = 0; r < length; ++r) {
+        bf16 *dk = grad_keys(b, g, r), *dv = grad_values(b, g, r);
+        for (int64_t c = 0; c < dim; ++c) {
+          dk[c] = bf16(key_sums[c * padded + r]);
+          dv[c] = bf16(value_sums[c * padded + r]);
+        }
+      }
+    }
+    blas::brgemm_release();
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+// Whether this CPU and this torch build run the micro-kernel (AMX or AVX-512 bf16 through oneDNN).
+bool attention_bf16_supported() { return blas::could_pack(at::kBFloat16); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
+  m.def("attention_bf16_forward(Tensor q, Tensor k, Tensor v, int window, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bf16_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_bf16_supported() -> bool", attention_bf16_supported);
+}
+
+TORCH_LIBRARY_IMPL(sparkgpt, CPU, m) {
+  m.impl("attention_bf16_forward", attention_bf16_forward);
+  m.impl("attention_bf16_backward", attention_bf16_backward);
+}
