@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vector_math.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define SPARKGPT_AVX512_BF16 1
@@ -98,9 +100,20 @@ Tensor dequantize_int8(const Tensor& qweight, const Tensor& scales) {
   const float* scale = s.data_ptr<float>();
   BFloat16* weights = out.data_ptr<BFloat16>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row)
-      for (int64_t j = 0; j < cols; ++j)
-        weights[row * cols + j] = BFloat16(static_cast<float>(levels[row * cols + j]) * scale[row]);
+    for (int64_t row = begin; row < end; ++row) {
+      const int8_t* in = levels + row * cols;
+      BFloat16* dst = weights + row * cols;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      using namespace sparkgpt;
+      const __m512 step = _mm512_set1_ps(scale[row]);
+      for_lanes(0, cols, [&](int64_t j, __mmask16 lanes) {
+        const __m512i wide = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lanes, in + j));
+        store16(dst + j, _mm512_mul_ps(_mm512_cvtepi32_ps(wide), step), lanes);
+      });
+#else
+      for (int64_t j = 0; j < cols; ++j) dst[j] = BFloat16(static_cast<float>(in[j]) * scale[row]);
+#endif
+    }
   });
   return out;
 }
