@@ -27,7 +27,6 @@ portable ones).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import sys
@@ -66,13 +65,34 @@ def _built(name: str) -> bool:
         return False
 
 
-@torch.compiler.disable  # a compiled model calls it: run as Python, never traced (it reads files, may build)
-@functools.cache
+# What loading found: "ops" (the namespace, or None) and "bf16_attention" (bool). Once filled, `ops()` and
+# `bf16_attention_supported()` are plain reads of it, which torch.compile traces without a graph break; the
+# trainer loads the library before compiling (`load()`), so a compiled step never meets the build.
+_loaded: dict[str, Any] = {}
+
+
 def ops() -> Any | None:
     """The `torch.ops.sparkgpt` namespace, built on first call; None where it cannot be (with one warning saying
     why), or when SPARKGPT_NATIVE=0."""
+    if "ops" not in _loaded:
+        load()
+    return _loaded["ops"]
+
+
+def bf16_attention_supported() -> bool:
+    """Whether attention_bf16 runs here: the library is built and torch's oneDNN has the bf16 micro-kernel for this
+    CPU (AMX or AVX-512 bf16)."""
+    return ops() is not None and _loaded["bf16_attention"]
+
+
+@torch.compiler.disable  # it reads files and may build: never traced
+def load() -> None:
+    """Build or load the library once (see `ops`)."""
+    if "ops" in _loaded:
+        return
+    _loaded.update(ops=None, bf16_attention=False)
     if os.environ.get("SPARKGPT_NATIVE", "1") == "0":
-        return None
+        return
     try:
         from torch.utils import cpp_extension
 
@@ -86,9 +106,9 @@ def ops() -> Any | None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"sparkgpt: native kernels unavailable ({reason}); using their PyTorch versions",
                       stacklevel=2)
-        return None
+        return
     _register_fakes()
-    return torch.ops.sparkgpt
+    _loaded.update(ops=torch.ops.sparkgpt, bf16_attention=bool(torch.ops.sparkgpt.attention_bf16_supported()))
 
 
 def inference_ops(x: torch.Tensor) -> Any | None:
@@ -97,15 +117,6 @@ def inference_ops(x: torch.Tensor) -> Any | None:
     if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != torch.bfloat16:
         return None
     return None if torch.compiler.is_compiling() else ops()
-
-
-@torch.compiler.disable
-@functools.cache
-def bf16_attention_supported() -> bool:
-    """Whether attention_bf16 runs here: the library is built and torch's oneDNN has the bf16 micro-kernel for this
-    CPU (AMX or AVX-512 bf16)."""
-    built = ops()
-    return built is not None and bool(built.attention_bf16_supported())
 
 
 def _register_fakes() -> None:

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparkgpt.config import ModelConfig
-from sparkgpt.model import build_model
+from sparkgpt.model import build_model, native
 from sparkgpt.train.config import TrainConfig
 from sparkgpt.train.distributed import Distributed
 
@@ -56,6 +56,8 @@ def parallelize(model: nn.Module, config: TrainConfig, dist: Distributed, device
         for block in blocks(model):
             checkpoint(block)  # keep only the block's input; recompute its insides during the backward
     if config.compile:
+        if device.type == "cpu":
+            native.load()  # its kernels' library ready before tracing, which then reads it without a graph break
         for block in blocks(model):
             block.compile()
     if not is_sharded(config, dist):
