@@ -2,8 +2,9 @@
 
 The reference is nanoGPT's setup expressed in sparkgpt (commit 3adf61e's defaults for these recipes): its
 architecture (learned positions, LayerNorm without bias, GELU MLP 4×wide, tied embeddings), fp32, no compile, the
-plain for-loop AdamW, the same batch and block. Data: the built-in Shakespeare corpus, char-level, first 90% train,
-last 10% validation (`sparkgpt prepare shakespeare --tokenizer char`).
+plain for-loop AdamW, glibc's malloc as it comes, the same batch and block. Every run trains in a fresh process.
+Data: the built-in Shakespeare corpus, char-level, first 90% train, last 10% validation (`sparkgpt prepare
+shakespeare --tokenizer char`).
 
 1. Throughput of the 6-layer "baby GPT" (6 layers, 6 heads, 384 wide, block 256, batch 64): tokens/s and MFU,
    each the median step of a run, best of `--rounds` runs taken in turn with the other's.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +39,8 @@ WORK = Path("runs/bench-train")
 DATA = WORK / "data"
 TARGET = 1.89
 NANOGPT_ARCH = {"model.positions": "learned", "model.norm": "layernorm", "model.ffn": "gelu", "model.bias": "false"}
-NANOGPT_SETTINGS = {"dtype": "float32", "compile": "false", "fused": "false", "optimizer": "adamw"}
+NANOGPT_SETTINGS = {"dtype": "float32", "compile": "false", "fused": "false", "optimizer": "adamw",
+                    "keep_host_memory": "false"}  # nanoGPT runs on glibc's malloc as it comes
 VAL_SEQUENCES = 240  # nanoGPT's CPU recipe: eval_iters 20 × batch 12, of block 64
 RACE_STEPS = 150
 RACE = {"optimizer": "muon", "muon_lr": "0.05", "lr": "1.2e-2", "min_lr": "1.2e-3", "batch_size": "48",
@@ -47,9 +50,16 @@ SEED = 1337
 
 
 def run(name: str, preset: str, overrides: dict[str, str]) -> list[dict]:
+    """Train in a fresh process: sparkgpt's trainer changes process-wide settings (its malloc), which must not carry
+    over to the reference, nor one run's compiled code or memory to the next."""
     out = WORK / name
     shutil.rmtree(out, ignore_errors=True)
-    train(preset, out, {"data": str(DATA), "save_every": "1000000", **overrides}, progress=True)
+    process = multiprocessing.get_context("spawn").Process(
+        target=train, args=(preset, out, {"data": str(DATA), "save_every": "1000000", **overrides}))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"bench_train: the {name} run failed (exit code {process.exitcode})")
     return metric_rows(out)
 
 

@@ -111,10 +111,11 @@ def test_native_kernels_can_be_turned_off():
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable flags below are x86-64's")
 def test_the_portable_build_passes_the_same_tests():
     """A CPU without AVX-512 (most laptops) gets the portable loops: build them (-march=x86-64-v3: AVX2) and run
-    this file's tests and the sliding-window ones against them, in a fresh process."""
+    this file's tests, the sliding-window ones and the bf16 attention kernel's against them, in a fresh process."""
     env = {**os.environ, "SPARKGPT_NATIVE_CFLAGS": "-O3 -march=x86-64-v3"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "tests/test_sparse_attention.py", "-k", "not portable and (native or local)"],
+                          "tests/test_sparse_attention.py", "tests/test_attention_bf16.py",
+                          "-k", "not portable and (native or local or bf16_kernel)"],
                          capture_output=True, text=True, timeout=900, env=env,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -39,7 +39,7 @@ import torch
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
     "decode_layers.cpp", "dequantize.cpp", "local_attention.cpp", "attention_bf16.cpp", "pointwise.cpp")]
-HEADERS = [CSRC / "vector_math.h"]
+HEADERS = [CSRC / "vector_math.h", CSRC / "vnni.h"]
 
 
 def _build_key(flags: list[str]) -> str:

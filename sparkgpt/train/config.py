@@ -72,6 +72,9 @@ class TrainConfig:
     # Precision and speed. Weights and optimizer state stay fp32; autocast runs matmuls in `dtype`.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = False               # torch.compile each block (slow first step, faster after)
+    # CPU: glibc keeps freed memory for reuse instead of returning it to the kernel each step (sparkgpt/train/
+    # host_memory.py: about 20% faster steps; the process keeps its peak heap)
+    keep_host_memory: bool = True
     # Under torchrun: "ddp" replicates the model on every process; "fsdp" shards weights, gradients and AdamW state
     # across them (FSDP2; sharded DCP checkpoints). activation_checkpointing recomputes each block in the backward.
     parallel: Literal["ddp", "fsdp"] = "ddp"

@@ -33,6 +33,7 @@ from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
 from sparkgpt.train import checkpoints, parallel, sharded
 from sparkgpt.train.config import TrainConfig, load_train_config, save_train_config
 from sparkgpt.train.distributed import Distributed
+from sparkgpt.train.host_memory import keep_freed_memory
 from sparkgpt.train.lora import apply_lora, is_adapter
 from sparkgpt.train.optim import build_optimizer, learning_rate, set_learning_rate
 
@@ -112,6 +113,8 @@ class Trainer:
         probe_device = Distributed().device(config.device)
         self.dist = Distributed.from_env(probe_device)
         self.device = self.dist.device(config.device)
+        if self.device.type == "cpu" and config.keep_host_memory:
+            keep_freed_memory()
         torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model, self.tokenizer, self.data = self._pretrained() if config.init_from else self._from_scratch()
         config = self.config  # fine-tuning may have capped block_size at the model's context

@@ -10,9 +10,9 @@
 // The structure is local_attention.cpp's: each chunk of 64 queries multiplies the whole range of keys it can see
 // (rounded out to blocks of 64; the softmax masks the rest) and takes its softmax over the chunk's full rows, with
 // no online rescaling. The micro-kernel wants its right-hand operand packed (pairs of rows interleaved, panels of at
-// most 64 columns), so K, V, Kᵀ and Vᵀ are packed once per key/value head, padded with zero keys to a multiple of
-// 64; queries and output gradients are read in place. P and dS are rounded to bf16 for their GEMMs, as flash
-// attention does on GPUs; every sum is float32.
+// most 64 columns: vnni.h), so K, V, Kᵀ and Vᵀ are packed once per key/value head, padded with zero keys to a
+// multiple of 64; queries and output gradients are read in place. P and dS are rounded to bf16 for their GEMMs, as
+// flash attention does on GPUs; every sum is float32.
 //
 //   forward:  S = Q_c K_rᵀ · scale (masked), E = exp(S - max S), O_c = (E V_r) / Σ E, lse = log Σ exp(S)
 //   backward: P = exp(S - lse), dP = dO_c V_rᵀ, dS = P ⊙ (dP - rowsum(dO_c ⊙ O_c)) · scale,
@@ -23,9 +23,11 @@
 #include <torch/library.h>
 
 #include "vector_math.h"
+#include "vnni.h"
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -41,23 +43,36 @@ constexpr int64_t BLOCK = 64;  // queries per chunk, keys per block, columns per
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-// A row-major [rows, cols] bf16 matrix (row stride ld, rows even) packed for the micro-kernel as its B operand:
-// panels of BLOCK columns, each [rows, width] with pairs of rows interleaved, so an even row offset is a plain
-// pointer offset.
-struct Packed {
-  int64_t rows = 0, cols = 0;
-  std::vector<bf16> data;
+static_assert(BLOCK == sparkgpt::vnni::PANEL);
 
-  void pack(const bf16* matrix, int64_t rows_, int64_t cols_, int64_t ld) {
-    rows = rows_;
+// The micro-kernel's B operand [rows, cols]: panels of BLOCK columns, each [rows, width] with pairs of rows
+// interleaved (rows even), so an even row offset is a plain pointer offset.
+struct Packed {
+  int64_t rows = 0, cols = 0, capacity = 0;
+  std::unique_ptr<bf16[]> data;  // not initialised: packing writes every element, padding included
+
+  // B = X for X [count, cols] (row stride ld), zero in rows count..padded
+  void pack_rows(const bf16* x, int64_t count, int64_t ld, int64_t cols_, int64_t padded) {
+    rows = padded;
     cols = cols_;
-    data.resize(rows * round_up(cols, BLOCK));
-    for (int64_t p = 0; p * BLOCK < cols; ++p)
-      blas::pack(rows, width(p), ld, width(p), at::kBFloat16, at::kBFloat16, matrix + p * BLOCK,
-                 data.data() + p * rows * BLOCK);
+    reserve(rows * round_up(cols, BLOCK));
+    sparkgpt::vnni::pack_rows(x, count, ld, cols, padded, data.get());
+  }
+  // B = Xᵀ for X [count, dim] (row stride ld), zero in columns count..padded (a multiple of BLOCK)
+  void pack_transposed(const bf16* x, int64_t count, int64_t ld, int64_t dim, int64_t padded) {
+    rows = dim;
+    cols = padded;
+    reserve(rows * cols);
+    sparkgpt::vnni::pack_transposed(x, count, ld, dim, padded, data.get());
+  }
+  void reserve(int64_t size) {  // grows only: the backward repacks P and dS at several widths
+    if (capacity < size) {
+      data.reset(new bf16[size]);
+      capacity = size;
+    }
   }
   int64_t width(int64_t panel) const { return std::min(BLOCK, cols - panel * BLOCK); }
-  const bf16* at(int64_t panel, int64_t row) const { return data.data() + panel * rows * BLOCK + row * width(panel); }
+  const bf16* at(int64_t panel, int64_t row) const { return data.get() + panel * rows * BLOCK + row * width(panel); }
 };
 
 // C[m, columns first..end) (+)= A[m, depth] · B[row.., first..end), A bf16 row stride lda, C float row stride ldc,
@@ -86,7 +101,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
                   q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(3) % 2 == 0,
               "attention_bf16: q [B, H, T, d], k and v [B, H_kv, T, d] with H a multiple of H_kv and d even");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_bf16: unit stride on d");
+  for (const Tensor& t : {q, k, v})  // rows are read as 32-bit words (vnni.h)
+    TORCH_CHECK(t.stride(3) == 1 && t.stride(2) % 2 == 0, "attention_bf16: unit stride on d, even row strides");
 }
 
 // Rows of a [B, H, T, d] bf16 tensor (unit stride on d) by raw pointer: the inner loops make no tensor calls.
@@ -105,36 +121,6 @@ struct Rows {
 using InRows = Rows<const bf16>;
 using OutRows = Rows<bf16>;
 
-// rows [first, first + count) of batch b, head h as a dense [padded, dim] matrix, zero past `count` (transposed:
-// [dim, padded])
-void gather_rows(std::vector<bf16>& dense, const InRows& t, int64_t b, int64_t h, int64_t first, int64_t count,
-                 int64_t padded, int64_t dim) {
-  dense.resize(padded * dim);
-  for (int64_t r = 0; r < count; ++r) std::copy_n(t(b, h, first + r), dim, dense.data() + r * dim);
-  std::fill(dense.begin() + count * dim, dense.end(), bf16(0.f));
-}
-void gather_transposed(std::vector<bf16>& dense, const InRows& t, int64_t b, int64_t h, int64_t first,
-                       int64_t count, int64_t padded, int64_t dim) {
-  dense.assign(dim * padded, bf16(0.f));
-  for (int64_t r = 0; r < count; ++r) {
-    const bf16* row = t(b, h, first + r);
-    for (int64_t c = 0; c < dim; ++c) dense[c * padded + r] = row[c];
-  }
-}
-
-// One batch row and key/value head of K or V, packed as Kᵀ [d, keys] for S = Q Kᵀ (or Vᵀ for dP = dO Vᵀ), or as
-// V [keys, d] for O = P V (or K for dQ = dS K).
-void pack_rows(Packed& packed, std::vector<bf16>& scratch, const InRows& t, int64_t b, int64_t h, int64_t length,
-               int64_t padded, int64_t dim) {
-  gather_rows(scratch, t, b, h, 0, length, padded, dim);
-  packed.pack(scratch.data(), padded, dim, dim);
-}
-void pack_transposed(Packed& packed, std::vector<bf16>& scratch, const InRows& t, int64_t b, int64_t h,
-                     int64_t length, int64_t padded, int64_t dim) {
-  gather_transposed(scratch, t, b, h, 0, length, padded, dim);
-  packed.pack(scratch.data(), dim, padded, padded);
-}
-
 std::tuple<Tensor, Tensor> attention_bf16_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                   int64_t window, double scale) {
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
@@ -151,11 +137,10 @@ std::tuple<Tensor, Tensor> attention_bf16_forward(const Tensor& q_in, const Tens
 
   std::vector<Packed> keys_t(batch * kv_heads), values_packed(batch * kv_heads);
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, g = task % kv_heads;
-      pack_transposed(keys_t[task], scratch, keys, b, g, length, padded, dim);
-      pack_rows(values_packed[task], scratch, values, b, g, length, padded, dim);
+      keys_t[task].pack_transposed(keys(b, g, 0), length, keys.row_stride, dim, padded);
+      values_packed[task].pack_rows(values(b, g, 0), length, values.row_stride, dim, padded);
     }
   });
   // A task is chunk i and chunk n-1-i of one head: equal work per task under the causal triangle.
@@ -201,7 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bf16_backward(const Tensor& grad_in
                                                            double scale) {
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach(), out = out_in.detach();
   Tensor grad = grad_in.detach().to(at::kBFloat16);
-  if (grad.stride(3) != 1) grad = grad.contiguous();
+  if (grad.stride(3) != 1 || grad.stride(2) % 2 != 0) grad = grad.contiguous();
   check_inputs(q, k, v);
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = q.size(2), dim = q.size(3);
   const int64_t group = heads / kv_heads, padded = round_up(length, BLOCK);
@@ -217,14 +202,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_bf16_backward(const Tensor& grad_in
   // of the small Q_c and dO_c costs less than one of dS and P).
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     Packed kt, vt, ks, ds_packed, p_packed;
-    std::vector<bf16> scratch, ds(BLOCK * padded), p(BLOCK * padded), q_t, grad_t;
+    std::vector<bf16> ds(BLOCK * padded), p(BLOCK * padded), q_t(dim * BLOCK), grad_t(dim * BLOCK);
     std::vector<float> probs(BLOCK * padded), dprobs(BLOCK * padded), acc(BLOCK * dim);
     std::vector<float> key_sums(dim * padded), value_sums(dim * padded);  // dKᵀ, dVᵀ
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, g = task % kv_heads;
-      pack_transposed(kt, scratch, keys, b, g, length, padded, dim);
-      pack_transposed(vt, scratch, values, b, g, length, padded, dim);
-      pack_rows(ks, scratch, keys, b, g, length, padded, dim);
+      kt.pack_transposed(keys(b, g, 0), length, keys.row_stride, dim, padded);
+      vt.pack_transposed(values(b, g, 0), length, values.row_stride, dim, padded);
+      ks.pack_rows(keys(b, g, 0), length, keys.row_stride, dim, padded);
       std::fill(key_sums.begin(), key_sums.end(), 0.f);
       std::fill(value_sums.begin(), value_sums.end(), 0.f);
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
@@ -248,25 +233,20 @@ std::tuple<Tensor, Tensor, Tensor> attention_bf16_backward(const Tensor& grad_in
             sparkgpt::to_bf16(pr + low, p_row + low, high - low);
             sparkgpt::to_bf16(dpr + low, ds_row + low, high - low, scaling);
           }
-          std::fill(p.begin() + rows * width, p.begin() + BLOCK * width, bf16(0.f));
-          std::fill(ds.begin() + rows * width, ds.begin() + BLOCK * width, bf16(0.f));
           gemm(rows, width, ds.data(), width, ks, first, 0, dim, acc.data(), dim, false);
           for (int64_t i = 0; i < rows; ++i) sparkgpt::to_bf16(acc.data() + i * dim, grad_queries(b, h, start + i), dim);
-          ds_packed.pack(ds.data(), BLOCK, width, width);
-          p_packed.pack(p.data(), BLOCK, width, width);
-          gather_transposed(q_t, queries, b, h, start, rows, BLOCK, dim);
-          gather_transposed(grad_t, grads, b, h, start, rows, BLOCK, dim);
+          ds_packed.pack_rows(ds.data(), rows, width, width, BLOCK);
+          p_packed.pack_rows(p.data(), rows, width, width, BLOCK);
+          sparkgpt::vnni::transpose(queries(b, h, start), rows, queries.row_stride, dim, BLOCK, q_t.data());
+          sparkgpt::vnni::transpose(grads(b, h, start), rows, grads.row_stride, dim, BLOCK, grad_t.data());
           gemm(dim, BLOCK, q_t.data(), BLOCK, ds_packed, 0, 0, width, key_sums.data() + first, padded, true);
           gemm(dim, BLOCK, grad_t.data(), BLOCK, p_packed, 0, 0, width, value_sums.data() + first, padded, true);
         }
       }
-      for (int64_t r = 0; r < length; ++r) {
-        bf16 *dk = grad_keys(b, g, r), *dv = grad_values(b, g, r);
-        for (int64_t c = 0; c < dim; ++c) {
-          dk[c] = bf16(key_sums[c * padded + r]);
-          dv[c] = bf16(value_sums[c * padded + r]);
-        }
-      }
+      sparkgpt::vnni::transpose_rounded(key_sums.data(), dim, length, padded, grad_keys(b, g, 0),
+                                        grad_keys.row_stride);
+      sparkgpt::vnni::transpose_rounded(value_sums.data(), dim, length, padded, grad_values(b, g, 0),
+                                        grad_values.row_stride);
     }
     blas::brgemm_release();
   });

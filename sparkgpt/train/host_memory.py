@@ -1,0 +1,27 @@
+"""Keeping freed host memory in the process while training on the CPU.
+
+glibc's malloc hands every block above its mmap threshold (at most 32 MiB) back to the kernel when it is freed, and
+trims the top of its heap. A training step's large activations (one [16,384, 1,024] bf16 tensor of the baby GPT is
+32 MiB) are therefore mapped, zero-filled and page-faulted in again on every step: about 290,000 page faults and
+20% of a baby-GPT step on a 2-core machine. Preloading jemalloc or tcmalloc is the usual cure for PyTorch on CPUs;
+glibc does the same when told to serve large blocks from its heap and never to trim it. The price is that the
+process keeps its peak heap (+12% resident memory on the baby GPT). `TrainConfig.keep_host_memory` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_MAX = -4
+_NEVER_TRIM = 2**31 - 1  # the largest int mallopt takes: bytes free at the heap's top before it trims
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel, for the rest of this process.
+    True when set; False where the C library is not glibc (elsewhere allocators differ and this does nothing)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
