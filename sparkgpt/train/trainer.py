@@ -80,8 +80,10 @@ def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float | None) -> float:
-    """The FLOP/s that MFU divides by: the configured figure, a known GPU's datasheet bf16 peak, or on CPU the rate
-    of a large matmul in the training dtype measured here (what this machine can actually do)."""
+    """The FLOP/s that MFU divides by: the configured figure, a known GPU's datasheet bf16 peak, or on CPU the best
+    rate of a large matmul in the training dtype over five short windows, measured here (what this machine can
+    actually do: shared machines' cores change speed from one second to the next, and the best window is the
+    least disturbed)."""
     if configured_tflops is not None:
         return configured_tflops * 1e12
     if device.type == "cuda":
@@ -94,12 +96,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     own = torch.Generator().manual_seed(0)  # not the global one: a resumed run's restored RNG must stay untouched
     a = torch.randn(size, size, dtype=dtype, generator=own)
     b = torch.randn(size, size, dtype=dtype, generator=own)
-    a @ b  # warm the kernels up
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.2:
-        a @ b
-        runs += 1
-    return 2 * size**3 * runs / (time.perf_counter() - start)
+    product = a @ b  # warms the kernels up
+    best = 0.0
+    for _ in range(5):
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.05:
+            torch.mm(a, b, out=product)
+            runs += 1
+        best = max(best, 2 * size**3 * runs / (time.perf_counter() - start))
+    return best
 
 
 class Trainer:
