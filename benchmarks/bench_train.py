@@ -121,7 +121,7 @@ def main() -> None:
             "baby GPT (6 layers, 384 wide, block 256, batch 64): tokens/s, MFU of the measured bf16/fp32 matmul peak",
             f"  nanoGPT-equivalent (fp32, no compile, plain AdamW): {reference[0]:9,.0f} tok/s  MFU {reference[1]:.1%}",
             f"  sparkgpt (bf16 autocast, compile, fused AdamW):     {ours[0]:9,.0f} tok/s  MFU {ours[1]:.1%}",
-            "  (MFU: each run's own measure of the peak; this machine's bf16 rate swings 0.4-1.0 TFLOP/s a core)",
+            "  (MFU: against each run's own start-up measure of the matmul peak)",
             f"  ratio: {ours[0] / reference[0]:.2f}×",
             f"  a 1024² matmul now: fp32 {peaks[torch.float32]:.2f} TFLOP/s, bf16 {peaks[torch.bfloat16]:.2f} TFLOP/s "
             f"({peaks[torch.bfloat16] / peaks[torch.float32]:.1f}×: what bf16 can gain at equal MFU)",

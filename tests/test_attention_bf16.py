@@ -68,6 +68,22 @@ def test_bf16_kernel_is_as_close_to_float32_attention_as_torchs_bf16_kernel(batc
         assert error < allowed, f"{name}: {error:.4f} vs torch's bf16 {allowed:.4f}"
 
 
+def test_bf16_kernel_copies_rows_it_cannot_read_as_words():
+    """Rows at odd offsets (a row stride of d + 1) cannot be read as 32-bit pairs: the kernel copies them and gives
+    what it gives for the same values laid out contiguously."""
+    q, k, v = inputs(1, 2, 2, 70, 32)
+    odd = [F.pad(t, (0, 1))[..., :32] for t in (q, k, v)]
+    assert odd[0].stride(2) % 2 == 1
+    grad = torch.randn(1, 2, 70, 32).bfloat16()
+    results = []
+    for leaves in ([t.contiguous() for t in (q, k, v)], odd):
+        leaves = [t.requires_grad_() for t in leaves]
+        out = bf16_band_attention(*leaves, 70, 1 / math.sqrt(32))
+        results.append([out, *torch.autograd.grad(out, leaves, grad)])
+    for expected, got in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+
+
 def test_causal_bf16_attention_takes_the_native_kernel_under_autocast_and_for_bf16(monkeypatch):
     """Training under bf16 autocast (q, k promoted to float32 by the rotary step, v bf16) and a bf16 model's prompt
     both go through the kernel; padding masks and single decode steps do not."""

@@ -4,7 +4,8 @@ glibc's malloc hands every block above its mmap threshold (at most 32 MiB) back 
 trims the top of its heap. A training step's large activations (one [16,384, 1,024] bf16 tensor of the baby GPT is
 32 MiB) are therefore mapped, zero-filled and page-faulted in again on every step: about 290,000 page faults and
 20% of a baby-GPT step on a 2-core machine. Preloading jemalloc or tcmalloc is the usual cure for PyTorch on CPUs;
-glibc does the same when told to serve large blocks from its heap and never to trim it. The price is that the
+glibc does the same when told to serve large blocks from its heap and never to trim it (blocks over 64 MiB asked
+for by threads other than the main one are still mapped: a thread's heap cannot hold them). The price is that the
 process keeps its peak heap (+12% resident memory on the baby GPT). `TrainConfig.keep_host_memory` turns it off.
 """
 
@@ -15,7 +16,7 @@ import platform
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
-_NEVER_TRIM = 2**31 - 1  # the largest int mallopt takes: bytes free at the heap's top before it trims
+_NEVER = -1  # as M_TRIM_THRESHOLD: never give the heap's free top back (mallopt(3))
 
 
 def keep_freed_memory() -> bool:
@@ -24,4 +25,4 @@ def keep_freed_memory() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER))

@@ -101,8 +101,13 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
                   q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(3) % 2 == 0,
               "attention_bf16: q [B, H, T, d], k and v [B, H_kv, T, d] with H a multiple of H_kv and d even");
-  for (const Tensor& t : {q, k, v})  // rows are read as 32-bit words (vnni.h)
-    TORCH_CHECK(t.stride(3) == 1 && t.stride(2) % 2 == 0, "attention_bf16: unit stride on d, even row strides");
+}
+
+// t itself, or a contiguous copy unless its rows have unit stride on d and start at even offsets: rows are read as
+// 32-bit words (vnni.h).
+Tensor word_rows(const Tensor& t) {
+  const Tensor detached = t.detach();
+  return detached.stride(3) == 1 && detached.stride(2) % 2 == 0 ? detached : detached.contiguous();
 }
 
 // Rows of a [B, H, T, d] bf16 tensor (unit stride on d) by raw pointer: the inner loops make no tensor calls.
@@ -123,7 +128,7 @@ using OutRows = Rows<bf16>;
 
 std::tuple<Tensor, Tensor> attention_bf16_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                   int64_t window, double scale) {
-  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
+  const Tensor q = word_rows(q_in), k = word_rows(k_in), v = word_rows(v_in);
   check_inputs(q, k, v);
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = q.size(2), dim = q.size(3);
   const int64_t group = heads / kv_heads, padded = round_up(length, BLOCK), chunks = padded / BLOCK;
@@ -184,9 +189,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bf16_backward(const Tensor& grad_in
                                                            const Tensor& k_in, const Tensor& v_in,
                                                            const Tensor& out_in, const Tensor& lse, int64_t window,
                                                            double scale) {
-  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach(), out = out_in.detach();
-  Tensor grad = grad_in.detach().to(at::kBFloat16);
-  if (grad.stride(3) != 1 || grad.stride(2) % 2 != 0) grad = grad.contiguous();
+  const Tensor q = word_rows(q_in), k = word_rows(k_in), v = word_rows(v_in), out = word_rows(out_in);
+  const Tensor grad = word_rows(grad_in.to(at::kBFloat16));
   check_inputs(q, k, v);
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = q.size(2), dim = q.size(3);
   const int64_t group = heads / kv_heads, padded = round_up(length, BLOCK);
