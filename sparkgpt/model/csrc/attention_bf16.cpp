@@ -107,7 +107,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
 // 32-bit words (vnni.h).
 Tensor word_rows(const Tensor& t) {
   const Tensor detached = t.detach();
-  return detached.stride(3) == 1 && detached.stride(2) % 2 == 0 ? detached : detached.contiguous();
+  const bool readable = detached.dim() != 4 || (detached.stride(3) == 1 && detached.stride(2) % 2 == 0);
+  return readable ? detached : detached.contiguous();  // a wrong rank is left for check_inputs to name
 }
 
 // Rows of a [B, H, T, d] bf16 tensor (unit stride on d) by raw pointer: the inner loops make no tensor calls.
