@@ -28,6 +28,49 @@ def cmd_models(args: argparse.Namespace) -> None:
               f"{config.max_seq_len:>9}{_human(config.num_parameters()):>10}")
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    """Show this machine as sparkgpt sees it: the CPU and its instruction sets, GPUs, and the fast paths chosen
+    here (native kernels, bf16 attention, quantised kernels, training dtype) with the reason for each."""
+    import json
+
+    import torch
+
+    from sparkgpt import hardware
+    from sparkgpt.model import native, quant
+
+    native.note_paths()
+    quant.note_kernels()
+    here = hardware.cpu()
+    hardware.note("threads", f"{here.threads} of {here.cores} cores", "torch's default, one per physical core "
+                  "(OMP_NUM_THREADS or --threads where a command has it overrides)")
+    cached = hardware.cached_choices()
+    report = {
+        "sparkgpt": __import__("sparkgpt").__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+        "cpu": {"model": here.model, "architecture": here.architecture, "isa": here.isa,
+                "torch_kernels": here.torch_kernels, "cores": here.cores, "threads": here.threads,
+                "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")},
+        "gpus": hardware.gpus(),
+        "chosen": [{"path": c.decision, "chosen": c.chosen, "why": c.reason} for c in hardware.choices()],
+        "measured": {"cache": str(hardware.choices_file()), "entries": cached},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    print(f"sparkgpt {report['sparkgpt']}, torch {report['torch']}, Python {report['python']}")
+    print(f"CPU: {here.model} ({here.architecture}), {here.cores} cores; torch's kernels: {here.torch_kernels}")
+    print(f"ISA: {here.isa}" + (f"; oneDNN capped at {report['cpu']['onednn_max_cpu_isa']}"
+                                if report["cpu"]["onednn_max_cpu_isa"] else ""))
+    print("GPU: " + ("; ".join(report["gpus"]) or "none (CUDA not available)"))
+    print("fast paths:")
+    for choice in hardware.choices():
+        print(f"  {choice.decision}: {choice.chosen}\n      why: {choice.reason}")
+    print(f"measured on this CPU (cache {report['measured']['cache']}):")
+    for key, entry in cached.items():
+        print(f"  {key}: {entry.get('chosen')} ({entry.get('times', '')})")
+    if not cached:
+        print("  nothing yet (a training run with dtype auto times bf16 against float32 once)")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt with a model and print the completion."""
 
@@ -371,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("models", cmd_models)
+    info = command("info", cmd_info)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
 
     evaluate = command("evaluate", cmd_evaluate)
     _add_model_options(evaluate)

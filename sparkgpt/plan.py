@@ -164,8 +164,9 @@ def plan_config(
     else:
         train = load_train_config(config)
         model, default_block = train.model_config(), train.block_size
+        # "auto" is bf16 on the GPUs a plan is for (the trainer times it only on a CPU)
         defaults = {"parallel": train.parallel, "activation_checkpointing": train.activation_checkpointing,
-                    "dtype": train.dtype}
+                    "dtype": "bfloat16" if train.dtype == "auto" else train.dtype}
     chosen = {"parallel": parallel, "activation_checkpointing": activation_checkpointing, "dtype": dtype}
     chosen = {key: defaults[key] if value is None else value for key, value in chosen.items()}
     return estimate(model, name=config, world_size=world_size, block_size=block_size or default_block, **chosen)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 
 import pytest
 import torch
 
 import sparkgpt
+from sparkgpt import hardware
 from sparkgpt.model import KVCache, native, quant
 from sparkgpt.model.decode import DecodeStep
 from sparkgpt.model.quant import QuantizedLinear, quantize_model
@@ -107,19 +111,69 @@ def test_native_kernels_can_be_turned_off():
     assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
 
 
+# CPU classes one machine can stand in for: compiler flags for its loops, and oneDNN capped at its ISA. Each row:
+# (flags, ONEDNN_MAX_CPU_ISA, the features the host needs to run that build, the loops compiled, bf16 kernel?)
+CPU_CLASSES = {
+    "avx2-laptop": ("-O3 -march=x86-64-v3", "AVX2", ("avx2", "fma"), "portable", False),
+    "avx512-without-bf16": ("-O3 -march=skylake-avx512", "AVX512_CORE", ("avx512f", "avx512bw", "avx512vl",
+                                                                           "avx512dq", "avx512cd"), "AVX-512", False),
+    "avx512-bf16-without-amx": ("-O3 -march=native", "AVX512_CORE_BF16", ("avx512f", "avx512bw", "avx512_bf16"),
+                                "AVX-512 with AVX512-BF16", True),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable flags below are x86-64's")
-def test_the_portable_build_passes_the_same_tests():
-    """A CPU without AVX-512 (most laptops) gets the portable loops: build them (-march=x86-64-v3: AVX2) and run
-    this file's tests, the sliding-window ones and the bf16 attention kernel's against them, in a fresh process."""
-    env = {**os.environ, "SPARKGPT_NATIVE_CFLAGS": "-O3 -march=x86-64-v3"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "tests/test_sparse_attention.py", "tests/test_attention_bf16.py",
-                          "-k", "not portable and (native or local or bf16_kernel)"],
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the flags and oneDNN ISA names below are x86-64's")
+@pytest.mark.parametrize("cpu_class", list(CPU_CLASSES))
+def test_a_lesser_cpu_class_builds_takes_its_paths_and_passes_the_same_tests(cpu_class):
+    """This machine stands in for a lesser CPU: the native loops built for it (an AVX2 laptop gets the portable
+    ones) and oneDNN capped at its ISA (no AMX, or no bf16 micro-kernel at all). In a fresh process, the build
+    reports the loops it compiled and whether the bf16 attention kernel runs, and this file's tests, the sliding
+    window's and the bf16 attention's (kernel or fallback, whichever that class takes) pass."""
+    flags, isa, needs, loops, kernel = CPU_CLASSES[cpu_class]
+    if not hardware.cpu().has(*needs):
+        pytest.skip(f"this CPU lacks {', '.join(needs)}: it cannot run a build for {cpu_class}")
+    env = {**os.environ, "SPARKGPT_NATIVE_CFLAGS": flags, "ONEDNN_MAX_CPU_ISA": isa}
+    probe = "from sparkgpt.model import native; print(native.ops().compiled_loops(), native.bf16_attention_supported())"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == f"{loops} {kernel}", run.stdout + run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__,
+                          "tests/test_sparse_attention.py", "tests/test_attention_bf16.py", "-m", "not slow",
+                          "-k", "native or local or bf16 or attention"],
                          capture_output=True, text=True, timeout=900, env=env,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+    assert ("no bf16 micro-kernel" in run.stdout) != kernel  # its own tests skip exactly where it does not run
+
+
+@pytest.mark.slow
+def test_native_sources_compile_for_aarch64():
+    """Apple Silicon and Graviton users get the portable loops: every source compiles for aarch64 with Debian's
+    cross compiler (compile only: torch's headers are the same on every architecture; Python's host headers stand
+    in for the target's). CI installs the compiler (.ci/run), so there a missing one fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which("aarch64-linux-gnu-g++")
+    if compiler is None:
+        if os.environ.get("CI"):
+            pytest.fail("aarch64-linux-gnu-g++ missing: .ci/run installs g++-aarch64-linux-gnu")
+        pytest.skip("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+    includes = [f"-I{path}" for path in (*include_paths(), sysconfig.get_paths()["include"])]
+
+    def compile_one(source):
+        with tempfile.TemporaryDirectory() as out:
+            return source.name, subprocess.run(
+                [compiler, "-std=c++20", "-O2", "-march=armv8-a", "-fPIC", "-fopenmp", "-DTORCH_EXTENSION_NAME=check",
+                 *includes, "-c", str(source), "-o", os.path.join(out, "check.o")],
+                capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(2) as pool:
+        for name, run in pool.map(compile_one, native.SOURCES):
+            assert run.returncode == 0, f"{name}: " + "\n".join(
+                line for line in run.stderr.splitlines() if "error" in line)[:3000]
 
 
 @torch.no_grad()

@@ -232,16 +232,33 @@ def test_smollm2_quantized_perplexity_stays_near_float(smollm2_models):
     assert abs(losses["int8"] / losses[None] - 1) < 0.01 and abs(losses["int4"] / losses[None] - 1) < 0.05
 
 
+NEAR_TIE = 0.5  # float32's top two logits this close: the runner-up is over 60% as likely, any rounding may turn it
+
+
 @pytest.mark.slow
-def test_smollm2_int8_greedy_answers_equal_float(smollm2_models):
-    """The whole 16-token greedy reply is unchanged. (Of eight factual questions tried, "Who wrote Romeo and
-    Juliet?" and "How many legs does a spider have?" part ways after about ten tokens, past their answer.)"""
-    questions = ["What is the capital of France?", "What is the capital of Japan?", "How many days are in a week?",
-                 "What is the chemical symbol for gold?", "What is the boiling point of water in Celsius?"]
-    for question in questions:
-        messages = [{"role": "user", "content": question}]
-        expected = smollm2_models[None].chat(messages, max_new_tokens=16, temperature=0)
-        assert smollm2_models["int8"].chat(messages, max_new_tokens=16, temperature=0) == expected
+@torch.inference_mode()
+def test_smollm2_int8_greedy_replies_hold_the_answer_and_part_from_float_only_at_a_near_tie(smollm2_models):
+    """Each 16-token greedy int8 reply holds the answer, and its tokens equal float32's up to the first step where
+    float32's own top two logits are within NEAR_TIE: int8's rounding may turn a near-tie (on an AMD Zen 4, "used to"
+    became "used as" at token 15 of the gold reply, float32's margin 0.14) but never a clear choice. Which near-ties
+    turn depends on the CPU's kernels, so bit-identity past one is not asserted."""
+    answers = {"What is the capital of France?": "Paris", "What is the capital of Japan?": "Tokyo",
+               "How many days are in a week?": "7", "What is the chemical symbol for gold?": "Au",
+               "What is the boiling point of water in Celsius?": "100"}
+    full, int8 = smollm2_models[None], smollm2_models["int8"]
+    for question, answer in answers.items():
+        prompt = full.chat_prompt([{"role": "user", "content": question}])
+        expected = full.complete([prompt], max_new_tokens=16, temperature=0)[0]
+        got = int8.complete([prompt], max_new_tokens=16, temperature=0)[0]
+        assert answer in got.text and answer in expected.text, (question, got.text, expected.text)
+        logits = full.model(torch.tensor([prompt + expected.token_ids]))[0, len(prompt) - 1:-1].float()
+        top_two = logits.topk(2).values
+        margins = (top_two[:, 0] - top_two[:, 1]).tolist()
+        parted = next((i for i, (a, b) in enumerate(zip(expected.token_ids, got.token_ids, strict=False)) if a != b),
+                      None)
+        if parted is not None:
+            assert margins[parted] < NEAR_TIE, (question, parted, margins[parted], got.text, expected.text)
+            assert got.token_ids[parted] == logits[parted].topk(2).indices[1].item()  # float32's runner-up
 
 
 @pytest.mark.slow

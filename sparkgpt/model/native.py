@@ -10,7 +10,8 @@ library is unavailable:
 - `local_attention_forward` / `_backward` (csrc/local_attention.cpp): sliding-window attention over each query
   chunk's band of keys alone (the references: the masked dense attention, and the flash-kernel chunks in sparse.py);
 - `attention_bf16_forward` / `_backward` (csrc/attention_bf16.cpp): causal or sliding-window attention in bfloat16
-  with float32 sums on oneDNN's small-GEMM micro-kernel (the reference: the float32 attention formula);
+  with float32 sums on oneDNN's small-GEMM micro-kernel, where it runs (AMX or AVX512-BF16: `attention_bf16_supported`
+  multiplies a known product to find out; the reference: the float32 attention formula);
 - `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
   bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
   attention.py).
@@ -22,7 +23,8 @@ replaces those flags), and the library's name carries a hash of that CPU's featu
 the sources, so a home folder shared between machines never loads a build for another CPU or version. AVX-512
 loops are used where the CPU has them, portable loops elsewhere (tests/test_native.py also builds and checks the
 portable ones).
-`SPARKGPT_NATIVE=0` turns the native path off.
+`SPARKGPT_NATIVE=0` turns the native path off. What loading found is recorded for `sparkgpt info`
+(`hardware.note`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from typing import Any
 
 import torch
 
+from sparkgpt import hardware
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
     "decode_layers.cpp", "dequantize.cpp", "local_attention.cpp", "attention_bf16.cpp", "pointwise.cpp")]
@@ -43,14 +47,11 @@ HEADERS = [CSRC / "vector_math.h", CSRC / "vnni.h"]
 
 
 def _build_key(flags: list[str]) -> str:
-    """A short hash of this CPU's model and feature flags (Linux), the compiler flags and the sources, so a build
-    for another CPU, other flags or another version of sparkgpt is never loaded (nor rebuilt over while another
+    """A short hash of this CPU's model and feature flags, the compiler flags and the sources, so a build for
+    another CPU, other flags or another version of sparkgpt is never loaded (nor rebuilt over while another
     process uses it)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2] + flags
+    here = hardware.cpu()
+    wanted = [here.model, " ".join(sorted(here.features)), *flags]
     wanted += [path.read_text() for path in (*SOURCES, *HEADERS)]
     return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
 
@@ -92,6 +93,8 @@ def load() -> None:
         return
     _loaded.update(ops=None, bf16_attention=False)
     if os.environ.get("SPARKGPT_NATIVE", "1") == "0":
+        _loaded["library"] = "off (SPARKGPT_NATIVE=0)"
+        note_paths()
         return
     try:
         from torch.utils import cpp_extension
@@ -106,9 +109,30 @@ def load() -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"sparkgpt: native kernels unavailable ({reason}); using their PyTorch versions",
                       stacklevel=2)
+        _loaded["library"] = f"unavailable ({reason})"
+        note_paths()
         return
     _register_fakes()
     _loaded.update(ops=torch.ops.sparkgpt, bf16_attention=bool(torch.ops.sparkgpt.attention_bf16_supported()))
+    _loaded["library"] = f"{torch.ops.sparkgpt.compiled_loops()} loops ({' '.join(flags)})"
+    note_paths()
+
+
+def note_paths() -> None:
+    """Record for `sparkgpt info` what loading decided (loading first if need be): the library, and the bf16
+    attention it makes possible."""
+    load()
+    built = _loaded["ops"] is not None
+    hardware.note("native kernels", _loaded["library"],
+                  "compiled on first use for this CPU; SPARKGPT_NATIVE_CFLAGS sets its flags")
+    if _loaded["bf16_attention"]:
+        engine = "AMX tiles" if hardware.cpu().has("amx_bf16") else "AVX512-BF16"
+        hardware.note("bf16 attention", f"native kernel on oneDNN's micro-kernel ({engine})",
+                      "the micro-kernel multiplied a test product exactly here")
+    else:
+        hardware.note("bf16 attention", "torch's SDPA; training upcasts to its float32 flash kernel",
+                      "oneDNN runs no bf16 micro-kernel on this CPU (needs AVX512-BF16 or AMX)"
+                      if built else "no native library")
 
 
 def inference_ops(x: torch.Tensor) -> Any | None:

@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
+from sparkgpt import hardware
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import read_json_object, write_json
 from sparkgpt.model import native
@@ -122,6 +123,18 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 
 def _fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def note_kernels() -> None:
+    """Record for `sparkgpt info` which kernels quantised layers take on this CPU (see the module docstring)."""
+    head = "fbgemm's dynamic int8 linear" if _fbgemm_available() else "torch._weight_int8pack_mm"
+    hardware.note("quantised decode (≤ 16 rows)", f"torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu "
+                  f"(bf16 activations); output head: {head}", "integer kernels read 4× fewer bytes than bf16")
+    dequantize = "native one-pass" if native.ops() is not None else "PyTorch"
+    here = hardware.cpu()
+    matmul = "AMX" if here.has("amx_bf16") else "AVX512-BF16" if here.native_bf16 else "bf16 emulated in float32"
+    hardware.note("quantised prefill", f"{dequantize} dequantisation to bf16, then oneDNN's bf16 matmul ({matmul})",
+                  "many rows: a dense bf16 matmul beats every integer kernel")
 
 
 class QuantizedLinear(nn.Module):

@@ -69,8 +69,10 @@ class TrainConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 100
     decay_fraction: float = 0.2
-    # Precision and speed. Weights and optimizer state stay fp32; autocast runs matmuls in `dtype`.
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Precision and speed. Weights and optimizer state stay fp32; autocast runs matmuls in `dtype`. "auto": bf16
+    # on a GPU that has it; on a CPU the faster of bf16 autocast and float32 for this model and batch, timed once
+    # on the CPU at hand and cached (bf16 pays with AMX, can lose on small models without it; see the trainer).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     compile: bool = False               # torch.compile each block (slow first step, faster after)
     # CPU: glibc keeps freed memory for reuse instead of returning it to the kernel each step (sparkgpt/train/
     # host_memory.py: about 20% faster steps; the process keeps its peak heap)
@@ -121,7 +123,7 @@ class TrainConfig:
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise SparkGPTError(f"config key 'peak_tflops' is {self.peak_tflops!r}; expected a positive number")
         for name, allowed in (("schedule", ("cosine", "wsd", "constant")),
-                              ("dtype", ("bfloat16", "float16", "float32")), ("parallel", ("ddp", "fsdp")),
+                              ("dtype", ("auto", "bfloat16", "float16", "float32")), ("parallel", ("ddp", "fsdp")),
                               ("optimizer", ("adamw", "muon")),
                               ("task", ("lm", "classify")), ("method", ("full", "lora")),
                               ("base_dtype", ("float32", "bfloat16"))):
@@ -190,7 +192,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                           min_lr=1e-4, warmup_steps=100, eval_every=250, eval_batches=4, log_every=10,
                           save_every=1000, dtype="float32"),
     # nanoGPT's CPU recipe shape (4 layers, 4 heads, 128 wide, block 64, batch 12) with sparkgpt's choices:
-    # a Llama-style block (RoPE, RMSNorm, SwiGLU), bf16 autocast, the fused AdamW, a higher peak lr.
+    # a Llama-style block (RoPE, RMSNorm, SwiGLU), the dtype measured fastest here, the fused AdamW, a higher peak lr.
     "shakespeare-char": dict(_SHAKESPEARE, model="shakespeare-char", block_size=64, batch_size=12, max_steps=2000,
                              lr=2e-3, min_lr=2e-4, warmup_steps=50, beta2=0.99, save_every=500),
     # nanoGPT's "baby GPT" (6 layers, 6 heads, 384 wide, block 256, batch 64), Llama-style.

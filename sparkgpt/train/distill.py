@@ -24,7 +24,7 @@ from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
 from sparkgpt.train.config import TRAIN_PRESETS, TrainConfig
-from sparkgpt.train.trainer import Trainer, TrainResult, train
+from sparkgpt.train.trainer import Trainer, TrainResult, default_dtype, train
 
 
 def distillation_loss(
@@ -55,7 +55,8 @@ class DistillTrainer(Trainer):
         from sparkgpt.lm import load
 
         config = self.config
-        teacher = load(config.teacher, dtype=config.dtype, device=self.device)
+        dtype = default_dtype(self.device) if config.dtype == "auto" else config.dtype  # the student's is timed later
+        teacher = load(config.teacher, dtype=dtype, device=self.device)
         if not isinstance(teacher.model, GPT):
             raise SparkGPTError(f"teacher {config.teacher!r}: distillation needs a decoder (GPT) model; this one is "
                                 f"{teacher.model.config.architecture!r}")

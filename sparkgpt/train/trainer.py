@@ -9,6 +9,7 @@ Rank 0 logs (progress bar, metrics.jsonl, loss.png), evaluates and saves; the ot
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from sparkgpt import hardware
 from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.data.datasets import TokenData, eval_offsets, gather, step_offsets
 from sparkgpt.data.finetune import IGNORE, FinetuneData, micro_batch_rows
@@ -41,6 +43,16 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(device: torch.device) -> str:
+    """The training dtype that `auto` starts from: bfloat16 on hardware that multiplies it natively (a CUDA GPU
+    with bf16, a CPU with AMX, AVX512-BF16 or ARM's BF16), else float32."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu":
+        return "bfloat16" if hardware.cpu().native_bf16 else "float32"
+    return "float32"
 
 
 class TrainingDiverged(SparkGPTError):
@@ -122,6 +134,8 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model, self.tokenizer, self.data = self._pretrained() if config.init_from else self._from_scratch()
+        if self.config.dtype == "auto":  # before the run's config is saved, so a resumed run keeps the choice
+            self.config = dataclasses.replace(self.config, dtype=self._fastest_dtype())
         config = self.config  # fine-tuning may have capped block_size at the model's context
         self.train_model = parallel.parallelize(self.model, config, self.dist, self.device)  # before the optimizer
         if self.dist.is_main and isinstance(self.data, FinetuneData) and (progress or self.data.dropped_any):
@@ -146,6 +160,35 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, config.block_size)
         self.peak = peak_flops(self.device, self.autocast_dtype or torch.float32, config.peak_tflops) \
             if self.dist.is_main else 1.0
+
+    def _fastest_dtype(self) -> str:
+        """`dtype: auto`. A GPU computes in bf16 where it has it. On a CPU, bf16 autocast halves the bytes and, with
+        AMX or AVX512-BF16, multiplies faster, but it adds a cast per matmul, which a small model cannot repay: so
+        one micro-batch's forward and backward is timed in each (before compiling and wrapping the model, and
+        without touching the run's random state) and the choice cached for this CPU (`hardware.fastest`). Under
+        torchrun every rank takes the capability default, so no rank can differ."""
+        default = default_dtype(self.device)
+        if self.device.type != "cpu" or self.dist.world_size > 1:
+            return hardware.note("training dtype", default, f"{self.device.type}: "
+                                 + ("bf16 supported" if default == "bfloat16" else "no bf16 support")
+                                 + (", not timed under torchrun" if self.dist.world_size > 1 else ""))
+        inputs, targets = self._batch(0, 0)
+
+        def step(dtype: str):
+            def run() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                    loss = compute_loss(self.model, inputs, targets)
+                loss.backward()
+            return run
+
+        candidates = {name: step(name) for name in (default, "float32" if default == "bfloat16" else "bfloat16")}
+        shape = tuple((targets if isinstance(targets, torch.Tensor) else inputs).shape)
+        key = "training dtype " + hashlib.sha1(f"{self.model!r}{shape}".encode()).hexdigest()[:12]
+        with torch.random.fork_rng(devices=[]):
+            chosen = hardware.fastest(f"training dtype ({self.config.model or self.config.init_from}, micro-batch "
+                                      f"{' × '.join(map(str, shape))})", key, candidates)
+        self.model.zero_grad(set_to_none=True)
+        return chosen
 
     # ---- the model and its data ------------------------------------------------------------------------------
 

@@ -258,8 +258,30 @@ std::tuple<Tensor, Tensor, Tensor> attention_bf16_backward(const Tensor& grad_in
   return {grad_q, grad_k, grad_v};
 }
 
-// Whether this CPU and this torch build run the micro-kernel (AMX or AVX-512 bf16 through oneDNN).
-bool attention_bf16_supported() { return blas::could_pack(at::kBFloat16); }
+// Whether this CPU and this torch build run the micro-kernel on operands packed as vnni.h packs them: oneDNN takes
+// pairs-of-rows bf16 operands on AVX-512 CPUs and AMX ones (torch's `could_pack` asks for AMX, but only its own
+// packing needs that), and torch refuses them elsewhere. So multiply a small product of known integers, exact in
+// bf16 and float32, and compare: a refusal or a wrong layout both answer false.
+bool attention_bf16_supported() {
+  constexpr int64_t m = 2, n = 16, depth = 4;
+  bf16 a[m * depth], b[depth * n];
+  float c[m * n], expected[m * n] = {};
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t k = 0; k < depth; ++k) a[i * depth + k] = static_cast<float>(i + 2 * k - 3);
+  for (int64_t k = 0; k < depth; ++k)
+    for (int64_t j = 0; j < n; ++j) {
+      const float value = static_cast<float>((j * 3 + k) % 7 - 3);
+      b[((k / 2) * n + j) * 2 + k % 2] = value;  // row pairs interleaved, as vnni.h packs a panel
+      for (int64_t i = 0; i < m; ++i) expected[i * n + j] += static_cast<float>(a[i * depth + k]) * value;
+    }
+  try {
+    blas::brgemm(m, n, depth, depth, n, n, /*add_C=*/false, a, b, c, /*is_vnni=*/true);
+    blas::brgemm_release();
+  } catch (const std::exception&) {  // torch's refusal (c10::Error) or oneDNN's (no kernel for this ISA)
+    return false;
+  }
+  return std::equal(c, c + m * n, expected);
+}
 
 }  // namespace
 

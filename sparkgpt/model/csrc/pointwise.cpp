@@ -14,6 +14,7 @@
 #include "vector_math.h"
 
 #include <cmath>
+#include <string>
 
 namespace {
 
@@ -130,9 +131,21 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   return out;
 }
 
+// Which loops this build compiled (its flags decide: -march=native on the CPU at hand), for `sparkgpt info`.
+std::string compiled_loops() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+  return "AVX-512 with AVX512-BF16";
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+  return "AVX-512";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
+  m.def("compiled_loops() -> str", compiled_loops);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");

@@ -1,0 +1,136 @@
+"""The machine at hand (sparkgpt/hardware.py): reading the CPU, choosing a fast path by timing it once per CPU and
+torch, the training dtype that `auto` picks that way, and `sparkgpt info`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from test_train import build_char_data, metric_rows, tiny
+
+from sparkgpt import hardware
+from sparkgpt.cli import main
+from sparkgpt.train import train
+from sparkgpt.train.trainer import default_dtype
+
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni
+"""
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes crc32 asimddp sve bf16 i8mm
+CPU implementer\t: 0x41
+"""
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """Timing on, with its cache in a fresh folder, and no choices recorded yet."""
+    monkeypatch.setenv("SPARKGPT_MEASURE", "1")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "_choices", {})
+    return tmp_path / "cache"
+
+
+def fake_cpu(monkeypatch, text: str, machine: str) -> hardware.CPU:
+    monkeypatch.setattr(hardware, "_proc_cpuinfo", lambda: hardware.parse_cpuinfo(text))
+    monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+    hardware.cpu.cache_clear()
+    try:
+        return hardware.cpu()
+    finally:
+        hardware.cpu.cache_clear()
+
+
+def test_cpuinfo_gives_the_model_and_the_instruction_sets_that_decide_kernels(monkeypatch):
+    zen4 = fake_cpu(monkeypatch, ZEN4, "x86_64")
+    assert zen4.model == "AMD EPYC 9R14" and zen4.has("avx512_bf16") and zen4.native_bf16
+    assert zen4.isa == "AVX2 FMA AVX-512 AVX512-BW AVX512-VNNI AVX512-BF16 (no AMX)"
+    graviton = fake_cpu(monkeypatch, GRAVITON3, "aarch64")
+    assert graviton.isa == "NEON NEON-DOT SVE BF16 I8MM" and graviton.native_bf16
+    assert not fake_cpu(monkeypatch, "flags : sse2 avx2 fma\n", "x86_64").native_bf16
+    assert "AMD EPYC 9R14" in zen4.describe() and torch.__version__ in zen4.describe()
+
+
+def test_the_faster_candidate_is_chosen_cached_and_not_timed_again(measuring):
+    calls = []
+
+    def candidate(name, seconds):
+        return lambda: calls.append(name) or time.sleep(seconds)
+
+    chosen = hardware.fastest("test decision", "shape-1", {"slow": candidate("slow", 0.03),
+                                                           "fast": candidate("fast", 0.0)})
+    assert chosen == "fast" and calls.count("slow") == calls.count("fast") == 3  # a warm-up and two rounds each
+    entry = json.loads(hardware.choices_file().read_text())["shape-1"]
+    assert entry["chosen"] == "fast" and "slow 3" in entry["times"]  # about 30 ms
+    assert hardware.choices()[-1].reason.startswith("measured now")
+
+    def never():
+        raise AssertionError("a cached choice was timed again")
+
+    assert hardware.fastest("test decision", "shape-1", {"slow": never, "fast": never}) == "fast"
+    assert hardware.choices()[-1].reason.startswith("measured on this CPU earlier")
+    assert hardware.fastest("test decision", "shape-2", {"slow": candidate("slow", 0.0),
+                                                         "fast": candidate("fast", 0.03)}) == "slow"
+    assert set(json.loads(hardware.choices_file().read_text())) == {"shape-1", "shape-2"}  # both kept
+
+
+def test_a_damaged_cache_is_timed_again_and_rewritten_whole(measuring):
+    hardware.choices_file().parent.mkdir(parents=True)
+    hardware.choices_file().write_text("{not json")
+    assert hardware.fastest("d", "k", {"a": lambda: time.sleep(0.02), "b": lambda: None}) == "b"
+    assert json.loads(hardware.choices_file().read_text())["k"]["chosen"] == "b"
+
+
+def test_without_measuring_the_first_candidate_is_the_default(measuring, monkeypatch):
+    monkeypatch.setenv("SPARKGPT_MEASURE", "0")
+    assert hardware.fastest("d", "k", {"first": lambda: time.sleep(0.05), "second": lambda: None}) == "first"
+    assert not hardware.choices_file().exists()
+
+
+def test_another_cpu_or_torch_version_has_its_own_cache(measuring, monkeypatch):
+    here = hardware.choices_file()
+    monkeypatch.setattr(hardware.torch, "__version__", "9.9.9")
+    assert hardware.choices_file() != here
+    monkeypatch.undo()
+    fake_cpu(monkeypatch, ZEN4, "x86_64")
+    monkeypatch.setattr(hardware, "cpu", lambda: hardware.CPU("Another CPU", "x86_64", frozenset({"avx2"}), "AVX2",
+                                                              2, 2))
+    assert hardware.choices_file() != here
+
+
+def test_auto_dtype_is_timed_on_the_cpu_then_read_back_and_leaves_the_run_unchanged(measuring, tmp_path):
+    """dtype auto times bf16 autocast against float32 on the run's first micro-batch, saves the winner in the
+    run's config (a resume keeps it), and disturbs nothing: the same run with that dtype written out trains to the
+    same losses. A second run of the same shape reads the choice from the cache."""
+    data = build_char_data(tmp_path)
+    settings = {**tiny(data, max_steps=4, eval_every=4), "dtype": "auto"}
+    train("shakespeare-char", tmp_path / "auto", settings, progress=False)
+    chosen = next(c for c in hardware.choices() if c.decision.startswith("training dtype"))
+    assert chosen.chosen in ("bfloat16", "float32") and chosen.reason.startswith("measured now")
+    assert chosen.chosen == default_dtype(torch.device("cpu")) or "bfloat16" in chosen.reason
+    saved = (tmp_path / "auto" / "config.yaml").read_text()
+    assert f"dtype: {chosen.chosen}" in saved
+    train("shakespeare-char", tmp_path / "fixed", {**settings, "dtype": chosen.chosen}, progress=False)
+    assert [r["loss"] for r in metric_rows(tmp_path / "auto", "train")] == \
+        [r["loss"] for r in metric_rows(tmp_path / "fixed", "train")]
+    train("shakespeare-char", tmp_path / "again", settings, progress=False)
+    again = next(c for c in hardware.choices() if c.decision.startswith("training dtype"))
+    assert again.chosen == chosen.chosen and again.reason.startswith("measured on this CPU earlier")
+
+
+def test_info_names_the_cpu_its_isa_and_each_chosen_path_with_why(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    here = hardware.cpu()
+    assert here.model in out and here.isa in out
+    for path in ("native kernels:", "bf16 attention:", "quantised decode", "quantised prefill", "threads:"):
+        assert path in out
+    assert out.count("why:") >= 5
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cpu"]["isa"] == here.isa and {c["path"] for c in report["chosen"]} >= {"native kernels", "threads"}
