@@ -27,6 +27,7 @@ import time
 import torch
 from torch.nn import functional as F
 
+from sparkgpt import hardware
 from sparkgpt.model.sparse import pattern_mask, sparse_attention
 
 HEADS, HEAD_DIM = 8, 64
@@ -104,6 +105,7 @@ def main() -> None:
         print(json.dumps(measure(kind, length, args.window, args.repeats if length < 16384 else 1)))
         return
     check_equal(args.window)
+    print(f"CPU: {hardware.cpu().describe()}")
     print(f"q, k, v [1, {HEADS}, T, {HEAD_DIM}] fp32, window {args.window}, {args.threads} threads; "
           f"forward + backward, best of {args.rounds} rounds × {args.repeats} passes; peak = growth of peak RSS")
     print(f"{'T':>7} {'implementation':<28} {'fwd+bwd ms':>11} {'peak MiB':>9} {'speed-up':>9}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import sparkgpt
+from sparkgpt import hardware
 from sparkgpt.checkpoint.registry import ALIASES, alias_path
 from sparkgpt.evaluate.harness import evaluate
 from sparkgpt.evaluate.task import load_task
@@ -74,6 +75,7 @@ def main() -> None:
         theirs_seconds = time.perf_counter() - start
     theirs_accuracy = 100 * results["results"]["bench_sentiment"]["acc,none"]
 
+    print(f"CPU: {hardware.cpu().describe()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, lm-eval {lm_eval.__version__}, "
           f"{args.threads} threads, {n_items} items x 2 choices")
     print(f"{'':<34}{'items/s':>9}{'accuracy':>10}")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from sparkgpt import hardware
+
 WORK = Path("runs/bench-finetune")
 BASE = WORK / "smollm2-fp32"
 DATA = WORK / "data"
@@ -157,7 +159,8 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(line.removeprefix("RESULT "))
         print(name, results[name], flush=True)
-    print(f"\nSmolLM2-135M, batch {BATCH} x {BLOCK} tokens, {torch.get_num_threads()} threads, "
+    print(f"\nCPU: {hardware.cpu().describe()}")
+    print(f"SmolLM2-135M, batch {BATCH} x {BLOCK} tokens, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"{'configuration':<16}{'sparkgpt tok/s':>16}{'transformers':>14}{'ratio':>8}{'sparkgpt peak':>15}"
           f"{'transformers':>14}{'trainable':>12}")

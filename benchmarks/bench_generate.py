@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import sparkgpt
+from sparkgpt import hardware
 from sparkgpt.checkpoint.hf import config_to_hf, state_dict_to_hf
 from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.generate import SamplingParams, token_steps
@@ -112,6 +113,7 @@ def main() -> None:
     text = torch.tensor([text_ids])
     quality = {name: perplexity(m, text) for name, m in (("float32", model), *quantized.items())}
 
+    print(f"CPU: {hardware.cpu().describe()}")
     print(f"weights {args.weights}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{args.threads} threads, best of {args.repeats} rounds")
     implementations = {

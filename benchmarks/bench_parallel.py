@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparkgpt import hardware
+
 WORK = Path("runs/bench-parallel")
 MODES = {"DDP": ("ddp", False), "FSDP2": ("fsdp", False), "FSDP2 + activation checkpointing": ("fsdp", True)}
 SHAPE = {"model": "gpt2-medium", "model.vocab_size": "50257", "block_size": "128", "batch_size": "2",
@@ -88,7 +90,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         __file__, "--worker", mode, "--steps", str(args.steps)], check=True, env=env)
         rows.append(json.loads((WORK / f"{parallel}-{checkpointing}.json").read_text(encoding="utf-8")))
-    print(f"\nGPT-2-medium shape ({rows[0]['parameters'] / 1e6:.0f}M parameters), 2 CPU processes (gloo), fp32, "
+    print(f"\nCPU: {hardware.cpu().describe()}")
+    print(f"GPT-2-medium shape ({rows[0]['parameters'] / 1e6:.0f}M parameters), 2 CPU processes (gloo), fp32, "
           f"block {SHAPE['block_size']}, micro-batch {SHAPE['batch_size']} per process\n")
     print("| mode | tokens/s | peak memory per rank, measured (rank 0 / rank 1) | planner's estimate | "
           "estimate / measured |")

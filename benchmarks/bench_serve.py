@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from sparkgpt import hardware
+
 TOPICS = ["a dragon who learns to bake", "the history of the bicycle", "a lighthouse keeper's last night",
           "how rainbows form", "a robot that collects stamps", "the first day at a new school", "a city under the sea",
           "why cats purr", "a detective who is afraid of the dark", "the life of a honeybee", "a journey to Mars",
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", action="store_true", help="the engine alone, in this process (no HTTP)")
     args = parser.parse_args()
+    print(f"CPU: {hardware.cpu().describe()}", flush=True)
     slots = max(16, *args.levels)
     if args.engine:
         engine_benchmark(args, slots)
