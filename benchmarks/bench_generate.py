@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each figure is the best of them")
     parser.add_argument("--weights", default="smollm2-135m-instruct", help="a model reference, or 'random'")
+    parser.add_argument("--llama-native", action="store_true",
+                        help="also llama.cpp built from source for this CPU (llama_cpp_native.py; builds it once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -122,7 +124,7 @@ def main() -> None:
         "bfloat16 sparkgpt": (copy.deepcopy(model).to(torch.bfloat16), ours),
         **{f"{method} sparkgpt": (m, ours) for method, m in quantized.items()},
     }
-    figures = measure_in_rounds(implementations, args.repeats)
+    figures = measured = measure_in_rounds(implementations, args.repeats)
     print(f"{'dtype':<11}{'':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'perplexity':>12}")
     for dtype in ("float32", "bfloat16"):
         rows = [figures[f"{dtype} transformers"], figures[f"{dtype} sparkgpt"]]
@@ -142,6 +144,15 @@ def main() -> None:
         print(f"{'gguf':<11}{'llama.cpp':<14}{figures[0]:>14.0f}{figures[1]:>14.1f}")
         print(f"{'':<11}{'ratio':<14}{figures[0] / prefill_reference:>13.2f}x"
               f"{figures[1] / decode_reference:>13.2f}x   (as above)")
+    if args.llama_native and gguf_file and gguf_file.suffix == ".gguf":
+        from llama_cpp_native import bench  # beside this file
+
+        native = bench(gguf_file, args.threads, args.repeats)
+        int4 = measured["int4 sparkgpt"]
+        print(f"{'gguf':<11}{'llama-bench':<14}{native['prefill_tok_s']:>14.0f}{native['decode_tok_s']:>14.1f}"
+              "   (llama.cpp built here with -march=native: pp512, tg128)")
+        print(f"{'':<11}{'int4 / it':<14}{int4[0] / native['prefill_tok_s']:>13.2f}x"
+              f"{int4[1] / native['decode_tok_s']:>13.2f}x   (sparkgpt int4, float32 activations)")
 
 
 def llama_cpp(gguf_file: Path, threads: int, repeats: int) -> tuple[float, float] | None:

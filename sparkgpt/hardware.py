@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -103,6 +104,13 @@ def cpu() -> CPU:
     return CPU(model=model or platform.processor() or "unknown CPU", architecture=platform.machine(),
                features=features, torch_kernels=torch.backends.cpu.get_cpu_capability(), cores=cores,
                threads=torch.get_num_threads())
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler that torch's extension builder and Inductor would use ($CXX, else c++, g++, clang++), or
+    None: the native kernels and torch.compile on the CPU both need one."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((found for name in candidates if (found := shutil.which(name))), None)
 
 
 def machine_key() -> str:

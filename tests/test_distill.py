@@ -25,7 +25,7 @@ from tests.conftest import CORPUS, interrupted_at_step
 # A student of one small layer, a few steps of 2 × 16 tokens; no MFU measurement (it takes a fifth of a second).
 TINY = {"model.n_layers": 1, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "block_size": 16,
         "batch_size": 2, "max_steps": 6, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "eval_every": 3,
-        "eval_batches": 2, "save_every": 3, "log_every": 1, "peak_tflops": 1.0}
+        "eval_batches": 2, "save_every": 3, "log_every": 1, "peak_tflops": 1.0, "compile": False}
 SUMMARIES = Path(sparkgpt.__file__).parent / "evaluate" / "tasks" / "data" / "summarization.jsonl"
 
 
@@ -158,7 +158,7 @@ def test_student_distilled_from_smollm2_beats_the_same_student_from_scratch(smol
     data = prepare([SUMMARIES], tmp_path / "data", tokenizer="smollm2-135m-instruct", workers=1, progress=False)
     settings = {"model.n_layers": 2, "model.d_model": 64, "model.d_ff": 176, "block_size": 32, "batch_size": 4,
                 "max_steps": 20, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "eval_every": 20, "eval_batches": 8,
-                "save_every": 20, "log_every": 5, "dtype": "bfloat16", "seed": 0, "peak_tflops": 1.0}
+                "save_every": 20, "log_every": 5, "dtype": "bfloat16", "seed": 0, "peak_tflops": 1.0, "compile": False}
     distilled = distill("smollm2-135m-instruct", "shakespeare-char", data.out_dir, tmp_path / "distilled",
                         overrides=settings, progress=False)
     scratch = train("shakespeare-char", tmp_path / "scratch",

@@ -134,3 +134,23 @@ def test_info_names_the_cpu_its_isa_and_each_chosen_path_with_why(capsys):
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cpu"]["isa"] == here.isa and {c["path"] for c in report["chosen"]} >= {"native kernels", "threads"}
+
+
+def test_without_a_cxx_compiler_a_compiled_preset_trains_uncompiled_and_says_so(monkeypatch, tmp_path, measuring):
+    """torch.compile on the CPU needs a C++ compiler (Inductor writes C++): where there is none, the run warns and
+    trains the plain blocks instead of failing at its first step."""
+    monkeypatch.setattr(hardware, "cxx_compiler", lambda: None)
+    data = build_char_data(tmp_path)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        result = train("shakespeare-char", tmp_path / "run", {**tiny(data, max_steps=2), "compile": "true"},
+                       progress=False)
+    assert result.step == 2
+    assert any(c.decision == "torch.compile" and c.chosen == "off" for c in hardware.choices())
+
+
+def test_the_cxx_compiler_is_the_one_cxx_names(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert hardware.cxx_compiler() is None
+    monkeypatch.delenv("CXX")
+    assert (hardware.cxx_compiler() is not None) == any(
+        hardware.shutil.which(name) for name in ("c++", "g++", "clang++"))

@@ -176,6 +176,38 @@ def test_native_sources_compile_for_aarch64():
                 line for line in run.stderr.splitlines() if "error" in line)[:3000]
 
 
+@pytest.mark.parametrize(("rows", "n", "k", "bias"), [(1, 49, 576, False), (3, 64, 35, True), (5, 7, 16, True)])
+def test_native_matvec_equals_f_linear_and_each_row_its_own(ops, rows, n, k, bias):
+    """gemv_f32 (csrc/gemv.cpp) against F.linear to float32 rounding, for widths that are no multiple of the
+    vector or of the four rows in flight; a row's result is bit for bit what it is alone (no batch dependence)."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(rows, k, generator=generator), torch.randn(n, k, generator=generator)
+    b = torch.randn(n, generator=generator) if bias else None
+    got = ops.gemv_f32(x, weight, b)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+    assert torch.equal(ops.gemv_f32(x[-1:], weight, b)[0], got[-1])
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("choice", ["native", "torch"])
+def test_float32_decode_takes_the_matvec_chosen_for_this_cpu(ops, monkeypatch, choice):
+    """The choice (timed per CPU, `native.float32_matvec`) decides the float32 step's projections and head; either
+    way its logits equal the whole-sequence forward's."""
+    monkeypatch.setitem(native._loaded, "choice", choice)
+    torch.manual_seed(0)
+    config = sparkgpt.ModelConfig(vocab_size=300, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=96,
+                                  max_seq_len=32, positions="rope", norm="rmsnorm", ffn="swiglu", bias=False)
+    model = sparkgpt.GPT(config).eval()
+    step = DecodeStep(model)
+    assert (step.head is model.lm_head) == (choice == "torch")
+    assert (step.layers[0].q_proj is model.blocks[0].attn.q_proj) == (choice == "torch")
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(config, 2, 9, torch.float32, torch.device("cpu"))
+    model(ids[:, :8], cache=cache)
+    logits = step(ids[:, 8], torch.full((2,), 8), cache)
+    torch.testing.assert_close(logits, model(ids)[:, -1], atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_fused_bf16_pointwise_ops_equal_the_pytorch_formulas(ops):
     """RMSNorm, SiLU(gate) ⊙ up and the rotary turn in one pass each (csrc/pointwise.cpp) against layers.py's and

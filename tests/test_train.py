@@ -29,10 +29,11 @@ WORDS = (
     "lord", "lady", "fair", "foul", "sweet", "death", "life", "heaven", "earth", "fire", "water", "blood", "honour",
 )
 
-# A model and batch small enough that a step takes milliseconds; float32 so the DDP comparison is tight.
+# A model and batch small enough that a step takes milliseconds; float32 so the DDP comparison is tight; not
+# compiled (the preset compiles: seconds that a few steps never repay).
 TINY = {"model.n_layers": "2", "model.n_heads": "2", "model.d_model": "32", "model.d_ff": "64",
         "block_size": "16", "batch_size": "4", "dtype": "float32", "warmup_steps": "2", "lr": "3e-3",
-        "min_lr": "3e-4", "eval_batches": "4"}
+        "min_lr": "3e-4", "eval_batches": "4", "compile": "false"}
 
 
 def make_text(n_lines: int = 600, seed: int = 0) -> str:

@@ -61,12 +61,19 @@ def _fused(layers: list[nn.Module]) -> QuantizedLinear | None:
 
 
 def _linear(module: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A projection as the step calls it: a plain quantised layer's bare kernel, else the module itself (a float
-    Linear, or a wrapper such as LoRA's, whose own forward must run)."""
+    """A projection as the step calls it: a plain quantised layer's bare kernel, a plain float32 Linear's native
+    matrix–vector product where this CPU runs it faster (`native.float32_matvec`), else the module itself (a
+    wrapper such as LoRA's, whose own forward must run)."""
     if module is None:
         return None
-    kernel = module.row_kernel() if type(module) is QuantizedLinear else None
-    return kernel or module
+    if type(module) is QuantizedLinear:
+        return module.row_kernel() or module
+    weight = getattr(module, "weight", None)
+    if (type(module) is nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.is_contiguous() and (matvec := native.float32_matvec()) is not None):
+        bias = module.bias
+        return lambda x: module(x) if torch.is_grad_enabled() else matvec(x, weight, bias)
+    return module
 
 
 class _Layer:
@@ -78,11 +85,12 @@ class _Layer:
         self.cache_index = attn.cache_index
         fused_qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.qkv = _linear(fused_qkv)
-        self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.q_proj, self.k_proj, self.v_proj = (_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         self.o_proj = _linear(attn.o_proj)
         self.swiglu = isinstance(ffn, SwiGLUFFN)
         fused_gate_up = _fused([ffn.gate_proj, ffn.up_proj]) if self.swiglu else None
         self.gate_up = _linear(fused_gate_up)
+        self.gate_proj, self.up_proj = (_linear(ffn.gate_proj), _linear(ffn.up_proj)) if self.swiglu else (None, None)
         self.down_proj = _linear(ffn.down_proj) if self.swiglu else None
         self.ffn = ffn
         self.native = self._native_operands(block, [fused_qkv, attn.o_proj, fused_gate_up,
@@ -121,6 +129,8 @@ class DecodeStep:
         self.residual_dtype = torch.float32 if is_quantized(model) else model.final_norm.weight.dtype
         self.layers = [_Layer(block, self.residual_dtype) for block in model.blocks]
         self.final_norm = _norm(model.final_norm, self.residual_dtype)
+        # a quantised head keeps its forward (float32 logits); a float32 one may take the native matrix–vector product
+        self.head = model.lm_head if type(model.lm_head) is QuantizedLinear else _linear(model.lm_head)
         self.rope = config.positions == "rope"
         self._cos = self._sin = None
         self.signature = parameter_signature(model)
@@ -177,7 +187,7 @@ class DecodeStep:
         else:
             x = x + model.position_embedding(positions)
         if native_cache:
-            return model.lm_head(self.final_norm(self._native_layers(x, cos[:, 0], sin[:, 0], cache, mask)))
+            return self.head(self.final_norm(self._native_layers(x, cos[:, 0], sin[:, 0], cache, mask)))
         group = n_heads // n_kv
         for layer in self.layers:
             h = layer.attn_norm(x)
@@ -198,13 +208,14 @@ class DecodeStep:
                                                    attn_mask=mask, scale=self.scale)
             x = x + layer.o_proj(heads.view(batch, n_heads * head_dim))
             h = layer.ffn_norm(x)
-            if layer.gate_up is not None:
-                gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            if layer.swiglu:
+                gate, up = layer.gate_up(h).chunk(2, dim=-1) if layer.gate_up is not None else (
+                    layer.gate_proj(h), layer.up_proj(h))
                 x = x + layer.down_proj(F.silu(gate) * up)
             else:
                 x = x + layer.ffn(h)
         cache.advance(1)
-        return model.lm_head(self.final_norm(x))
+        return self.head(self.final_norm(x))
 
     def _native_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                        mask: torch.Tensor | None) -> torch.Tensor:

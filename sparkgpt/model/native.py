@@ -12,6 +12,8 @@ library is unavailable:
 - `attention_bf16_forward` / `_backward` (csrc/attention_bf16.cpp): causal or sliding-window attention in bfloat16
   with float32 sums on oneDNN's small-GEMM micro-kernel, where it runs (AMX or AVX512-BF16: `attention_bf16_supported`
   multiplies a known product to find out; the reference: the float32 attention formula);
+- `gemv_f32` (csrc/gemv.cpp): a float32 model's decode-step matrix–vector products, where timing on this CPU finds
+  it faster than torch's (`float32_matvec`; the reference: F.linear);
 - `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
   bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
   attention.py).
@@ -33,6 +35,7 @@ import hashlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,8 @@ from sparkgpt import hardware
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
-    "decode_layers.cpp", "dequantize.cpp", "local_attention.cpp", "attention_bf16.cpp", "pointwise.cpp")]
+    "decode_layers.cpp", "dequantize.cpp", "local_attention.cpp", "attention_bf16.cpp", "pointwise.cpp",
+    "gemv.cpp")]
 HEADERS = [CSRC / "vector_math.h", CSRC / "vnni.h"]
 
 
@@ -125,6 +129,8 @@ def note_paths() -> None:
     built = _loaded["ops"] is not None
     hardware.note("native kernels", _loaded["library"],
                   "compiled on first use for this CPU; SPARKGPT_NATIVE_CFLAGS sets its flags")
+    if built:
+        float32_matvec()  # timed once per CPU, and noted
     if _loaded["bf16_attention"]:
         engine = "AMX tiles" if hardware.cpu().has("amx_bf16") else "AVX512-BF16"
         hardware.note("bf16 attention", f"native kernel on oneDNN's micro-kernel ({engine})",
@@ -133,6 +139,35 @@ def note_paths() -> None:
         hardware.note("bf16 attention", "torch's SDPA; training upcasts to its float32 flash kernel",
                       "oneDNN runs no bf16 micro-kernel on this CPU (needs AVX512-BF16 or AMX)"
                       if built else "no native library")
+
+
+_DECODE_SWEEP = (24, 1536, 576)  # matrices × rows × columns: 85 MB, more than a CPU's cache, as a decode step reads
+
+
+def float32_matvec() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """`gemv_f32(x, weight, bias)` (csrc/gemv.cpp) for a float32 model's decode step where it beats torch's own
+    matrix–vector product on this CPU, else None. Which is faster depends on the CPU and its BLAS, so both are
+    timed once on a sweep of weights too large to stay in the cache, as a decode step reads them, and the choice
+    is cached (`hardware.fastest`); untimed, the native kernel is the default where it has AVX-512 loops."""
+    library = ops()
+    if library is None:
+        return None
+    if "choice" not in _loaded:
+        count, rows, columns = _DECODE_SWEEP
+        generator = torch.Generator().manual_seed(0)
+        weights = [torch.randn(rows, columns, generator=generator) for _ in range(count)]
+        x = torch.randn(1, columns, generator=generator)
+
+        def sweep(matvec: Callable) -> Callable[[], None]:
+            return lambda: [matvec(x, weight, None) for weight in weights]
+
+        candidates = {"torch": sweep(torch.nn.functional.linear), "native": sweep(library.gemv_f32)}
+        if library.compiled_loops().startswith("AVX-512"):
+            candidates = dict(reversed(candidates.items()))
+        with torch.inference_mode():
+            _loaded["choice"] = hardware.fastest("float32 decode matrix-vector products",
+                                                 "float32 matvec " + "x".join(map(str, _DECODE_SWEEP)), candidates)
+    return library.gemv_f32 if _loaded["choice"] == "native" else None
 
 
 def inference_ops(x: torch.Tensor) -> Any | None:

@@ -13,6 +13,8 @@ the model's constructor would give it with the same seed on one process.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
@@ -21,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sparkgpt import hardware
 from sparkgpt.config import ModelConfig
 from sparkgpt.model import build_model, native
 from sparkgpt.train.config import TrainConfig
@@ -55,7 +58,12 @@ def parallelize(model: nn.Module, config: TrainConfig, dist: Distributed, device
     if config.activation_checkpointing:
         for block in blocks(model):
             checkpoint(block)  # keep only the block's input; recompute its insides during the backward
-    if config.compile:
+    if config.compile and device.type == "cpu" and hardware.cxx_compiler() is None:
+        # Inductor writes C++ for the CPU: without a compiler the first step would fail, so train uncompiled.
+        warnings.warn("sparkgpt: compile is on but no C++ compiler was found (install g++ or clang); training "
+                      "without torch.compile", stacklevel=2)
+        hardware.note("torch.compile", "off", "no C++ compiler on this machine (Inductor needs one on the CPU)")
+    elif config.compile:
         if device.type == "cpu":
             native.load()  # its kernels' library ready before tracing, which then reads it without a graph break
         for block in blocks(model):
