@@ -103,7 +103,8 @@ def test_another_cpu_or_torch_version_has_its_own_cache(measuring, monkeypatch):
     assert hardware.choices_file() != here
 
 
-def test_auto_dtype_is_timed_on_the_cpu_then_read_back_and_leaves_the_run_unchanged(measuring, tmp_path):
+def test_auto_dtype_is_timed_on_the_cpu_then_read_back_and_leaves_the_run_unchanged(measuring, tmp_path,
+                                                                                     monkeypatch):
     """dtype auto times bf16 autocast against float32 on the run's first micro-batch, saves the winner in the
     run's config (a resume keeps it), and disturbs nothing: the same run with that dtype written out trains to the
     same losses. A second run of the same shape reads the choice from the cache."""
@@ -121,6 +122,12 @@ def test_auto_dtype_is_timed_on_the_cpu_then_read_back_and_leaves_the_run_unchan
     train("shakespeare-char", tmp_path / "again", settings, progress=False)
     again = next(c for c in hardware.choices() if c.decision.startswith("training dtype"))
     assert again.chosen == chosen.chosen and again.reason.startswith("measured on this CPU earlier")
+    # A resumed run keeps the dtype its config.yaml saved, even where the cache has gone and timing would differ.
+    other = "float32" if chosen.chosen == "bfloat16" else "bfloat16"
+    hardware.choices_file().unlink()
+    monkeypatch.setattr(hardware, "fastest", lambda *args, **kwargs: other)
+    resumed = train("shakespeare-char", tmp_path / "auto", {**settings, "max_steps": 6}, resume=True, progress=False)
+    assert resumed.step == 6 and f"dtype: {chosen.chosen}" in (tmp_path / "auto" / "config.yaml").read_text()
 
 
 def test_info_names_the_cpu_its_isa_and_each_chosen_path_with_why(capsys):

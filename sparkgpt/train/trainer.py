@@ -134,8 +134,10 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model, self.tokenizer, self.data = self._pretrained() if config.init_from else self._from_scratch()
-        if self.config.dtype == "auto":  # before the run's config is saved, so a resumed run keeps the choice
-            self.config = dataclasses.replace(self.config, dtype=self._fastest_dtype())
+        if self.config.dtype == "auto":  # resolved before the run's config is saved; a resumed run keeps its own
+            saved = run_dir / CONFIG_FILE
+            kept = load_train_config(saved).dtype if resume and saved.is_file() else "auto"
+            self.config = dataclasses.replace(self.config, dtype=self._fastest_dtype() if kept == "auto" else kept)
         config = self.config  # fine-tuning may have capped block_size at the model's context
         self.train_model = parallel.parallelize(self.model, config, self.dist, self.device)  # before the optimizer
         if self.dist.is_main and isinstance(self.data, FinetuneData) and (progress or self.data.dropped_any):
