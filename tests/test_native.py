@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import textwrap
 
 import pytest
 import torch
@@ -120,6 +121,27 @@ CPU_CLASSES = {
     "avx512-bf16-without-amx": ("-O3 -march=native", "AVX512_CORE_BF16", ("avx512f", "avx512bw", "avx512_bf16"),
                                 "AVX-512 with AVX512-BF16", True),
 }
+
+
+def test_without_a_compiler_the_pytorch_paths_run(tmp_path):
+    """A machine with no C++ compiler (CXX names none, and no build is cached) warns once and generates through the
+    PyTorch versions of every kernel."""
+    script = textwrap.dedent("""
+        import warnings
+        import sparkgpt
+        from sparkgpt.generate import SamplingParams, token_steps
+        from sparkgpt.model import native
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            missing = native.ops() is None
+        config = sparkgpt.ModelConfig(vocab_size=50, n_layers=1, n_heads=2, d_model=32, max_seq_len=16,
+                                      positions="rope", norm="rmsnorm", ffn="swiglu", bias=False)
+        steps = token_steps(sparkgpt.GPT(config).eval(), [[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0))
+        print(missing, sum("native kernels unavailable" in str(w.message) for w in caught), len(list(steps)))
+    """)
+    env = {**os.environ, "CXX": "no-such-compiler", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.split() == ["True", "1", "4"], run.stdout + run.stderr[-2000:]
 
 
 @pytest.mark.slow
