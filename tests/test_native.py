@@ -199,23 +199,28 @@ def test_native_sources_compile_for_aarch64():
 
 
 @pytest.mark.parametrize(("rows", "n", "k", "bias"), [(1, 49, 576, False), (3, 64, 35, True), (5, 7, 16, True)])
-def test_native_matvec_equals_f_linear_and_each_row_its_own(ops, rows, n, k, bias):
-    """gemv_f32 (csrc/gemv.cpp) against F.linear to float32 rounding, for widths that are no multiple of the
-    vector or of the four rows in flight; a row's result is bit for bit what it is alone (no batch dependence)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_matvec_equals_f_linear_and_each_row_its_own(ops, rows, n, k, bias, dtype):
+    """gemv (csrc/gemv.cpp) against F.linear to rounding (float32 sums; bf16 rounded once at the end, as oneDNN
+    does), for widths that are no multiple of the vector or of the four rows in flight; a row's result is bit for
+    bit what it is alone (no batch dependence)."""
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(rows, k, generator=generator), torch.randn(n, k, generator=generator)
     b = torch.randn(n, generator=generator) if bias else None
-    got = ops.gemv_f32(x, weight, b)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=1e-5)
-    assert torch.equal(ops.gemv_f32(x[-1:], weight, b)[0], got[-1])
+    x, weight, b = (None if t is None else t.to(dtype) for t in (x, weight, b))
+    got = ops.gemv(x, weight, b)
+    expected = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 2 ** -8)
+    assert torch.equal(ops.gemv(x[-1:], weight, b)[0], got[-1])
 
 
 @torch.inference_mode()
 @pytest.mark.parametrize("choice", ["native", "torch"])
 def test_float32_decode_takes_the_matvec_chosen_for_this_cpu(ops, monkeypatch, choice):
-    """The choice (timed per CPU, `native.float32_matvec`) decides the float32 step's projections and head; either
-    way its logits equal the whole-sequence forward's."""
-    monkeypatch.setitem(native._loaded, "choice", choice)
+    """The choice (timed per CPU, `native.matvec`) decides the float32 step's projections and head; either way its
+    logits equal the whole-sequence forward's."""
+    monkeypatch.setitem(native._loaded, "matvec torch.float32", choice)
     torch.manual_seed(0)
     config = sparkgpt.ModelConfig(vocab_size=300, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=96,
                                   max_seq_len=32, positions="rope", norm="rmsnorm", ffn="swiglu", bias=False)

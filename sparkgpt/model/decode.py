@@ -61,18 +61,19 @@ def _fused(layers: list[nn.Module]) -> QuantizedLinear | None:
 
 
 def _linear(module: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A projection as the step calls it: a plain quantised layer's bare kernel, a plain float32 Linear's native
-    matrix–vector product where this CPU runs it faster (`native.float32_matvec`), else the module itself (a
-    wrapper such as LoRA's, whose own forward must run)."""
+    """A projection as the step calls it: a plain quantised layer's bare kernel, a plain float Linear's native
+    matrix–vector product where this CPU runs it faster (`native.matvec`), else the module itself (a wrapper such
+    as LoRA's, whose own forward must run)."""
     if module is None:
         return None
     if type(module) is QuantizedLinear:
         return module.row_kernel() or module
     weight = getattr(module, "weight", None)
-    if (type(module) is nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and weight.is_contiguous() and (matvec := native.float32_matvec()) is not None):
+    if (type(module) is nn.Linear and weight.device.type == "cpu" and weight.is_contiguous()
+            and (product := native.matvec(weight.dtype)) is not None):
         bias = module.bias
-        return lambda x: module(x) if torch.is_grad_enabled() else matvec(x, weight, bias)
+        return lambda x: (product(x, weight, bias) if x.dtype == weight.dtype and not torch.is_grad_enabled()
+                          else module(x))
     return module
 
 
@@ -129,7 +130,7 @@ class DecodeStep:
         self.residual_dtype = torch.float32 if is_quantized(model) else model.final_norm.weight.dtype
         self.layers = [_Layer(block, self.residual_dtype) for block in model.blocks]
         self.final_norm = _norm(model.final_norm, self.residual_dtype)
-        # a quantised head keeps its forward (float32 logits); a float32 one may take the native matrix–vector product
+        # a quantised head keeps its forward (float32 logits); a float one may take the native matrix–vector product
         self.head = model.lm_head if type(model.lm_head) is QuantizedLinear else _linear(model.lm_head)
         self.rope = config.positions == "rope"
         self._cos = self._sin = None

@@ -12,8 +12,8 @@ library is unavailable:
 - `attention_bf16_forward` / `_backward` (csrc/attention_bf16.cpp): causal or sliding-window attention in bfloat16
   with float32 sums on oneDNN's small-GEMM micro-kernel, where it runs (AMX or AVX512-BF16: `attention_bf16_supported`
   multiplies a known product to find out; the reference: the float32 attention formula);
-- `gemv_f32` (csrc/gemv.cpp): a float32 model's decode-step matrix–vector products, where timing on this CPU finds
-  it faster than torch's (`float32_matvec`; the reference: F.linear);
+- `gemv` (csrc/gemv.cpp): a float32 or bf16 model's decode-step matrix–vector products, where timing on this CPU
+  finds it faster than torch's (`matvec`; the reference: F.linear);
 - `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
   bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
   attention.py).
@@ -130,7 +130,8 @@ def note_paths() -> None:
     hardware.note("native kernels", _loaded["library"],
                   "compiled on first use for this CPU; SPARKGPT_NATIVE_CFLAGS sets its flags")
     if built:
-        float32_matvec()  # timed once per CPU, and noted
+        for dtype in (torch.float32, torch.bfloat16):
+            matvec(dtype)  # timed once per CPU, and noted
     if _loaded["bf16_attention"]:
         engine = "AMX tiles" if hardware.cpu().has("amx_bf16") else "AVX512-BF16"
         hardware.note("bf16 attention", f"native kernel on oneDNN's micro-kernel ({engine})",
@@ -141,33 +142,36 @@ def note_paths() -> None:
                       if built else "no native library")
 
 
-_DECODE_SWEEP = (24, 1536, 576)  # matrices × rows × columns: 85 MB, more than a CPU's cache, as a decode step reads
+_DECODE_SWEEP = (24, 1536, 576)  # matrices × rows × columns: more than a CPU's cache holds, as a decode step reads
 
 
-def float32_matvec() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
-    """`gemv_f32(x, weight, bias)` (csrc/gemv.cpp) for a float32 model's decode step where it beats torch's own
-    matrix–vector product on this CPU, else None. Which is faster depends on the CPU and its BLAS, so both are
-    timed once on a sweep of weights too large to stay in the cache, as a decode step reads them, and the choice
-    is cached (`hardware.fastest`); untimed, the native kernel is the default where it has AVX-512 loops."""
+def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """`gemv(x, weight, bias)` (csrc/gemv.cpp) for a float32 or bfloat16 model's decode step, where it beats
+    torch's own matrix–vector product on this CPU; else None. Which is faster depends on the CPU and its BLAS, so
+    both are timed once per dtype on a sweep of weights too large to stay in the cache, as a decode step reads
+    them, and the choice is cached (`hardware.fastest`); untimed, the native kernel is the default where it has
+    AVX-512 loops."""
     library = ops()
-    if library is None:
+    if library is None or dtype not in (torch.float32, torch.bfloat16):
         return None
-    if "choice" not in _loaded:
+    key = f"matvec {dtype}"
+    if key not in _loaded:
         count, rows, columns = _DECODE_SWEEP
         generator = torch.Generator().manual_seed(0)
-        weights = [torch.randn(rows, columns, generator=generator) for _ in range(count)]
-        x = torch.randn(1, columns, generator=generator)
+        weights = [torch.randn(rows, columns, generator=generator).to(dtype) for _ in range(count)]
+        x = torch.randn(1, columns, generator=generator).to(dtype)
 
-        def sweep(matvec: Callable) -> Callable[[], None]:
-            return lambda: [matvec(x, weight, None) for weight in weights]
+        def sweep(product: Callable) -> Callable[[], None]:
+            return lambda: [product(x, weight, None) for weight in weights]
 
-        candidates = {"torch": sweep(torch.nn.functional.linear), "native": sweep(library.gemv_f32)}
+        candidates = {"torch": sweep(torch.nn.functional.linear), "native": sweep(library.gemv)}
         if library.compiled_loops().startswith("AVX-512"):
             candidates = dict(reversed(candidates.items()))
+        name = str(dtype).removeprefix("torch.")
         with torch.inference_mode():
-            _loaded["choice"] = hardware.fastest("float32 decode matrix-vector products",
-                                                 "float32 matvec " + "x".join(map(str, _DECODE_SWEEP)), candidates)
-    return library.gemv_f32 if _loaded["choice"] == "native" else None
+            _loaded[key] = hardware.fastest(f"{name} decode matrix-vector products",
+                                            f"{name} matvec " + "x".join(map(str, _DECODE_SWEEP)), candidates)
+    return library.gemv if _loaded[key] == "native" else None
 
 
 def inference_ops(x: torch.Tensor) -> Any | None:
