@@ -66,7 +66,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {choice.decision}: {choice.chosen}\n      why: {choice.reason}")
     print(f"measured on this CPU (cache {report['measured']['cache']}):")
     for key, entry in cached.items():
-        print(f"  {key}: {entry.get('chosen')} ({entry.get('times', '')})")
+        print(f"  {entry.get('decision', key)}: {entry.get('chosen')} ({entry.get('times', '')})")
     if not cached:
         print("  nothing yet (a training run with dtype auto times bf16 against float32 once)")
 

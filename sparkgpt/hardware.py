@@ -195,8 +195,8 @@ def fastest(decision: str, key: str, candidates: dict[str, Callable[[], Any]], r
     chosen = min(times, key=times.__getitem__)
     summary = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in times.items())
     try:  # read again: another process may have cached other keys meanwhile
-        entries = {**_read_cache(path), key: {"chosen": chosen, "times": summary, "cpu": cpu().model,
-                                              "torch": torch.__version__}}
+        entries = {**_read_cache(path), key: {"chosen": chosen, "times": summary, "decision": decision,
+                                              "cpu": cpu().model, "torch": torch.__version__}}
         with atomic_file(path) as file:
             file.write(json.dumps(entries, indent=2, sort_keys=True).encode())
     except OSError:
