@@ -29,7 +29,7 @@ from sparkgpt import hardware
 WORK = Path("runs/bench-parallel")
 MODES = {"DDP": ("ddp", False), "FSDP2": ("fsdp", False), "FSDP2 + activation checkpointing": ("fsdp", True)}
 SHAPE = {"model": "gpt2-medium", "model.vocab_size": "50257", "block_size": "128", "batch_size": "2",
-         "dtype": "float32", "warmup_steps": "1", "max_steps": "100"}
+         "dtype": "float32", "warmup_steps": "1", "max_steps": "100", "compile": "false"}
 
 
 def make_data(directory: Path) -> None:

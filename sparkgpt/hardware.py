@@ -107,10 +107,10 @@ def cpu() -> CPU:
 
 
 def cxx_compiler() -> str | None:
-    """The C++ compiler that torch's extension builder and Inductor would use ($CXX, else c++, g++, clang++), or
-    None: the native kernels and torch.compile on the CPU both need one."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
-    return next((found for name in candidates if (found := shutil.which(name))), None)
+    """The C++ compiler torch.compile's Inductor would use for the CPU ($CXX, else g++ on Linux and clang++ on
+    macOS, as Inductor looks for them), or None where it is missing."""
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return shutil.which(name)
 
 
 def machine_key() -> str:

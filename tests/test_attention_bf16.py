@@ -125,14 +125,14 @@ def test_bf16_sliding_window_takes_the_native_kernel(kernel, monkeypatch):
 
 
 def test_the_kernel_is_offered_wherever_onednn_runs_it():
-    """The probe asks the micro-kernel itself, not whether the CPU has AMX: an AVX512-BF16 CPU without AMX (AMD Zen 4)
-    runs it, a CPU without AVX-512 (or under a lower ONEDNN_MAX_CPU_ISA) does not."""
+    """The probe asks the micro-kernel itself, not whether the CPU has AMX: it runs on every x86 CPU with AVX512-BF16
+    or AMX (AMD Zen 4 has no AMX), and not on an AVX-512 CPU without bf16, an AVX2 one, or under a lower
+    ONEDNN_MAX_CPU_ISA."""
     here, cap = hardware.cpu(), os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     below = cap in ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
-    if native.ops() is None or platform.machine() != "x86_64" or below or not here.has("avx512f"):
-        assert not native.bf16_attention_supported()
-    elif cap == "ALL" and (here.has("avx512_bf16") or here.has("amx_bf16")):
-        assert native.bf16_attention_supported()
+    runs = (native.ops() is not None and platform.machine() == "x86_64" and not below
+            and (here.has("avx512_bf16") or here.has("amx_bf16")))
+    assert native.bf16_attention_supported() == runs
 
 
 def test_training_attention_takes_the_kernel_where_it_runs_and_float32_flash_elsewhere(monkeypatch):

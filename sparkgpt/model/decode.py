@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from sparkgpt.model import native
 from sparkgpt.model.attention import KVCache, rotary_cos_sin
 from sparkgpt.model.layers import RMSNorm, SwiGLUFFN
-from sparkgpt.model.quant import QuantizedLinear, fuse_rows, is_quantized
+from sparkgpt.model.quant import DECODE_ROWS, QuantizedLinear, fuse_rows, is_quantized
 
 
 def _norm(module: nn.Module, residual_dtype: torch.dtype):
@@ -71,9 +71,9 @@ def _linear(module: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] 
     weight = getattr(module, "weight", None)
     if (type(module) is nn.Linear and weight.device.type == "cpu" and weight.is_contiguous()
             and (product := native.matvec(weight.dtype)) is not None):
-        bias = module.bias
-        return lambda x: (product(x, weight, bias) if x.dtype == weight.dtype and not torch.is_grad_enabled()
-                          else module(x))
+        bias = module.bias  # more rows than DECODE_ROWS (a large batch) are a matrix product: torch's GEMM
+        return lambda x: (product(x, weight, bias) if x.dtype == weight.dtype and x.shape[0] <= DECODE_ROWS
+                          and not torch.is_grad_enabled() else module(x))
     return module
 
 

@@ -98,7 +98,7 @@ def load() -> None:
     _loaded.update(ops=None, bf16_attention=False)
     if os.environ.get("SPARKGPT_NATIVE", "1") == "0":
         _loaded["library"] = "off (SPARKGPT_NATIVE=0)"
-        note_paths()
+        _note_library()
         return
     try:
         from torch.utils import cpp_extension
@@ -114,24 +114,28 @@ def load() -> None:
         warnings.warn(f"sparkgpt: native kernels unavailable ({reason}); using their PyTorch versions",
                       stacklevel=2)
         _loaded["library"] = f"unavailable ({reason})"
-        note_paths()
+        _note_library()
         return
     _register_fakes()
     _loaded.update(ops=torch.ops.sparkgpt, bf16_attention=bool(torch.ops.sparkgpt.attention_bf16_supported()))
     _loaded["library"] = f"{torch.ops.sparkgpt.compiled_loops()} loops ({' '.join(flags)})"
-    note_paths()
+    _note_library()
 
 
 def note_paths() -> None:
-    """Record for `sparkgpt info` what loading decided (loading first if need be): the library, and the bf16
-    attention it makes possible."""
+    """Record for `sparkgpt info` every path the library decides (loading it, and timing the decode matrix–vector
+    products, first if need be)."""
     load()
+    _note_library()
+    for dtype in (torch.float32, torch.bfloat16):
+        matvec(dtype)
+
+
+def _note_library() -> None:
+    """What loading found: the library, and the bf16 attention it makes possible."""
     built = _loaded["ops"] is not None
     hardware.note("native kernels", _loaded["library"],
                   "compiled on first use for this CPU; SPARKGPT_NATIVE_CFLAGS sets its flags")
-    if built:
-        for dtype in (torch.float32, torch.bfloat16):
-            matvec(dtype)  # timed once per CPU, and noted
     if _loaded["bf16_attention"]:
         engine = "AMX tiles" if hardware.cpu().has("amx_bf16") else "AVX512-BF16"
         hardware.note("bf16 attention", f"native kernel on oneDNN's micro-kernel ({engine})",
@@ -157,18 +161,25 @@ def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
     key = f"matvec {dtype}"
     if key not in _loaded:
         count, rows, columns = _DECODE_SWEEP
-        generator = torch.Generator().manual_seed(0)
-        weights = [torch.randn(rows, columns, generator=generator).to(dtype) for _ in range(count)]
-        x = torch.randn(1, columns, generator=generator).to(dtype)
+        operands: list[torch.Tensor] = []  # made by the first, untimed call: nothing built if the choice is cached
 
         def sweep(product: Callable) -> Callable[[], None]:
-            return lambda: [product(x, weight, None) for weight in weights]
+            def run() -> None:
+                if not operands:
+                    generator = torch.Generator().manual_seed(0)
+                    operands.extend(torch.randn(n, columns, generator=generator).to(dtype)
+                                    for n in (1, *[rows] * count))
+                x, *weights = operands
+                for weight in weights:
+                    product(x, weight, None)
+            return run
 
         candidates = {"torch": sweep(torch.nn.functional.linear), "native": sweep(library.gemv)}
         if library.compiled_loops().startswith("AVX-512"):
             candidates = dict(reversed(candidates.items()))
         name = str(dtype).removeprefix("torch.")
-        with torch.inference_mode():
+        # as a decode step runs: no autograd, and no autocast (a training run may be timing its dtype right now)
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             _loaded[key] = hardware.fastest(f"{name} decode matrix-vector products",
                                             f"{name} matvec " + "x".join(map(str, _DECODE_SWEEP)), candidates)
     return library.gemv if _loaded[key] == "native" else None

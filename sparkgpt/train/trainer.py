@@ -166,15 +166,19 @@ class Trainer:
     def _fastest_dtype(self) -> str:
         """`dtype: auto`. A GPU computes in bf16 where it has it. On a CPU, bf16 autocast halves the bytes and, with
         AMX or AVX512-BF16, multiplies faster, but it adds a cast per matmul, which a small model cannot repay: so
-        one micro-batch's forward and backward is timed in each (before compiling and wrapping the model, and
-        without touching the run's random state) and the choice cached for this CPU (`hardware.fastest`). Under
-        torchrun every rank takes the capability default, so no rank can differ."""
-        default = default_dtype(self.device)
+        the forward and backward of the first micro-batch (at most 4,096 tokens of it) is timed in each, eagerly,
+        before the model is compiled or wrapped, without touching the run's random state, and the choice is cached
+        for this CPU and model shape (`hardware.fastest`). Under torchrun every rank takes the capability default,
+        the same on every rank of one kind of CPU."""
+        config, default = self.config, default_dtype(self.device)
         if self.device.type != "cpu" or self.dist.world_size > 1:
             return hardware.note("training dtype", default, f"{self.device.type}: "
                                  + ("bf16 supported" if default == "bfloat16" else "no bf16 support")
                                  + (", not timed under torchrun" if self.dist.world_size > 1 else ""))
         inputs, targets = self._batch(0, 0)
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:  # a bounded cost, whatever the model and batch
+            rows = max(1, 4096 // inputs.shape[1])
+            inputs, targets = inputs[:rows], targets[:rows]
 
         def step(dtype: str):
             def run() -> None:
@@ -184,11 +188,12 @@ class Trainer:
             return run
 
         candidates = {name: step(name) for name in (default, "float32" if default == "bfloat16" else "bfloat16")}
-        shape = tuple((targets if isinstance(targets, torch.Tensor) else inputs).shape)
-        key = "training dtype " + hashlib.sha1(f"{self.model!r}{shape}".encode()).hexdigest()[:12]
+        shape = f"{config.batch_size} × {config.block_size}"
+        setting = f"{self.model!r} {shape} compile={config.compile} checkpointing={config.activation_checkpointing}"
+        key = "training dtype " + hashlib.sha1(setting.encode()).hexdigest()[:12]
         with torch.random.fork_rng(devices=[]):
-            chosen = hardware.fastest(f"training dtype ({self.config.model or self.config.init_from}, micro-batch "
-                                      f"{' × '.join(map(str, shape))})", key, candidates)
+            chosen = hardware.fastest(f"training dtype ({config.model or config.init_from}, micro-batch {shape})", key,
+                                      candidates)
         self.model.zero_grad(set_to_none=True)
         return chosen
 

@@ -23,7 +23,7 @@ constexpr int64_t ROWS_IN_FLIGHT = 4;
 // so that the accumulators stay in registers.
 template <int64_t COUNT, typename T>
 inline void dot_rows(const T* x, const T* w, int64_t depth, float* sums) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)  // bf16 rows load with AVX512-BW's masked 16-bit moves
   using namespace sparkgpt;
   __m512 acc[COUNT];
   for (int64_t j = 0; j < COUNT; ++j) acc[j] = _mm512_setzero_ps();
