@@ -35,7 +35,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     import torch
 
-    from sparkgpt import hardware
+    from sparkgpt import __version__, hardware
     from sparkgpt.model import native, quant
 
     native.note_paths()
@@ -45,7 +45,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                   "(OMP_NUM_THREADS or --threads where a command has it overrides)")
     cached = hardware.cached_choices()
     report = {
-        "sparkgpt": __import__("sparkgpt").__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+        "sparkgpt": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
         "cpu": {"model": here.model, "architecture": here.architecture, "isa": here.isa,
                 "torch_kernels": here.torch_kernels, "cores": here.cores, "threads": here.threads,
                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")},
