@@ -31,7 +31,7 @@ class ModelConfig:
     # Width of one attention head; None means d_model // n_heads.
     head_dim: int | None = None
     max_seq_len: int = 1024
-    positions: Literal["learned", "rope"] = "learned"
+    positions: Literal["learned", "rope", "sinusoidal"] = "learned"
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
@@ -66,7 +66,7 @@ class ModelConfig:
     fixed_summary: int = 1           # "fixed": the last `fixed_summary` positions of each block are seen by all later
     # Mixture of experts: n_experts > 0 replaces each FFN with n_experts FFNs and a router sending every token to
     # its experts_per_token best (Mixtral). expert_capacity_factor None is dropless; else each expert takes at most
-    # ceil(factor × tokens × k / n_experts) tokens per batch (sparkgpt/model/moe.py).
+    # ceil(factor × tokens × k / n_experts) tokens per batch (MixtureOfExperts, sparkgpt/model/layers.py).
     n_experts: int = 0
     experts_per_token: int = 2
     expert_capacity_factor: float | None = None
@@ -106,9 +106,8 @@ class ModelConfig:
             raise SparkGPTError(
                 f"config field 'n_kv_heads' ({self.n_kv_heads}) must divide 'n_heads' ({self.n_heads})"
             )
-        if self.positions in ("rope", "sinusoidal") and self.head_dim % 2:
-            raise SparkGPTError(
-                f"config field 'head_dim' ({self.head_dim}) must be even for {self.positions} positions")
+        if self.positions == "rope" and self.head_dim % 2:  # rotary turns q and k in pairs of dimensions
+            raise SparkGPTError(f"config field 'head_dim' ({self.head_dim}) must be even for rope positions")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise SparkGPTError(f"config field 'd_model' ({self.d_model}) must be even for sinusoidal positions")
         self._validate_family()
@@ -147,11 +146,6 @@ class ModelConfig:
         """The attention pattern of each decoder layer ("dense" unless attention_patterns says otherwise)."""
         patterns = self.attention_patterns or ["dense"]
         return [patterns[i % len(patterns)] for i in range(self.n_layers)]
-
-    @property
-    def kv_group_size(self) -> int:
-        """How many query heads share one key/value head."""
-        return self.n_heads // self.n_kv_heads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import sparkgpt.model.native as native  # the module, not the package: no import cycle
 from sparkgpt.config import ModelConfig
-from sparkgpt.model import native
 from sparkgpt.model.sparse import bf16_band_attention, sparse_attention
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import sparkgpt.model.native as native  # the module, not the package: no import cycle
 from sparkgpt.config import ModelConfig
-from sparkgpt.model import native
 
 
 class RMSNorm(nn.Module):

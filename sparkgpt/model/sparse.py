@@ -34,8 +34,8 @@ from functools import lru_cache
 import torch
 from torch.nn import functional as F
 
+import sparkgpt.model.native as native  # the module, not the package: no import cycle
 from sparkgpt.config import ATTENTION_PATTERNS as PATTERNS
-from sparkgpt.model import native
 
 
 def pattern_allows(pattern: str, i: torch.Tensor, j: torch.Tensor, window: int, summary: int = 1) -> torch.Tensor:

@@ -63,11 +63,10 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        if config.positions == "learned":
-            self.position_embedding = nn.Embedding(config.max_seq_len, config.d_model)
+        add_embeddings(self, config)  # on GPT itself, so its names stay token_embedding.weight, position_embedding...
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.final_norm = make_norm(config)
+        if config.final_norm:
+            self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # The output projection is the input embedding transposed: one matrix maps tokens to and from d_model.
@@ -121,7 +120,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """The final normalised vectors [B, T, d_model] (or [B, 1, d_model] with `last_only`).
+        """The last block's vectors [B, T, d_model], normalised if `final_norm` (or [B, 1, d_model] with `last_only`).
 
         positions: [B, T] position of each token (default: after what the cache holds).
         attention_mask: [B, cached + T], 1 for real tokens and 0 for padding (left padding in a ragged batch);
@@ -137,13 +136,7 @@ class GPT(nn.Module):
             positions = torch.arange(past, past + seq_len, device=input_ids.device).expand(batch, seq_len)
         mask, is_causal = self._attention_mask(attention_mask, seq_len, past + seq_len, input_ids.device)
 
-        x = self.token_embedding(input_ids)
-        rotary = None
-        if self.config.positions == "learned":
-            x = x + self.position_embedding(positions)
-        else:
-            cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-            rotary = cos.to(x.dtype), sin.to(x.dtype)
+        x, rotary = embed(self, input_ids, positions)
         if self.sparse:
             layer_masks = self._pattern_masks(mask, is_causal, positions, attention_mask, cache)
             for block, (layer_mask, layer_causal) in zip(self.blocks, layer_masks, strict=True):
@@ -157,7 +150,7 @@ class GPT(nn.Module):
             cache.advance(seq_len)
         if last_only:
             x = x[:, -1:]
-        return self.final_norm(x)
+        return self.final_norm(x) if self.config.final_norm else x
 
     def _pattern_masks(
         self, mask: torch.Tensor | None, is_causal: bool, positions: torch.Tensor, padding: torch.Tensor | None,
@@ -220,7 +213,7 @@ def load_balancing_loss(ffns: list[MixtureOfExperts]) -> torch.Tensor:
     return len(counts) * torch.sum(counts / n_tokens * probs / n_tokens)
 
 
-# ---- encoder-only (BERT) and encoder–decoder (the original Transformer) ---------------------------------------
+# ---- embeddings: one definition for every model kind -----------------------------------------------------------
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(p / 10000^(2i/d)): positions [B, T] -> [B, T, d]."""
@@ -229,44 +222,70 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
+def add_embeddings(module: nn.Module, config: ModelConfig, norm_name: str = "embedding_norm") -> None:
+    """Give `module` the embedding layers `config` asks for, under the names `embed` reads: token_embedding,
+    position_embedding (learned positions), token_type_embedding (`type_vocab_size`) and, with `embedding_norm`,
+    a norm named `norm_name`. GPT holds them itself (its checkpoint names: token_embedding.weight, ...); the
+    encoder models hold them in an `Embeddings` (embeddings.token_embedding.weight, ..., embeddings.norm.*)."""
+    module.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+    if config.positions == "learned":
+        module.position_embedding = nn.Embedding(config.max_seq_len, config.d_model)
+    if config.type_vocab_size:
+        module.token_type_embedding = nn.Embedding(config.type_vocab_size, config.d_model)
+    if config.embedding_norm:
+        setattr(module, norm_name, make_norm(config))
+
+
+def embed(
+    module: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+    norm_name: str = "embedding_norm",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Token ids [B, T] at `positions` [B, T] -> (vectors [B, T, d], rotary cos/sin or None), through the layers
+    `add_embeddings` gave `module`:
+
+        x = E[token] (× √d_model with `scale_embeddings`) + P[position] + T[token type], then Norm(x) if
+        `embedding_norm` (BERT),
+
+    with P learned (GPT-2, BERT), sinusoidal (the 2017 paper), or absent for rotary positions, which turn q and k
+    inside attention instead (the cos/sin returned here)."""
+    config = module.config
+    x = module.token_embedding(input_ids)
+    if config.scale_embeddings:
+        x = x * math.sqrt(config.d_model)  # the 2017 paper: E, shared with the output layer, is small beside ±1 sines
+    rotary = None
+    if config.positions == "learned":
+        x = x + module.position_embedding(positions)
+    elif config.positions == "sinusoidal":
+        x = x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
+    else:
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+        rotary = cos.to(x.dtype), sin.to(x.dtype)
+    if config.type_vocab_size:
+        types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)  # all sentence A
+        x = x + module.token_type_embedding(types)
+    if config.embedding_norm:
+        x = getattr(module, norm_name)(x)
+    return x, rotary
+
+
 class Embeddings(nn.Module):
-    """Token ids -> vectors: E[token] (× √d_model with `scale_embeddings`) + position (learned, sinusoidal, or
-    rotary inside attention) + token type (BERT's segments), then a norm if `embedding_norm` (BERT)."""
+    """The encoder models' embedding layers (`add_embeddings`, the norm named `norm` as in BERT's checkpoints), and
+    their computation (`embed`): (vectors [B, T, d], rotary cos/sin or None)."""
+
+    NORM = "norm"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        if config.positions == "learned":
-            self.position_embedding = nn.Embedding(config.max_seq_len, config.d_model)
-        if config.type_vocab_size:
-            self.token_type_embedding = nn.Embedding(config.type_vocab_size, config.d_model)
-        if config.embedding_norm:
-            self.norm = make_norm(config)
+        add_embeddings(self, config, self.NORM)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """(vectors [B, T, d], rotary cos/sin or None)."""
-        config = self.config
-        x = self.token_embedding(input_ids)
-        if config.scale_embeddings:
-            x = x * math.sqrt(config.d_model)
-        rotary = None
-        if config.positions == "learned":
-            x = x + self.position_embedding(positions)
-        elif config.positions == "sinusoidal":
-            x = x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
-        else:
-            cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
-            rotary = cos.to(x.dtype), sin.to(x.dtype)
-        if config.type_vocab_size:
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-            x = x + self.token_type_embedding(types)
-        if config.embedding_norm:
-            x = self.norm(x)
-        return x, rotary
+        return embed(self, input_ids, positions, token_type_ids, self.NORM)
 
+
+# ---- encoder-only (BERT) and encoder–decoder (the original Transformer) ---------------------------------------
 
 def _padding_mask(padding: torch.Tensor | None) -> torch.Tensor | None:
     """[B, S] (1 real, 0 padding) -> [B, 1, 1, S] booleans for attention, or None when nothing is padding."""
