@@ -223,3 +223,47 @@ def test_batched_requests_of_ragged_contexts_equal_transformers(tiny):
         for continuation, score in zip(continuations, scores, strict=True):
             expected = reference_logprob(reference, context + continuation, len(context))
             assert math.isclose(score.logprob, expected, abs_tol=1e-4)
+
+
+def full_forward_logprob(model, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context) from one plain forward of the model over the whole text, no cache."""
+    ids = context + continuation
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+    return sum(float(logprobs[t - 1, ids[t]]) for t in range(len(context), len(ids)))
+
+
+@pytest.mark.parametrize("patterns", [None, ["dense", "local"], ["local", "dense", "local"],
+                                      ["local", "strided", "fixed"]],
+                         ids=["dense", "dense-local", "local-dense-local", "local-strided-fixed"])
+def test_multiple_choice_batch_equals_each_choice_scored_alone(patterns):
+    """Several items with several choices each, through the shared-prefix batch (the prefix cache copied once per
+    choice), equal a full forward per (context, choice); local layers' window (5) is shorter than the contexts
+    and the choices, so their ring wraps in both passes, and ragged contexts leave padding in it."""
+    torch.manual_seed(0)
+    config = sparkgpt.preset("tiny-llama", n_layers=3, attention_patterns=patterns, attention_window=5)
+    model = sparkgpt.model.GPT(config).eval()
+    vocab = config.vocab_size
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,)).tolist()
+
+    requests = [
+        (ids(13), [ids(1), ids(7), ids(3)]),
+        (ids(1), [ids(4), ids(9)]),  # one token of context: nothing to prefill for this item
+        (ids(4), [ids(2), ids(6), ids(11), ids(1)]),
+        (ids(21), [ids(8), ids(3)]),
+    ]
+    # As many choices as items, but not one per item (an item without choices): the rows still need reordering.
+    uneven = [(ids(9), [ids(6), ids(2)]), (ids(17), []), (ids(12), [ids(7)])]
+    for batch in (requests, uneven):
+        scored = score_batch(model, batch)
+        for (context, continuations), scores in zip(batch, scored, strict=True):
+            assert len(scores) == len(continuations)
+            for continuation, score in zip(continuations, scores, strict=True):
+                expected = full_forward_logprob(model, context, continuation)
+                assert math.isclose(score.logprob, expected, abs_tol=1e-4), (score.logprob, expected)
+                assert score.n_tokens == len(continuation)
+    context, continuations = requests[2]  # the one-item path agrees too
+    for continuation, score in zip(continuations, score_continuations(model, context, continuations), strict=True):
+        assert math.isclose(score.logprob, full_forward_logprob(model, context, continuation), abs_tol=1e-4)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparkgpt.data.batch import pad_rows
 from sparkgpt.model import GPT, KVCache
 from sparkgpt.tokenizer import Tokenizer
 
@@ -72,22 +73,16 @@ def score_batch(
     width, longest = max(len(p) for p in prefixes), max(len(c) for _, c in rows)
 
     cache = KVCache(model.config, len(requests), width + 1 + longest, dtype, device)
-    padding = torch.zeros(len(requests), width, dtype=torch.long, device=device)
+    prefix_ids, padding = (t.to(device) for t in pad_rows(prefixes, left=True))
     if width:
-        prefix_ids = torch.zeros(len(requests), width, dtype=torch.long, device=device)
-        for item, prefix in enumerate(prefixes):
-            if prefix:
-                prefix_ids[item, width - len(prefix):] = torch.tensor(prefix, device=device)
-                padding[item, width - len(prefix):] = 1
         positions = (padding.cumsum(1) - 1).clamp(min=0)
         model(prefix_ids, positions=positions, attention_mask=padding, cache=cache, last_only=True)
 
     items = torch.tensor([item for item, _ in rows], device=device)
-    cache.keys, cache.values = cache.keys[:, items], cache.values[:, items]
-    batch = torch.zeros(len(rows), 1 + longest, dtype=torch.long, device=device)
-    for row, (item, continuation) in enumerate(rows):
-        batch[row, 0] = requests[item][0][-1]
-        batch[row, 1:1 + len(continuation)] = torch.tensor(continuation, device=device)
+    cache.reorder(items)  # one row per continuation; also the sliding-window ring and key positions of local layers
+    # Right-padded: causal attention never lets a real token see the padding after it.
+    batch = pad_rows([[requests[item][0][-1], *continuation] for item, continuation in rows],
+                     width=1 + longest)[0].to(device)
     starts = torch.tensor([len(prefixes[item]) for item, _ in rows], device=device)
     positions = starts[:, None] + torch.arange(1 + longest, device=device)
     mask = torch.cat([padding[items], torch.ones(len(rows), 1 + longest, dtype=torch.long, device=device)], dim=1)
