@@ -1,13 +1,21 @@
-"""Generation: sampling, the KV-cached decode loop over a ragged batch, stop conditions and streaming text."""
+"""Generation: one sampler, one stop rule and one KV-cached decode loop, for decoder-only and encoder–decoder models.
+
+- `Sampler`: the next token of every row of a batch, each row under its own parameters and its own random stream
+  (the serving engine samples through it too, so a seed gives the same text from `LM.generate` and the server);
+- `StopRule`: when a sequence ends (a stop token, a stop string, max_new_tokens) and what text each token releases;
+- `token_steps`: the decode loop, over a small adapter per model kind (`first()`, then `next(tokens)`);
+- `beam_search`: the deterministic alternative, over the same adapters.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT, EncoderDecoder, KVCache
 from sparkgpt.model.decode import decode_step
@@ -78,12 +86,17 @@ class Completion:
     finish_reason: str = "length"
 
 
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL's penalty as transformers applies it: every token already in the text (`seen`, [B, vocab]) made less
+    likely. `penalty` is one number, or one per row ([B, 1]; 1 leaves a row as it is, exactly)."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
     """Logits [B, vocab] reshaped for sampling: repetition penalty, temperature, then top-k and top-p filters."""
     if seen is not None:
-        # CTRL's penalty as transformers applies it: make every token already in the text less likely.
-        penalised = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+        logits = repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return logits
     logits = logits / params.temperature
@@ -113,72 +126,96 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
 
 
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, seen: torch.Tensor | None
-) -> torch.Tensor:
-    """Next token ids [B] from logits [B, vocab]: the most likely at temperature 0, else a draw."""
-    logits = process_logits(logits, params, seen)
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
+class Sampler:
+    """The next token of every row of a batch, each row under its own SamplingParams, seed and seen tokens.
 
+    Every decode loop samples through one: `token_steps` (a row per prompt) and the serving engine (a row per
+    slot). `start` readies a row; `sample(logits, rows)` picks one token for each given row:
 
-@torch.inference_mode()
-def token_steps(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[torch.Tensor]:
-    """Yield the next token [B] of every prompt, step by step, up to max_new_tokens; stop iterating to stop.
-
-    Prompts of different lengths are left-padded into one batch: padding is masked out of attention and each
-    row's positions count from its own first token, so every row computes what it would alone. The prompt goes
-    through the model's forward; each new token through its lean decode step (`sparkgpt.model.decode`) when the
-    model has one.
+    1. the repetition penalty, over the whole batch at once, each row with its own penalty and its own seen tokens
+       (its prompt, then every token it sampled);
+    2. rows that share temperature, top-k and top-p filtered together by `process_logits`; at temperature 0 a row
+       takes its most likely token;
+    3. every other row draws by inverse CDF: one float64 uniform from its own generator, located in its cumulative
+       probabilities. That is exact in distribution and costs a cumulative sum, where torch.multinomial draws one
+       exponential per vocabulary entry (milliseconds per row per step on a CPU). A seeded row's generator is a CPU
+       generator of its own, so its text depends on its seed and its logits only: not on its batch neighbours,
+       nor on the device. Unseeded rows draw from torch's global generator.
     """
-    config = model.config
-    weight = model.token_embedding.weight
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    capacity = longest + params.max_new_tokens
-    if capacity > config.max_seq_len:
-        raise SparkGPTError(
-            f"prompt of {longest} tokens plus max_new_tokens {params.max_new_tokens} exceeds the model's "
-            f"context of {config.max_seq_len} tokens"
-        )
-    input_ids = torch.zeros(batch, longest, dtype=torch.long)
-    padding_mask = torch.ones(batch, capacity, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        padding_mask[row, : longest - len(prompt)] = 0
-    input_ids, padding_mask = input_ids.to(weight.device), padding_mask.to(weight.device)
-    ragged = any(len(p) != longest for p in prompts)
-    positions = (padding_mask[:, :longest].cumsum(dim=1) - 1).clamp(min=0)
 
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=weight.device).manual_seed(params.seed)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=weight.device)
-        seen.scatter_(1, input_ids, padding_mask[:, :longest].bool())
+    def __init__(self, rows: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
+        self.vocab_size, self.device = vocab_size, torch.device(device)
+        self.params: list[SamplingParams | None] = [None] * rows
+        self.filters: list[tuple] = [()] * rows  # (temperature, top_k, top_p): rows with equal ones go together
+        self.generators: list[torch.Generator | None] = [None] * rows
+        # Once some row has a repetition penalty: each row's penalty [rows, 1] and tokens in its text [rows, vocab].
+        self.penalties: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
 
-    cache = KVCache(config, batch, capacity, weight.dtype, weight.device)
-    logits = model(input_ids, positions=positions, attention_mask=padding_mask[:, :longest] if ragged else None,
-                   cache=cache, last_only=True)[:, -1]
-    step_model = decode_step(model)
-    visible = padding_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]: the decode steps' masks are its prefixes
-    next_positions = positions[:, -1] + 1
-    for step in range(params.max_new_tokens):
-        tokens = sample_next(logits.float(), params, generator, seen)
-        yield tokens
-        if step + 1 == params.max_new_tokens:
-            return
-        if seen is not None:
-            seen[torch.arange(batch), tokens] = True
-        if step_model is not None:
-            logits = step_model(tokens, next_positions, cache, visible[..., : cache.length + 1] if ragged else None)
-        else:
-            logits = model(tokens[:, None], positions=next_positions[:, None],
-                           attention_mask=padding_mask[:, : cache.length + 1] if ragged else None,
-                           cache=cache, last_only=True)[:, -1]
-        next_positions = next_positions + 1
+    def start(self, row: int, params: SamplingParams, seed: int | None = None, context: Sequence[int] = ()) -> None:
+        """Row `row` samples under `params` from now on, its draws seeded with `seed` (None: torch's global
+        generator); `context` holds the tokens already in its text, for the repetition penalty."""
+        self.params[row] = params
+        self.filters[row] = (params.temperature, params.top_k, params.top_p)
+        self.generators[row] = None if seed is None else torch.Generator().manual_seed(seed)
+        penalty = params.repetition_penalty
+        if penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(len(self.params), self.vocab_size, dtype=torch.bool, device=self.device)
+            self.penalties = torch.ones(len(self.params), 1, device=self.device)
+        if self.seen is not None:  # (a penalty of 1 is the identity: such a row may ride along a penalised batch)
+            self.penalties[row] = penalty
+            self.seen[row] = False
+            if penalty != 1.0 and len(context):
+                self.seen[row, torch.as_tensor(list(context), device=self.device)] = True
 
+    def sample(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The next token [n] of each row from its logits [n, vocab]; `rows` names each logits row's sampler row
+        (None: rows 0..n-1)."""
+        n = logits.shape[0]
+        if n == 0:
+            return torch.empty(0, dtype=torch.long, device=logits.device)
+        rows = range(n) if rows is None else rows
+        groups: dict[tuple, list[int]] = {}
+        penalised = False
+        for i, row in enumerate(rows):
+            groups.setdefault(self.filters[row], []).append(i)
+            penalised = penalised or self.params[row].repetition_penalty != 1.0
+        index = None  # the rows' sampler rows as an index, where they have seen tokens to keep up to date
+        if self.seen is not None:
+            whole = n == len(self.params) and rows == range(n)
+            index = torch.arange(n, device=self.device) if whole else torch.as_tensor(list(rows), device=self.device)
+            if penalised:
+                seen, penalties = (self.seen, self.penalties) if whole else (self.seen[index], self.penalties[index])
+                logits = repetition_penalty(logits, seen, penalties)
+        tokens: torch.Tensor | None = None
+        for (temperature, _, _), members in groups.items():
+            chosen = None if len(members) == n else torch.tensor(members, device=logits.device)
+            block = logits if chosen is None else logits[chosen]
+            if temperature == 0:
+                picks = block.argmax(dim=-1)
+            else:
+                params = self.params[rows[members[0]]]
+                picks = self._draw(process_logits(block, params, None), [rows[i] for i in members])
+            if chosen is None:
+                tokens = picks
+            else:
+                if tokens is None:
+                    tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+                tokens[chosen] = picks
+        if index is not None:
+            self.seen[index, tokens] = True
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """One token per row of filtered logits [m, vocab]: the first whose cumulative probability exceeds the
+        row's uniform draw (right=True: never a token of probability zero)."""
+        cumulative = logits.softmax(dim=-1).double().cumsum(dim=-1)
+        uniforms = torch.cat([torch.rand(1, dtype=torch.float64, generator=self.generators[row]) for row in rows])
+        targets = uniforms.to(cumulative.device)[:, None] * cumulative[:, -1:]
+        return torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+
+
+# ---- text and stop rules -------------------------------------------------------------------------------------
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Text up to the earliest stop string, and whether one was found."""
@@ -213,47 +250,124 @@ class StreamText:
         return delta, stopped
 
 
+class StopRule:
+    """When one sequence ends, and the text each of its tokens releases: a stop token (left out of the text) or a
+    stop string (the text ends before it; `StreamText` holds back what could still begin one) ends it with "stop",
+    its max_new_tokens-th token with "length"."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, stop_token_ids: Collection[int] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, params.stop
+        self.stream = StreamText(tokenizer, params.stop)
+        self.stop_ids = frozenset(stop_token_ids).union(params.stop_token_ids)
+        self.max_new_tokens = params.max_new_tokens
+        self.token_ids: list[int] = []    # the text's tokens (a stop token is not one)
+        self.generated = 0                # tokens sampled, a stop token included
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> tuple[str, str | None]:
+        """The text this token releases, and why the sequence is now done ("stop", "length") or None."""
+        self.generated += 1
+        reason, delta = None, ""
+        if token in self.stop_ids:
+            reason = "stop"
+        else:
+            self.token_ids.append(token)
+            delta, stopped = self.stream.push(token)
+            if stopped:
+                reason = "stop"
+            elif self.generated >= self.max_new_tokens:
+                reason = "length"
+        if reason is not None:
+            delta += self.stream.finish()  # held-back text is final now (empty past a stop string)
+            self.finish_reason = reason
+        return delta, reason
+
+    def completion(self, prompt_tokens: int) -> Completion:
+        """The finished sequence (its text decoded whole, cut at the first stop string)."""
+        text, _ = cut_at_stop(self.tokenizer.decode(self.token_ids), self.stop)
+        return Completion(text, self.token_ids, prompt_tokens, self.finish_reason or "length")
+
+
 def stream_completions(
-    model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+    model: GPT | EncoderDecoder, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
     stop_token_ids: Sequence[int] = (),
 ) -> Iterator[tuple[int, str, Completion | None]]:
-    """Yield (row, text delta, Completion once that row is done) as generation proceeds over a batch."""
-    stop_ids = set(params.stop_token_ids) | set(stop_token_ids)
+    """Yield (row, text delta, Completion once that row is done) as generation proceeds over a batch. Every row
+    with a seed draws from a generator of its own seeded with it: a prompt's text is the same alone or batched."""
     if params.num_beams > 1:
-        yield from beam_completions(model, tokenizer, prompts, params, stop_ids)
+        yield from beam_completions(model, tokenizer, prompts, params, set(params.stop_token_ids) | set(stop_token_ids))
         return
-    texts = [StreamText(tokenizer, params.stop) for _ in prompts]
-    completions: list[Completion | None] = [None] * len(prompts)
-    new_ids: list[list[int]] = [[] for _ in prompts]
-    steps = seq2seq_steps(model, prompts, params) if isinstance(model, EncoderDecoder) else \
-        token_steps(model, prompts, params)
-    for step, tokens in enumerate(steps):
+    rules = [StopRule(tokenizer, params, stop_token_ids) for _ in prompts]
+    steps = token_steps(model, prompts, params)
+    for tokens in steps:
         for row, token in enumerate(tokens.tolist()):
-            if completions[row] is not None:
+            rule = rules[row]
+            if rule.finish_reason is not None:
                 continue
-            reason, delta = None, ""
-            if token in stop_ids:
-                reason = "stop"
-            else:
-                new_ids[row].append(token)
-                delta, stopped = texts[row].push(token)
-                if stopped:
-                    reason = "stop"
-                elif step + 1 == params.max_new_tokens:
-                    reason = "length"
-            if reason is not None:
-                delta += texts[row].finish()  # held-back text is final now (empty past a stop string)
-                text, _ = cut_at_stop(tokenizer.decode(new_ids[row]), params.stop)
-                completions[row] = Completion(text, new_ids[row], len(prompts[row]), reason)
+            delta, reason = rule.push(token)
             if delta or reason is not None:
-                yield row, delta, completions[row]
-        if all(c is not None for c in completions):
+                yield row, delta, None if reason is None else rule.completion(len(prompts[row]))
+        if all(rule.finish_reason is not None for rule in rules):
             steps.close()
             return
 
 
+# ---- the decode loop -----------------------------------------------------------------------------------------
 
-# ---- encoder–decoder generation ------------------------------------------------------------------------------
+class _DecoderOnly:
+    """A decoder-only model as the decode loops drive it: `first()` runs the prompts and gives each row's
+    next-token logits [B, vocab]; `next(tokens)` feeds one token [B] per row and gives the logits after it.
+
+    Prompts of different lengths are left-padded into one batch: padding is masked out of attention and each row's
+    positions count from its own first token, so every row computes what it would alone. The prompt goes through
+    the model's forward; each new token through its lean decode step (`sparkgpt.model.decode`) when it has one.
+    Beam search passes `parents` to `next`: the rows that go on (in order, repeats allowed)."""
+
+    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        config = model.config
+        weight = model.token_embedding.weight
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        capacity = longest + max_new_tokens
+        if capacity > config.max_seq_len:
+            raise SparkGPTError(
+                f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
+                f"context of {config.max_seq_len} tokens"
+            )
+        input_ids, prompt_mask = pad_rows(prompts, left=True)
+        # The new tokens' columns are all real: the mask over the whole cache is the prompts' mask, then ones.
+        padding_mask = torch.cat([prompt_mask, torch.ones(batch, max_new_tokens, dtype=torch.long)], dim=1)
+        self.model, self.device = model, weight.device
+        self.input_ids, self.padding_mask = input_ids.to(self.device), padding_mask.to(self.device)
+        self.ragged = any(len(p) != longest for p in prompts)
+        self.positions = (self.padding_mask[:, :longest].cumsum(dim=1) - 1).clamp(min=0)
+        self.visible = self.padding_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]: the steps' masks' prefixes
+        self.cache = KVCache(config, batch, capacity, weight.dtype, weight.device)
+        self.step = decode_step(model)
+
+    def first(self) -> torch.Tensor:
+        longest = self.input_ids.shape[1]
+        logits = self.model(self.input_ids, positions=self.positions, cache=self.cache, last_only=True,
+                            attention_mask=self.padding_mask[:, :longest] if self.ragged else None)[:, -1]
+        self.next_positions = self.positions[:, -1] + 1
+        return logits.float()
+
+    def next(self, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
+        if parents is not None:
+            self.cache.reorder(parents)
+            self.next_positions = self.next_positions[parents]
+            if self.ragged:
+                self.padding_mask, self.visible = self.padding_mask[parents], self.visible[parents]
+        end = self.cache.length + 1
+        if self.step is not None:
+            mask = self.visible[..., :end] if self.ragged else None
+            logits = self.step(tokens, self.next_positions, self.cache, mask)
+        else:
+            logits = self.model(tokens[:, None], positions=self.next_positions[:, None], cache=self.cache,
+                                attention_mask=self.padding_mask[:, :end] if self.ragged else None,
+                                last_only=True)[:, -1]
+        self.next_positions = self.next_positions + 1
+        return logits.float()
+
 
 def _start_token(model: EncoderDecoder) -> int:
     config = model.config
@@ -266,88 +380,80 @@ def _start_token(model: EncoderDecoder) -> int:
 def _encode_sources(model: EncoderDecoder, sources: Sequence[Sequence[int]]):
     """Right-padded source ids, their padding mask and the memory's keys/values of every decoder layer."""
     weight = model.embeddings.token_embedding.weight
-    longest = max(len(s) for s in sources)
-    pad = model.config.pad_token_id or 0
-    source_ids = torch.full((len(sources), longest), pad, dtype=torch.long)
-    source_mask = torch.zeros(len(sources), longest, dtype=torch.long)
-    for row, source in enumerate(sources):
-        source_ids[row, :len(source)] = torch.tensor(source, dtype=torch.long)
-        source_mask[row, :len(source)] = 1
+    source_ids, source_mask = pad_rows(sources, model.config.pad_token_id or 0)
     source_ids, source_mask = source_ids.to(weight.device), source_mask.to(weight.device)
     return source_mask, model.memory_kv(model.encode(source_ids, source_mask))
 
 
+class _EncoderDecoder:
+    """An encoder–decoder as the decode loops drive it (`first`, `next`, as `_DecoderOnly`): the sources are
+    encoded once, then the target is decoded from the start token with the KV cache (cross-attention keys/values
+    computed once per layer)."""
+
+    def __init__(self, model: EncoderDecoder, sources: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        config, weight = model.config, model.embeddings.token_embedding.weight
+        if max_new_tokens + 1 > config.max_seq_len:
+            raise SparkGPTError(f"max_new_tokens {max_new_tokens} exceeds the model's context of "
+                                f"{config.max_seq_len} tokens")
+        self.model, self.sources, self.device = model, sources, weight.device
+        self.cache = KVCache(config, len(sources), max_new_tokens + 1, weight.dtype, weight.device)
+        self.rows: torch.Tensor | None = None  # each row's source, once beam search has reordered them
+
+    def first(self) -> torch.Tensor:
+        self.source_mask, self.memory_kv = _encode_sources(self.model, self.sources)
+        start = torch.full((len(self.sources),), _start_token(self.model), dtype=torch.long, device=self.device)
+        return self._decode(start)
+
+    def next(self, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
+        if parents is not None:
+            self.cache.reorder(parents)
+            self.rows = parents if self.rows is None else self.rows[parents]
+        return self._decode(tokens)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        memory_kv, source_mask = self.memory_kv, self.source_mask
+        if self.rows is not None:
+            if len(self.sources) == 1:  # one source (beam search): every row reads it through views, no copies
+                n = len(tokens)
+                memory_kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in memory_kv]
+                source_mask = source_mask.expand(n, -1)
+            else:
+                memory_kv = [(k[self.rows], v[self.rows]) for k, v in memory_kv]
+                source_mask = source_mask[self.rows]
+        return self.model.decode(tokens[:, None], memory_kv, source_mask, self.cache)[:, -1].float()
+
+
+def _decode_model(model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    """The model as the decode loops drive it, whatever its kind."""
+    kind = _EncoderDecoder if isinstance(model, EncoderDecoder) else _DecoderOnly
+    return kind(model, prompts, max_new_tokens)
+
+
 @torch.inference_mode()
-def seq2seq_steps(
-    model: EncoderDecoder, sources: Sequence[Sequence[int]], params: SamplingParams
+def token_steps(
+    model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]], params: SamplingParams,
+    seeds: Sequence[int | None] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """As `token_steps`, for an encoder–decoder: the sources are encoded once, then the target is decoded from the
-    start token with the KV cache (cross-attention keys/values computed once per layer)."""
-    config, weight = model.config, model.embeddings.token_embedding.weight
-    if params.max_new_tokens + 1 > config.max_seq_len:
-        raise SparkGPTError(f"max_new_tokens {params.max_new_tokens} exceeds the model's context of "
-                            f"{config.max_seq_len} tokens")
-    source_mask, memory_kv = _encode_sources(model, sources)
-    batch = len(sources)
-    generator = torch.Generator(device=weight.device).manual_seed(params.seed) if params.seed is not None else None
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=weight.device)
-    cache = KVCache(config, batch, params.max_new_tokens + 1, weight.dtype, weight.device)
-    tokens = torch.full((batch,), _start_token(model), dtype=torch.long, device=weight.device)
+    """Yield the next token [B] of every prompt (a decoder-only model's) or source (an encoder–decoder's), step by
+    step, up to max_new_tokens; stop iterating to stop. Row r's draws are seeded with seeds[r] (default: every
+    row with params.seed), so a row's tokens do not depend on the rest of the batch."""
+    runner = _decode_model(model, prompts, params.max_new_tokens)
+    sampler = Sampler(len(prompts), model.config.vocab_size, runner.device)
+    context = isinstance(runner, _DecoderOnly)  # the repetition penalty counts a prompt's tokens, not a source's
+    for row, prompt in enumerate(prompts):
+        sampler.start(row, params, params.seed if seeds is None else seeds[row], prompt if context else ())
+    logits = runner.first()
     for step in range(params.max_new_tokens):
-        logits = model.decode(tokens[:, None], memory_kv, source_mask, cache)
-        tokens = sample_next(logits[:, -1].float(), params, generator, seen)
+        tokens = sampler.sample(logits)
         yield tokens
         if step + 1 == params.max_new_tokens:
             return
-        if seen is not None:
-            seen[torch.arange(batch), tokens] = True
+        logits = runner.next(tokens)
+
+
 
 
 # ---- beam search ---------------------------------------------------------------------------------------------
-
-class _BeamModel:
-    """The two calls beam search makes, for a decoder-only or an encoder–decoder model: the first next-token
-    logits [1, vocab] of one prompt, then the logits [beams, vocab] after extending beam rows `parents` by `tokens`."""
-
-    def __init__(self, model: GPT | EncoderDecoder, prompt: Sequence[int], beams: int, max_new_tokens: int) -> None:
-        self.model, self.beams = model, beams
-        config = model.config
-        self.seq2seq = isinstance(model, EncoderDecoder)
-        weight = model.embeddings.token_embedding.weight if self.seq2seq else model.token_embedding.weight
-        capacity = max_new_tokens + 1 if self.seq2seq else len(prompt) + max_new_tokens
-        if capacity > config.max_seq_len:
-            raise SparkGPTError(f"prompt of {len(prompt)} tokens plus max_new_tokens {max_new_tokens} exceeds the "
-                                f"model's context of {config.max_seq_len} tokens")
-        self.cache = KVCache(config, 1, capacity, weight.dtype, weight.device)
-        self.device = weight.device
-        self.prompt = torch.tensor([list(prompt)], dtype=torch.long, device=weight.device)
-
-    def first(self) -> torch.Tensor:
-        if self.seq2seq:
-            self.source_mask, memory_kv = _encode_sources(self.model, [self.prompt[0].tolist()])
-            # Every beam reads the same memory: expanded views, no copies.
-            self.memory_kv = [(k.expand(self.beams, -1, -1, -1), v.expand(self.beams, -1, -1, -1))
-                              for k, v in memory_kv]
-            self.source_mask = self.source_mask.expand(self.beams, -1)
-            start = torch.full((1, 1), _start_token(self.model), dtype=torch.long, device=self.device)
-            logits = self.model.decode(start, [(k[:1], v[:1]) for k, v in self.memory_kv], self.source_mask[:1],
-                                       self.cache)
-        else:
-            logits = self.model(self.prompt, cache=self.cache, last_only=True)
-        return logits[:, -1].float()
-
-    def next(self, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        self.cache.reorder(parents)
-        n = len(parents)
-        if self.seq2seq:
-            kv = [(k[:n], v[:n]) for k, v in self.memory_kv]
-            logits = self.model.decode(tokens[:, None], kv, self.source_mask[:n], self.cache)
-        else:
-            logits = self.model(tokens[:, None], cache=self.cache, last_only=True)
-        return logits[:, -1].float()
-
 
 @torch.inference_mode()
 def beam_search(
@@ -363,7 +469,7 @@ def beam_search(
     greedy decoding, token for token.
     """
     beams = params.num_beams
-    runner = _BeamModel(model, prompt, beams, params.max_new_tokens)
+    runner = _decode_model(model, [prompt], params.max_new_tokens)
     logprobs = torch.log_softmax(runner.first(), dim=-1)
     sums = torch.zeros(1, device=logprobs.device)
     alive: list[list[int]] = [[]]
@@ -391,8 +497,8 @@ def beam_search(
                              for s, ids in zip(next_sums, next_alive, strict=True)]
             break
         alive, sums = next_alive, torch.tensor(next_sums, device=logprobs.device)
-        logprobs = torch.log_softmax(runner.next(torch.tensor(parents, device=runner.device),
-                                                 torch.tensor(tokens, device=runner.device)), dim=-1)
+        logprobs = torch.log_softmax(runner.next(torch.tensor(tokens, device=runner.device),
+                                                 torch.tensor(parents, device=runner.device)), dim=-1)
     _, ids, stopped = max(finished, key=lambda hypothesis: hypothesis[0])
     return ids, stopped
 

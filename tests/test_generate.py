@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import sparkgpt
 from sparkgpt import generate as generation
 from sparkgpt.generate import SamplingParams, process_logits
+from sparkgpt.model import EncoderDecoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,6 +82,65 @@ def test_same_seed_same_text_and_other_seed_other_text(hf_gpt2):
     runs = [lm.generate("To be", max_new_tokens=30, temperature=1.0, seed=seed) for seed in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("sampling", [
+    dict(temperature=0.9, top_p=0.8),
+    dict(temperature=1.2, top_k=40, top_p=0.95, repetition_penalty=1.3),
+])
+def test_seeded_sample_is_the_same_alone_and_in_a_ragged_batch(hf_gpt2, sampling):
+    """Every prompt of a batch draws from a generator of its own seeded with the seed: its text does not depend on
+    its neighbours (here of other lengths, so it is left-padded among them)."""
+    lm = sparkgpt.load(hf_gpt2[1], device="cpu")
+    sampling = dict(sampling, max_new_tokens=24, seed=5)
+    prompts = [PROMPTS[3], PROMPTS[0], "x"]
+    alone = [lm.complete([prompt], **sampling)[0].token_ids for prompt in prompts]
+    assert [c.token_ids for c in lm.complete(prompts, **sampling)] == alone
+    assert lm.complete([prompts[1]], **dict(sampling, seed=6))[0].token_ids != alone[1]
+
+
+def test_encoder_decoder_seeded_sample_is_the_same_alone_and_in_a_batch(tokenizer):
+    torch.manual_seed(0)
+    model = EncoderDecoder(sparkgpt.preset("tiny-seq2seq", vocab_size=tokenizer.vocab_size)).eval()
+    lm = sparkgpt.LM(model, tokenizer)
+    sampling = dict(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=11)
+    sources = ["a b c d e f g", "hello", "the quick brown fox jumps"]
+    alone = [lm.complete([source], **sampling)[0].token_ids for source in sources]
+    assert [c.token_ids for c in lm.complete(sources, **sampling)] == alone
+    assert lm.complete([sources[0]], **sampling)[0].token_ids == alone[0]  # and again
+    assert lm.complete([sources[0]], **dict(sampling, seed=12))[0].token_ids != alone[0]
+
+
+def test_sampler_rows_with_different_parameters_each_draw_as_alone():
+    """One call over rows of mixed temperature, top-k, top-p and repetition penalty (grouped and filtered together
+    where they agree) picks for each row what a sampler of that row alone picks."""
+    torch.manual_seed(0)
+    vocab, steps = 300, 6
+    rows = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.8, top_p=0.9),
+            SamplingParams(temperature=1.3, top_k=7), SamplingParams(temperature=0),
+            SamplingParams(temperature=1.0, repetition_penalty=1.5), SamplingParams(temperature=0.8, top_p=0.9)]
+    seeds = [1, 2, 3, None, 5, 1]
+    contexts = [torch.randint(0, vocab, (5,)).tolist() for _ in rows]
+    logits = [torch.randn(len(rows), vocab) * 3 for _ in range(steps)]
+    for step in logits:
+        step[5] = step[0]  # rows 0 and 5: the same logits and the same seed, so the same tokens
+    together = generation.Sampler(len(rows), vocab)
+    for row, (params, seed, context) in enumerate(zip(rows, seeds, contexts, strict=True)):
+        together.start(row, params, seed, context)
+    picks = torch.stack([together.sample(step) for step in logits], dim=1)
+    for row, (params, seed, context) in enumerate(zip(rows, seeds, contexts, strict=True)):
+        alone = generation.Sampler(1, vocab)
+        alone.start(0, params, seed, context)
+        assert [int(alone.sample(step[row:row + 1])[0]) for step in logits] == picks[row].tolist()
+    assert picks[0].tolist() == picks[5].tolist()
+    # Drawn in proportion to the filtered probabilities: a row's frequencies match its distribution.
+    sampler = generation.Sampler(1, vocab)
+    sampler.start(0, SamplingParams(temperature=1.0, top_k=4), seed=0)
+    row_logits = logits[0][:1]
+    counts = torch.bincount(torch.cat([sampler.sample(row_logits) for _ in range(4000)]), minlength=vocab)
+    expected = process_logits(row_logits, SamplingParams(temperature=1.0, top_k=4), None).softmax(-1)[0]
+    assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())
+    torch.testing.assert_close(counts / 4000, expected, atol=0.03, rtol=0)
 
 
 def test_streaming_concatenated_equals_generated_text(hf_reference):

@@ -96,12 +96,7 @@ def test_beam_search_with_one_beam_is_greedy(kind):
         model = EncoderDecoder(sparkgpt.preset("tiny-seq2seq")).eval()
     prompt = torch.randint(3, 64, (6,)).tolist()
     greedy = SamplingParams(max_new_tokens=20, temperature=0)
-    if kind == "decoder":
-        expected = [int(t) for t in token_steps(model, [prompt], greedy)]
-    else:
-        from sparkgpt.generate import seq2seq_steps
-
-        expected = [int(t) for t in seq2seq_steps(model, [prompt], greedy)]
+    expected = [int(t) for t in token_steps(model, [prompt], greedy)]
     stop = {expected[7]}  # a stop token greedy meets half way: both must end there
     ids, stopped = beam_search(model, prompt, SamplingParams(max_new_tokens=20, num_beams=1), stop)
     assert stopped and ids == expected[:expected.index(expected[7])]

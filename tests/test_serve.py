@@ -5,6 +5,7 @@ Most tests serve a tiny random Llama-style checkpoint built here (fast); one slo
 
 from __future__ import annotations
 
+import gc
 import queue
 import re
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,17 +149,44 @@ def test_newcomers_admitted_together_are_prefilled_in_one_forward_and_each_equal
 
 
 def test_packed_output_head_equals_torch_linear(tokenizer: Tokenizer):
-    from sparkgpt.serve.engine import _PackedHead
+    from sparkgpt.model.decode import PackedHead
 
     lm = tiny_lm(tokenizer, max_seq_len=64)
     head = lm.model.lm_head
-    Engine(lm, max_slots=2, context=64)  # on a CPU the engine gives a float32 head a oneDNN copy
-    packed = lm.model.lm_head
-    assert isinstance(packed, _PackedHead) and packed.weight is head.weight is lm.model.token_embedding.weight
+    engine = Engine(lm, max_slots=2, context=64)  # on a CPU the engine's model has a oneDNN copy of a float32 head
+    packed = engine.model.lm_head
+    assert isinstance(packed, PackedHead) and packed.weight is engine.model.token_embedding.weight
+    assert torch.equal(packed.weight, head.weight)
     for shape in [(1, 64), (1, 1, 64), (8, 64), (3, 5, 64)]:
         x = torch.randn(*shape)
         torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
-    assert set(lm.model.state_dict()) == set(tiny_lm(tokenizer, max_seq_len=64).model.state_dict())
+    assert set(engine.model.state_dict()) == set(tiny_lm(tokenizer, max_seq_len=64).model.state_dict())
+
+
+def test_engine_leaves_the_callers_model_as_it_was_and_keeps_no_reference_to_it(tokenizer: Tokenizer):
+    lm = tiny_lm(tokenizer, max_seq_len=64)
+    expected = lm.generate("Once upon a time", max_new_tokens=12, temperature=0)
+    model, head = lm.model, lm.model.lm_head
+    before = [(name, p, p.stride()) for name, p in model.named_parameters()]
+    engine = Engine(lm, max_slots=2, context=64)
+    assert engine.model is not model
+    assert [(name, p, p.stride()) for name, p in model.named_parameters()] == before  # the same tensors, strides
+    assert model.lm_head is head and type(head) is torch.nn.Linear and model.token_embedding.weight is head.weight
+    assert lm.generate("Once upon a time", max_new_tokens=12, temperature=0) == expected
+    # What the engine lays out anew is its own; the rest (the norms here) it shares with the caller's model.
+    norms = {name: p for name, p in model.named_parameters() if "norm" in name}
+    assert norms and all(p is norms[name] for name, p in engine.model.named_parameters() if name in norms)
+    # Once the caller lets its model go, nothing of it that the engine does not use stays alive.
+    gone = [weakref.ref(model), weakref.ref(head.weight)]
+    del lm, model, head, before, norms
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+    engine.start()
+    try:
+        assert engine.generate(engine.lm.encode("Once upon a time"),
+                               SamplingParams(max_new_tokens=12, temperature=0))[0].text == expected
+    finally:
+        engine.stop()
 
 
 def test_engine_per_request_sampling_stop_strings_and_limits(tokenizer: Tokenizer):
@@ -358,6 +387,24 @@ def test_completion_streamed_equals_non_streamed_with_n_seed_and_stop(server: Se
     assert [c.index for c in sampled.choices] == [0, 1, 2]
     assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
     assert sampled.usage.completion_tokens == 36
+
+
+def test_seeded_sample_is_the_same_from_lm_generate_alone_in_a_batch_and_from_the_server(
+        server: Server, reference_lm: LM):
+    """One sampler, one random stream per sequence: `LM.generate` with seed s alone, the same prompt in a batch of
+    prompts of other lengths, and the server's choice i of a request seeded s - i all draw the same tokens."""
+    prompt = "Once upon a time"
+    sampling = dict(temperature=0.9, top_p=0.8, max_new_tokens=16)
+    alone = [reference_lm.generate(prompt, seed=seed, **sampling) for seed in (21, 22)]
+    assert alone[0] != alone[1]
+    batch = ["x", prompt, "To be, or not to be, that is the question"]
+    assert reference_lm.generate(batch, seed=21, **sampling)[1] == alone[0]
+    client = server.client()
+    reply = client.completions.create(model=MODEL, prompt=prompt, temperature=0.9, top_p=0.8, seed=21, n=2,
+                                      max_tokens=16)
+    assert [c.text for c in reply.choices] == alone  # choice i draws as a generation seeded 21 + i
+    reply = client.completions.create(model=MODEL, prompt=batch, temperature=0.9, top_p=0.8, seed=21, max_tokens=16)
+    assert reply.choices[1].text == alone[0]  # decoded in one batch with the other prompts
 
 
 def bad_inputs() -> list:

@@ -1,8 +1,8 @@
-"""The HTTP API: OpenAI-compatible routes, errors in OpenAI's shape, Prometheus metrics and the chat page.
+"""The HTTP API: OpenAI-compatible routes, Prometheus metrics and the chat page.
 
-This layer only translates: a JSON body becomes a prompt and SamplingParams for `Engine.submit`, engine events
-become a response or server-sent events, and every bad input becomes `{"error": {message, type, param, code}}`
-with a 4xx status, checked before the first byte of a stream is sent.
+This layer only translates: a request's JSON body becomes a prompt and SamplingParams (`protocol.py`) for
+`Engine.submit`, engine events become a response or server-sent events, and every bad input becomes an error in
+OpenAI's shape, checked before the first byte of a stream is sent. `server.py` runs it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import threading
 import time
 import uuid
@@ -23,80 +22,38 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.generate import SamplingParamError, SamplingParams
-from sparkgpt.serve.engine import ChoiceEvent, ContextLengthExceeded, Engine, EngineRequest, QueueFull
+from sparkgpt.serve.engine import ChoiceEvent, Engine, EngineRequest, QueueFull
+from sparkgpt.serve.metrics import Metrics, MetricsMiddleware
+from sparkgpt.serve.protocol import (
+    CHAT_FIELDS,
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    COMPLETION_FIELDS,
+    APIError,
+    Call,
+    check_fields,
+    check_model,
+    engine_failure,
+    invalid,
+    parse_body,
+    parse_messages,
+    parse_prompts,
+    prepare_call,
+    usage,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_CHOICES = 128           # n at most (as OpenAI)
-MAX_STOP_STRINGS = 4        # as OpenAI
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
-# Fields each route accepts beyond its own. top_k and repetition_penalty are sparkgpt extensions (extra_body).
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-                 "user", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
-# The OpenAI name of each SamplingParams field, for the error's `param`.
-PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        body = {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+def error_response(error: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def invalid(param: str | None, message: str, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-# ---- state and metrics ------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """The Prometheus series the server exports at /metrics (a registry of its own, one per app)."""
-
-    def __init__(self, state: ServeState) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("sparkgpt_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=r)
-        self.latency = Histogram(
-            "sparkgpt_request_latency_seconds", "Time from request to the last byte of the response, by route",
-            ["route"], registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160))
-        self.time_to_first_token = Histogram(
-            "sparkgpt_time_to_first_token_seconds", "Time from request to the first generated text",
-            registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40))
-        self.prompt_tokens = Counter("sparkgpt_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("sparkgpt_generation_tokens", "Tokens generated for finished requests",
-                                         registry=r)
-        self.aborted = Counter("sparkgpt_requests_aborted", "Requests aborted because the client went away",
-                               registry=r)
-        self.rejected = Counter("sparkgpt_requests_rejected", "Requests refused because the queue was full",
-                                registry=r)
-        queue_depth = Gauge("sparkgpt_queue_depth", "Requests waiting for a slot", registry=r)
-        queue_depth.set_function(lambda: state.engine.queue_depth if state.engine else 0)
-        active = Gauge("sparkgpt_active_sequences", "Sequences holding a KV-cache slot", registry=r)
-        active.set_function(lambda: state.engine.active_sequences if state.engine else 0)
-        slots = Gauge("sparkgpt_slots", "KV-cache slots (sequences decoded together at most)", registry=r)
-        slots.set_function(lambda: state.engine.max_slots if state.engine else 0)
-        reused = Gauge("sparkgpt_prompt_tokens_reused", "Prompt tokens whose keys/values were copied from a "
-                       "cached prefix instead of computed", registry=r)
-        reused.set_function(lambda: state.engine.reused_prompt_tokens if state.engine else 0)
-        steps = Gauge("sparkgpt_decode_steps", "Batched decode steps run since start", registry=r)
-        steps.set_function(lambda: state.engine.steps if state.engine else 0)
+# ---- state ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -109,44 +66,13 @@ class ServeState:
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(lambda: self.engine)
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
             message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
             raise APIError(503, message, error_type="service_unavailable", code="model_loading")
         return self.engine
-
-
-ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
-
-
-class MetricsMiddleware:
-    """Counts every request by route and status and times it to its last byte (pure ASGI: streams pass as is)."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        route = path if path in ROUTES else "/static" if path.startswith("/static/") else "other"
-        status = 500
-        start = time.perf_counter()
-
-        async def send_with_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------
@@ -181,16 +107,16 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return error.response()
+        return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return APIError(error.status_code, str(error.detail), code=code).response()
+        return error_response(APIError(error.status_code, str(error.detail), code=code))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(error).__name__}", error_type="server_error").response()
+        return error_response(APIError(500, f"internal error: {type(error).__name__}", error_type="server_error"))
 
     def authorize(request: Request) -> None:
         if state.api_key is None:
@@ -238,7 +164,7 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         engine = state.ready_engine()
-        body = await read_body(request)
+        body = parse_body(await request.body())
         check_fields(body, CHAT_FIELDS)
         check_model(body, state.model_name)
         messages = parse_messages(body.get("messages"))
@@ -258,7 +184,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         authorize(request)
         engine = state.ready_engine()
-        body = await read_body(request)
+        body = parse_body(await request.body())
         check_fields(body, COMPLETION_FIELDS)
         check_model(body, state.model_name)
         prompts = parse_prompts(engine, body.get("prompt"))
@@ -267,171 +193,6 @@ def create_app(
         return await run_call(request, state, engine, call, chat=False)
 
     return app
-
-
-# ---- request parsing --------------------------------------------------------------------------------------------
-
-
-async def read_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
-        raise invalid(None, "We could not parse the JSON body of your request: it is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise invalid(None, f"The request body must be a JSON object, not {type(body).__name__}.")
-    return body
-
-
-def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise invalid(name, f"Unrecognized request argument supplied: {name}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and not (_is_number(value) and value == 0):
-            raise invalid(name, f"'{name}' is not supported by this server; leave it out or 0.")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise invalid("user", "'user' must be a string.")
-
-
-def check_model(body: dict[str, Any], served: str) -> None:
-    model = body.get("model")
-    if model is None:
-        raise invalid("model", "you must provide a model parameter")
-    if not isinstance(model, str):
-        raise invalid("model", f"'model' must be a string, not {type(model).__name__}.")
-    if model != served:
-        raise APIError(404, f"The model '{model}' does not exist (this server serves '{served}').",
-                       param="model", code="model_not_found")
-
-
-def parse_messages(messages: Any) -> list[dict[str, str]]:
-    if messages is None:
-        raise invalid("messages", "Missing required parameter: 'messages'.")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "'messages' must be a non-empty array of {role, content} objects.")
-    parsed = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise invalid(f"messages[{i}]", f"messages[{i}] must be an object with 'role' and 'content'.")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise invalid(f"messages[{i}].role", f"Invalid value for messages[{i}].role: {role!r}; expected one of "
-                          f"{', '.join(sorted(CHAT_ROLES))}.")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text here
-            texts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise invalid(f"messages[{i}].content[{j}]", "only text content parts are supported: "
-                                  "{\"type\": \"text\", \"text\": \"...\"}")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise invalid(f"messages[{i}].content", f"messages[{i}].content must be a string.")
-        parsed.append({"role": "system" if role == "developer" else role, "content": content})
-    return parsed
-
-
-def parse_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
-    """A completion prompt as token ids: a string, token ids, or a list of either (one choice set per prompt)."""
-    if prompt is None:
-        raise invalid("prompt", "Missing required parameter: 'prompt'.")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise invalid("prompt", "'prompt' must be a string, an array of strings, or an array of token ids.")
-    vocab = engine.lm.config.vocab_size
-    prompts = []
-    for item in prompt:
-        if isinstance(item, str):
-            try:
-                prompts.append(engine.lm.encode(item))
-            except SparkGPTError as error:
-                raise invalid("prompt", str(error)) from None
-        elif isinstance(item, list) and item and all(_is_int(t) and 0 <= t < vocab for t in item):
-            prompts.append(list(item))
-        else:
-            raise invalid("prompt", f"'prompt' items must be strings or non-empty arrays of token ids in [0, {vocab}).")
-    return prompts
-
-
-@dataclass
-class Call:
-    """One API call ready for the engine: its prompts (each gets n choices) and sampling parameters."""
-
-    prompts: list[list[int]]
-    params: SamplingParams
-    n: int
-    stream: bool
-    include_usage: bool
-
-
-def prepare_call(
-    engine: Engine, body: dict[str, Any], prompts: list[list[int]], prompt_param: str, max_tokens: Any,
-    max_tokens_param: str, default_max_tokens: int | None,
-) -> Call:
-    """Validate the sampling fields (OpenAI's ranges, then SamplingParams' own checks) and the context length."""
-    n = _optional(body, "n", 1)
-    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
-        raise invalid("n", f"Invalid value for 'n': {n!r}; expected an integer from 1 to {MAX_CHOICES}.")
-    stream = _optional(body, "stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("stream", "'stream' must be a boolean.")
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise invalid("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is true.")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise invalid("stream_options", "'stream_options' must be an object like {\"include_usage\": true}.")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise invalid("stream_options.include_usage", "'stream_options.include_usage' must be a boolean.")
-    temperature = _optional(body, "temperature", 1.0)
-    if not (_is_number(temperature) and 0 <= temperature <= 2):
-        raise invalid("temperature", f"Invalid value for 'temperature': {temperature!r}; expected a number from 0 "
-                      "to 2.")
-    stop = _optional(body, "stop", [])
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise invalid("stop", f"'stop' must be a non-empty string or an array of at most {MAX_STOP_STRINGS} "
-                      "non-empty strings.")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**63 - MAX_CHOICES):
-        raise invalid("seed", "'seed' must be a 64-bit integer.")
-    longest = max(len(p) for p in prompts)
-    if max_tokens is None:
-        max_tokens = default_max_tokens or max(1, engine.context - longest)
-    try:
-        params = SamplingParams(
-            max_new_tokens=max_tokens, temperature=temperature, top_p=_optional(body, "top_p", 1.0),
-            top_k=body.get("top_k"), repetition_penalty=_optional(body, "repetition_penalty", 1.0),
-            stop=tuple(stop), seed=seed,
-        )
-    except SamplingParamError as error:
-        param = max_tokens_param if error.field == "max_new_tokens" else PARAM_NAMES.get(error.field, error.field)
-        raise invalid(param, f"Invalid value for '{param}': {error}") from None
-    try:
-        engine.check_fits(longest, params.max_new_tokens)
-    except ContextLengthExceeded as error:
-        raise invalid(prompt_param, str(error), code="context_length_exceeded") from None
-    return Call(prompts, params, n, stream, include_usage)
-
-
-def _optional(body: dict[str, Any], name: str, default: Any) -> Any:
-    value = body.get(name)
-    return default if value is None else value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---- running a call ---------------------------------------------------------------------------------------------
@@ -507,15 +268,6 @@ class EngineStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def engine_failure(event: ChoiceEvent) -> APIError:
-    return APIError(500, event.error or "the engine failed", error_type="server_error", code="engine_error")
 
 
 async def collect(request: Request, state: ServeState, engine_call: EngineCall, response_id: str, chat: bool,

@@ -1,4 +1,4 @@
-"""The serving engine: continuous batching over a preallocated, slotted KV cache. No HTTP here.
+"""The serving engine: continuous batching over a preallocated, slotted KV cache. It schedules; no HTTP here.
 
 One scheduler thread owns the model and the cache. Every active sequence holds a *slot*: one row of a cache
 [layers, slots, kv_heads, context, head_dim]. Each loop iteration
@@ -10,13 +10,16 @@ One scheduler thread owns the model and the cache. Every active sequence holds a
 3. runs one batched decode step over every decoding slot (the lean step generation uses, `sparkgpt/model/
    decode.py`): each row feeds its last token at its own position, writes its key/value at its own column, and
    attends to its own columns only (a [slots, 1, 1, span] mask),
-4. samples each row with its own request's parameters and hands text deltas to the request's sink.
+4. samples every row with its own request's parameters and seed through generation's one `Sampler`, turns each
+   token into text and a finish reason with the request's `StopRule`, and hands the text to the request's sink.
 
 Sequences join between steps and leave the moment they finish, so a short request never waits for a long one.
 Slot rows never mix (attention is masked per row, every other op is row-wise), so each sequence computes what it
 would alone, up to floating-point rounding of batched matrix products; at temperature 0 the tests find its text
 equal to the solo text. A newcomer whose prompt starts like one a slot already holds (a shared system prompt, the
-earlier turns of a conversation) copies those keys/values instead of recomputing them.
+earlier turns of a conversation) copies those keys/values instead of recomputing them. The slot cache lives in
+`slots.py`, the model's CPU weight layout in `sparkgpt.model.decode` (`batched_decode_layout`), sampling and stop
+rules in `sparkgpt.generate`: choice i of a request seeded s draws what `LM.generate(seed=s + i)` draws.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.generate import Completion, SamplingParams, StreamText, process_logits, sample_next
+from sparkgpt.generate import Completion, Sampler, SamplingParams, StopRule
 from sparkgpt.lm import LM
-from sparkgpt.model import KVCache
-from sparkgpt.model.decode import decode_step
+from sparkgpt.model.decode import batched_decode_layout, decode_step
+from sparkgpt.serve.slots import SlotKVCache
 
 
 class QueueFull(SparkGPTError):
@@ -76,104 +79,15 @@ class EngineRequest:
 
 @dataclass(eq=False)
 class _Sequence:
-    """One choice being generated: its slot, how much of its prompt is cached, and its text so far."""
+    """One choice being generated: its slot (also its row of the sampler), how much of its prompt is cached, and
+    its stop rule (which holds its text so far)."""
 
     request: EngineRequest
     index: int
     slot: int
-    text: StreamText
-    generator: torch.Generator | None
-    seen: torch.Tensor | None       # [1, vocab] tokens already in the text, for the repetition penalty
+    stop: StopRule
     cached: int = 0                 # tokens whose keys/values are in the slot (columns 0..cached-1)
     next_token: int = -1            # sampled but not yet fed to the model
-    generated: int = 0
-
-
-class SlotKVCache(KVCache):
-    """Keys and values of every slot: [layers, slots, kv_heads, context, head_dim], allocated once.
-
-    Before each forward `begin` says which slot each batch row is and at which column each of its tokens writes
-    its key/value; attention then reads columns [0, span) of those slots, and the forward's mask says which of
-    them each query may see. A decode step's rows are slots 0..B-1 (read in place, no copy); a batched prefill's
-    rows are the newcomers' slots (gathered). The last column is scratch: tokens that are not a sequence's (rows
-    not decoding, a prefill's padding) write there, and no sequence ever uses it, since a request is admitted only
-    if prompt + max_tokens <= context (and the last sampled token is never fed back).
-    """
-
-    def __init__(self, config, slots: int, context: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(config, slots, context, dtype, device)
-        self.scratch_column = context - 1
-        self._all_slots = torch.arange(slots, device=device)
-        self._slots: torch.Tensor | None = None
-        self._columns = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self._span = 1
-
-    def begin(self, slots: torch.Tensor | None, columns: torch.Tensor, span: int) -> None:
-        """The coming forward's rows: their slots [B] (None: slots 0..B-1), the columns [B, T] their tokens write,
-        and how many columns attention reads."""
-        self._slots, self._columns, self._span = slots, columns, span
-        # GPT.forward checks `length + T` against the context (positions are passed, never defaulted from it).
-        self.length = span - columns.shape[1]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H_kv, T, d] at each row's columns; return the rows' keys and values [B, H_kv, span, d]."""
-        batch = k.shape[0]
-        slots = self._all_slots[:batch] if self._slots is None else self._slots
-        self.keys[layer, slots[:, None], :, self._columns] = k.transpose(1, 2)
-        self.values[layer, slots[:, None], :, self._columns] = v.transpose(1, 2)
-        if self._slots is None:
-            return self.keys[layer, :batch, :, : self._span], self.values[layer, :batch, :, : self._span]
-        return self.keys[layer, slots, :, : self._span], self.values[layer, slots, :, : self._span]
-
-    def write_columns(self, batch: int) -> tuple[torch.Tensor, int]:
-        if self._slots is not None:
-            raise RuntimeError("a decode step's rows are slots 0..B-1 (begin(None, ...))")
-        return self._columns[:batch, 0].contiguous(), self._span
-
-    def advance(self, n_tokens: int) -> None:
-        pass  # each slot's length is the engine's bookkeeping
-
-
-def _column_major_linear_weights(model: torch.nn.Module) -> None:
-    """Store every Linear weight [out, in] column-major (same values, transposed strides), in place.
-
-    A decode step multiplies a few rows by each weight. On CPU, x @ Wᵀ with W row-major takes the BLAS
-    transposed-operand path, which for 2-16 rows measured 1.3-3.5× slower than with Wᵀ contiguous (and no
-    different for one row or for long prompts); the output head dominates. A tied input embedding follows
-    the head's weight: looking rows up in a column-major table costs nothing that matters."""
-    head = getattr(model, "lm_head", None)
-    head_weight = getattr(head, "weight", None)  # a quantised head has none (nor any Linear to convert)
-    converted: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
-            weight = module.weight
-            if id(weight) not in converted:
-                converted[id(weight)] = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
-            module.weight = converted[id(weight)]
-    embedding = getattr(model, "token_embedding", None)
-    if embedding is not None and head_weight is not None and embedding.weight is head_weight:
-        embedding.weight = model.lm_head.weight
-
-
-class _PackedHead(torch.nn.Module):
-    """The output head (a float32 Linear on CPU) multiplying several rows through oneDNN, its weight reordered once.
-
-    The head (vocab × d_model) is the largest matrix of a small model's decode step. With its weight in oneDNN's
-    blocked layout (packed for 8 rows, which measured best for 2 to 128), eight rows of SmolLM2-135M's head took
-    12 ms where MKL on the column-major weight took 17 ms (a whole eight-row step: 95 ms instead of 105, min of 30
-    on one core); one row is as fast through MKL's matrix-vector path, so it stays there. The price is a second
-    copy of the head's weight. `weight` stays the same Parameter, so a tied embedding, the state dict and the
-    decode step's signature are unchanged; the copy is not refreshed if the weight changes later."""
-
-    def __init__(self, head: torch.nn.Linear) -> None:
-        super().__init__()
-        self.weight, self.bias = head.weight, head.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:  # a single row
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class Engine:
@@ -181,9 +95,11 @@ class Engine:
 
     max_slots: sequences decoded together (each holds one cache row); max_queue: requests that may wait for a
     slot before `submit` refuses with QueueFull; context: cache columns per slot (prompt + max_tokens limit);
-    prefill_chunk: prompt tokens (padding included) prefilled per loop iteration at most. On CPU the engine stores
-    the model's Linear weights column-major, in place (same values; see `_column_major_linear_weights`), and gives a
-    float32 output head a oneDNN copy for batched rows (`_PackedHead`).
+    prefill_chunk: prompt tokens (padding included) prefilled per loop iteration at most.
+
+    The engine decodes with the model laid out for batched rows (`batched_decode_layout`: on a CPU, its own copy
+    with column-major Linear weights and a oneDNN output head); the caller's model is left as it was, and the
+    engine keeps no reference to it (`lm` is an LM over the engine's model, for the tokenizer and chat template).
     """
 
     def __init__(
@@ -200,26 +116,19 @@ class Engine:
         if patterns is not None and any(pattern != "dense" for pattern in patterns()):
             # Windowed layers keep ring buffers per sequence, which the slotted cache does not have (yet).
             raise SparkGPTError("serving supports dense-attention models only; this one has sparse layers")
-        self.lm = lm
-        self.model = lm.model
-        self.tokenizer = lm.tokenizer
         self.max_slots, self.max_queue, self.prefill_chunk = max_slots, max_queue, prefill_chunk
         self.context = min(context or lm.config.max_seq_len, lm.config.max_seq_len)
         if self.context < 2:
             raise SparkGPTError(f"context must be at least 2 tokens, got {self.context}")
+        self.model = batched_decode_layout(lm.model)
+        self.lm = LM(self.model, lm.tokenizer)
+        self.tokenizer, self.config = lm.tokenizer, lm.config
         self.stop_token_ids = frozenset(lm.stop_token_ids())
         weight = self.model.token_embedding.weight
         self.device = weight.device
-        if self.device.type == "cpu":
-            _column_major_linear_weights(self.model)
-            head = getattr(self.model, "lm_head", None)
-            if type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and \
-                    torch.backends.mkldnn.is_available():
-                # torch's private oneDNN ops may be absent from a build: the plain head computes the same logits
-                with contextlib.suppress(AttributeError, RuntimeError):
-                    self.model.lm_head = _PackedHead(head)
         self.cache = SlotKVCache(lm.config, max_slots, self.context, weight.dtype, weight.device)
         self.step = decode_step(self.model)  # the lean decode step generate uses (dense decoders: checked above)
+        self.sampler = Sampler(max_slots, lm.config.vocab_size, self.device)  # row r samples for slot r
 
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -375,15 +284,9 @@ class Engine:
                     self._unstarted -= 1
             request.started = True
             params = request.params
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
-            seen = None
-            if params.repetition_penalty != 1.0:
-                seen = torch.zeros(1, self.lm.config.vocab_size, dtype=torch.bool, device=self.device)
-                seen[0, torch.tensor(request.prompt_ids, device=self.device)] = True
-            text = StreamText(self.tokenizer, params.stop)
-            sequence = _Sequence(request, index, slot, text, generator, seen)
+            # Choice i of a request seeded s draws as a generation seeded s + i (choice 0: as one seeded s).
+            self.sampler.start(slot, params, None if params.seed is None else params.seed + index, request.prompt_ids)
+            sequence = _Sequence(request, index, slot, StopRule(self.tokenizer, params, self.stop_token_ids))
             sequence.cached = self._reuse_prefix(slot, request.prompt_ids)
             self._prefilling.append(sequence)
 
@@ -473,7 +376,7 @@ class Engine:
             if sequence.cached == len(sequence.request.prompt_ids):
                 finished.append(row)  # else the rest of its prompt next iteration, after a decode step
         sequences = [rows[row][0] for row in finished]
-        picks = self._sample_rows(sequences, logits[finished, -1].float())
+        picks = self.sampler.sample(logits[finished, -1].float(), [sequence.slot for sequence in sequences]).tolist()
         for sequence, token in zip(sequences, picks, strict=True):
             self._prefilling.remove(sequence)
             if self._accept(sequence, token):
@@ -504,76 +407,24 @@ class Engine:
         if len(slots) < rows:
             logits = logits[slots]
         sequences = [self._decoding[slot] for slot in slots]
-        for sequence, token in zip(sequences, self._sample_rows(sequences, logits.float()), strict=True):
+        for sequence, token in zip(sequences, self.sampler.sample(logits.float(), slots).tolist(), strict=True):
             sequence.cached += 1
             if not self._accept(sequence, token):
                 self._release(sequence)
 
-    def _sample_rows(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Each sequence's next token from its row of logits [len(sequences), vocab], under its own parameters.
-
-        Rows that share temperature, top-k and top-p are filtered together by `process_logits`, then each row
-        draws by inverse CDF: one uniform number from its own generator (a seed makes a request reproducible),
-        located in its cumulative probabilities. That is exact in distribution and costs a cumulative sum, where
-        torch.multinomial draws one exponential per vocabulary entry (milliseconds per row per step on a CPU).
-        Rows with a repetition penalty (their own `seen` tokens) go through `sample_next` one by one."""
-        groups: dict[tuple, list[int]] = {}
-        for row, sequence in enumerate(sequences):
-            params = sequence.request.params
-            key = ("alone", row) if params.repetition_penalty != 1.0 else (
-                params.temperature, params.top_k, params.top_p)
-            groups.setdefault(key, []).append(row)
-        picks = [0] * len(sequences)
-        for key, members in groups.items():
-            if key[0] == "alone":
-                picks[members[0]] = self._sample(sequences[members[0]], logits[members[0]: members[0] + 1])
-                continue
-            rows = logits if len(members) == len(sequences) else logits[members]
-            params = sequences[members[0]].request.params
-            if params.temperature == 0:
-                tokens = rows.argmax(dim=-1)
-            else:
-                cumulative = process_logits(rows, params, None).softmax(dim=-1).double().cumsum(dim=-1)
-                uniforms = torch.cat([torch.rand(1, dtype=torch.float64, device=logits.device,
-                                                 generator=sequences[row].generator) for row in members])
-                targets = (uniforms * cumulative[:, -1])[:, None]
-                # right=True: the first token whose cumulative probability exceeds the target (never a zero-prob one)
-                tokens = torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
-            for row, token in zip(members, tokens.tolist(), strict=True):
-                picks[row] = token
-        return picks
-
-    def _sample(self, sequence: _Sequence, logits: torch.Tensor) -> int:
-        token = int(sample_next(logits, sequence.request.params, sequence.generator, sequence.seen)[0])
-        if sequence.seen is not None:
-            sequence.seen[0, token] = True
-        return token
-
     def _accept(self, sequence: _Sequence, token: int) -> bool:
         """Record a sampled token and queue its text; False when the sequence is finished (slot to free)."""
-        params = sequence.request.params
-        sequence.generated += 1
-        reason, delta = None, ""
-        if token in self.stop_token_ids or token in params.stop_token_ids:
-            reason = "stop"
-        else:
-            delta, stopped = sequence.text.push(token)
-            if stopped:
-                reason = "stop"
-            elif sequence.generated >= params.max_new_tokens:
-                reason = "length"
-        if reason is not None:
-            delta += sequence.text.finish()  # held-back text is final now (empty past a stop string)
-        else:
+        delta, reason = sequence.stop.push(token)
+        if reason is None:
             sequence.next_token = token
         if delta or reason is not None:
             self._outbox.setdefault(sequence.request, []).append(
-                ChoiceEvent(sequence.index, delta, reason, sequence.generated))
+                ChoiceEvent(sequence.index, delta, reason, sequence.stop.generated))
         return reason is None
 
     def _fail(self, sequence: _Sequence, message: str) -> None:
         self._outbox.setdefault(sequence.request, []).append(
-            ChoiceEvent(sequence.index, error=message, completion_tokens=sequence.generated))
+            ChoiceEvent(sequence.index, error=message, completion_tokens=sequence.stop.generated))
         self._release(sequence)
 
     def _fail_all(self, message: str) -> None:
