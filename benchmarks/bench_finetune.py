@@ -70,8 +70,8 @@ def prepare_inputs() -> None:
 
 
 def sparkgpt_worker(method: str, dtype: str, steps: int) -> dict:
+    from sparkgpt.model.lora import trainable_parameters
     from sparkgpt.train import finetune
-    from sparkgpt.train.lora import trainable_parameters
     from sparkgpt.train.trainer import Trainer
 
     out = WORK / f"run-{method}-{dtype}"

@@ -3,7 +3,7 @@
 
 For each: tokens/s (the median step after a warm-up step, both processes together) and the peak memory of one
 training step per rank, measured by PyTorch's MemTracker (FSDPMemTracker under FSDP), beside the memory
-planner's estimate (sparkgpt/plan.py) for the same shape. fp32, block 128, micro-batch 2 per process: the planner
+planner's estimate (sparkgpt/train/plan.py) for the same shape. fp32, block 128, micro-batch 2 per process: the planner
 is checked in the precision the tests use. Each mode is its own torchrun launch, so none inherits the memory of
 another; all run in this one invocation.
 
@@ -46,7 +46,7 @@ def worker(mode: str, steps: int) -> None:
     """One rank of one mode (run under torchrun): time `steps` steps, then measure one step's peak memory."""
     import torch
 
-    from sparkgpt import plan
+    from sparkgpt.train import plan
     from sparkgpt.train.config import load_train_config
     from sparkgpt.train.trainer import Trainer
 

@@ -35,7 +35,7 @@ import torch
 import sparkgpt
 from sparkgpt import hardware
 from sparkgpt.data import prepare
-from sparkgpt.data.datasets import TokenData, eval_offsets, gather
+from sparkgpt.data.tokens import TokenData, eval_offsets, gather
 from sparkgpt.train import train
 from sparkgpt.train.trainer import compute_loss, peak_flops
 

@@ -37,7 +37,7 @@ import sparkgpt
 from sparkgpt import hardware
 from sparkgpt.checkpoint.hf import config_to_hf, state_dict_to_hf
 from sparkgpt.data import prepare
-from sparkgpt.data.datasets import TokenData, gather, step_offsets
+from sparkgpt.data.tokens import TokenData, gather, step_offsets
 from sparkgpt.generate import SamplingParams, token_steps
 from sparkgpt.tokenizer import Tokenizer
 from sparkgpt.train import train

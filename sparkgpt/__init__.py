@@ -6,7 +6,7 @@ from sparkgpt.generate import Completion, SamplingParams
 from sparkgpt.lm import LM, load
 from sparkgpt.model import GPT
 from sparkgpt.tokenizer import Tokenizer
-from sparkgpt.train.finetune import finetune
+from sparkgpt.train.run import finetune
 
 __version__ = "0.1.0"
 

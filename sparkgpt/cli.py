@@ -16,7 +16,7 @@ from sparkgpt.errors import SparkGPTError
 
 def cmd_models(args: argparse.Namespace) -> None:
     """List the named model presets with their shapes and parameter counts."""
-    from sparkgpt.checkpoint.hf import family_for
+    from sparkgpt.checkpoint.families import family_for
     from sparkgpt.config import PRESETS, preset
 
     print(f"{'preset':<20}{'family':<10}{'layers':>7}{'d_model':>9}{'heads':>7}{'kv':>5}{'context':>9}{'params':>10}")
@@ -185,7 +185,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     """Distill a teacher model into a student trained from scratch on data prepared with the teacher's tokenizer:
     KL to the teacher's softened distribution plus cross-entropy; --resume continues a run."""
-    from sparkgpt.train.distill import distill
+    from sparkgpt.train import distill
 
     overrides = _overrides(args)
     if not args.resume and not (args.teacher and args.student and args.data):
@@ -231,7 +231,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     """Estimate training memory per rank (weights, gradients, optimizer state, activations) and the largest
     micro-batch that fits a device, for any model or training preset."""
-    from sparkgpt.plan import plan_config
+    from sparkgpt.train.plan import plan_config
 
     if not args.device_memory > 0:
         raise SparkGPTError(f"--device-memory is {args.device_memory}; expected a positive number of GiB")
@@ -243,11 +243,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (continuous batching) with a web chat page at /."""
-    import uvicorn
-
     from sparkgpt.checkpoint.registry import resolve
-    from sparkgpt.serve.api import create_app
-    from sparkgpt.serve.engine import Engine
+    from sparkgpt.serve.server import serve
 
     if args.max_concurrency < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
         raise SparkGPTError("--max-concurrency must be >= 1, --max-queue >= 0 and --port in 0..65535")
@@ -258,35 +255,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                      else path.name)
     # The key may come from the environment, so that it does not show in the process list.
     api_key = args.api_key or os.environ.get("SPARKGPT_API_KEY") or None
-
-    def load_engine() -> Engine:
-        if args.threads is not None:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        lm = _load(args)
-        # Each slot holds a whole sequence; by default at most 4096 tokens of the model's context, to bound memory.
-        context = args.context or min(lm.config.max_seq_len, 4096)
-        engine = Engine(lm, max_slots=args.max_concurrency, max_queue=args.max_queue, context=context,
-                        prefill_chunk=args.prefill_chunk)
-        print(f"sparkgpt: serving {model_name} on http://{args.host}:{args.port} ({args.max_concurrency} slots of "
-              f"{engine.context} tokens, {lm.model.token_embedding.weight.device})", file=sys.stderr, flush=True)
-        return engine.start()
-
-    server: uvicorn.Server | None = None
-
-    def stop_server(message: str) -> None:
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(model_name, load_engine, api_key=api_key, on_load_error=stop_server)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
-    server.run()
-    if app.state.serve.load_error is not None:
-        raise SparkGPTError(app.state.serve.load_error)
-    if not server.started:
-        raise SparkGPTError(f"could not serve on {args.host}:{args.port} (is the port free?)")
+    serve(lambda: _load(args), model_name, host=args.host, port=args.port, api_key=api_key,
+          max_slots=args.max_concurrency, max_queue=args.max_queue, context=args.context,
+          prefill_chunk=args.prefill_chunk, threads=args.threads, log_level=args.log_level)
 
 
 def _add_config_overrides(parser: argparse.ArgumentParser, own: tuple[str, ...] = ("data",)) -> None:

@@ -117,3 +117,10 @@ def _sync_directory(directory: Path) -> None:
         descriptor = os.open(directory, os.O_RDONLY)
         os.fsync(descriptor)
         os.close(descriptor)
+
+
+def cache_dir() -> Path:
+    """Where fetched models live: $SPARKGPT_CACHE, else $XDG_CACHE_HOME/sparkgpt, else ~/.cache/sparkgpt."""
+    if "SPARKGPT_CACHE" in os.environ:
+        return Path(os.environ["SPARKGPT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparkgpt"

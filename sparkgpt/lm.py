@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparkgpt.checkpoint import hf
-from sparkgpt.checkpoint.registry import resolve
+from sparkgpt.checkpoint import load as checkpoint_load
+from sparkgpt.data.batch import pad_rows
+from sparkgpt.data.examples import ClassifyBatch
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.files import atomic_directory
 from sparkgpt.generate import Completion, SamplingParams, stream_completions
-from sparkgpt.model import GPT, quant
-from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise SparkGPTError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+from sparkgpt.model.heads import SequenceClassifier
+from sparkgpt.model.transformer import GPT, Encoder, EncoderDecoder
+from sparkgpt.tokenizer import Tokenizer
 
 
 class LM:
@@ -72,8 +56,6 @@ class LM:
         """(prompt index, text delta, Completion when that prompt is done) as tokens are generated.
 
         A prompt is text, or token ids already encoded (as `chat` does with its rendered template)."""
-        from sparkgpt.model import EncoderDecoder
-
         if not isinstance(self.model, (GPT, EncoderDecoder)):
             raise SparkGPTError(f"this model cannot generate text: it is {type(self.model).__name__} "
                                 f"({self.config.architecture!r}), not a decoder with a language-model head")
@@ -134,8 +116,6 @@ class LM:
         """Sentence embeddings of an encoder model (BERT, MiniLM): the mean of each text's token vectors,
         L2-normalised, as float32 [N, d_model] (a single str gives [d_model]). Texts longer than the model's
         context keep their first tokens and their final special token."""
-        from sparkgpt.model import Encoder
-
         if not isinstance(self.model, Encoder):
             raise SparkGPTError(f"embed needs an encoder model (architecture 'encoder', e.g. minilm-l6); this one is "
                                 f"{self.config.architecture!r}")
@@ -147,17 +127,10 @@ class LM:
         encoded = [tokenizer.encode(text) for text in texts]
         encoded = [ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:] for ids in encoded]
         device = self.model.embeddings.token_embedding.weight.device
-        pad = self.config.pad_token_id or 0
         rows = []
         with torch.inference_mode():
             for start in range(0, len(encoded), batch_size):
-                batch = encoded[start:start + batch_size]
-                longest = max(len(ids) for ids in batch)
-                ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-                mask = torch.zeros(len(batch), longest, dtype=torch.long)
-                for row, tokens in enumerate(batch):
-                    ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                    mask[row, :len(tokens)] = 1
+                ids, mask = pad_rows(encoded[start:start + batch_size], self.config.pad_token_id or 0)
                 rows.append(self.model.sentence_embeddings(ids.to(device), mask.to(device)).cpu())
         embeddings = torch.cat(rows)
         return embeddings[0] if single else embeddings
@@ -165,9 +138,6 @@ class LM:
     def classify(self, texts: str | Sequence[str], batch_size: int = 16) -> dict[str, float] | list[dict[str, float]]:
         """Label probabilities from a trained classification head (`sparkgpt finetune --task classify`):
         {label: probability} for a text, or a list of them for a list of texts. Long texts keep their first tokens."""
-        from sparkgpt.data.finetune import ClassifyBatch
-        from sparkgpt.model.heads import SequenceClassifier
-
         if not isinstance(self.model, SequenceClassifier):
             raise SparkGPTError("this model has no classification head (fine-tune one with `sparkgpt finetune "
                                 "--task classify`); for zero-shot labels use sparkgpt.tasks.classify")
@@ -187,17 +157,7 @@ class LM:
     def save(self, out_dir: str | Path) -> Path:
         """Write an HF-compatible checkpoint directory (atomically: a crash leaves any old one intact). LoRA
         adapters kept separate (`load(..., merge=False)`) are saved merged into the weights."""
-        from sparkgpt.train import lora
-
-        model = lora.merge_lora(copy.deepcopy(self.model)) if lora.has_lora(self.model) else self.model
-        with atomic_directory(out_dir) as staging:
-            if quant.is_quantized(model):
-                quant.write_checkpoint(staging, model)
-            else:
-                hf.write_model(staging, model)
-            if self.tokenizer is not None:
-                self.tokenizer.save(staging)
-        return Path(out_dir)
+        return checkpoint_load.save(out_dir, self.model, self.tokenizer)
 
 
 def load(
@@ -216,43 +176,4 @@ def load(
     it was saved; GGUF 4-bit blocks become int4 directly. Its activations are `dtype`: bfloat16 prefills a
     quantised model about 1.4x faster on a CPU (the decode kernels take bf16 rows either way), float32 keeps each
     served request's text exactly what it would be alone."""
-    from sparkgpt.train import lora
-
-    path = resolve(ref)
-    if lora.is_adapter(path):
-        if adapter is not None:
-            raise SparkGPTError(f"{ref} is itself an adapter; pass its base model as the reference")
-        adapter, path = path, resolve(lora.base_reference(path))
-    if quantize is not None:
-        quant.check_method(quantize)
-    lm = _load_base(path, pick_dtype(dtype), pick_device(device), quantize if adapter is None else None)
-    if adapter is not None:
-        adapter_dir = resolve(adapter)
-        if not lora.is_adapter(adapter_dir):
-            raise SparkGPTError(f"{adapter}: not a LoRA adapter folder (no {lora.ADAPTER_CONFIG_FILE})")
-        lm.model = lora.attach_adapter(lm.model, adapter_dir, merge)
-    if quantize is not None:
-        quant.quantize_loaded(lm.model, quantize)
-    return lm
-
-
-def _load_base(path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None) -> LM:
-    if path.is_file():
-        from sparkgpt.checkpoint import gguf
-
-        file = gguf.read_gguf(path)
-        tokenizer = Tokenizer.from_gguf_metadata(file.metadata, source=str(path))
-        return LM(gguf.load_gguf_model(file, dtype=dtype, device=device, quantize=quantize), tokenizer)
-    from sparkgpt.train import sharded
-
-    if sharded.is_sharded(path):  # an FSDP run's checkpoint: its shards gathered into one model
-        model = sharded.load_model(path, dtype=dtype, device=device)
-    else:
-        model = hf.load_model(path, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_dir(path) if (path / TOKENIZER_FILE).is_file() else None
-    if tokenizer is not None:
-        # A tokenizer.json may carry fixed padding and truncation (MiniLM's: 128); transformers overrides them per
-        # call, and so do we: a text encodes whole, and batches are padded by the code that batches them.
-        tokenizer.backend.no_padding()
-        tokenizer.backend.no_truncation()
-    return LM(model, tokenizer)
+    return LM(*checkpoint_load.load(ref, dtype, device, adapter, merge, quantize))

@@ -11,7 +11,7 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from sparkgpt.errors import SparkGPTError
@@ -67,51 +67,6 @@ class Tokenizer:
         )
         backend.train_from_iterator(texts, trainer)
         return cls(backend, eos_token=specials[0] if specials else None)
-
-    @classmethod
-    def from_gguf_metadata(cls, metadata: dict[str, Any], source: str = "GGUF file") -> Tokenizer:
-        """The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata (it carries no tokenizer.json)."""
-        kind = metadata.get("tokenizer.ggml.model")
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
-            raise SparkGPTError(f"{source}: no tokenizer.ggml.tokens vocabulary in the metadata")
-        vocab = {token: index for index, token in enumerate(tokens)}
-        merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", [])]
-        if kind == "gpt2":
-            backend = BackendTokenizer(models.BPE(vocab, merges, fuse_unk=False))
-            backend.pre_tokenizer = _byte_level_splitter(metadata.get("tokenizer.ggml.pre"))
-            backend.decoder = decoders.ByteLevel()
-        elif kind == "llama":
-            if not merges:
-                merges = _merges_from_scores(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
-            unknown_id = metadata.get("tokenizer.ggml.unknown_token_id")
-            backend = BackendTokenizer(models.BPE(
-                vocab, merges, unk_token=tokens[unknown_id] if unknown_id is not None else None, fuse_unk=True,
-                byte_fallback=True,
-            ))
-            space_prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
-            # SentencePiece marks word starts with ▁ and spells a missing piece as <0xNN> byte tokens.
-            backend.pre_tokenizer = pre_tokenizers.Metaspace("▁", "first" if space_prefix else "never", split=False)
-            steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-            backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
-        else:
-            raise SparkGPTError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; expected 'gpt2' or 'llama'")
-        token_types = metadata.get("tokenizer.ggml.token_type") or []
-        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                    for i, kind in enumerate(token_types) if kind == _CONTROL_TOKEN])
-        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                            for i, kind in enumerate(token_types) if kind == _USER_DEFINED_TOKEN])
-
-        def special(key: str) -> str | None:
-            index = metadata.get(f"tokenizer.ggml.{key}_token_id")
-            return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
-
-        bos, eos = special("bos"), special("eos")
-        add_bos = metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")
-        if add_bos and bos is not None:
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
-        return cls(backend, bos_token=bos, eos_token=eos, chat_template=metadata.get("tokenizer.chat_template"))
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
@@ -191,44 +146,6 @@ class Tokenizer:
             self.chat_template, messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
             eos_token=self.eos_token or "", **variables,
         )
-
-
-# tokenizer.ggml.token_type values (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-_CONTROL_TOKEN, _USER_DEFINED_TOKEN = 3, 4
-
-# How text is split into words before byte-level BPE, by llama.cpp's `tokenizer.ggml.pre` name. The merges were
-# learned on words split this way, so another split gives other (worse) ids.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_REGEX_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
-
-
-def _byte_level_splitter(pre: str | None) -> pre_tokenizers.PreTokenizer:
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)  # with GPT-2's own word regex
-    if pre == "smollm":
-        # SmolLM's tokenizer.json (and llama.cpp's "smollm") splits every digit off before GPT-2's regex.
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _REGEX_SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_REGEX_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    return byte_level
-
-
-def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """SentencePiece files list scores, not merges: every split of a token into two known pieces is a merge,
-    ranked by the merged token's score (best first), ties by the pieces' lengths and ids."""
-    vocab = {token: index for index, token in enumerate(tokens)}
-    candidates = []
-    for token, score in zip(tokens, scores, strict=True):
-        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
-        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        candidates.extend((left, right, score) for left, right in pairs)
-    candidates.sort(key=lambda c: (c[2], len(c[0]), len(c[1])), reverse=True)
-    return [(left, right) for left, right, _ in candidates]
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], **variables: Any) -> str:

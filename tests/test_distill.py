@@ -19,7 +19,8 @@ from sparkgpt.cli import main
 from sparkgpt.data import prepare
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.train import train
-from sparkgpt.train.distill import distill, distillation_loss
+from sparkgpt.train.distill import distillation_loss
+from sparkgpt.train.run import distill
 from tests.conftest import CORPUS, interrupted_at_step
 
 # A student of one small layer, a few steps of 2 × 16 tokens; no MFU measurement (it takes a fifth of a second).

@@ -15,12 +15,13 @@ import torch
 from tokenizers import AddedToken
 
 import sparkgpt
-from sparkgpt.checkpoint import hf
+from sparkgpt.checkpoint import adapter, hf
 from sparkgpt.cli import main
-from sparkgpt.data.finetune import IGNORE, FinetuneData, encode_chat, epoch_rows, micro_batch_rows
+from sparkgpt.data.examples import IGNORE, FinetuneData, encode_chat, epoch_rows, micro_batch_rows
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.model import lora
 from sparkgpt.model.heads import SequenceClassifier
-from sparkgpt.train import lora, trainer
+from sparkgpt.train import trainer
 from tests.conftest import interrupted_at_step, save_hf_model, train_byte_bpe
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -178,7 +179,7 @@ def saved_adapter(directory: Path, out: Path, config: lora.LoRAConfig) -> sparkg
     lora.apply_lora(lm.model, config)
     _trained_adapter(lm.model)
     out.mkdir()
-    lora.save_adapter(out, lm.model, config, str(directory))
+    adapter.save_adapter(out, lm.model, config, str(directory))
     return lm
 
 
@@ -240,7 +241,7 @@ TINY = {"block_size": 64, "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "e
 
 
 def adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return hf.read_tensors([checkpoint / lora.ADAPTER_WEIGHTS_FILE])
+    return hf.read_tensors([checkpoint / adapter.ADAPTER_WEIGHTS_FILE])
 
 
 
@@ -248,7 +249,7 @@ def test_lora_finetune_learns_and_resumes_exactly(chat_llama, tmp_path, monkeypa
     _, directory = chat_llama
     data = write_jsonl(tmp_path / "train.jsonl", chat_records(16))
     whole = sparkgpt.finetune(directory, data, tmp_path / "whole", method="lora", overrides=TINY, progress=False)
-    assert whole.step == 6 and lora.is_adapter(whole.checkpoint)
+    assert whole.step == 6 and adapter.is_adapter(whole.checkpoint)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if row["kind"] == "train"]
     assert losses[-1] < losses[0]
@@ -270,7 +271,7 @@ def test_full_finetune_saves_a_whole_model(chat_llama, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": q, "completion": " " + a} for q, a in FACTS * 3])
     result = sparkgpt.finetune(directory, data, tmp_path / "run", method="full",
                                overrides={**TINY, "max_steps": 2}, progress=False)
-    assert (result.checkpoint / hf.WEIGHTS_FILE).is_file() and not lora.is_adapter(result.checkpoint)
+    assert (result.checkpoint / hf.WEIGHTS_FILE).is_file() and not adapter.is_adapter(result.checkpoint)
     base, tuned = sparkgpt.load(directory, device="cpu"), sparkgpt.load(result.checkpoint, device="cpu")
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
@@ -327,7 +328,7 @@ def test_lora_classifier_saves_the_head_in_the_adapter(chat_llama, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", labeled_records(range(20)))
     result = sparkgpt.finetune(directory, train, tmp_path / "run", method="lora", task="classify",
                                overrides={**TINY, "max_steps": 2}, progress=False)
-    raw = json.loads((result.checkpoint / lora.ADAPTER_CONFIG_FILE).read_text())
+    raw = json.loads((result.checkpoint / adapter.ADAPTER_CONFIG_FILE).read_text())
     assert raw["task_type"] == "SEQ_CLS" and raw["modules_to_save"] == ["score"] and raw["labels"] == ["fruit", "rock"]
     assert "base_model.model.score.weight" in adapter_tensors(result.checkpoint)
     lm = sparkgpt.load(result.checkpoint, device="cpu")

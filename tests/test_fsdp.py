@@ -21,7 +21,8 @@ from test_train import build_char_data, metric_rows, tiny
 from sparkgpt.cli import main
 from sparkgpt.config import preset
 from sparkgpt.model import build_model
-from sparkgpt.train.parallel import allocate, initialise
+from sparkgpt.model.memory import allocate
+from sparkgpt.train.parallel import initialise
 
 STEPS = {"max_steps": "8", "save_every": "4", "eval_every": "4", "log_every": "1", "eval_batches": "3"}
 
@@ -157,7 +158,7 @@ WORKER = """
 import json, os, sys
 from pathlib import Path
 import torch
-from sparkgpt import plan
+from sparkgpt.train import plan
 from sparkgpt.model import build_model
 from sparkgpt.train.config import load_train_config
 from sparkgpt.train.trainer import Trainer, compute_loss

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparkgpt.checkpoint import hf
+from sparkgpt.checkpoint import families
 from sparkgpt.checkpoint.gguf import (
     GGUFFile,
     dequantize,
@@ -621,7 +621,7 @@ def test_real_weights_equal_transformers_bit_for_bit(our_smollm2, hf_smollm2):
     # Dequantisation (Q4_1, Q8_0, F32) and the Q/K row order both agree with transformers' reading of the file.
     theirs = hf_smollm2[0].state_dict()
     ours = our_smollm2.state_dict()
-    for our_name, their_name in hf._llama_tensor_names(our_smollm2.config).items():
+    for our_name, their_name in families.llama_tensor_names(our_smollm2.config).items():
         assert torch.equal(ours[our_name], theirs[their_name]), our_name
     assert ours["lm_head.weight"].data_ptr() == ours["token_embedding.weight"].data_ptr()
 

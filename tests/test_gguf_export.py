@@ -25,6 +25,7 @@ from sparkgpt.checkpoint.gguf import (
     unpermute_rope_rows,
 )
 from sparkgpt.checkpoint.gguf_export import encode_tensor, write_gguf
+from sparkgpt.checkpoint.gguf_tokenizer import read_tokenizer
 from sparkgpt.config import preset
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT
@@ -217,7 +218,7 @@ def test_tokenizer_padding_bos_and_chat_template_round_trip(tied_lm_with_bos, tm
     assert file.tensors["token_embd.weight"].type_name == "Q8_0"  # tied: it is also the output matrix
     assert file.tensors["blk.0.attn_q.weight"].type_name == "Q4_0"
     assert "output.weight" not in file.tensors
-    again = Tokenizer.from_gguf_metadata(metadata)
+    again = read_tokenizer(metadata)
     for text in CORPUS[:5]:
         assert again.encode(text) == lm.tokenizer.encode(text) and again.encode(text)[0] == again.bos_token_id
     messages = [{"role": "user", "content": "hi"}]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_train import build_char_data
 
-from sparkgpt import plan
 from sparkgpt.cli import main
 from sparkgpt.config import preset
+from sparkgpt.train import plan
 from sparkgpt.train.config import load_train_config
 from sparkgpt.train.trainer import Trainer
 

@@ -12,7 +12,7 @@ import pytest
 
 from sparkgpt.cli import main
 from sparkgpt.data import TokenData, prepare
-from sparkgpt.data.datasets import token_dtype
+from sparkgpt.data.tokens import token_dtype
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.tokenizer import Tokenizer
 

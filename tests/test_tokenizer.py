@@ -8,6 +8,7 @@ from conftest import CORPUS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparkgpt.checkpoint.gguf_tokenizer import read_tokenizer
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.tokenizer import Tokenizer, render_chat_template
 
@@ -30,7 +31,7 @@ CONVERSATIONS = [
 def smollm2_tokenizers(smollm2_gguf, hf_smollm2):
     from sparkgpt.checkpoint.gguf import read_gguf
 
-    ours = Tokenizer.from_gguf_metadata(read_gguf(smollm2_gguf).metadata, source=str(smollm2_gguf))
+    ours = read_tokenizer(read_gguf(smollm2_gguf).metadata, source=str(smollm2_gguf))
     return ours, hf_smollm2[1]
 
 
@@ -65,7 +66,7 @@ def test_sentencepiece_style_gguf_vocabulary_encodes_like_transformers_llama_tok
         "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259),
         "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
     }
-    ours = Tokenizer.from_gguf_metadata(metadata)
+    ours = read_tokenizer(metadata)
     from transformers.tokenization_utils_base import generate_merges
 
     vocab = {piece: i for i, piece in enumerate(pieces)}

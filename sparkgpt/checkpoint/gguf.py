@@ -27,6 +27,8 @@ import torch
 
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.model.quant import GROUP_SIZE, layer_method, pack_nibbles, quantize_model
+from sparkgpt.model.transformer import GPT
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -583,8 +585,6 @@ def q4_as_int4(gguf: GGUFFile, name: str) -> dict[str, torch.Tensor]:
     """A Q4_0 or Q4_1 matrix as sparkgpt's int4 tensors (`sparkgpt.model.quant`), straight from its blocks: the
     same 32-value groups and 4-bit levels; the scale d and the zero (0 for Q4_0, m + 8d for Q4_1, as
     d · q + m = d · (q - 8) + (m + 8d)) rounded to bfloat16, the kernel's precision."""
-    from sparkgpt.model.quant import GROUP_SIZE, pack_nibbles
-
     info = gguf._info(name)
     rows, cols = info.shape
     type_size, scale_bytes = GGML_TYPES[info.ggml_type][2], (2 if info.ggml_type == Q4_0 else 4)
@@ -604,9 +604,6 @@ def load_gguf_model(
     """Build our GPT from a llama-architecture GGUF file, every tensor dequantised and cast to `dtype`; or, with
     `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4, Q4_0/Q4_1 matrices keep their own
     4-bit levels and groups (no float round trip); everything else is dequantised, then quantised."""
-    from sparkgpt.model import GPT
-    from sparkgpt.model.quant import layer_method, quantize_model
-
     gguf = source if isinstance(source, GGUFFile) else read_gguf(source)
     config = gguf_model_config(gguf)
     with torch.device("meta"):

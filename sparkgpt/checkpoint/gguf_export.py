@@ -18,7 +18,6 @@ tensor by tensor into a temporary file beside the target and renamed over it onl
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparkgpt.checkpoint.families import family_for
 from sparkgpt.checkpoint.gguf import (
     _SCALAR_TYPES,
     ARRAY,
-    BOOL,
     DEFAULT_ALIGNMENT,
     F16,
     F32,
     FLOAT32,
     GGML_TYPES,
-    INT32,
     MAGIC,
     Q4_0,
     Q8_0,
@@ -44,16 +42,17 @@ from sparkgpt.checkpoint.gguf import (
     llama_tensor_names,
     permute_rope_rows,
 )
+from sparkgpt.checkpoint.gguf_tokenizer import tokenizer_metadata
+from sparkgpt.checkpoint.load import load
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_file
-from sparkgpt.tokenizer import _CONTROL_TOKEN, _REGEX_SPLITS, _USER_DEFINED_TOKEN, Tokenizer, _byte_level_splitter
+from sparkgpt.tokenizer import Tokenizer
 
 VERSION = 3
 # --dtype -> (ggml type of the matrices, general.file_type: llama.cpp's LLAMA_FTYPE_ALL_F32, _MOSTLY_F16, ...).
 DTYPES: dict[str, tuple[int, int]] = {"f32": (F32, 0), "f16": (F16, 1), "q8_0": (Q8_0, 7), "q4_0": (Q4_0, 2)}
 QUANTIZATION_VERSION = 2  # ggml's block layouts; llama.cpp's converter writes it for quantised files
-_NORMAL_TOKEN, _UNUSED_TOKEN = 1, 5  # tokenizer.ggml.token_type values (see sparkgpt.tokenizer)
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -123,8 +122,6 @@ def tensor_type(name: str, shape: tuple[int, ...], dtype: str, output_name: str)
 # ---- metadata ---------------------------------------------------------------------------------------------
 
 def _check_llama(config: ModelConfig) -> None:
-    from sparkgpt.checkpoint.hf import family_for
-
     family = family_for(config)
     if family is None or family.model_type != "llama" or config.bias:
         kind = family.model_type if family is not None else f"{config.architecture} ({config.positions} positions, " \
@@ -157,67 +154,6 @@ def model_metadata(config: ModelConfig, name: str, dtype: str) -> dict[str, tupl
         metadata["llama.attention.value_length"] = (UINT32, config.head_dim)
     if file_type not in (DTYPES["f32"][1], DTYPES["f16"][1]):
         metadata["general.quantization_version"] = (UINT32, QUANTIZATION_VERSION)
-    return metadata
-
-
-def _pre_tokenizer_name(tokenizer: Tokenizer) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for this tokenizer's word split: the name whose split our GGUF reader
-    builds identically, so a file we write reads back with the same split."""
-    split = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer")
-    for name in ("gpt-2", "smollm", *_REGEX_SPLITS):
-        if json.loads(_byte_level_splitter(name).__getstate__()) == split:
-            return name
-    raise SparkGPTError(f"GGUF export supports byte-level BPE tokenizers (GPT-2's, SmolLM's or Llama 3's word "
-                        f"split); this tokenizer's pre-tokenizer is {json.dumps(split)[:120]}")
-
-
-def _merges(tokenizer: Tokenizer) -> list[str]:
-    """The BPE merges as GGUF spells them: "left right" (tokenizer.json has "left right" or [left, right])."""
-    model = json.loads(tokenizer.backend.to_str())["model"]
-    if model.get("type") != "BPE":
-        raise SparkGPTError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')}")
-    return [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
-
-
-def tokenizer_metadata(tokenizer: Tokenizer | None, config: ModelConfig) -> dict[str, tuple[int, Any]]:
-    """tokenizer.* keys: the vocabulary in id order (padded with unused [PADn] tokens up to the model's
-    vocabulary, as llama.cpp's converter pads), token types, merges, special ids, add_bos, chat template."""
-    if tokenizer is None:
-        raise SparkGPTError("GGUF export needs the model's tokenizer (a GGUF file carries it); this model has none")
-    pre = _pre_tokenizer_name(tokenizer)
-    merges = _merges(tokenizer)
-    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    if max(vocab.values()) >= config.vocab_size:
-        raise SparkGPTError(f"the tokenizer has token id {max(vocab.values())} but the model's vocabulary has only "
-                            f"{config.vocab_size} rows")
-    tokens = [f"[PAD{i}]" for i in range(config.vocab_size)]
-    token_types = [_UNUSED_TOKEN] * config.vocab_size
-    for token, index in vocab.items():
-        tokens[index], token_types[index] = token, _NORMAL_TOKEN
-    for index, added in tokenizer.backend.get_added_tokens_decoder().items():
-        token_types[index] = _CONTROL_TOKEN if added.special else _USER_DEFINED_TOKEN
-    metadata: dict[str, tuple[int, Any]] = {
-        "tokenizer.ggml.model": (STRING, "gpt2"),
-        "tokenizer.ggml.pre": (STRING, pre),
-        "tokenizer.ggml.tokens": ((ARRAY, STRING), tokens),
-        "tokenizer.ggml.token_type": ((ARRAY, INT32), token_types),
-        "tokenizer.ggml.merges": ((ARRAY, STRING), merges),
-    }
-    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    special_ids = {
-        "bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id,
-        "eos": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos,
-        "unknown": tokenizer.token_to_id(json.loads(tokenizer.backend.to_str())["model"].get("unk_token")),
-        "padding": config.pad_token_id,
-    }
-    for key, index in special_ids.items():
-        if index is not None:
-            metadata[f"tokenizer.ggml.{key}_token_id"] = (UINT32, index)
-    # Whether encoding puts the beginning-of-text token in front: llama.cpp then adds it too.
-    adds_bos = special_ids["bos"] is not None and tokenizer.backend.encode("").ids[:1] == [special_ids["bos"]]
-    metadata["tokenizer.ggml.add_bos_token"] = (BOOL, adds_bos)
-    if tokenizer.chat_template is not None:
-        metadata["tokenizer.chat_template"] = (STRING, tokenizer.chat_template)
     return metadata
 
 
@@ -299,8 +235,6 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | 
 
 def export_gguf(ref: str | Path, path: str | Path, dtype: str = "f16", name: str | None = None) -> Path:
     """Load any model reference (directory, .gguf, alias, hub id) in float32 and write it as a GGUF file."""
-    from sparkgpt.lm import load
-
     check_dtype(dtype)  # before the (slow) load
-    lm = load(ref, dtype="float32", device="cpu")
-    return write_gguf(lm.model, lm.tokenizer, path, dtype=dtype, name=name)
+    model, tokenizer = load(ref, dtype="float32", device="cpu")
+    return write_gguf(model, tokenizer, path, dtype=dtype, name=name)

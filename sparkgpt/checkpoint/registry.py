@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import cache_dir
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,6 @@ ALIASES: dict[str, Alias] = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-
-
-def cache_dir() -> Path:
-    """Where fetched models live: $SPARKGPT_CACHE, else $XDG_CACHE_HOME/sparkgpt, else ~/.cache/sparkgpt."""
-    if "SPARKGPT_CACHE" in os.environ:
-        return Path(os.environ["SPARKGPT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparkgpt"
 
 
 def _is_checkpoint(folder: Path) -> bool:

@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparkgpt.checkpoint.registry import cache_dir
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import cache_dir
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import read_jsonl
 from sparkgpt.tokenizer import Tokenizer
@@ -31,14 +32,6 @@ from sparkgpt.tokenizer import Tokenizer
 IGNORE = -100  # F.cross_entropy's default ignore_index
 _EVAL_STREAM = 0x5EED_E7A1
 _ROLES = ("system", "user", "assistant", "tool")
-
-
-def pad_right(sequences: list[list[int]], pad: int) -> torch.Tensor:
-    """[len(sequences), longest] int64: each sequence at the start of its row, the rest `pad`."""
-    padded = torch.full((len(sequences), max(map(len, sequences))), pad, dtype=torch.long)
-    for row, values in enumerate(sequences):
-        padded[row, :len(values)] = torch.tensor(values, dtype=torch.long)
-    return padded
 
 
 @dataclass
@@ -50,7 +43,7 @@ class ClassifyBatch:
 
     @classmethod
     def of(cls, sequences: list[list[int]], pad: int) -> ClassifyBatch:
-        return cls(pad_right(sequences, pad), torch.tensor([len(s) for s in sequences], dtype=torch.long))
+        return cls(pad_rows(sequences, pad)[0], torch.tensor([len(s) for s in sequences], dtype=torch.long))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> ClassifyBatch:
         return ClassifyBatch(self.input_ids.to(device, non_blocking=non_blocking),
@@ -307,5 +300,5 @@ class FinetuneData:
         if self.task == "classify":
             return ClassifyBatch.of([example.ids for example in chosen], self.pad_id), \
                 torch.tensor([example.target for example in chosen], dtype=torch.long)
-        return pad_right([example.ids for example in chosen], self.pad_id), \
-            pad_right([example.target for example in chosen], IGNORE)
+        return pad_rows([example.ids for example in chosen], self.pad_id)[0], \
+            pad_rows([example.target for example in chosen], IGNORE)[0]

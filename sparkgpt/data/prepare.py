@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from sparkgpt.checkpoint.load import load
+from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.data.corpora import CORPORA, corpus_files
-from sparkgpt.data.datasets import META_FILE, TRAIN_FILE, VAL_FILE, token_dtype
+from sparkgpt.data.tokens import META_FILE, TRAIN_FILE, VAL_FILE, token_dtype
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory, write_json
 from sparkgpt.tokenizer import Tokenizer
@@ -175,14 +177,10 @@ def build_tokenizer(spec: str, sources: Sequence[Source], text_field: str, progr
             except ValueError:
                 raise SparkGPTError(f"tokenizer {spec!r}: expected bpe:VOCAB with VOCAB a whole number") from None
             return Tokenizer.train_bpe(texts(), vocab_size)
-    from sparkgpt.checkpoint.registry import resolve
-
     path = resolve(spec)
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    import sparkgpt
-
-    tokenizer = sparkgpt.load(spec, device="cpu").tokenizer
+    _, tokenizer = load(spec, device="cpu")
     if tokenizer is None:
         raise SparkGPTError(f"{spec}: the model has no tokenizer")
     return tokenizer

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparkgpt.config import PRESETS
+from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import read_jsonl
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -118,21 +120,11 @@ class Seq2SeqData:
     def batch(self, examples: list[tuple[list[int], list[int]]], rows: np.ndarray) -> tuple[Seq2SeqBatch, torch.Tensor]:
         """(model inputs, labels [B, T]) for examples[rows]: teacher forcing, <s> + target -> target + </s>."""
         chosen = [examples[int(row)] for row in rows]
-        source_len = max(len(s) for s, _ in chosen)
-        target_len = max(len(t) for _, t in chosen) + 1
-        source = torch.full((len(chosen), source_len), self.pad_id, dtype=torch.long)
-        source_mask = torch.zeros(len(chosen), source_len, dtype=torch.long)
-        decoder_in = torch.full((len(chosen), target_len), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(chosen), target_len), IGNORE, dtype=torch.long)
-        for row, (s, t) in enumerate(chosen):
-            source[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-            source_mask[row, :len(s)] = 1
-            decoder_in[row, :len(t) + 1] = torch.tensor([self.bos_id, *t], dtype=torch.long)
-            labels[row, :len(t) + 1] = torch.tensor([*t, self.eos_id], dtype=torch.long)
+        source, source_mask = pad_rows([s for s, _ in chosen], self.pad_id)
+        decoder_in, _ = pad_rows([[self.bos_id, *t] for _, t in chosen], self.pad_id)
+        labels, _ = pad_rows([[*t, self.eos_id] for _, t in chosen], IGNORE)
         return Seq2SeqBatch(source, source_mask, decoder_in), labels
 
 
 def is_seq2seq(model_preset: str) -> bool:
-    from sparkgpt.config import PRESETS
-
     return PRESETS.get(model_preset, {}).get("architecture") == "encoder-decoder"

@@ -68,10 +68,6 @@ class TokenData:
                 raise SparkGPTError(f"{self.directory}: the {split} split has {len(tokens)} tokens; block_size "
                                     f"{block_size} needs at least {block_size + 1}")
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.directory
-
 
 def step_offsets(n_tokens: int, block_size: int, seed: int, step: int, count: int) -> np.ndarray:
     """Start positions of the `count` sequences of optimizer step `step`: random, and a function of (seed, step)."""

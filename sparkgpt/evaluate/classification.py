@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparkgpt.data.finetune import labeled
+from sparkgpt.data.examples import labeled
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import read_jsonl
 from sparkgpt.lm import LM

@@ -16,8 +16,8 @@ from typing import Any
 from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
 
-import sparkgpt
 from sparkgpt.evaluate.loglik import encode_pair, prefix_token, score_batch, score_text
+from sparkgpt.lm import load
 
 
 @register_model("sparkgpt")
@@ -27,7 +27,7 @@ class SparkGPTHarnessModel(HarnessLM):
     def __init__(self, ref: str, dtype: str = "float32", device: str = "cpu", batch_size: int | str = 8,
                  **_: Any) -> None:
         super().__init__()
-        self.lm = sparkgpt.load(ref, dtype=dtype, device=device)
+        self.lm = load(ref, dtype=dtype, device=device)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
 
     @property

@@ -1,4 +1,5 @@
-"""Quantised weights: int8 and int4 linear layers behind one interface, and the quantised checkpoint format.
+"""Quantised weights: int8 and int4 linear layers behind one interface (their checkpoint format is
+`sparkgpt.checkpoint.quantized`).
 
 A weight matrix W [out, in] is stored as small integers and scales:
 
@@ -10,46 +11,28 @@ A weight matrix W [out, in] is stored as small integers and scales:
   trip. The output head (and the token embedding tied to it) stays int8 under int4: it is one large matrix that
   the int8 kernel serves fastest, and llama.cpp's files keep it at 8 bits too.
 
-Kernels, chosen by measurement on the 2-core AMX CPU this project benchmarks on (µs per call, one thread, the
-SmolLM2-135M shapes 1536×576 / 576×1536 / 576×576 / 49152×576; the machine was shared, so ±30%):
-
-| kernel | 1 row | 512 rows |
-|---|---|---|
-| fp32 | 145 / 143 / 28 / 16,852 | 6,538 / 6,078 / 2,283 |
-| bf16 (oneDNN, AMX) | 126 / 130 / 56 / 15,295 | **1,186 / 1,045 / 315** |
-| int8 fbgemm dynamic (int8 activations) | **29 / 31 / 23 / 1,373** | 3,875 / 2,094 / 893 |
-| `_weight_int8pack_mm` (bf16 activations) | 58 / 57 / 24 / 6,641 | 16,724 / 17,898 / 10,693 |
-| `_weight_int4pack_mm_for_cpu` (bf16 activations) | 57 / 60 / 22 / 1,888 | 28,061 / 20,263 / 6,009 |
-
-So decode rows (one token each, up to `DECODE_ROWS`) go through an integer kernel: `torch._weight_int8pack_mm` (bf16
-activations) for int8 and `torch._weight_int4pack_mm_for_cpu` for int4, except the output head, which takes
-fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`: 8-bit activations, one scale per call,
-called per row so that no row's scale depends on another's). fbgemm everywhere was fastest in isolation but
-blurs the outliers of the o_proj and down_proj inputs: SmolLM2's held-out perplexity through the decode path
-rose 4.9% with it, 1.3% with those two on bf16 activations, and 0.3% with every layer on bf16 activations; the
-head's 8-bit activations move it to -0.9% (inside the 1% the tests demand) and save several ms per token on its
-49,152 rows. Many rows
-(prefill) dequantise the matrix to bfloat16 (≈0.4 ms for 1536×576) and use the bf16 matmul (oneDNN on AMX),
-which beats every integer kernel by 2-20× there. `torch._int_mm` (int8 × int8 on AMX) was within 10% of bf16
-for the matmul alone but lost once activations are quantised and the int32 result rescaled. Elsewhere (CUDA)
-every call dequantises and multiplies in the activations' dtype.
+Kernels (measurements per kernel and shape: benchmarks/RESULTS.md, "Quantised kernels"): decode rows (one token
+each, up to `DECODE_ROWS`) go through an integer kernel, `torch._weight_int8pack_mm` for int8 and
+`torch._weight_int4pack_mm_for_cpu` for int4, both with bf16 activations, except the output head, which takes
+fbgemm's dynamic int8 linear (8-bit activations, one scale per call, called per row so that no row's scale depends
+on another's): 8-bit activations elsewhere blur the outliers of the o_proj and down_proj inputs and cost
+perplexity, while on the head they cost none and save most of its time. Many rows (prefill) dequantise the matrix
+to bfloat16 and use the bf16 matmul, which beats every integer kernel there. Elsewhere (CUDA) every call
+dequantises and multiplies in the activations' dtype.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
 from sparkgpt import hardware
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.files import read_json_object, write_json
 from sparkgpt.model import native
 
 METHODS = ("int8", "int4")
@@ -372,7 +355,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
     if config is None or config.architecture != "decoder" or not hasattr(model, "lm_head"):
         raise SparkGPTError("quantization supports decoder-only (GPT) models")
     prequantized = prequantized or {}
-    device = model.final_norm.weight.device
+    device = model.token_embedding.weight.device
     for name, linear in list(_quantizable(model)):
         layer_kind = layer_method(name, method, tuple(linear.weight.shape), group_size)
         if name in prequantized:  # its float weight may be a meta placeholder: never read
@@ -423,118 +406,16 @@ def quantize_loaded(model: nn.Module, method: str) -> nn.Module:
     return model
 
 
-# ---- the quantised checkpoint: config.json naming the method, safetensors with the integers and scales -------
-
-QUANT_METHOD = "sparkgpt"  # quantization_config.quant_method of our checkpoints (transformers refuses it clearly)
-
-
-def quantization_config(model: nn.Module) -> dict[str, Any]:
-    return {"quant_method": QUANT_METHOD, **model.quantization, "head": "int8"}
-
-
-def read_quantization(hf_config: dict[str, Any], source: str) -> tuple[str, int] | None:
-    """(method, group size) from a config.json's quantization_config, None if it has none."""
-    spec = hf_config.get("quantization_config")
-    if spec is None:
-        return None
-    if not isinstance(spec, dict) or spec.get("quant_method") != QUANT_METHOD:
-        found = spec.get("quant_method") if isinstance(spec, dict) else spec
-        raise SparkGPTError(f"{source}: quantization_config.quant_method {found!r} is not supported; expected "
-                            f"{QUANT_METHOD!r} (a checkpoint written by `sparkgpt quantize`)")
-    method, group_size = spec.get("method"), spec.get("group_size", GROUP_SIZE)
-    if method not in METHODS:
-        raise SparkGPTError(f"{source}: quantization_config.method {method!r}; expected one of {', '.join(METHODS)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise SparkGPTError(f"{source}: quantization_config.group_size {group_size!r}; expected an even integer")
-    return method, group_size
-
-
-def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a quantised checkpoint stores, under our own names: each once (a tied embedding is the head's
-    table), each its own contiguous copy (fused layers' rows are views). An untied embedding's scales are stored
-    float32, as quantised (the model holds them in its activations' dtype)."""
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state = {name: t for name, t in state.items() if not name.startswith("token_embedding.")}
-    elif "token_embedding.scales" in state:
-        state["token_embedding.scales"] = state["token_embedding.scales"].float()
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
-
-
-def quantized_skeleton(config: Any, method: str, group_size: int = GROUP_SIZE) -> nn.Module:
-    """A GPT of `config` on the meta device with every quantised layer in place: the shape of a checkpoint."""
-    from sparkgpt.model import GPT
-
-    with torch.device("meta"):
-        model = GPT(config)
+def quantize_skeleton(model: nn.Module, method: str, group_size: int = GROUP_SIZE) -> nn.Module:
+    """A GPT built on the meta device, with every quantised layer in place (empty): the shape of a quantised
+    checkpoint, ready for `load_state_dict(..., assign=True)`."""
     for name, linear in list(_quantizable(model)):
         kind = layer_method(name, method, tuple(linear.weight.shape), group_size)
         _replace(model, name, QuantizedLinear(linear.in_features, linear.out_features, kind,
                                               linear.bias is not None, group_size, "meta", _reads_a_norm(name)))
+    config = model.config
     model.token_embedding = QuantizedEmbedding(
         torch.empty(config.vocab_size, config.d_model, dtype=torch.int8, device="meta"),
         torch.empty(config.vocab_size, dtype=torch.float32, device="meta"))
     model.quantization = {"method": method, "group_size": group_size}
     return model
-
-
-def model_from_quantized_state(config: Any, method: str, group_size: int, state: dict[str, torch.Tensor],
-                               source: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Build a quantised GPT from stored tensors, checked against the skeleton's names, shapes and dtypes.
-    Float tensors (norms, biases) become `dtype`; the integers and scales stay as stored."""
-    model = quantized_skeleton(config, method, group_size)
-    expected = model.state_dict()
-    if config.tie_embeddings:
-        expected = {name: t for name, t in expected.items() if not name.startswith("token_embedding.")}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        problem = f"missing tensor(s) {', '.join(missing[:5])}" if missing else \
-            f"unexpected tensor(s) {', '.join(unexpected[:5])}"
-        raise SparkGPTError(f"{source}: {problem}")
-    loaded = {}
-    for name, tensor in state.items():
-        want = expected[name]
-        quantized_tensor = name.endswith((".qweight", ".scales", ".zeros"))
-        if tuple(tensor.shape) != tuple(want.shape) or (quantized_tensor and tensor.dtype != want.dtype):
-            raise SparkGPTError(f"{source}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}; the config "
-                                f"implies {tuple(want.shape)} {want.dtype}")
-        loaded[name] = tensor.to(device)
-    if config.tie_embeddings:
-        loaded["token_embedding.qweight"] = loaded["lm_head.qweight"]
-        loaded["token_embedding.scales"] = loaded["lm_head.scales"]
-    model.load_state_dict(loaded, assign=True)
-    return float_tensors_to(model, dtype).eval()
-
-
-def write_checkpoint(directory: Path, model: nn.Module) -> None:
-    """config.json (the model's family, plus quantization_config), model.safetensors and generation_config.json
-    into `directory` (already staged by the caller)."""
-    from sparkgpt.checkpoint import hf
-
-    config = model.config
-    float_dtype = model.final_norm.weight.dtype
-    write_json(directory / hf.CONFIG_FILE,
-               {**hf.config_to_hf(config, float_dtype), "quantization_config": quantization_config(model)})
-    save_file(quantized_state(model), str(directory / hf.WEIGHTS_FILE), metadata={"format": "pt"})
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    write_json(directory / hf.GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
-
-
-def is_quantized_checkpoint(directory: Path) -> bool:
-    from sparkgpt.checkpoint import hf
-
-    path = directory / hf.CONFIG_FILE
-    return path.is_file() and "quantization_config" in read_json_object(path)
-
-
-def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> nn.Module:
-    """The quantised GPT a `write_checkpoint` directory holds, its integers and scales used as stored."""
-    from sparkgpt.checkpoint import hf
-
-    config, _ = hf.read_config(directory)
-    method, group_size = read_quantization(read_json_object(directory / hf.CONFIG_FILE),
-                                           str(directory / hf.CONFIG_FILE))
-    files = hf.weight_files(directory)
-    return model_from_quantized_state(config, method, group_size, hf.read_tensors(files), str(files[0]), dtype,
-                                      device)

@@ -13,7 +13,6 @@ own optimizer and RNG tensors.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -25,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparkgpt.checkpoint import hf
+from sparkgpt.checkpoint import adapter, hf
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory, read_json_object, write_json
+from sparkgpt.model.lora import has_lora
 from sparkgpt.tokenizer import Tokenizer
-from sparkgpt.train import lora
 from sparkgpt.train.config import TrainConfig, save_train_config
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -129,9 +128,9 @@ def save_checkpoint(
             raise SparkGPTError(f"parameter {name} is not finite at step {state['step']}; refusing to save it")
     out = run_dir / CHECKPOINTS_DIR / checkpoint_name(state["step"])
     with atomic_directory(out) as staging:
-        if lora.has_lora(model):  # the adapter alone: the frozen base is `init_from`'s
+        if has_lora(model):  # the adapter alone: the frozen base is `init_from`'s
             extra = {"labels": model.labels} if hasattr(model, "labels") else {}
-            lora.save_adapter(staging, model, config.lora_config(), config.init_from, config.task, extra)
+            adapter.save_adapter(staging, model, config.lora_config(), config.init_from, config.task, extra)
         else:
             hf.write_model(staging, model)
         if tokenizer is not None:
@@ -152,15 +151,10 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
 
 
-def best_checkpoint(run_dir: Path) -> CheckpointInfo | None:
-    scored = [c for c in list_checkpoints(run_dir) if c.val_loss is not None]
-    return min(scored, key=lambda c: (c.val_loss, -c.step)) if scored else None
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load weights (safetensors), optimizer state and RNG states into place; return state.json."""
-    if lora.is_adapter(path):
-        lora.load_adapter_weights(model, path)
+    if adapter.is_adapter(path):
+        adapter.load_adapter_weights(model, path)
     else:
         config, tensors, labels, _ = hf.read_model_state(path)
         check_same_model(path, config, model.config)
@@ -193,7 +187,3 @@ def read_run_state(directory: Path) -> dict[str, Any]:
         raise SparkGPTError(f"{directory}: unreadable trainer state ({str(error).splitlines()[0]})") from None
     restore_rng_state(state["rng"], tensor_rng)
     return state
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / TRAINER_STATE_DIR / STATE_FILE).read_text(encoding="utf-8"))

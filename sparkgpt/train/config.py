@@ -20,7 +20,7 @@ import yaml
 from sparkgpt.config import PRESETS, ModelConfig, preset
 from sparkgpt.data.seq2seq import is_seq2seq
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.train.lora import LoRAConfig
+from sparkgpt.model.lora import LoRAConfig
 
 
 @dataclass
@@ -30,11 +30,11 @@ class TrainConfig:
     data: str = ""                      # a prepared data folder (`sparkgpt prepare`)
     model: str = "shakespeare-char"     # a model preset (sparkgpt/config.py)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
-    # Fine-tuning: start from a pretrained model (`model` is then ignored) on JSONL data (sparkgpt/data/finetune.py).
+    # Fine-tuning: start from a pretrained model (`model` is then ignored) on JSONL data (sparkgpt/data/examples.py).
     init_from: str = ""                 # a model reference (directory, .gguf, alias, hub id)
     val_data: str = ""                  # a JSONL validation file (default: a seeded random 10% of `data`)
     task: Literal["lm", "classify"] = "lm"  # classify: a sequence-classification head on {"text", "label"} records
-    method: Literal["full", "lora"] = "full"  # lora: freeze the model, train low-rank adapters (sparkgpt/train/lora.py)
+    method: Literal["full", "lora"] = "full"  # lora: freeze the model, train low-rank adapters (sparkgpt/model/lora.py)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -317,14 +317,3 @@ def load_train_config(spec: str | Path | None = None, overrides: dict[str, Any] 
 
 def save_train_config(config: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """`["lr=3e-4", "model.n_layers=6"]` (leading dashes allowed) -> {"lr": "3e-4", "model.n_layers": "6"}."""
-    parsed = {}
-    for item in items:
-        key, sep, value = item.lstrip("-").partition("=")
-        if not sep or not key:
-            raise SparkGPTError(f"override {item!r}: expected --key=value")
-        parsed[key.replace("-", "_")] = value
-    return parsed

@@ -19,12 +19,12 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from sparkgpt.config import PRESETS
+from sparkgpt.checkpoint.load import load
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
-from sparkgpt.train.config import TRAIN_PRESETS, TrainConfig
-from sparkgpt.train.trainer import Trainer, TrainResult, default_dtype, train
+from sparkgpt.train.config import TrainConfig
+from sparkgpt.train.trainer import Trainer, default_dtype
 
 
 def distillation_loss(
@@ -52,16 +52,14 @@ class DistillTrainer(Trainer):
         self.flops_per_token += 2 * sum(p.numel() for p in self.teacher.parameters())  # its forward: 2 per weight
 
     def _from_scratch(self) -> tuple[torch.nn.Module, Tokenizer | None, Any]:
-        from sparkgpt.lm import load
-
         config = self.config
         dtype = default_dtype(self.device) if config.dtype == "auto" else config.dtype  # the student's is timed later
-        teacher = load(config.teacher, dtype=dtype, device=self.device)
-        if not isinstance(teacher.model, GPT):
+        teacher, teacher_tokenizer = load(config.teacher, dtype=dtype, device=self.device)
+        if not isinstance(teacher, GPT):
             raise SparkGPTError(f"teacher {config.teacher!r}: distillation needs a decoder (GPT) model; this one is "
-                                f"{teacher.model.config.architecture!r}")
-        self.teacher = teacher.model.eval().requires_grad_(False)
-        self.teacher_tokenizer = teacher.tokenizer
+                                f"{teacher.config.architecture!r}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_tokenizer = teacher_tokenizer
         teacher_vocab = self.teacher.config.vocab_size
         student_vocab = config.model_overrides.get("vocab_size", teacher_vocab)
         if student_vocab < teacher_vocab:
@@ -103,35 +101,3 @@ class DistillTrainer(Trainer):
 
 def _millions(model: torch.nn.Module) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
-
-
-def distill(
-    teacher: str | Path | None = None,
-    student: str | Path | TrainConfig | None = None,
-    data: str | Path | None = None,
-    out_dir: str | Path = "runs/distill",
-    overrides: dict[str, Any] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """Train `student` on `teacher`'s softened distribution over the prepared folder `data`, into `out_dir`.
-
-    `teacher` is any model reference; `student` a training preset, a YAML file or TrainConfig (its `model` is the
-    student), or a model preset (the default training settings). `data` must be prepared with the teacher's
-    tokenizer (`sparkgpt prepare ... --tokenizer TEACHER`). `overrides` apply on top: {"distill_temperature": 2.0,
-    "distill_alpha": 0.5, "max_steps": ..., "model.n_layers": ...}. With `resume`, continue the run in `out_dir`
-    from its last checkpoint and its config.yaml (which names the teacher); the other arguments are then unused."""
-    if resume:
-        return train(None, out_dir, overrides, resume=True, progress=progress)
-    if not teacher or student is None or data is None:
-        raise SparkGPTError("distillation needs a teacher, a student and data (a folder prepared with the teacher's "
-                            "tokenizer)")
-    config, settings = student, {"teacher": str(teacher), "data": str(data)}
-    if not isinstance(student, TrainConfig):
-        name = str(student)
-        if name in PRESETS and name not in TRAIN_PRESETS:
-            config, settings = None, {"model": name, **settings}
-        elif name not in TRAIN_PRESETS and not (Path(name).is_file() or name.endswith((".yaml", ".yml"))):
-            raise SparkGPTError(f"student {name!r}: not a training preset ({', '.join(TRAIN_PRESETS)}), a YAML file "
-                                f"or a model preset ({', '.join(PRESETS)})")
-    return train(config, out_dir, {**settings, **(overrides or {})}, progress=progress)

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sparkgpt import hardware
 from sparkgpt.config import ModelConfig
 from sparkgpt.model import build_model, native
+from sparkgpt.model.memory import allocate
 from sparkgpt.train.config import TrainConfig
 from sparkgpt.train.distributed import Distributed
 
@@ -85,22 +86,6 @@ def parallelize(model: nn.Module, config: TrainConfig, dist: Distributed, device
 def casts_weights(model: nn.Module) -> bool:
     """FSDP2's mixed precision computes with weights cast to the training dtype: autocast would only add casts."""
     return isinstance(model, FSDPModule)
-
-
-def allocate(model: nn.Module, device: torch.device | str) -> None:
-    """Give a meta-device model uninitialised memory on `device`, as `to_empty`, keeping tied weights tied
-    (to_empty gives a plain module a new Parameter per module, which would untie a shared embedding and head)."""
-    first_owner: dict[int, tuple[nn.Module, str]] = {}
-    ties = []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in first_owner:
-                ties.append((module, name, *first_owner[id(param)]))
-            else:
-                first_owner[id(param)] = (module, name)
-    model.to_empty(device=device)
-    for module, name, owner, owner_name in ties:
-        setattr(module, name, getattr(owner, owner_name))
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

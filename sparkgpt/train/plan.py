@@ -30,6 +30,7 @@ from torch import nn
 
 from sparkgpt.config import PRESETS, ModelConfig, preset
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.train.config import TRAIN_PRESETS, load_train_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 1024**3
@@ -150,8 +151,6 @@ def plan_config(
 ) -> MemoryPlan:
     """The plan for a model preset (sequences of its full context, bf16) or a training preset / YAML file (its
     block size, dtype, parallelism); the keyword arguments that are not None take precedence."""
-    from sparkgpt.train.config import TRAIN_PRESETS, load_train_config
-
     if world_size < 1:
         raise SparkGPTError(f"--world-size is {world_size}; expected a positive integer")
     if block_size is not None and block_size < 1:

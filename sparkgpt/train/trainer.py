@@ -23,20 +23,25 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+import sparkgpt.train.checkpoints as checkpoints
+import sparkgpt.train.parallel as parallel
+import sparkgpt.train.sharded as sharded
 from sparkgpt import hardware
+from sparkgpt.checkpoint.adapter import is_adapter
+from sparkgpt.checkpoint.dcp import is_sharded
+from sparkgpt.checkpoint.load import load
 from sparkgpt.checkpoint.registry import resolve
-from sparkgpt.data.datasets import TokenData, eval_offsets, gather, step_offsets
-from sparkgpt.data.finetune import IGNORE, FinetuneData, micro_batch_rows
+from sparkgpt.data.examples import IGNORE, FinetuneData, micro_batch_rows
 from sparkgpt.data.seq2seq import Seq2SeqData, is_seq2seq
+from sparkgpt.data.tokens import TokenData, eval_offsets, gather, step_offsets
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT
 from sparkgpt.model.heads import SequenceClassifier
+from sparkgpt.model.lora import apply_lora
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
-from sparkgpt.train import checkpoints, parallel, sharded
 from sparkgpt.train.config import TrainConfig, load_train_config, save_train_config
 from sparkgpt.train.distributed import Distributed
 from sparkgpt.train.host_memory import keep_freed_memory
-from sparkgpt.train.lora import apply_lora, is_adapter
 from sparkgpt.train.optim import build_optimizer, learning_rate, set_learning_rate
 
 CONFIG_FILE = "config.yaml"
@@ -218,18 +223,16 @@ class Trainer:
     def _pretrained(self) -> tuple[torch.nn.Module, Tokenizer, Any]:
         """The model `init_from` names, ready to fine-tune: with a classification head for `task: classify`, frozen
         with LoRA adapters for `method: lora`; its data a JSONL file, or a prepared folder (continued pretraining)."""
-        from sparkgpt.lm import load
-
         config = self.config
         if config.method == "lora" and is_adapter(resolve(config.init_from)):
             raise SparkGPTError(f"init_from {config.init_from!r} is a LoRA adapter: merge it into its base first "
                                 "(`sparkgpt merge-lora`) and fine-tune the merged model")
-        lm = load(config.init_from, dtype="float32", device=self.device)
-        model = lm.model.backbone if isinstance(lm.model, SequenceClassifier) else lm.model
+        loaded, tokenizer = load(config.init_from, dtype="float32", device=self.device)
+        model = loaded.backbone if isinstance(loaded, SequenceClassifier) else loaded
         if not isinstance(model, GPT):
             raise SparkGPTError(f"init_from {config.init_from!r}: fine-tuning needs a decoder (GPT) model; this one is "
                                 f"{model.config.architecture!r}")
-        if lm.tokenizer is None:
+        if tokenizer is None:
             raise SparkGPTError(f"init_from {config.init_from!r}: the model has no tokenizer to read the data with")
         if config.block_size > model.config.max_seq_len and not Path(config.data).is_dir():
             # Examples are truncated to block_size: a model with a shorter context truncates them to that instead.
@@ -238,17 +241,17 @@ class Trainer:
             data = TokenData(config.data)
             data.check_block_size(config.block_size)
         else:
-            data = FinetuneData(config.data, config.val_data or None, lm.tokenizer, config.block_size, config.task,
+            data = FinetuneData(config.data, config.val_data or None, tokenizer, config.block_size, config.task,
                                 seed=config.seed)
         self._check_fits(model.config, data)
         if config.task == "classify":
-            same_head = isinstance(lm.model, SequenceClassifier) and lm.model.labels == data.labels
-            model = lm.model if same_head else SequenceClassifier(model, data.labels)
+            same_head = isinstance(loaded, SequenceClassifier) and loaded.labels == data.labels
+            model = loaded if same_head else SequenceClassifier(model, data.labels)
         if config.method == "lora":
             if config.base_dtype == "bfloat16":  # the frozen decoder; the adapters (made next) and a head stay fp32
                 getattr(model, "backbone", model).to(torch.bfloat16)
             apply_lora(model, config.lora_config())
-        return model.train(), lm.tokenizer, data
+        return model.train(), tokenizer, data
 
     def _check_fits(self, model_config: Any, data: Any) -> None:
         if model_config.vocab_size < data.vocab_size:
@@ -287,12 +290,12 @@ class Trainer:
             self._start_fresh()
             return
         latest = found[-1]
-        if sharded.is_sharded(latest.path):
-            state = sharded.load_checkpoint(latest.path, self.model, self.optimizer)
+        if is_sharded(latest.path):
+            state = sharded.restore_checkpoint(latest.path, self.model, self.optimizer)
         elif parallel.is_sharded(self.config, self.dist):
             raise SparkGPTError(f"{latest.path}: saved by a ddp run; resume it with --parallel ddp")
         else:
-            state = checkpoints.load_checkpoint(latest.path, self.model, self.optimizer)
+            state = checkpoints.restore_checkpoint(latest.path, self.model, self.optimizer)
         if state.get("tokens_per_step") not in (None, self._tokens_per_step()):
             raise SparkGPTError(f"{latest.path}: saved with {state['tokens_per_step']} tokens per step; this run has "
                                 f"{self._tokens_per_step()} (keep batch_size × grad_accum × processes the same)")
@@ -516,34 +519,3 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     figure.savefig(staging, format="png")
     plt.close(figure)
     os.replace(staging, out_path)
-
-
-def train(
-    config: str | Path | TrainConfig | None = None,
-    out_dir: str | Path = "runs/train",
-    overrides: dict[str, Any] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """Train (or with `resume`, continue) a run in `out_dir`. `config` is a preset name, a YAML file or a
-    TrainConfig; `overrides` ({key: value}) apply on top. On resume without a config, the run's own config.yaml."""
-    run_dir = Path(out_dir)
-    if isinstance(config, TrainConfig):
-        resolved = load_train_config(None, {**config.to_dict(), **(overrides or {})})
-    elif config is None and resume:
-        saved = run_dir / CONFIG_FILE
-        if not saved.is_file():
-            raise SparkGPTError(f"{run_dir}: no {CONFIG_FILE} to resume from (not a training run folder)")
-        resolved = load_train_config(saved, overrides)
-    else:
-        resolved = load_train_config(config, overrides)
-    trainer_class = Trainer
-    if resolved.teacher:
-        from sparkgpt.train.distill import DistillTrainer  # a Trainer subclass: imported here, not in a cycle
-
-        trainer_class = DistillTrainer
-    trainer = trainer_class(resolved, run_dir, resume=resume, progress=progress)
-    try:
-        return trainer.run()
-    finally:
-        trainer.dist.close()

@@ -1,0 +1,427 @@
+"""The transformers model families sparkgpt reads and writes: for each, one table of tensor names (ours ->
+theirs) and two small config translations. Adding a family means adding its table here, not a model class."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sparkgpt.config import ModelConfig
+from sparkgpt.errors import SparkGPTError
+
+# Keys every transformers config.json may carry that say nothing about the architecture's math.
+GENERIC_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
+    "pad_token_id", "id2label", "label2id", "problem_type", "return_dict", "output_hidden_states",
+    "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "task_specific_params",
+    "_attn_implementation_autoset", "torchscript", "tie_encoder_decoder", "prefix", "sep_token_id",
+    "decoder_start_token_id", "finetuning_task", "add_cross_attention", "cross_attention_hidden_size",
+    "quantization_config",  # checked by sparkgpt.checkpoint.quantized (ours loads; any other method is refused there)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one transformers model family spells our ModelConfig and tensor names."""
+
+    model_type: str
+    architecture: str
+    config_from_hf: Callable[[dict[str, Any], str], dict[str, Any]]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    tensor_names: Callable[[ModelConfig], dict[str, str]]  # our name -> their name
+    to_ours: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+    to_theirs: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+    ignored_tensors: tuple[str, ...] = ()  # suffixes of buffers older checkpoints saved (masks, inv_freq)
+    base_prefix: str = "model."  # what a task model (…ForCausalLM) puts before the base model's tensor names
+
+
+def _take(hf: dict[str, Any], source: str, known: set[str]) -> None:
+    unknown = sorted(set(hf) - known - GENERIC_KEYS)
+    if unknown:
+        raise SparkGPTError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+
+
+def _require(source: str, field: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise SparkGPTError(f"{source}: field {field!r} is {value!r}; supported: {', '.join(map(repr, allowed))}")
+
+
+# ---- GPT-2 ---------------------------------------------------------------------------------------------------
+
+_GPT2_KEYS = {
+    "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "summary_type",
+    "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "scale_attn_weights", "bos_token_id", "eos_token_id", "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn", "tie_word_embeddings",
+}
+
+
+def _gpt2_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _GPT2_KEYS)
+    _require(source, "activation_function", hf.get("activation_function", "gelu_new"),
+             ("gelu_new", "gelu_pytorch_tanh"))
+    _require(source, "scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False), (False,))
+    _require(source, "scale_attn_weights", hf.get("scale_attn_weights", True), (True,))
+    return dict(
+        vocab_size=hf.get("vocab_size", 50257), n_layers=hf.get("n_layer", 12), n_heads=hf.get("n_head", 12),
+        d_model=hf.get("n_embd", 768), d_ff=hf.get("n_inner"), max_seq_len=hf.get("n_positions", 1024),
+        positions="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), ffn="gelu",
+        bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
+        n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.d_ff, activation_function="gelu_new",
+        layer_norm_epsilon=config.norm_eps, initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+
+
+# GPT-2 and GPT-Neo name their embeddings and final norm alike.
+_GPT2_OUTER_TENSORS = {
+    "token_embedding.weight": "transformer.wte.weight",
+    "position_embedding.weight": "transformer.wpe.weight",
+    "final_norm.weight": "transformer.ln_f.weight",
+    "final_norm.bias": "transformer.ln_f.bias",
+}
+
+
+def _gpt2_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = dict(_GPT2_OUTER_TENSORS)
+    for i in range(config.n_layers):
+        for ours, theirs in (("attn_norm", "ln_1"), ("attn.o_proj", "attn.c_proj"), ("ffn_norm", "ln_2"),
+                             ("ffn.up_proj", "mlp.c_fc"), ("ffn.down_proj", "mlp.c_proj")):
+            for kind in ("weight", "bias"):
+                names[f"blocks.{i}.{ours}.{kind}"] = f"transformer.h.{i}.{theirs}.{kind}"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+def _gpt2_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2 stores projections as Conv1D, weight [in, out] (transposed), with Q, K, V fused in `c_attn`."""
+    ours = {}
+    for i in range(config.n_layers):
+        fused_weight = state.pop(f"transformer.h.{i}.attn.c_attn.weight").t()
+        fused_bias = state.pop(f"transformer.h.{i}.attn.c_attn.bias")
+        projections = zip(("q_proj", "k_proj", "v_proj"), fused_weight.chunk(3), fused_bias.chunk(3), strict=True)
+        for name, weight, bias in projections:
+            ours[f"blocks.{i}.attn.{name}.weight"] = weight
+            ours[f"blocks.{i}.attn.{name}.bias"] = bias
+        for conv in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            key = f"transformer.h.{i}.{conv}.weight"
+            state[key] = state[key].t()
+    return ours
+
+
+def _gpt2_to_theirs(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    theirs = {}
+    for i in range(config.n_layers):
+        prefix = f"blocks.{i}.attn."
+        theirs[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(
+            [state.pop(prefix + f"{n}.weight") for n in ("q_proj", "k_proj", "v_proj")]).t()
+        theirs[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+            [state.pop(prefix + f"{n}.bias") for n in ("q_proj", "k_proj", "v_proj")])
+        for ours in ("attn.o_proj", "ffn.up_proj", "ffn.down_proj"):
+            key = f"blocks.{i}.{ours}.weight"
+            state[key] = state[key].t()
+    return theirs
+
+
+# ---- Llama (SmolLM2, Llama 2/3, Mistral-shaped dense models) ----------------------------------------------
+
+_LLAMA_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "bos_token_id", "eos_token_id", "pretraining_tp", "tie_word_embeddings", "rope_theta",
+    "rope_scaling", "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias",
+}
+
+
+def _llama_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _LLAMA_KEYS)
+    _require(source, "hidden_act", hf.get("hidden_act", "silu"), ("silu",))
+    _require(source, "pretraining_tp", hf.get("pretraining_tp", 1), (1,))
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    _require(source, "rope_type", rope.get("rope_type", rope.get("type", "default")), ("default",))
+    attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    if attention_bias != mlp_bias:
+        raise SparkGPTError(f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported")
+    n_heads = hf.get("num_attention_heads", 32)
+    return dict(
+        vocab_size=hf.get("vocab_size", 32000), n_layers=hf.get("num_hidden_layers", 32), n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_model=hf.get("hidden_size", 4096),
+        d_ff=hf.get("intermediate_size", 11008), head_dim=hf.get("head_dim"),
+        max_seq_len=hf.get("max_position_embeddings", 2048), positions="rope",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), ffn="swiglu", bias=attention_bias,
+        tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, initializer_range=config.initializer_range,
+        rms_norm_eps=config.norm_eps, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta.
+        rope_theta=config.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+    )
+
+
+def llama_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = {"token_embedding.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    for i in range(config.n_layers):
+        layer = f"model.layers.{i}."
+        names[f"blocks.{i}.attn_norm.weight"] = layer + "input_layernorm.weight"
+        names[f"blocks.{i}.ffn_norm.weight"] = layer + "post_attention_layernorm.weight"
+        for kind in kinds:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                names[f"blocks.{i}.attn.{proj}.{kind}"] = f"{layer}self_attn.{proj}.{kind}"
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                names[f"blocks.{i}.ffn.{proj}.{kind}"] = f"{layer}mlp.{proj}.{kind}"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+# ---- GPT-Neo (GPT-3-style alternating global and local attention) --------------------------------------------
+
+_GPT_NEO_KEYS = {
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "activation_function",
+    "max_position_embeddings", "window_size", "attention_types", "attention_layers", "layer_norm_epsilon",
+    "initializer_range", "bos_token_id", "eos_token_id", "tie_word_embeddings", "embed_dropout", "attention_dropout",
+    "resid_dropout", "classifier_dropout", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "gradient_checkpointing",
+}
+_NEO_PATTERNS = {"global": "dense", "local": "local"}
+
+
+def _gpt_neo_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _GPT_NEO_KEYS)
+    _require(source, "activation_function", hf.get("activation_function", "gelu_new"),
+             ("gelu_new", "gelu_pytorch_tanh"))
+    layers = hf.get("attention_layers")
+    if not layers:  # [[["global", "local"], 12]] -> global, local, global, local, ...
+        layers = [kind for kinds, repeat in hf.get("attention_types", [[["global", "local"], 12]])
+                  for _ in range(repeat) for kind in kinds]
+    for kind in layers:
+        _require(source, "attention_layers", kind, tuple(_NEO_PATTERNS))
+    d_model = hf.get("hidden_size", 2048)
+    return dict(
+        vocab_size=hf.get("vocab_size", 50257), n_layers=hf.get("num_layers", len(layers)),
+        n_heads=hf.get("num_heads", 8), d_model=d_model, d_ff=hf.get("intermediate_size") or 4 * d_model,
+        max_seq_len=hf.get("max_position_embeddings", 2048), positions="learned", norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), ffn="gelu", bias=True, qkv_bias=False, attention_scale=1.0,
+        attention_patterns=[_NEO_PATTERNS[kind] for kind in layers], attention_window=hf.get("window_size", 256),
+        tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _gpt_neo_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    kinds = {"dense": "global", "local": "local"}
+    layers = [kinds[p] for p in config.layer_patterns()]
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_layers=config.n_layers,
+        num_heads=config.n_heads, intermediate_size=config.d_ff, activation_function="gelu_new",
+        max_position_embeddings=config.max_seq_len, window_size=config.attention_window,
+        attention_types=[[[kind], 1] for kind in layers], attention_layers=layers,
+        layer_norm_epsilon=config.norm_eps, initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_embeddings, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
+    )
+
+
+def _gpt_neo_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = dict(_GPT2_OUTER_TENSORS)
+    for i in range(config.n_layers):
+        layer = f"transformer.h.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            names[f"blocks.{i}.attn.{proj}.weight"] = f"{layer}attn.attention.{proj}.weight"
+        for ours, theirs in (("attn_norm", "ln_1"), ("attn.o_proj", "attn.attention.out_proj"), ("ffn_norm", "ln_2"),
+                             ("ffn.up_proj", "mlp.c_fc"), ("ffn.down_proj", "mlp.c_proj")):
+            for kind in ("weight", "bias"):
+                names[f"blocks.{i}.{ours}.{kind}"] = f"{layer}{theirs}.{kind}"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+# ---- Mixtral (Llama blocks whose FFN is a mixture of experts) ------------------------------------------------
+
+_MIXTRAL_KEYS = _LLAMA_KEYS | {
+    "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise", "sliding_window",
+    "output_router_logits",
+}
+
+
+def _mixtral_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _MIXTRAL_KEYS)
+    _require(source, "router_jitter_noise", hf.get("router_jitter_noise", 0.0), (0, 0.0))
+    values = _llama_config_from_hf({k: v for k, v in hf.items() if k not in _MIXTRAL_KEYS - _LLAMA_KEYS}, source)
+    values.update(
+        n_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+        max_seq_len=hf.get("max_position_embeddings", 4096 * 32), norm_eps=hf.get("rms_norm_eps", 1e-5),
+    )
+    if hf.get("sliding_window") is not None:  # Mistral's sliding window, on every layer
+        values.update(attention_patterns=["local"], attention_window=hf["sliding_window"])
+    return values
+
+
+def _mixtral_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    values = _llama_config_to_hf(config)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+        values.pop(key, None)
+    window = config.attention_window if config.layer_patterns()[0] == "local" else None
+    return dict(values, num_local_experts=config.n_experts, num_experts_per_tok=config.experts_per_token,
+                router_aux_loss_coef=config.router_aux_loss_coef, router_jitter_noise=0.0, sliding_window=window)
+
+
+def _mixtral_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = {ours: theirs for ours, theirs in llama_tensor_names(config).items() if ".ffn." not in ours}
+    for i in range(config.n_layers):
+        moe = f"model.layers.{i}.block_sparse_moe."
+        names[f"blocks.{i}.ffn.router.weight"] = moe + "gate.weight"
+        for e in range(config.n_experts):
+            for ours, theirs in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+                names[f"blocks.{i}.ffn.experts.{e}.{ours}.weight"] = f"{moe}experts.{e}.{theirs}.weight"
+    return names
+
+
+def _mixtral_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers ≥ 5 in memory (and some writers on disk) fuse the experts: mlp.experts.gate_up_proj
+    [E, 2·d_ff, d] and mlp.experts.down_proj [E, d, d_ff]; spell them as the original per-expert w1/w3/w2."""
+    for i in range(config.n_layers):
+        fused, moe = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        if fused + "gate.weight" in state:
+            state[moe + "gate.weight"] = state.pop(fused + "gate.weight")
+        if fused + "experts.gate_up_proj" in state:
+            gate_up, down = state.pop(fused + "experts.gate_up_proj"), state.pop(fused + "experts.down_proj")
+            for e in range(gate_up.shape[0]):
+                gate, up = gate_up[e].chunk(2, dim=0)
+                state[f"{moe}experts.{e}.w1.weight"], state[f"{moe}experts.{e}.w3.weight"] = gate, up
+                state[f"{moe}experts.{e}.w2.weight"] = down[e]
+    return {}
+
+
+# ---- BERT (encoder-only; sentence-transformers' MiniLM) -----------------------------------------------------
+
+_BERT_KEYS = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+    "initializer_range", "layer_norm_eps", "position_embedding_type", "classifier_dropout", "is_decoder",
+    "gradient_checkpointing", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+}
+_BERT_ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+
+
+def _bert_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _BERT_KEYS)
+    _require(source, "hidden_act", hf.get("hidden_act", "gelu"), tuple(_BERT_ACTIVATIONS))
+    _require(source, "position_embedding_type", hf.get("position_embedding_type", "absolute"), ("absolute",))
+    _require(source, "is_decoder", hf.get("is_decoder", False), (False,))
+    return dict(
+        architecture="encoder", vocab_size=hf.get("vocab_size", 30522), n_layers=hf.get("num_hidden_layers", 12),
+        n_heads=hf.get("num_attention_heads", 12), d_model=hf.get("hidden_size", 768),
+        d_ff=hf.get("intermediate_size", 3072), max_seq_len=hf.get("max_position_embeddings", 512),
+        positions="learned", norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12),
+        ffn=_BERT_ACTIVATIONS[hf.get("hidden_act", "gelu")], bias=True, norm_position="post", final_norm=False,
+        embedding_norm=True, type_vocab_size=hf.get("type_vocab_size", 2), tie_embeddings=False,
+        pad_token_id=hf.get("pad_token_id", 0), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _bert_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    activation = {ours: theirs for theirs, ours in _BERT_ACTIVATIONS.items() if theirs != "gelu_pytorch_tanh"}
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads, intermediate_size=config.d_ff, hidden_act=activation[config.ffn],
+        max_position_embeddings=config.max_seq_len, type_vocab_size=config.type_vocab_size,
+        layer_norm_eps=config.norm_eps, pad_token_id=config.pad_token_id, position_embedding_type="absolute",
+        initializer_range=config.initializer_range, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def _bert_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = {
+        "embeddings.token_embedding.weight": "embeddings.word_embeddings.weight",
+        "embeddings.position_embedding.weight": "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embedding.weight": "embeddings.token_type_embeddings.weight",
+        "embeddings.norm.weight": "embeddings.LayerNorm.weight",
+        "embeddings.norm.bias": "embeddings.LayerNorm.bias",
+    }
+    for i in range(config.n_layers):
+        layer = f"encoder.layer.{i}."
+        for ours, theirs in (("attn.q_proj", "attention.self.query"), ("attn.k_proj", "attention.self.key"),
+                             ("attn.v_proj", "attention.self.value"), ("attn.o_proj", "attention.output.dense"),
+                             ("attn_norm", "attention.output.LayerNorm"), ("ffn.up_proj", "intermediate.dense"),
+                             ("ffn.down_proj", "output.dense"), ("ffn_norm", "output.LayerNorm")):
+            for kind in ("weight", "bias"):
+                names[f"blocks.{i}.{ours}.{kind}"] = f"{layer}{theirs}.{kind}"
+    return names
+
+
+def _bert_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A task model (BertForMaskedLM, ...) puts `bert.` before the encoder's names."""
+    for name in [name for name in state if name.startswith("bert.")]:
+        state[name.removeprefix("bert.")] = state.pop(name)
+    return {}
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", "GPT2LMHeadModel", _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_tensor_names,
+                   _gpt2_to_ours, _gpt2_to_theirs, ignored_tensors=(".attn.bias", ".attn.masked_bias"),
+                   base_prefix="transformer."),
+    "llama": Family("llama", "LlamaForCausalLM", _llama_config_from_hf, _llama_config_to_hf, llama_tensor_names,
+                    ignored_tensors=(".rotary_emb.inv_freq",)),
+    "gpt_neo": Family("gpt_neo", "GPTNeoForCausalLM", _gpt_neo_config_from_hf, _gpt_neo_config_to_hf,
+                      _gpt_neo_tensor_names, ignored_tensors=(".attn.attention.bias", ".attn.attention.masked_bias"),
+                      base_prefix="transformer."),
+    "mixtral": Family("mixtral", "MixtralForCausalLM", _mixtral_config_from_hf, _mixtral_config_to_hf,
+                      _mixtral_tensor_names, _mixtral_to_ours, ignored_tensors=(".rotary_emb.inv_freq",)),
+    "bert": Family("bert", "BertModel", _bert_config_from_hf, _bert_config_to_hf, _bert_tensor_names, _bert_to_ours,
+                   ignored_tensors=("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids"),
+                   base_prefix=""),
+}
+
+
+def family_for(config: ModelConfig) -> Family | None:
+    """The transformers family whose architecture is exactly this config's, if any."""
+    patterns = set(config.layer_patterns())
+    mha = config.n_kv_heads == config.n_heads and config.head_dim * config.n_heads == config.d_model
+    decoder = config.architecture == "decoder" and config.norm_position == "pre" and config.final_norm \
+        and not config.embedding_norm and not config.type_vocab_size and not config.scale_embeddings
+    dense = patterns == {"dense"} and config.n_experts == 0
+    default_attention = config.qkv_bias in (None, config.bias) and config.attention_scale is None
+    gpt2_like = config.positions == "learned" and config.norm == "layernorm" and config.bias and mha
+    llama_like = config.positions == "rope" and config.norm == "rmsnorm" and config.ffn == "swiglu"
+    if decoder and dense and default_attention and gpt2_like and config.ffn == "gelu":
+        return FAMILIES["gpt2"]
+    if decoder and dense and default_attention and llama_like:
+        return FAMILIES["llama"]
+    if decoder and gpt2_like and config.ffn == "gelu" and config.n_experts == 0 and config.qkv_bias is False \
+            and config.attention_scale == 1.0 and patterns <= {"dense", "local"}:
+        return FAMILIES["gpt_neo"]
+    if decoder and llama_like and default_attention and not config.bias and config.n_experts \
+            and config.expert_capacity_factor is None and patterns in ({"dense"}, {"local"}):
+        return FAMILIES["mixtral"]
+    if config.architecture == "encoder" and config.norm_position == "post" and not config.final_norm \
+            and config.embedding_norm and gpt2_like and config.ffn in ("gelu", "gelu_exact", "relu") \
+            and default_attention and config.n_experts == 0 and not config.scale_embeddings:
+        return FAMILIES["bert"]
+    return None
