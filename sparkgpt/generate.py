@@ -50,17 +50,17 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         checks = [
-            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
-            ("temperature", _is_number(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
-            ("top_k", self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), "an integer >= 1"),
-            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            ("max_new_tokens", is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", is_number(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+            ("top_k", self.top_k is None or (is_int(self.top_k) and self.top_k >= 1), "an integer >= 1"),
+            ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("repetition_penalty", is_number(self.repetition_penalty) and self.repetition_penalty > 0,
              "a finite number > 0"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-            ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "token ids >= 0"),
-            ("seed", self.seed is None or _is_int(self.seed), "an integer"),
-            ("num_beams", _is_int(self.num_beams) and self.num_beams >= 1, "an integer >= 1"),
-            ("length_penalty", _is_number(self.length_penalty), "a finite number"),
+            ("stop_token_ids", all(is_int(t) and t >= 0 for t in self.stop_token_ids), "token ids >= 0"),
+            ("seed", self.seed is None or is_int(self.seed), "an integer"),
+            ("num_beams", is_int(self.num_beams) and self.num_beams >= 1, "an integer >= 1"),
+            ("length_penalty", is_number(self.length_penalty), "a finite number"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -68,11 +68,11 @@ class SamplingParams:
                                                f"expected {expected}")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -432,16 +432,15 @@ def _decode_model(model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]],
 @torch.inference_mode()
 def token_steps(
     model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]], params: SamplingParams,
-    seeds: Sequence[int | None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token [B] of every prompt (a decoder-only model's) or source (an encoder–decoder's), step by
-    step, up to max_new_tokens; stop iterating to stop. Row r's draws are seeded with seeds[r] (default: every
-    row with params.seed), so a row's tokens do not depend on the rest of the batch."""
+    step, up to max_new_tokens; stop iterating to stop. Every row's draws are seeded with params.seed from a
+    generator of its own, so a row's tokens do not depend on the rest of the batch."""
     runner = _decode_model(model, prompts, params.max_new_tokens)
     sampler = Sampler(len(prompts), model.config.vocab_size, runner.device)
     context = isinstance(runner, _DecoderOnly)  # the repetition penalty counts a prompt's tokens, not a source's
     for row, prompt in enumerate(prompts):
-        sampler.start(row, params, params.seed if seeds is None else seeds[row], prompt if context else ())
+        sampler.start(row, params, params.seed, prompt if context else ())
     logits = runner.first()
     for step in range(params.max_new_tokens):
         tokens = sampler.sample(logits)
@@ -449,8 +448,6 @@ def token_steps(
         if step + 1 == params.max_new_tokens:
             return
         logits = runner.next(tokens)
-
-
 
 
 # ---- beam search ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ the wrong place); `cli.py` and `__main__.py`, the skin over everything, are left
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,15 @@ def test_no_import_climbs_the_layers():
                       for module, targets in import_graph().items() for target in targets
                       if target in SKIN or layer_of(target) > layer_of(module))
     assert climbing == []
+
+
+def test_serving_a_model_loads_no_training_code():
+    """At run time too: importing a module runs its packages' __init__ files, which must not pull training in."""
+    code = ("import sys, sparkgpt.serve.server, sparkgpt.lm; "
+            "print(sorted(m for m in sys.modules if m.startswith('sparkgpt.train')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent)
+    assert result.stdout.strip() == "[]"
 
 
 def test_generation_and_training_do_not_import_each_other():

@@ -70,7 +70,8 @@ def reference_lm(tiny_checkpoint: Path) -> LM:
 # ---- the engine alone -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("positions", ["rope", "learned"])
+# Sinusoidal positions: a decoder the lean decode step does not cover, which the engine decodes with its forward.
+@pytest.mark.parametrize("positions", ["rope", "learned", "sinusoidal"])
 def test_engine_batches_ragged_requests_and_each_equals_solo_generation(tokenizer: Tokenizer, positions: str):
     lm = tiny_lm(tokenizer, positions=positions, max_seq_len=128)
     prompts = [lm.encode(text) for text in ["Hello there", "To be, or not to be, that is the question", "x",

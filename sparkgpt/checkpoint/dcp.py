@@ -23,7 +23,7 @@ from sparkgpt.model.transformer import build_model
 MODEL_DIR = "model"
 
 
-def is_sharded(path: Path) -> bool:
+def is_dcp_checkpoint(path: Path) -> bool:
     return (Path(path) / MODEL_DIR / ".metadata").is_file()
 
 

@@ -223,6 +223,9 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device
     """Build our model from a checkpoint directory (ours or transformers'), weights converted to `dtype`: a GPT,
     Encoder or EncoderDecoder, or a SequenceClassifier when the checkpoint has a classification head."""
     directory = Path(directory)
+    if "quantization_config" in read_json_object(directory / CONFIG_FILE):
+        raise SparkGPTError(f"{directory / CONFIG_FILE}: a quantised checkpoint; load it with sparkgpt.load "
+                            "(sparkgpt.checkpoint.load), which reads every format")
     config, state, labels, source = read_model_state(directory)
     score = state.pop(SCORE_WEIGHT, None)
     cls = model_class(config)

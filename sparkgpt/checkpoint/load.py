@@ -74,7 +74,7 @@ def _load_base(path: Path, dtype: torch.dtype, device: torch.device, quantize: s
         file = gguf.read_gguf(path)
         tokenizer = gguf_tokenizer.read_tokenizer(file.metadata, source=str(path))
         return Loaded(gguf.load_gguf_model(file, dtype=dtype, device=device, quantize=quantize), tokenizer)
-    if dcp.is_sharded(path):  # an FSDP run's checkpoint: its shards gathered into one model
+    if dcp.is_dcp_checkpoint(path):  # an FSDP run's checkpoint: its shards gathered into one model
         model = dcp.load_model(path, dtype=dtype, device=device)
     elif quantized.is_quantized_checkpoint(path):
         model = quantized.load_model(path, dtype, device)

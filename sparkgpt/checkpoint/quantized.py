@@ -100,7 +100,7 @@ def is_quantized_checkpoint(directory: Path) -> bool:
 
 
 def load_model(directory: Path, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> nn.Module:
+               device: torch.device | str = "cpu") -> nn.Module:
     """The quantised GPT a `write_model` directory holds, its integers and scales used as stored."""
     config, _ = hf.read_config(directory)
     method, group_size = read_quantization(read_json_object(directory / hf.CONFIG_FILE),

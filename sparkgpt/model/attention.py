@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import sparkgpt.model.native as native  # the module, not the package: no import cycle
+import sparkgpt.model.native as native
 from sparkgpt.config import ModelConfig
 from sparkgpt.model.sparse import bf16_band_attention, sparse_attention
 
@@ -64,13 +64,12 @@ def sdpa_attention(
     cpu_bf16 = q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype == torch.bfloat16)
     if cpu_bf16 and is_causal and mask is None and q_len == k.shape[2] and (
             out := bf16_band_attention(q, k, v, q_len, scale)) is not None:
-        # Our bf16 kernel (csrc/attention_bf16.cpp): fwd+bwd of [64, 6, 256, 64] 67 ms against 172 ms for torch's
-        # float32 flash kernel and 175 ms for its bf16 one.
+        # Our bf16 kernel (csrc/attention_bf16.cpp): over twice as fast as torch's flash kernels, fp32 or bf16,
+        # for training-sized blocks (RESULTS.md, "Figures behind choices in the code").
         return out
     if cpu_bf16 and torch.is_grad_enabled():
-        # Training on a CPU without that kernel: torch's bf16 flash kernel's backward runs several times slower
-        # than its fp32 one (fwd+bwd of [48, 4, 64, 32]: 28.6 ms bf16, 6.2 ms fp32; [64, 6, 256, 64]: 203 ms,
-        # 154 ms; torch 2.13).
+        # Training on a CPU without that kernel: torch's bf16 flash kernel's backward runs slower than its fp32
+        # one (several times for small heads; RESULTS.md, "Figures behind choices in the code"), so we upcast.
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,

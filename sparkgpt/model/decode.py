@@ -261,12 +261,12 @@ def decode_step(model: nn.Module) -> DecodeStep | None:
 class PackedHead(nn.Module):
     """The output head (a float32 Linear on CPU) multiplying several rows through oneDNN, its weight reordered once.
 
-    The head (vocab × d_model) is the largest matrix of a small model's decode step. With its weight in oneDNN's
-    blocked layout (packed for 8 rows, which measured best for 2 to 128), eight rows of SmolLM2-135M's head took
-    12 ms where MKL on the column-major weight took 17 ms (a whole eight-row step: 95 ms instead of 105, min of 30
-    on one core); one row is as fast through MKL's matrix-vector path, so it stays there. The price is a second
-    copy of the head's weight. `weight` stays the same Parameter, so a tied embedding, the state dict and the
-    decode step's signature are unchanged; the copy is not refreshed if the weight changes later."""
+    The head (vocab × d_model) is the largest matrix of a small model's decode step, and oneDNN's blocked layout
+    (packed for 8 rows) multiplies several rows by it faster than MKL on the column-major weight (benchmarks/
+    RESULTS.md, "Figures behind choices in the code"); one row is as fast through MKL's matrix-vector path, so it
+    stays there. The price is a second copy of the head's weight. `weight` stays the same Parameter, so a tied
+    embedding, the state dict and the decode step's signature are unchanged; the copy is not refreshed if the
+    weight changes later."""
 
     def __init__(self, head: nn.Linear) -> None:
         super().__init__()
@@ -312,9 +312,9 @@ def batched_decode_layout(model: nn.Module) -> nn.Module:
     nothing would change, the model itself. The copy shares every tensor it does not lay out anew, and the model
     passed in is left as it was (its parameters, their strides, its head), so its owner may go on using it.
 
-    Why column-major: a decode step multiplies a few rows by each weight. On CPU, x @ Wᵀ with W row-major takes
-    the BLAS transposed-operand path, which for 2-16 rows measured 1.3-3.5× slower than with Wᵀ contiguous (and no
-    different for one row or for long prompts); the output head dominates. A tied input embedding follows the
+    Why column-major: a decode step multiplies a few rows by each weight, and on a CPU x @ Wᵀ with W row-major
+    takes the BLAS transposed-operand path, slower for 2-16 rows than with Wᵀ contiguous (and no different for one
+    row or for long prompts; RESULTS.md, "Figures behind choices in the code"). A tied input embedding follows the
     head's weight: looking rows up in a column-major table costs nothing that matters."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.is_contiguous()
                and m.weight.device.type == "cpu"]

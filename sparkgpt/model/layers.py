@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import sparkgpt.model.native as native  # the module, not the package: no import cycle
+import sparkgpt.model.native as native
 from sparkgpt.config import ModelConfig
 
 

@@ -34,7 +34,7 @@ from functools import lru_cache
 import torch
 from torch.nn import functional as F
 
-import sparkgpt.model.native as native  # the module, not the package: no import cycle
+import sparkgpt.model.native as native
 from sparkgpt.config import ATTENTION_PATTERNS as PATTERNS
 
 

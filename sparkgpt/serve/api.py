@@ -340,8 +340,7 @@ async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: st
             if event.error is not None:
                 engine_call.abort()
                 failure = engine_failure(event)
-                yield sse({"error": {"message": failure.message, "type": failure.error_type, "param": None,
-                                     "code": failure.code}})
+                yield sse(failure.body())
                 yield sse("[DONE]")
                 return
             tokens[index] = event.completion_tokens

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import Completion, Sampler, SamplingParams, StopRule
 from sparkgpt.lm import LM
@@ -100,6 +101,7 @@ class Engine:
     The engine decodes with the model laid out for batched rows (`batched_decode_layout`: on a CPU, its own copy
     with column-major Linear weights and a oneDNN output head); the caller's model is left as it was, and the
     engine keeps no reference to it (`lm` is an LM over the engine's model, for the tokenizer and chat template).
+    While the caller keeps its own LM, its Linear weights are held twice: drop it to serve in one copy's memory.
     """
 
     def __init__(
@@ -127,7 +129,7 @@ class Engine:
         weight = self.model.token_embedding.weight
         self.device = weight.device
         self.cache = SlotKVCache(lm.config, max_slots, self.context, weight.dtype, weight.device)
-        self.step = decode_step(self.model)  # the lean decode step generate uses (dense decoders: checked above)
+        self.step = decode_step(self.model)  # the lean decode step generate uses, where it covers the model
         self.sampler = Sampler(max_slots, lm.config.vocab_size, self.device)  # row r samples for slot r
 
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
@@ -321,11 +323,11 @@ class Engine:
 
         The rows go through one forward, left-padded to the longest chunk, so it computes rows × width tokens,
         padding included; that is what `prefill_chunk` caps. One iteration's prefill therefore costs at most
-        `prefill_chunk` tokens of compute (256 by default: about 0.6 s for SmolLM2-135M on one core, six decode
-        steps of eight rows) however many newcomers arrive and however long their prompts: a long prompt is
-        prefilled a chunk per iteration, with a decode step for the others in between. A newcomer that would
-        widen the batch past the budget takes a chunk of the current width, or waits for the next iteration.
-        Together is cheaper: eight prompts of 12 new tokens took 0.24 s in one forward, 0.8 s one by one."""
+        `prefill_chunk` tokens of compute (256 by default: a few decode steps' worth for SmolLM2-135M) however many
+        newcomers arrive and however long their prompts: a long prompt is prefilled a chunk per iteration, with a
+        decode step for the others in between. A newcomer that would widen the batch past the budget takes a chunk
+        of the current width, or waits for the next iteration. Newcomers go together because one forward over
+        several short prompts costs little more than one (RESULTS.md, "Figures behind choices in the code")."""
         rows: list[tuple[_Sequence, int]] = []
         width = 0
         for sequence in self._prefilling:
@@ -347,13 +349,12 @@ class Engine:
         rows = self._prefill_rows()
         if not rows:
             return
-        width = max(count for _, count in rows)
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        tokens, real = pad_rows([sequence.request.prompt_ids[sequence.cached:][:count] for sequence, count in rows],
+                                left=True)
+        width = tokens.shape[1]
         starts = torch.tensor([sequence.cached - (width - count) for sequence, count in rows])
-        for row, (sequence, count) in enumerate(rows):
-            tokens[row, width - count:] = torch.tensor(sequence.request.prompt_ids[sequence.cached:][:count])
         offsets = torch.arange(width)
-        padding = offsets[None, :] < torch.tensor([width - count for _, count in rows])[:, None]
+        padding = real == 0
         positions = (starts[:, None] + offsets[None, :]).masked_fill(padding, 0)
         columns = positions.masked_fill(padding, self.cache.scratch_column)
         span = int(positions.max()) + 1
@@ -402,7 +403,12 @@ class Engine:
         positions_tensor = torch.tensor(positions, device=device)
         mask = torch.arange(span, device=device)[None, :] <= positions_tensor[:, None]
         self.cache.begin(None, torch.tensor(columns, device=device)[:, None], span)
-        logits = self.step(torch.tensor(tokens, device=device), positions_tensor, self.cache, mask[:, None, None, :])
+        tokens_tensor, mask = torch.tensor(tokens, device=device), mask[:, None, None, :]
+        if self.step is not None:
+            logits = self.step(tokens_tensor, positions_tensor, self.cache, mask)
+        else:  # a decoder the lean step does not cover (sinusoidal positions, no final norm, ...): its own forward
+            logits = self.model(tokens_tensor[:, None], positions=positions_tensor[:, None], attention_mask=mask,
+                                cache=self.cache, last_only=True)[:, -1]
         self.steps += 1
         if len(slots) < rows:
             logits = logits[slots]

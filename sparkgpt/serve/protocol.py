@@ -7,12 +7,11 @@ the engine sees the request; the HTTP layer (`api.py`) only reads bodies and wri
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.generate import SamplingParamError, SamplingParams
+from sparkgpt.generate import SamplingParamError, SamplingParams, is_int, is_number
 from sparkgpt.serve.engine import ChoiceEvent, ContextLengthExceeded, Engine
 
 MAX_CHOICES = 128           # n at most (as OpenAI)
@@ -64,7 +63,7 @@ def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
             raise invalid(name, f"Unrecognized request argument supplied: {name}")
     for name in ("presence_penalty", "frequency_penalty"):
         value = body.get(name)
-        if value is not None and not (_is_number(value) and value == 0):
+        if value is not None and not (is_number(value) and value == 0):
             raise invalid(name, f"'{name}' is not supported by this server; leave it out or 0.")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise invalid("user", "'user' must be a string.")
@@ -113,7 +112,7 @@ def parse_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
     """A completion prompt as token ids: a string, token ids, or a list of either (one choice set per prompt)."""
     if prompt is None:
         raise invalid("prompt", "Missing required parameter: 'prompt'.")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise invalid("prompt", "'prompt' must be a string, an array of strings, or an array of token ids.")
@@ -125,7 +124,7 @@ def parse_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
                 prompts.append(engine.lm.encode(item))
             except SparkGPTError as error:
                 raise invalid("prompt", str(error)) from None
-        elif isinstance(item, list) and item and all(_is_int(t) and 0 <= t < vocab for t in item):
+        elif isinstance(item, list) and item and all(is_int(t) and 0 <= t < vocab for t in item):
             prompts.append(list(item))
         else:
             raise invalid("prompt", f"'prompt' items must be strings or non-empty arrays of token ids in [0, {vocab}).")
@@ -149,7 +148,7 @@ def prepare_call(
 ) -> Call:
     """Validate the sampling fields (OpenAI's ranges, then SamplingParams' own checks) and the context length."""
     n = _optional(body, "n", 1)
-    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+    if not is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise invalid("n", f"Invalid value for 'n': {n!r}; expected an integer from 1 to {MAX_CHOICES}.")
     stream = _optional(body, "stream", False)
     if not isinstance(stream, bool):
@@ -165,7 +164,7 @@ def prepare_call(
         if not isinstance(include_usage, bool):
             raise invalid("stream_options.include_usage", "'stream_options.include_usage' must be a boolean.")
     temperature = _optional(body, "temperature", 1.0)
-    if not (_is_number(temperature) and 0 <= temperature <= 2):
+    if not (is_number(temperature) and 0 <= temperature <= 2):
         raise invalid("temperature", f"Invalid value for 'temperature': {temperature!r}; expected a number from 0 "
                       "to 2.")
     stop = _optional(body, "stop", [])
@@ -175,7 +174,7 @@ def prepare_call(
         raise invalid("stop", f"'stop' must be a non-empty string or an array of at most {MAX_STOP_STRINGS} "
                       "non-empty strings.")
     seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**63 - MAX_CHOICES):
+    if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**63 - MAX_CHOICES):
         raise invalid("seed", "'seed' must be a 64-bit integer.")
     longest = max(len(p) for p in prompts)
     if max_tokens is None:
@@ -199,14 +198,6 @@ def prepare_call(
 def _optional(body: dict[str, Any], name: str, default: Any) -> Any:
     value = body.get(name)
     return default if value is None else value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
 glibc's malloc hands every block above its mmap threshold (at most 32 MiB) back to the kernel when it is freed, and
 trims the top of its heap. A training step's large activations (one [16,384, 1,024] bf16 tensor of the baby GPT is
-32 MiB) are therefore mapped, zero-filled and page-faulted in again on every step: about 290,000 page faults and
-20% of a baby-GPT step on a 2-core machine. Preloading jemalloc or tcmalloc is the usual cure for PyTorch on CPUs;
-glibc does the same when told to serve large blocks from its heap and never to trim it (blocks over 64 MiB asked
-for by threads other than the main one are still mapped: a thread's heap cannot hold them). The price is that the
-process keeps its peak heap (+12% resident memory on the baby GPT). `TrainConfig.keep_host_memory` turns it off.
+32 MiB) are therefore mapped, zero-filled and page-faulted in again on every step, a large share of a baby-GPT
+step on a small machine (RESULTS.md, "Figures behind choices in the code"). Preloading jemalloc or tcmalloc is
+the usual cure for PyTorch on CPUs; glibc does the same when told to serve large blocks from its heap and never
+to trim it (blocks over 64 MiB asked for by threads other than the main one are still mapped: a thread's heap
+cannot hold them). The price is that the process keeps its peak heap. `TrainConfig.keep_host_memory` turns it off.
 """
 
 from __future__ import annotations

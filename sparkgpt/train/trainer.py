@@ -28,7 +28,7 @@ import sparkgpt.train.parallel as parallel
 import sparkgpt.train.sharded as sharded
 from sparkgpt import hardware
 from sparkgpt.checkpoint.adapter import is_adapter
-from sparkgpt.checkpoint.dcp import is_sharded
+from sparkgpt.checkpoint.dcp import is_dcp_checkpoint
 from sparkgpt.checkpoint.load import load
 from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.data.examples import IGNORE, FinetuneData, micro_batch_rows
@@ -290,7 +290,7 @@ class Trainer:
             self._start_fresh()
             return
         latest = found[-1]
-        if is_sharded(latest.path):
+        if is_dcp_checkpoint(latest.path):
             state = sharded.restore_checkpoint(latest.path, self.model, self.optimizer)
         elif parallel.is_sharded(self.config, self.dist):
             raise SparkGPTError(f"{latest.path}: saved by a ddp run; resume it with --parallel ddp")
