@@ -317,3 +317,36 @@ def test_decode_step_follows_a_dtype_change(hf_llama):
     lm.model.to(torch.bfloat16)
     text = lm.generate("To be", max_new_tokens=3, temperature=0)
     assert isinstance(text, str) and decode_step(lm.model)._cos.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chosen", ["bfloat16", "float32"])
+def test_a_prompt_multiplies_in_the_dtype_timed_fastest_on_this_cpu(monkeypatch, chosen):
+    """A CPU may flag AVX512-BF16 and still run bf16 matmuls slower than float32: the prompt path takes whichever
+    `hardware.fastest` found faster (bfloat16 untimed), and computes exactly that dtype's product."""
+    from sparkgpt.model import quant
+
+    asked = []
+
+    def fake_fastest(decision, key, candidates, rounds=2):
+        asked.append((key, sorted(candidates)))
+        return chosen
+
+    monkeypatch.setattr(quant.hardware, "fastest", fake_fastest)
+    monkeypatch.setattr(quant, "_PREFILL_DTYPES", {})
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 48, bias=False), "int4", quantize_activations=False)
+    x = torch.randn(1, 20, 64)
+    dtype = getattr(torch, chosen)
+    expected = torch.nn.functional.linear(x.to(dtype), layer.dequantize(dtype)).float()
+    assert torch.equal(layer(x), expected)
+    assert asked == [("quant-prefill-48x64", ["bfloat16", "float32"])]  # timed once per shape
+    layer(x)
+    assert len(asked) == 1
+
+
+def test_untimed_prompts_multiply_in_bfloat16(monkeypatch):
+    from sparkgpt.model import quant
+
+    monkeypatch.setenv("SPARKGPT_MEASURE", "0")
+    monkeypatch.setattr(quant, "_PREFILL_DTYPES", {})
+    assert quant.prefill_dtype(64, 48) == torch.bfloat16

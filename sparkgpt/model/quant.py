@@ -17,7 +17,8 @@ each, up to `DECODE_ROWS`) go through an integer kernel, `torch._weight_int8pack
 fbgemm's dynamic int8 linear (8-bit activations, one scale per call, called per row so that no row's scale depends
 on another's): 8-bit activations elsewhere blur the outliers of the o_proj and down_proj inputs and cost
 perplexity, while on the head they cost none and save most of its time. Many rows (prefill) dequantise the matrix
-to bfloat16 and use the bf16 matmul, which beats every integer kernel there. Elsewhere (CUDA) every call
+and multiply in bf16 where this CPU's bf16 matmul is the faster (`prefill_dtype`, timed), else in float32: either
+beats every integer kernel there. Elsewhere (CUDA) every call
 dequantises and multiplies in the activations' dtype.
 """
 
@@ -37,7 +38,8 @@ from sparkgpt.model import native
 
 METHODS = ("int8", "int4")
 GROUP_SIZE = 32
-DECODE_ROWS = 16  # decode steps of at most this many rows use the integer kernels; prompts dequantise to bf16
+DECODE_ROWS = 16  # decode steps of at most this many rows use the integer kernels; prompts dequantise
+_PREFILL_DTYPES: dict[tuple[int, int], torch.dtype] = {}  # (in, out) -> the dtype prompts are multiplied in
 _INT4_INNER_K_TILES = 8  # torch's CPU int4 packing: inner k tiles of 2, 4 or 8 (8 measured fastest)
 
 
@@ -120,6 +122,30 @@ def note_kernels() -> None:
                   "many rows: a dense bf16 matmul beats every integer kernel")
 
 
+def prefill_dtype(in_features: int, out_features: int) -> torch.dtype:
+    """The dtype a CPU multiplies a prompt's rows by a dequantised [out, in] matrix in: bfloat16 where its bf16
+    matmul is the faster (AMX, most AVX512-BF16 CPUs), float32 where it is not (a CPU may flag AVX512-BF16 and run
+    bf16 at half the float32 rate: benchmarks/RESULTS.md). Timed once per shape and CPU (`hardware.fastest`,
+    cached); bfloat16 when timing is off."""
+    key = (in_features, out_features)
+    if key not in _PREFILL_DTYPES:
+        operands: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def multiply(dtype: torch.dtype) -> Callable[[], Any]:
+            def run() -> torch.Tensor:
+                if dtype not in operands:  # made on first use: an untimed choice allocates nothing
+                    operands[dtype] = (torch.randn(256, in_features).to(dtype),
+                                       torch.randn(out_features, in_features).to(dtype))
+                return F.linear(*operands[dtype])
+            return run
+
+        chosen = hardware.fastest(f"quantised layers' prompt matmul ({out_features}×{in_features})",
+                                  f"quant-prefill-{out_features}x{in_features}",
+                                  {"bfloat16": multiply(torch.bfloat16), "float32": multiply(torch.float32)})
+        _PREFILL_DTYPES[key] = torch.bfloat16 if chosen == "bfloat16" else torch.float32
+    return _PREFILL_DTYPES[key]
+
+
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W quantised (`method` "int8" or "int4"); a drop-in replacement for nn.Linear.
 
@@ -190,7 +216,8 @@ class QuantizedLinear(nn.Module):
         # serving engine prefills newcomers together; the kernels and the matmul round differently).
         several_per_row = x.dim() > 2 and x.shape[-2] > 1
         if several_per_row or rows > DECODE_ROWS or not (self.has_kernel or self.quantize_activations):
-            out = F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16))
+            compute = prefill_dtype(self.in_features, self.out_features)
+            out = F.linear(x.to(compute), self.dequantize(compute))
             out = out.to(x.dtype)
             return out if self.bias is None else out + self.bias.to(x.dtype)
         return self.decode_kernel(x, rows)
