@@ -242,22 +242,27 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (continuous batching) with a web chat page at /."""
+    """Serve a model over an OpenAI-compatible HTTP API (continuous batching) with a web chat page at /;
+    with --index, chat replies are grounded in a search index and cite it."""
     from sparkgpt.checkpoint.registry import resolve
+    from sparkgpt.rag import Index
     from sparkgpt.serve.server import serve
 
     if args.max_concurrency < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
         raise SparkGPTError("--max-concurrency must be >= 1, --max-queue >= 0 and --port in 0..65535")
     if args.context is not None and args.context < 2:
         raise SparkGPTError("--context must be at least 2 tokens")
+    if args.k < 1:
+        raise SparkGPTError("--k must be at least 1")
     path = resolve(args.ref)  # a bad reference fails here, before the port is bound
+    index = Index.load(args.index) if args.index else None  # and so does a bad index
     model_name = args.model_name or (args.ref if not Path(args.ref).exists() else path.stem if path.is_file()
                                      else path.name)
     # The key may come from the environment, so that it does not show in the process list.
     api_key = args.api_key or os.environ.get("SPARKGPT_API_KEY") or None
     serve(lambda: _load(args), model_name, host=args.host, port=args.port, api_key=api_key,
           max_slots=args.max_concurrency, max_queue=args.max_queue, context=args.context,
-          prefill_chunk=args.prefill_chunk, threads=args.threads, log_level=args.log_level)
+          prefill_chunk=args.prefill_chunk, threads=args.threads, log_level=args.log_level, index=index, k=args.k)
 
 
 def _add_config_overrides(parser: argparse.ArgumentParser, own: tuple[str, ...] = ("data",)) -> None:
@@ -284,6 +289,45 @@ def _add_run_options(parser: argparse.ArgumentParser, out_help: str, own: tuple[
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_overrides(parser, own)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    """Build (or update) a hybrid search index over text, Markdown, HTML, PDF and JSONL files and folders."""
+    from sparkgpt.rag import Index
+
+    index = Index.build(args.paths, args.out, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
+                        overlap=args.overlap, progress=not args.quiet)
+    print(index.report.summary())
+    print(f"wrote {args.out}")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    """Answer a question grounded in an index (with [n] citations) or a knowledge graph; closed-book without."""
+    import json
+
+    from sparkgpt import tasks
+    from sparkgpt.rag import Embedder, Index
+    from sparkgpt.rag.graph import KnowledgeGraph
+
+    if args.index and args.graph:
+        raise SparkGPTError("give --index or --graph, not both")
+    if not args.question.strip():
+        raise SparkGPTError("--question is empty")
+    index = Index.load(args.index) if args.index else None
+    embedder = Embedder.load(args.embedder) if args.graph and args.embedder != "none" else None
+    graph = KnowledgeGraph.load(args.graph, embedder=embedder) if args.graph else None
+    lm = _load(args)
+    reply = tasks.answer(lm, args.question, index=index, graph=graph, k=args.k, mode=args.mode,
+                         constrain=args.constrain, max_new_tokens=args.max_new_tokens)
+    grounded = reply if isinstance(reply, tasks.GroundedAnswer) else tasks.GroundedAnswer(reply)
+    if args.json:
+        print(json.dumps(grounded.to_json(), ensure_ascii=False))
+        return
+    print(grounded.answer)
+    for n, hit in enumerate(grounded.sources, start=1):
+        print(f"[{n}] {hit.chunk.source} (characters {hit.chunk.start}-{hit.chunk.end}, score {hit.score:.4f})")
+    for fact in grounded.facts or ():
+        print(f"- {fact}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -412,6 +456,28 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--target", default="French", help="translate: target language (French)")
     task.add_argument("--max-words", type=int, default=30, help="summarize: length limit in words (30)")
     task.add_argument("--k", type=int, default=5, help="keywords: how many (5)")
+    index = command("index", cmd_index)
+    index.add_argument("paths", nargs="+", metavar="PATH", help="files and folders (.txt .md .html .pdf .jsonl)")
+    index.add_argument("--out", required=True, help="the index folder (updated in place if it exists)")
+    index.add_argument("--embedder", default="minilm-l6", help="sentence-embedding model (minilm-l6)")
+    index.add_argument("--chunk-tokens", type=int, default=254, help="chunk size in the embedder's tokens (254)")
+    index.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks (32)")
+    index.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ask = command("ask", cmd_ask)
+    _add_model_options(ask)
+    ask.add_argument("--question", required=True, help="the question")
+    ask.add_argument("--index", help="an index folder (sparkgpt index) to ground the answer in")
+    ask.add_argument("--graph", help="a knowledge graph: JSONL {subject, relation, object} or TSV triples")
+    ask.add_argument("--k", type=int, default=4, help="chunks retrieved (4)")
+    ask.add_argument("--mode", choices=["hybrid", "bm25", "dense"], default="hybrid", help="retrieval (hybrid)")
+    ask.add_argument("--embedder", default="minilm-l6", help="graph: the model that links names and relations "
+                     "by meaning when words do not match (minilm-l6; none: words only)")
+    ask.add_argument("--no-constrain", dest="constrain", action="store_false",
+                     help="graph: let the model write its answer instead of choosing one of the graph's entities")
+    ask.add_argument("--max-new-tokens", type=int, default=96, help="answer length at most (96)")
+    ask.add_argument("--json", action="store_true", help='print {"answer", "sources"|"facts"} as one JSON object')
+
     generate = command("generate", cmd_generate)
     _add_model_options(generate)
     generate.add_argument("--prompt", required=True, help="the text to continue")
@@ -519,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt tokens prefilled between decode steps at most (256)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--index", help="an index folder (sparkgpt index): chat replies are grounded in it and return "
+                       "their sources")
+    serve.add_argument("--k", type=int, default=4, help="chunks retrieved per chat reply with --index (4)")
     return parser
 
 

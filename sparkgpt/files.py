@@ -70,13 +70,7 @@ def atomic_directory(out_dir: str | Path, marker: str = "config.json") -> Iterat
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield staging
-        # Every file and folder reaches the disk before the rename makes them visible (checkpoints nest folders).
-        for path in [*staging.rglob("*"), staging]:
-            descriptor = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+        fsync_tree(staging)
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, retired / out_dir.name)
@@ -88,6 +82,17 @@ def atomic_directory(out_dir: str | Path, marker: str = "config.json") -> Iterat
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder` (and itself) reaches the disk: done before a rename makes them visible,
+    so a crash never exposes a half-written tree (checkpoints and indexes nest folders)."""
+    for path in [*folder.rglob("*"), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 @contextlib.contextmanager

@@ -145,6 +145,13 @@ def test_generation_and_training_do_not_import_each_other():
     assert [t for t in graph["sparkgpt.generate"] if t.startswith("sparkgpt.train")] == []
 
 
+def test_retrieval_imports_none_of_the_applications_built_on_it():
+    graph = import_graph()
+    users = ("sparkgpt.tasks", "sparkgpt.evaluate", "sparkgpt.serve", "sparkgpt.chat")
+    assert sorted(f"{m} -> {t}" for m in graph if m.startswith("sparkgpt.rag") for t in graph[m]
+                  if t.startswith(users)) == []
+
+
 @pytest.mark.parametrize("source, expected", [
     ("from sparkgpt.b import thing\n", {"sparkgpt.b"}),
     ("def f():\n    from sparkgpt import c\n", {"sparkgpt.c"}),

@@ -135,7 +135,7 @@ def test_malformed_task_files_name_the_file_and_item(tmp_path, files, message):
 
 def test_every_bundled_task_loads_with_few_shot_examples():
     assert set(bundled_tasks()) == {"sentiment", "topic", "intent", "reading_qa", "translation_en_fr",
-                                    "summarization", "keywords", "correction"}
+                                    "summarization", "keywords", "correction", "open_domain_qa", "kg_qa"}
     for name in bundled_tasks():
         task = load_task(name)
         assert len(task.items) >= 50 and len(task.fewshot_items) >= 3, name

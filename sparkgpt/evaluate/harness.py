@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Iterator
@@ -20,10 +21,14 @@ from sparkgpt.evaluate.loglik import (
     score_batch,
     score_text,
 )
-from sparkgpt.evaluate.metrics import GENERATION_METRICS
+from sparkgpt.evaluate.metrics import GENERATION_METRICS, contains
 from sparkgpt.evaluate.task import Item, Task, load_task
-from sparkgpt.files import write_json
+from sparkgpt.files import cache_dir, write_json
 from sparkgpt.lm import LM
+from sparkgpt.rag.graph import KnowledgeGraph
+from sparkgpt.rag.index import Embedder, Index
+from sparkgpt.tasks.grounded import uncited
+from sparkgpt.tasks.prompted import answer, answer_many
 
 
 @dataclass
@@ -44,7 +49,8 @@ class Report:
     def table(self) -> str:
         lines = [f"{self.task} ({self.kind}, {self.shots}-shot, {self.n_items} items, "
                  f"{self.items_per_second:.1f} items/s)"]
-        lines += [f"  {name:<16}{value:>10.2f}" for name, value in self.metrics.items()]
+        width = max(16, *(len(name) + 2 for name in self.metrics))
+        lines += [f"  {name:<{width}}{value:>10.2f}" for name, value in self.metrics.items()]
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> None:
@@ -67,6 +73,13 @@ def evaluate(
         raise SparkGPTError(f"{task.source}: {shots} shots asked, but the few-shot split has "
                             f"{len(task.fewshot_items)} items")
     items = task.items[:limit] if limit else task.items
+    if task.kind in ("open_domain_qa", "kg_qa"):
+        use_chat = lm.uses_chat_template(chat or None)  # answers are requests: a chat model gets its template
+        bar = tqdm(total=len(items), desc=task.name, disable=not progress, unit="item")
+        grounded = _open_domain_qa if task.kind == "open_domain_qa" else _kg_qa
+        metrics, samples = grounded(lm, task, items, use_chat, batch_size, bar, progress)
+        bar.close()
+        return Report(task.name, task.kind, 0, len(items), metrics, time.perf_counter() - start, use_chat, samples)
     contexts = [lm.instruction_prompt(task.context(item, _demonstrations(task, index, shots, seed)), use_chat)
                 for index, item in enumerate(items)]
     bar = tqdm(total=len(items), desc=task.name, disable=not progress, unit="item")
@@ -117,6 +130,67 @@ def _generation(lm, task, items, contexts, batch_size, bar) -> tuple[dict[str, f
     metrics = {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
     samples = [{"where": item.where, "gold": refs, "predicted": p}
                for item, refs, p in zip(items, references, predictions, strict=True)]
+    return metrics, samples
+
+
+def _open_domain_qa(lm, task, items, use_chat, batch_size, bar, progress) -> tuple[dict[str, float], list[dict]]:
+    """Each question closed-book and grounded in the task's corpus (indexed once into the cache folder, updated
+    when the corpus changes): the answer metrics of both, and recall@k of the gold document."""
+    corpus = task.corpus.resolve()
+    key = hashlib.sha256(str(corpus).encode()).hexdigest()[:16]
+    index = Index.build([corpus], cache_dir() / "indexes" / f"{task.name}-{key}", progress=progress)
+    questions = [task.render(item) for item in items]
+    references = [task.gold_answers(item) for item in items]
+    settings = {"max_new_tokens": task.max_new_tokens, "chat": use_chat, "batch_size": batch_size}
+    closed, grounded = [], []
+    for start in range(0, len(items), batch_size):
+        batch = questions[start:start + batch_size]
+        closed += answer_many(lm, batch, **settings)
+        grounded += answer_many(lm, batch, index=index, k=task.k, **settings)
+        bar.update(len(batch))
+    found = [any(_is_source(hit.chunk.source, corpus, item.fields.get("source")) for hit in answer.sources)
+             for item, answer in zip(items, grounded, strict=True)]
+    closed_text = [a.answer for a in closed]
+    grounded_text = [uncited(a.answer) for a in grounded]
+    metrics = {f"closed_book_{name}": GENERATION_METRICS[name](closed_text, references) for name in task.metrics}
+    metrics |= {f"retrieval_{name}": GENERATION_METRICS[name](grounded_text, references) for name in task.metrics}
+    metrics[f"recall@{task.k}"] = 100.0 * sum(found) / len(found)
+    samples = [{"where": item.where, "gold": refs, "closed_book": c, "retrieval": g.answer, "gold_retrieved": hit,
+                "sources": [h.chunk.source for h in g.sources]}
+               for item, refs, c, g, hit in zip(items, references, closed_text, grounded, found, strict=True)]
+    return metrics, samples
+
+
+def _is_source(source: str, corpus: Path, gold: str | None) -> bool:
+    """Whether a chunk's source (a path, or `path#id`) is the gold document, named relative to the corpus."""
+    if gold is None:
+        return False
+    path, _, record = source.partition("#")
+    relative = Path(path).resolve().relative_to(corpus).as_posix() if corpus.is_dir() else Path(path).name
+    return (relative + (f"#{record}" if record else "")) == gold
+
+
+def _kg_qa(lm, task, items, use_chat, batch_size, bar, progress) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy of graph-grounded answers (an answer is right when it holds a gold answer; for a question about an
+    unknown entity, gold "unknown", when it says it does not know), overall and per number of hops."""
+    graph = KnowledgeGraph.load(task.graph, embedder=Embedder.load())
+    samples, right = [], []
+    for item in items:
+        reply = answer(lm, task.render(item), graph=graph, chat=use_chat, max_new_tokens=task.max_new_tokens)
+        gold = task.gold_answers(item)
+        if [g.lower() for g in gold] == ["unknown"]:
+            correct = reply.answer.startswith("I don't know")
+        else:
+            correct = contains([reply.answer], [gold]) == 100.0
+        right.append(correct)
+        samples.append({"where": item.where, "gold": gold, "predicted": reply.answer, "facts": reply.facts,
+                        "hops": item.fields.get("hops"), "correct": correct})
+        bar.update(1)
+    metrics = {"accuracy": 100.0 * sum(right) / len(right)}
+    names = {0: "unknown_entity", 1: "one_hop", 2: "two_hop"}
+    for hops in sorted({s["hops"] for s in samples if isinstance(s["hops"], int)}):
+        chosen = [s["correct"] for s in samples if s["hops"] == hops]
+        metrics[f"accuracy_{names.get(hops, f'{hops}_hops')}"] = 100.0 * sum(chosen) / len(chosen)
     return metrics, samples
 
 

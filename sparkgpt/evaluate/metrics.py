@@ -47,6 +47,13 @@ def f1(predictions: Sequence[str], references: References) -> float:
     return 100.0 * sum(scores) / len(scores)
 
 
+def contains(predictions: Sequence[str], references: References) -> float:
+    """Whether the prediction contains a reference (both normalised): the score of a right answer in a sentence."""
+    hits = [any(normalize_answer(r) and f" {normalize_answer(r)} " in f" {normalize_answer(p)} " for r in refs)
+            for p, refs in _pairs(predictions, references)]
+    return 100.0 * sum(hits) / len(hits)
+
+
 def bleu(predictions: Sequence[str], references: References) -> float:
     import sacrebleu
 
@@ -73,7 +80,7 @@ def _rouge(kind: str) -> Callable[[Sequence[str], References], float]:
 
 
 GENERATION_METRICS: dict[str, Callable[[Sequence[str], References], float]] = {
-    "exact_match": exact_match, "f1": f1, "bleu": bleu, "chrf": chrf,
+    "exact_match": exact_match, "f1": f1, "contains": contains, "bleu": bleu, "chrf": chrf,
     "rouge1": _rouge("rouge1"), "rouge2": _rouge("rouge2"), "rougeL": _rouge("rougeL"),
 }
 

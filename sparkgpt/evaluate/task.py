@@ -8,7 +8,11 @@
     answer: label                    # the field with the gold choice (its text or index) or gold answer(s)
     answer_join: ", "                # generation: a list answer is one reference, joined (e.g. keywords)
     data: data/sentiment.jsonl       # relative to this file (or `items:` inline); each item may have "split"
-    metrics: [exact_match, f1]       # generation only: exact_match f1 bleu chrf rouge1 rouge2 rougeL
+    metrics: [exact_match, f1]       # generation only: exact_match f1 contains bleu chrf rouge1 rouge2 rougeL
+
+Grounded question answering: `kind: open_domain_qa` with `corpus: FOLDER` (indexed on first use; each item names
+its gold document in `source`) and `k`, scored closed-book and with retrieval; `kind: kg_qa` with `graph: FILE`
+(items may carry `hops` to be scored per number of hops).
 
 A plain JSONL file is a task too: items {"prompt", "choices", "answer"} are multiple choice, {"prompt",
 "answer"} generation. A .txt file is a perplexity task over its text.
@@ -28,10 +32,10 @@ from sparkgpt.evaluate.metrics import GENERATION_METRICS
 from sparkgpt.files import read_jsonl
 
 BUNDLED_DIR = Path(__file__).parent / "tasks"
-KINDS = ("multiple_choice", "generation", "perplexity")
+KINDS = ("multiple_choice", "generation", "perplexity", "open_domain_qa", "kg_qa")
 _FIELDS = {"name", "kind", "description", "prompt", "choices", "choices_field", "answer", "data", "items",
            "metrics", "target_prefix", "separator", "max_new_tokens", "stop", "fewshot_split", "eval_split", "text",
-           "answer_join"}
+           "answer_join", "corpus", "graph", "k"}
 
 
 @dataclass
@@ -61,6 +65,9 @@ class Task:
     stop: list[str] = field(default_factory=lambda: ["\n"])
     text_file: Path | None = None
     answer_join: str | None = None
+    corpus: Path | None = None  # open_domain_qa: the documents to retrieve from
+    graph: Path | None = None   # kg_qa: the triples
+    k: int = 4
 
     def item_choices(self, item: Item) -> list[str]:
         return self.choices if self.choices is not None else item.fields[self.choices_field]
@@ -147,7 +154,13 @@ def _yaml_task(path: Path) -> Task:
         stop=spec.get("stop", ["\n"]), answer_join=spec.get("answer_join"),
         metrics=spec.get("metrics", ["accuracy", "accuracy_norm"] if kind == "multiple_choice" else ["exact_match",
                                                                                                       "f1"]),
+        corpus=path.parent / spec["corpus"] if "corpus" in spec else None,
+        graph=path.parent / spec["graph"] if "graph" in spec else None, k=spec.get("k", 4),
     )
+    if kind == "open_domain_qa" and (task.corpus is None or not task.corpus.exists()):
+        raise SparkGPTError(f"{path}: an open_domain_qa task needs `corpus:` naming an existing folder or file")
+    if kind == "kg_qa" and (task.graph is None or not task.graph.is_file()):
+        raise SparkGPTError(f"{path}: a kg_qa task needs `graph:` naming an existing triples file")
     return _split_and_check(task, items, spec.get("fewshot_split", "train"), spec.get("eval_split", "test"))
 
 
@@ -166,7 +179,7 @@ def _read_jsonl(path: Path) -> list[Item]:
 
 def _split_and_check(task: Task, items: list[Item], fewshot_split: str, eval_split: str) -> Task:
     """Every item must render and carry a valid answer: one bad item is an error naming it, before any work."""
-    if task.kind == "generation":
+    if task.kind != "multiple_choice":
         unknown = sorted(set(task.metrics) - set(GENERATION_METRICS))
         if unknown:
             raise SparkGPTError(f"{task.source}: unknown metric(s) {', '.join(unknown)}; "

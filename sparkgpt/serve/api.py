@@ -3,17 +3,23 @@
 This layer only translates: a request's JSON body becomes a prompt and SamplingParams (`protocol.py`) for
 `Engine.submit`, engine events become a response or server-sent events, and every bad input becomes an error in
 OpenAI's shape, checked before the first byte of a stream is sent. `server.py` runs it.
+
+/v1/embeddings pools the served model's vectors (`embeddings.py`), and with an index chat replies are grounded in
+it (`grounding.py`). Both block on a model's forward, so they run in a worker thread, one call at a time, never on
+the event loop nor in the engine's thread: generations in flight go on meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,24 +32,33 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.generate import is_int
+from sparkgpt.rag.index import Hit, Index
+from sparkgpt.serve.embeddings import Pooler
 from sparkgpt.serve.engine import ChoiceEvent, Engine, EngineRequest, QueueFull
+from sparkgpt.serve.grounding import Grounding
 from sparkgpt.serve.metrics import Metrics, MetricsMiddleware
 from sparkgpt.serve.protocol import (
     CHAT_FIELDS,
     COMPLETION_DEFAULT_MAX_TOKENS,
     COMPLETION_FIELDS,
+    EMBEDDING_FIELDS,
     APIError,
     Call,
+    check_embedding_options,
     check_fields,
     check_model,
+    embedding_response,
     engine_failure,
     invalid,
     parse_body,
+    parse_embedding_inputs,
     parse_messages,
     parse_prompts,
     prepare_call,
     usage,
 )
+from sparkgpt.tasks.grounded import cite
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -60,35 +75,71 @@ def error_response(error: APIError) -> JSONResponse:
 class ServeState:
     model_name: str
     api_key: str | None
-    engine: Engine | None = None
+    engine: Engine | None = None    # None while loading, and for a model that cannot generate (an encoder)
+    pooler: Pooler | None = None    # set once the model is loaded: every served model embeds
+    grounding: Grounding | None = None
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
+    blocking: ThreadPoolExecutor | None = None  # the worker thread for embeddings and retrieval
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine)
 
+    def _not_ready(self) -> APIError:
+        message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+        return APIError(503, message, error_type="service_unavailable", code="model_loading")
+
     def ready_engine(self) -> Engine:
         if self.engine is None:
-            message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
-            raise APIError(503, message, error_type="service_unavailable", code="model_loading")
+            if self.pooler is not None:
+                raise invalid("model", f"The model '{self.model_name}' is an encoder: it embeds text "
+                              "(POST /v1/embeddings) but cannot generate it. Serve a decoder model for chat and "
+                              "completions.", code="model_cannot_generate")
+            raise self._not_ready()
         return self.engine
+
+    def ready_pooler(self) -> Pooler:
+        if self.pooler is None:
+            raise self._not_ready()
+        return self.pooler
+
+    async def run_blocking(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the worker thread, the event loop free meanwhile."""
+        if self.blocking is None:
+            raise APIError(503, "the server is shutting down", error_type="service_unavailable")
+        return await asyncio.get_running_loop().run_in_executor(self.blocking, functools.partial(function, *args))
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------
 
 
 def create_app(
-    model_name: str, load_engine: Callable[[], Engine], api_key: str | None = None,
-    on_load_error: Callable[[str], None] | None = None,
+    model_name: str, load_engine: Callable[[], Engine | Pooler], api_key: str | None = None,
+    on_load_error: Callable[[str], None] | None = None, index: Index | None = None, k: int = 4,
 ) -> FastAPI:
     """The FastAPI app. The model loads in a background thread (`load_engine`), so /health answers 503 at once
-    and 200 when the engine runs; `on_load_error` hears a failed load (the CLI then shuts the server down)."""
+    and 200 when the engine runs; `on_load_error` hears a failed load (the CLI then shuts the server down).
+
+    `load_engine` gives a running Engine, or for a model that cannot generate (an encoder) a Pooler alone: that
+    server embeds, and answers chat and completions with 400. With an `index`, chat replies are grounded in its
+    `k` best chunks for the last user message (its query embedder is loaded with the model)."""
     state = ServeState(model_name, api_key or None)
+    if index is not None:
+        if k < 1:
+            raise SparkGPTError(f"k must be at least 1, got {k}")
+        state.grounding = Grounding(index, k)
 
     def load() -> None:
         try:
-            state.engine = load_engine()
+            if state.grounding is not None:  # its query embedder loads (and is checked) now, not at the first question
+                state.grounding.index.embedder  # noqa: B018
+            served = load_engine()
+            if isinstance(served, Engine):
+                state.pooler = Pooler(served.lm, context=served.context)
+                state.engine = served
+            else:
+                state.pooler = served
         except Exception as error:
             state.load_error = str(error) if isinstance(error, SparkGPTError) else f"{type(error).__name__}: {error}"
             if on_load_error is not None:
@@ -96,8 +147,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.blocking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkgpt-blocking")
         threading.Thread(target=load, name="sparkgpt-load", daemon=True).start()
         yield
+        state.blocking.shutdown(wait=False, cancel_futures=True)
+        state.blocking = None
         if state.engine is not None:
             state.engine.stop()
 
@@ -129,13 +183,13 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.engine is not None:
+        if state.pooler is not None:
             return JSONResponse({"status": "ok", "model": state.model_name})
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
 
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
+    async def chat_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -168,17 +222,25 @@ def create_app(
         check_fields(body, CHAT_FIELDS)
         check_model(body, state.model_name)
         messages = parse_messages(body.get("messages"))
-        try:
-            prompt_ids = engine.lm.chat_prompt(messages)
-        except SparkGPTError as error:
-            raise invalid("messages", str(error)) from None
         max_tokens = body.get("max_completion_tokens")
         max_tokens_param = "max_completion_tokens"
         if max_tokens is None:
             max_tokens, max_tokens_param = body.get("max_tokens"), "max_tokens"
+        sources: list[Hit] | None = None
+        try:
+            if state.grounding is None:
+                prompt_ids = engine.lm.chat_prompt(messages)
+            else:
+                grounding = state.grounding
+                query = grounding.query(messages)
+                hits = await state.run_blocking(grounding.search, query) if query is not None else []
+                room = max_tokens if is_int(max_tokens) and max_tokens > 0 else 1
+                prompt_ids, sources = grounding.prompt(engine.lm, messages, hits, room, engine.context)
+        except SparkGPTError as error:
+            raise invalid("messages", str(error)) from None
         call = prepare_call(engine, body, [prompt_ids], "messages", max_tokens, max_tokens_param,
                             default_max_tokens=None)
-        return await run_call(request, state, engine, call, chat=True)
+        return await run_call(request, state, engine, call, chat=True, sources=sources)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -191,6 +253,23 @@ def create_app(
         call = prepare_call(engine, body, prompts, "prompt", body.get("max_tokens"), "max_tokens",
                             default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS)
         return await run_call(request, state, engine, call, chat=False)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        authorize(request)
+        pooler = state.ready_pooler()
+        body = parse_body(await request.body())
+        check_fields(body, EMBEDDING_FIELDS)
+        check_model(body, state.model_name)
+        encoding_format = check_embedding_options(body, pooler)
+
+        def embed() -> tuple[Any, Any]:  # tokenizing 2048 inputs takes a while too: all of it off the loop
+            call = parse_embedding_inputs(pooler, body["input"], encoding_format)
+            return call, pooler.embed(call.inputs)
+
+        call, vectors = await state.run_blocking(embed)
+        state.metrics.prompt_tokens.inc(call.tokens)
+        return JSONResponse(embedding_response(call, vectors, state.model_name))
 
     return app
 
@@ -231,7 +310,10 @@ class EngineCall:
         return out
 
 
-async def run_call(request: Request, state: ServeState, engine: Engine, call: Call, chat: bool) -> Response:
+async def run_call(request: Request, state: ServeState, engine: Engine, call: Call, chat: bool,
+                   sources: list[Hit] | None = None) -> Response:
+    """Submit a call and answer it; `sources` (a grounded chat) go with the reply: a whole reply's "sources"
+    field, or a stream's first chunk's."""
     try:
         engine_call = EngineCall(engine, call)
     except QueueFull as error:
@@ -243,11 +325,11 @@ async def run_call(request: Request, state: ServeState, engine: Engine, call: Ca
     response_id = f"{kind}-{uuid.uuid4().hex}"
     started = time.perf_counter()
     if call.stream:
-        stream = sse_stream(state, engine_call, response_id, chat, started)
+        stream = sse_stream(state, engine_call, response_id, chat, started, sources)
         return EngineStreamResponse(stream, on_close=lambda: finish_stream(state, engine_call),
                                     media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect(request, state, engine_call, response_id, chat, started)
+    return await collect(request, state, engine_call, response_id, chat, started, sources)
 
 
 def finish_stream(state: ServeState, engine_call: EngineCall) -> None:
@@ -271,7 +353,7 @@ class EngineStreamResponse(StreamingResponse):
 
 
 async def collect(request: Request, state: ServeState, engine_call: EngineCall, response_id: str, chat: bool,
-                  started: float) -> JSONResponse:
+                  started: float, sources: list[Hit] | None = None) -> JSONResponse:
     """Wait for every choice; abort if the client disconnects while waiting."""
     call = engine_call.call
     count = len(call.prompts) * call.n
@@ -300,6 +382,8 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
     completion_tokens = sum(tokens)
     state.metrics.prompt_tokens.inc(prompt_tokens)
     state.metrics.generation_tokens.inc(completion_tokens)
+    if sources is not None:  # citations of sources it was not shown go; one that uses a source's words cites it
+        texts = [cite(text, sources) for text in texts]
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                     "finish_reason": reasons[i]} for i in range(count)]
@@ -308,8 +392,9 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
                    for i in range(count)]
     return JSONResponse({
         "id": response_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-        "model": state.model_name, "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
-        "system_fingerprint": None,
+        "model": state.model_name, "choices": choices,
+        **({} if sources is None else {"sources": [hit.to_json() for hit in sources]}),
+        "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None,
     })
 
 
@@ -318,21 +403,23 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: str, chat: bool,
-                     started: float) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending in `data: [DONE]`."""
+                     started: float, sources: list[Hit] | None = None) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending in `data: [DONE]`; a grounded chat's sources ride on
+    the first chunk (a "sources" field beside "choices")."""
     call = engine_call.call
     count = len(call.prompts) * call.n
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     usage_field = {"usage": None} if call.include_usage else {}
 
-    def chunk(choices: list[dict[str, Any]]) -> str:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         return sse({"id": response_id, "object": obj, "created": created, "model": state.model_name,
-                    "system_fingerprint": None, "choices": choices, **usage_field})
+                    "system_fingerprint": None, "choices": choices, **extra, **usage_field})
 
     if chat:
+        grounded = {} if sources is None else {"sources": [hit.to_json() for hit in sources]}
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(count)])
+                      "finish_reason": None} for i in range(count)], **grounded)
     tokens = [0] * count
     first_token = True
     while engine_call.unfinished > 0:

@@ -51,7 +51,7 @@ def _engine_value(engine: Callable[[], Engine | None], name: str) -> float:
     return 0 if running is None else getattr(running, name)
 
 
-ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
 
 
 class MetricsMiddleware:

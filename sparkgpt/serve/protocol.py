@@ -6,12 +6,16 @@ the engine sees the request; the HTTP layer (`api.py`) only reads bodies and wri
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import SamplingParamError, SamplingParams, is_int, is_number
+from sparkgpt.serve.embeddings import Pooler
 from sparkgpt.serve.engine import ChoiceEvent, ContextLengthExceeded, Engine
 
 MAX_CHOICES = 128           # n at most (as OpenAI)
@@ -23,6 +27,9 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "
                  "user", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
+MAX_EMBEDDING_INPUTS = 2048       # inputs per request at most (as OpenAI)
+MAX_EMBEDDING_TOKENS = 300_000    # tokens per request at most, all inputs together (as OpenAI)
 # The OpenAI name of each SamplingParams field, for the error's `param`.
 PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
@@ -132,6 +139,73 @@ def parse_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
 
 
 @dataclass
+class EmbeddingCall:
+    """An embeddings request ready for a `Pooler`: each input as token ids, and how to write the vectors."""
+
+    inputs: list[list[int]]
+    encoding_format: str  # "float" or "base64"
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.inputs)
+
+
+def check_embedding_options(body: dict[str, Any], pooler: Pooler) -> str:
+    """The encoding format, once `encoding_format` and `dimensions` are checked (cheap: no tokenizing)."""
+    encoding_format = _optional(body, "encoding_format", "float")
+    if encoding_format not in ("float", "base64"):
+        raise invalid("encoding_format", f"Invalid value for 'encoding_format': {encoding_format!r}; expected "
+                      "'float' or 'base64'.")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and not (is_int(dimensions) and dimensions == pooler.dim):
+        raise invalid("dimensions", f"This model's embeddings have {pooler.dim} dimensions and cannot be shortened: "
+                      f"'dimensions' must be {pooler.dim} or left out, not {dimensions!r}.")
+    if body.get("input") is None:
+        raise invalid("input", "Missing required parameter: 'input'.")
+    return encoding_format
+
+
+def parse_embedding_inputs(pooler: Pooler, value: Any, encoding_format: str) -> EmbeddingCall:
+    """OpenAI's `input`: a string, an array of strings, an array of token ids, or an array of such arrays; each
+    non-empty, in the vocabulary and within the model's context. Tokenizes, so it runs off the event loop."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(is_int(t) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise invalid("input", "'input' must be a non-empty string, an array of strings, an array of token ids, or "
+                      "an array of arrays of token ids.")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise invalid("input", f"'input' holds {len(value)} items; at most {MAX_EMBEDDING_INPUTS} are allowed per "
+                      "request.")
+    inputs, total = [], 0
+    for i, item in enumerate(value):
+        where = "input" if len(value) == 1 else f"input[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise invalid("input", f"'{where}' is an empty string; every input must hold some text.")
+            try:
+                ids = pooler.encode(item)
+            except SparkGPTError as error:
+                raise invalid("input", str(error)) from None
+        elif isinstance(item, list) and item and all(is_int(t) for t in item):
+            outside = next((t for t in item if not 0 <= t < pooler.vocab_size), None)
+            if outside is not None:
+                raise invalid("input", f"'{where}' holds the token id {outside}, outside this model's vocabulary "
+                              f"[0, {pooler.vocab_size}).")
+            ids = list(item)
+        else:
+            raise invalid("input", f"'{where}' must be a non-empty string or a non-empty array of token ids.")
+        if len(ids) > pooler.context:
+            raise invalid("input", f"This model's maximum context length is {pooler.context} tokens, however '{where}' "
+                          f"is {len(ids)} tokens long. Please shorten it.", code="context_length_exceeded")
+        total += len(ids)
+        if total > MAX_EMBEDDING_TOKENS:
+            raise invalid("input", f"The inputs hold more than {MAX_EMBEDDING_TOKENS} tokens together, the most one "
+                          "request may embed. Send them in several requests.")
+        inputs.append(ids)
+    return EmbeddingCall(inputs, encoding_format)
+
+
+@dataclass
 class Call:
     """One API call ready for the engine: its prompts (each gets n choices) and sampling parameters."""
 
@@ -210,3 +284,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def engine_failure(event: ChoiceEvent) -> APIError:
     return APIError(500, event.error or "the engine failed", error_type="server_error", code="engine_error")
+
+
+def embedding_response(call: EmbeddingCall, vectors: np.ndarray, model_name: str) -> dict[str, Any]:
+    """OpenAI's list of embeddings: floats, or base64 of the float32 little-endian bytes."""
+    def encoded(vector: np.ndarray) -> list[float] | str:
+        if call.encoding_format == "base64":
+            return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        return vector.tolist()
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(vector)} for i, vector in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model_name,
+            "usage": {"prompt_tokens": call.tokens, "total_tokens": call.tokens}}

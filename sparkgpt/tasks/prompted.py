@@ -16,6 +16,9 @@ from typing import Any
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.evaluate.loglik import encode_pair, prefix_token, score_continuations
 from sparkgpt.lm import LM
+from sparkgpt.rag.graph import KnowledgeGraph
+from sparkgpt.rag.index import Index
+from sparkgpt.tasks.grounded import GroundedAnswer, cite, graph_answer, sources_block
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ TEMPLATES: dict[str, Template] = {
     "answer": Template("Answer the question using the passage. Be brief.",
                        "Passage: {context}\nQuestion: {question}\nAnswer:"),
     "answer_closed_book": Template("Answer the question. Be brief.", "Question: {question}\nAnswer:"),
+    "answer_sources": Template("Answer the question using only the numbered sources. Be brief, and cite the source "
+                               "you use as [n]. If the sources do not say, answer that you don't know.",
+                               "Sources:\n{sources}\n\nQuestion: {question}\nAnswer:"),
+    "answer_facts": Template("Answer the question using only the facts. Be brief.",
+                             "Facts:\n{facts}\nQuestion: {question}\nAnswer:"),
     "translate": Template("Translate from {source} to {target}.", "{source}: {text}\n{target}:"),
     "summarize": Template("Summarize the text in at most {max_words} words.", "Text: {text}\nSummary:"),
     "keywords": Template("List the {k} most important keywords of the text, separated by commas.",
@@ -56,12 +64,20 @@ def build_prompt(lm: LM, task: str, fields: dict[str, Any], examples: Sequence[t
 
 
 def _generate(lm: LM, task: str, fields: dict[str, Any], examples, chat, **sampling: Any) -> str:
+    return _generate_many(lm, task, [fields], examples, chat, **sampling)[0]
+
+
+def _generate_many(lm: LM, task: str, fields: Sequence[dict[str, Any]], examples, chat, batch_size: int = 8,
+                   **sampling: Any) -> list[str]:
+    """One reply per set of fields, generated `batch_size` prompts at a time."""
     settings = {"temperature": 0, "max_new_tokens": 128, **sampling}
     if not lm.uses_chat_template(chat):
         settings.setdefault("stop", ["\n\n"])  # a base model would go on to invent the next example
-    prompt = build_prompt(lm, task, fields, examples, chat)
-    ids = lm.tokenizer.encode(prompt, add_special_tokens=not lm.uses_chat_template(chat))
-    return lm.complete([ids], **settings)[0].text.strip()
+    special = not lm.uses_chat_template(chat)
+    ids = [lm._require_tokenizer().encode(build_prompt(lm, task, f, examples, chat), add_special_tokens=special)
+           for f in fields]
+    return [c.text.strip() for start in range(0, len(ids), batch_size)
+            for c in lm.complete(ids[start:start + batch_size], **settings)]
 
 
 def classify(
@@ -102,10 +118,47 @@ def _label_probabilities(lm: LM, text: str, labels: Sequence[str], examples, cha
 
 
 def answer(lm: LM, question: str, context: str | None = None, examples: Sequence[tuple[dict, str]] = (),
-           chat: bool | None = None, **sampling: Any) -> str:
-    """Reading comprehension from `context`, or closed-book without one. examples: ({"question", "context"}, answer)."""
+           chat: bool | None = None, index: Index | None = None, graph: KnowledgeGraph | None = None, k: int = 4,
+           mode: str = "hybrid", constrain: bool = True, **sampling: Any) -> str | GroundedAnswer:
+    """Reading comprehension from `context`, or closed-book without one. examples: ({"question", "context"}, answer).
+
+    With an `index`, the answer is grounded in its `k` best chunks (`mode`: hybrid, bm25 or dense) and cites them
+    as [n]; with a `graph`, in its facts (`constrain`: the answer is one of the graph's entities). Both return a
+    `GroundedAnswer` (`.answer`, `.sources` or `.facts`, `.to_json()`)."""
+    if index is not None and graph is not None:
+        raise SparkGPTError("answer from an index or from a graph, not both")
+    if index is not None:
+        return answer_many(lm, [question], index, k, mode, examples, chat, **sampling)[0]
+    _check_question(question)
+    if graph is not None:
+        def free_answer(facts: str) -> str:
+            return _generate(lm, "answer_facts", {"question": question, "facts": facts}, examples, chat, **sampling)
+
+        return graph_answer(lm, question, graph, constrain, chat=chat, generate=free_answer)
     task = "answer" if context is not None else "answer_closed_book"
     return _generate(lm, task, {"question": question, "context": context}, examples, chat, **sampling)
+
+
+def answer_many(lm: LM, questions: Sequence[str], index: Index | None = None, k: int = 4, mode: str = "hybrid",
+                examples: Sequence[tuple[dict, str]] = (), chat: bool | None = None, batch_size: int = 8,
+                **sampling: Any) -> list[GroundedAnswer]:
+    """Answers to many questions, generated in batches: grounded in `index` (with [n] citations), or closed-book
+    without one."""
+    for question in questions:
+        _check_question(question)
+    if index is None:
+        replies = _generate_many(lm, "answer_closed_book", [{"question": q} for q in questions], examples, chat,
+                                 batch_size, **sampling)
+        return [GroundedAnswer(reply) for reply in replies]
+    hits = [index.search(q, k=k, mode=mode) for q in questions]
+    fields = [{"question": q, "sources": sources_block(h)} for q, h in zip(questions, hits, strict=True)]
+    replies = _generate_many(lm, "answer_sources", fields, examples, chat, batch_size, **sampling)
+    return [GroundedAnswer(cite(reply, h), sources=h) for reply, h in zip(replies, hits, strict=True)]
+
+
+def _check_question(question: str) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise SparkGPTError("the question is empty")
 
 
 def translate(lm: LM, text: str, source: str = "English", target: str = "French",
@@ -150,5 +203,5 @@ def write_story(lm: LM, premise: str, examples: Sequence[tuple[str, str]] = (), 
     return _generate(lm, "story", {"premise": premise}, shown, chat, **settings)
 
 
-__all__ = ["TEMPLATES", "Template", "answer", "build_prompt", "classify", "continue_text", "correct", "keywords",
-           "summarize", "translate", "write_story"]
+__all__ = ["TEMPLATES", "Template", "answer", "answer_many", "build_prompt", "classify", "continue_text", "correct",
+           "keywords", "summarize", "translate", "write_story"]

@@ -1,5 +1,6 @@
 // The chat page: plain JavaScript, no build step. It talks to the same server's OpenAI-compatible API and
-// renders the reply as server-sent events arrive.
+// renders the reply as server-sent events arrive. A server with an index (`sparkgpt serve REF --index DIR`)
+// sends the reply's sources in its first chunk; they are listed under the reply, numbered as the reply cites them.
 "use strict";
 
 const KEY_STORAGE = "sparkgpt.apiKey";
@@ -96,6 +97,39 @@ function addMessage(role, text) {
   return element;
 }
 
+// ---- sources: [n] in a reply is item n of the list under it (built as DOM nodes: all text stays text) ----
+
+const SOURCE_PREVIEW = 160;  // characters of each chunk shown; the whole chunk is the item's tooltip
+
+function preview(text) {
+  const flat = text.replace(/\s+/g, " ").trim();
+  return flat.length > SOURCE_PREVIEW ? `${flat.slice(0, SOURCE_PREVIEW).trimEnd()}…` : flat;
+}
+
+function addSources(reply, sources) {
+  const box = document.createElement("div");
+  box.className = "sources";
+  const title = document.createElement("div");
+  title.className = "sources-title";
+  title.textContent = "Sources";
+  const list = document.createElement("ol");
+  for (const source of sources) {
+    const item = document.createElement("li");
+    const path = document.createElement("span");
+    path.className = "source-path";
+    path.textContent = String(source.source);
+    const excerpt = document.createElement("span");
+    excerpt.className = "source-text";
+    excerpt.textContent = preview(String(source.text));
+    item.title = String(source.text);
+    item.append(path, excerpt);
+    list.append(item);
+  }
+  box.append(title, list);
+  reply.after(box);
+  return box;
+}
+
 // ---- sending and streaming ----
 
 function setBusy(busy) {
@@ -161,6 +195,7 @@ async function send(text) {
         if (data === "[DONE]") return;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
+        if (Array.isArray(chunk.sources) && chunk.sources.length) addSources(reply, chunk.sources);
         for (const choice of chunk.choices) {
           if (choice.delta && choice.delta.content) replyText += choice.delta.content;
           if (choice.finish_reason) finish = choice.finish_reason;
