@@ -95,6 +95,7 @@ def bench_search(embedder: Embedder, n_chunks: int, rounds: int) -> None:
                 "overlap": DEFAULT_OVERLAP, "chunks": n_chunks, "files": {}, "skipped": []}
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
+        (Path(folder) / "index").mkdir()
         index = _write(Path(folder) / "index", manifest, chunks, vectors, embedder)
         print(f"search: {n_chunks} chunks (BM25 built and written in {time.perf_counter() - start:.1f} s)")
         flat = faiss.IndexFlatIP(embedder.dim)
