@@ -42,10 +42,11 @@ def bits(array) -> np.ndarray:
 
 # ---- dequantisation against gguf.quants ----------------------------------------------------------------------
 
-QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
-ALL_TYPES = [*QUANTIZABLE, Q.Q4_K, Q.Q6_K]
+QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+ALL_TYPES = [*QUANTIZABLE, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
 # Where each block type keeps its float16 scales (byte offsets in the block): random bytes there stay finite.
-F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}
+F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82),
+              Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
 
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda t: t.name)
@@ -85,8 +86,8 @@ def test_dequantize_equals_gguf_on_random_blocks(qtype):
 
 
 def test_dequantize_rejects_bad_requests():
-    with pytest.raises(SparkGPTError, match="Q5_K"):
-        dequantize(np.zeros(176, np.uint8), Q.Q5_K, (256,))
+    with pytest.raises(SparkGPTError, match="IQ2_XXS"):
+        dequantize(np.zeros(66, np.uint8), Q.IQ2_XXS, (256,))
     with pytest.raises(SparkGPTError, match="needs 34 bytes"):
         dequantize(np.zeros(35, np.uint8), Q.Q8_0, (32,))
     with pytest.raises(SparkGPTError, match="multiple of 32"):

@@ -62,6 +62,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
 }
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
+Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS = 6, 7, 10, 11, 13, 20, 23
 
 _INT64_MAX = 2**63 - 1
 
@@ -429,9 +430,105 @@ def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return (sub_scale * q.reshape(n_blocks, 16, 16).astype(np.float32)).reshape(n_blocks, 256)
 
 
+def _high_bits(packed: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 32-bit field of fifth bits: bit j is value j's -> [n_blocks, 32] of 0 or 16."""
+    words = packed.copy().view("<u4")  # [n_blocks, 1]
+    return (((words >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+
+
+def _dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0, 22 bytes per 32 values: d (f16), 4 bytes of fifth bits, 16 bytes of low nibbles. x = d · (q - 16)."""
+    d = _f16(blocks[:, :2])
+    q = (_nibbles(blocks[:, 6:], 16) | _high_bits(blocks[:, 2:6])).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
+
+
+def _dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
+    """Q5_1, 24 bytes per 32 values: d (f16), m (f16), 4 bytes of fifth bits, 16 bytes of low nibbles.
+    x = d · q + m."""
+    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    q = (_nibbles(blocks[:, 8:], 16) | _high_bits(blocks[:, 4:8])).astype(np.float32)
+    return d * q + m
+
+
+def _crumbs(packed: np.ndarray) -> np.ndarray:
+    """2-bit values, four per byte: each 32-byte half of `packed` holds 128 values, 32 at each shift 0, 2, 4, 6
+    -> [n_blocks, halves, 4 shifts, 32]."""
+    halves = packed.reshape(packed.shape[0], -1, 1, 32)
+    return (halves >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+
+
+def _dequantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+    """Q2_K, 84 bytes per 256 values in 16 sub-blocks of 16: 16 bytes of 4-bit scale (low) and minimum (high), 64
+    bytes of 2-bit q, d (f16), dmin (f16). x = (d · scale) · q - (dmin · min)."""
+    n_blocks = blocks.shape[0]
+    packed = blocks[:, :16]
+    sub_scale = (_f16(blocks[:, 80:82]) * (packed & 0x0F).astype(np.float32))[:, :, None]
+    sub_min = (_f16(blocks[:, 82:84]) * (packed >> 4).astype(np.float32))[:, :, None]
+    q = _crumbs(blocks[:, 16:80]).astype(np.float32).reshape(n_blocks, 16, 16)
+    return (sub_scale * q - sub_min).reshape(n_blocks, 256)
+
+
+def _dequantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+    """Q3_K, 110 bytes per 256 values in 16 sub-blocks of 16: 32 bytes of third bits (bit b of byte l belongs to
+    the b-th run of 32 values), 64 bytes of 2-bit q, 12 bytes of 6-bit signed scales, d (f16).
+    x = (d · (scale - 32)) · (q - 4 · (1 - third bit)).
+
+    Scale i takes its low 4 bits from byte i % 8 (low nibble for i < 8, high for the rest) and its top 2 bits from
+    byte 8 + i % 4, at bit 2 · (i // 4)."""
+    n_blocks = blocks.shape[0]
+    packed = blocks[:, 96:108]
+    index = np.arange(16)
+    low = (packed[:, index % 8] >> (4 * (index // 8)).astype(np.uint8)) & 0x0F
+    high = (packed[:, 8 + index % 4] >> (2 * (index // 4)).astype(np.uint8)) & 0x03
+    scales = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    sub_scale = (_f16(blocks[:, 108:110]) * scales.astype(np.float32))[:, :, None]
+    third = ((blocks[:, None, :32] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(n_blocks, 2, 4, 32)
+    q = _crumbs(blocks[:, 32:96]).astype(np.int8) - ((1 - third) << 2).astype(np.int8)
+    return (sub_scale * q.astype(np.float32).reshape(n_blocks, 16, 16)).reshape(n_blocks, 256)
+
+
+def _dequantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+    """Q5_K, 176 bytes per 256 values in 8 sub-blocks of 32: d (f16), dmin (f16), Q4_K's 12 bytes of scales and
+    minimums, 32 bytes of fifth bits (bit b of byte l: value l of sub-block b), 128 bytes of low nibbles.
+    x = (d · scale) · q - (dmin · min)."""
+    n_blocks = blocks.shape[0]
+    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    scales, mins = _k_quant_scales(blocks[:, 4:16])
+    sub_scale = (d * scales.astype(np.float32))[:, :, None]
+    sub_min = (dmin * mins.astype(np.float32))[:, :, None]
+    fifth = ((blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1) << 4  # [n, 8, 32]
+    q = (_nibbles(blocks[:, 48:], 32).reshape(n_blocks, 8, 32) | fifth).astype(np.float32)
+    return (sub_scale * q - sub_min).reshape(n_blocks, 256)
+
+
+# The 16 non-uniform levels of IQ4_NL and IQ4_XS (ggml's kvalues_iq4nl), denser near zero as weights are.
+_IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def _dequantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    """IQ4_NL, 18 bytes per 32 values: d (f16), 16 bytes of 4-bit level indices. x = d · level[q]."""
+    return _f16(blocks[:, :2]) * _IQ4_LEVELS[_nibbles(blocks[:, 2:], 16)]
+
+
+def _dequantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    """IQ4_XS, 136 bytes per 256 values in 8 sub-blocks of 32: d (f16), 2 bytes of the scales' top 2 bits, 4 bytes
+    of their low nibbles, 128 bytes of level indices. x = (d · (scale - 32)) · level[q]."""
+    n_blocks = blocks.shape[0]
+    index = np.arange(8)
+    top = (blocks[:, 2:4].copy().view("<u2") >> (2 * index).astype(np.uint16)) & 0x03  # [n, 8]
+    low = (blocks[:, 4 + index // 2] >> (4 * (index % 2)).astype(np.uint8)) & 0x0F
+    scales = (low.astype(np.int16) | (top.astype(np.int16) << 4)) - 32
+    sub_scale = (_f16(blocks[:, :2]) * scales.astype(np.float32))[:, :, None]
+    levels = _IQ4_LEVELS[_nibbles(blocks[:, 8:], 16)].reshape(n_blocks, 8, 32)
+    return (sub_scale * levels).reshape(n_blocks, 256)
+
+
 _DEQUANTIZERS = {
     F32: _dequantize_f32, F16: _dequantize_f16, BF16: _dequantize_bf16, Q8_0: _dequantize_q8_0,
-    Q4_0: _dequantize_q4_0, Q4_1: _dequantize_q4_1, Q4_K: _dequantize_q4_k, Q6_K: _dequantize_q6_k,
+    Q4_0: _dequantize_q4_0, Q4_1: _dequantize_q4_1, Q5_0: _dequantize_q5_0, Q5_1: _dequantize_q5_1,
+    Q2_K: _dequantize_q2_k, Q3_K: _dequantize_q3_k, Q4_K: _dequantize_q4_k, Q5_K: _dequantize_q5_k,
+    Q6_K: _dequantize_q6_k, IQ4_NL: _dequantize_iq4_nl, IQ4_XS: _dequantize_iq4_xs,
 }
 
 
