@@ -76,7 +76,40 @@ def hf_llama(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
     return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-llama"))
 
 
-@pytest.fixture(params=["hf_gpt2", "hf_llama"])
+@pytest.fixture(scope="session")
+def hf_mistral(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """A random-init transformers Mistral whose sliding window (8) is shorter than the test sequences."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=8,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-mistral"))
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """A random-init transformers Qwen2 (q/k/v biases, tied embeddings), its last layer with a sliding window of 8."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6,
+        tie_word_embeddings=True, use_sliding_window=True, sliding_window=8, max_window_layers=2,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them count
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-qwen2"))
+
+
+@pytest.fixture(params=["hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2"])
 def hf_reference(request: pytest.FixtureRequest):
     """Each reference family in turn: (transformers model, its checkpoint directory)."""
     return request.getfixturevalue(request.param)

@@ -488,21 +488,22 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.nd
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write_llama_gguf(model, path: Path, qtype=None) -> Path:
-    """A transformers Llama written as llama.cpp's converter writes it (names, metadata, Q/K row permutation)."""
+def write_llama_gguf(model, path: Path, qtype=None, arch: str = "llama") -> Path:
+    """A transformers Llama (or Qwen2, arch="qwen2") written as llama.cpp's converter writes it (names, metadata,
+    Q/K row permutation for llama only: qwen2's rope rotates halves, as transformers does)."""
     config = model.config
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_uint32("llama.block_count", config.num_hidden_layers)
-    writer.add_uint32("llama.context_length", config.max_position_embeddings)
-    writer.add_uint32("llama.embedding_length", config.hidden_size)
-    writer.add_uint32("llama.feed_forward_length", config.intermediate_size)
-    writer.add_uint32("llama.attention.head_count", config.num_attention_heads)
-    writer.add_uint32("llama.attention.head_count_kv", config.num_key_value_heads)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_uint32(f"{arch}.block_count", config.num_hidden_layers)
+    writer.add_uint32(f"{arch}.context_length", config.max_position_embeddings)
+    writer.add_uint32(f"{arch}.embedding_length", config.hidden_size)
+    writer.add_uint32(f"{arch}.feed_forward_length", config.intermediate_size)
+    writer.add_uint32(f"{arch}.attention.head_count", config.num_attention_heads)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", config.num_key_value_heads)
     rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
-    writer.add_float32("llama.rope.freq_base", rope_theta)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
-    writer.add_uint32("llama.rope.dimension_count", config.hidden_size // config.num_attention_heads)
-    writer.add_uint32("llama.vocab_size", config.vocab_size)
+    writer.add_float32(f"{arch}.rope.freq_base", rope_theta)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
+    writer.add_uint32(f"{arch}.rope.dimension_count", config.hidden_size // config.num_attention_heads)
+    writer.add_uint32(f"{arch}.vocab_size", config.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -512,9 +513,15 @@ def write_llama_gguf(model, path: Path, qtype=None) -> Path:
     for i in range(config.num_hidden_layers):
         for theirs, ggml in layer_names.items():
             names[f"model.layers.{i}.{theirs}.weight"] = f"blk.{i}.{ggml}.weight"
-    for name, tensor in model.state_dict().items():
+            names[f"model.layers.{i}.{theirs}.bias"] = f"blk.{i}.{ggml}.bias"
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # llama.cpp writes no output matrix for tied embeddings
+    for name, tensor in state.items():
         array = tensor.numpy()
-        if name.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass
+        elif name.endswith("q_proj.weight"):
             array = llama_cpp_permute(array, config.num_attention_heads, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, config.num_attention_heads, config.num_key_value_heads)
@@ -538,6 +545,20 @@ def test_llama_gguf_loads_with_transformers_logits(hf_llama, tmp_path):
     ids = torch.randint(0, reference.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_qwen2_gguf_loads_with_the_logits_of_transformers_and_of_its_gguf_reader(hf_qwen2, tmp_path):
+    # q/k/v biases, tied embeddings, rope θ 1e6, no Q/K row permutation; transformers reads the same file as well.
+    transformers = pytest.importorskip("transformers")
+    reference, _ = hf_qwen2
+    path = write_llama_gguf(reference, tmp_path / "tiny-qwen2.gguf", arch="qwen2")
+    model = load_gguf_model(path)
+    assert model.config.qkv_bias and model.config.tie_embeddings and model.config.rope_theta == 1e6
+    ids = torch.randint(0, reference.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # 7 tokens: within the sliding window, which GGUF metadata does not carry
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=0)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+        torch.testing.assert_close(model(ids), theirs(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_load_in_bfloat16(hf_llama, tmp_path):

@@ -198,6 +198,62 @@ def llama_tensor_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
+# ---- Mistral (Llama with a sliding window) and Qwen2 (Llama with q/k/v biases) ---------------------------------
+
+_MISTRAL_KEYS = _LLAMA_KEYS | {"sliding_window"}
+
+
+def _mistral_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _MISTRAL_KEYS)
+    values = _llama_config_from_hf({k: v for k, v in hf.items() if k != "sliding_window"}, source)
+    if hf.get("sliding_window") is not None:  # every layer sees the last `sliding_window` positions
+        values.update(attention_patterns=["local"], attention_window=hf["sliding_window"])
+    return values
+
+
+def _mistral_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    values = {k: v for k, v in _llama_config_to_hf(config).items() if k not in ("attention_bias", "mlp_bias")}
+    return dict(values, sliding_window=config.attention_window if config.layer_patterns()[0] == "local" else None)
+
+
+_QWEN2_KEYS = _LLAMA_KEYS | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+_QWEN2_LAYERS = {"full_attention": "dense", "sliding_attention": "local"}
+
+
+def _qwen2_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _QWEN2_KEYS)
+    values = _llama_config_from_hf({k: v for k, v in hf.items() if k in _LLAMA_KEYS}, source)
+    n_layers = values["n_layers"]
+    window_from = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
+    layer_types = hf.get("layer_types") or ["sliding_attention" if i >= window_from else "full_attention"
+                                            for i in range(n_layers)]
+    for kind in layer_types:
+        _require(source, "layer_types", kind, tuple(_QWEN2_LAYERS))
+    values.update(bias=False, qkv_bias=True)  # q, k and v have biases; the output and MLP projections none
+    if "sliding_attention" in layer_types:
+        values.update(attention_patterns=[_QWEN2_LAYERS[kind] for kind in layer_types],
+                      attention_window=hf.get("sliding_window") or 4096)
+    return values
+
+
+def _qwen2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    values = {k: v for k, v in _llama_config_to_hf(config).items() if k not in ("attention_bias", "mlp_bias")}
+    patterns = config.layer_patterns()
+    layer_types = ["sliding_attention" if p == "local" else "full_attention" for p in patterns]
+    sliding = "local" in patterns
+    return dict(values, layer_types=layer_types, use_sliding_window=sliding,
+                sliding_window=config.attention_window if sliding else None,
+                max_window_layers=patterns.index("local") if sliding else config.n_layers)
+
+
+def _qwen2_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = llama_tensor_names(config)
+    for i in range(config.n_layers):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            names[f"blocks.{i}.attn.{proj}.bias"] = f"model.layers.{i}.self_attn.{proj}.bias"
+    return names
+
+
 # ---- GPT-Neo (GPT-3-style alternating global and local attention) --------------------------------------------
 
 _GPT_NEO_KEYS = {
@@ -389,6 +445,10 @@ FAMILIES: dict[str, Family] = {
                    base_prefix="transformer."),
     "llama": Family("llama", "LlamaForCausalLM", _llama_config_from_hf, _llama_config_to_hf, llama_tensor_names,
                     ignored_tensors=(".rotary_emb.inv_freq",)),
+    "mistral": Family("mistral", "MistralForCausalLM", _mistral_config_from_hf, _mistral_config_to_hf,
+                      llama_tensor_names, ignored_tensors=(".rotary_emb.inv_freq",)),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", _qwen2_config_from_hf, _qwen2_config_to_hf, _qwen2_tensor_names,
+                    ignored_tensors=(".rotary_emb.inv_freq",)),
     "gpt_neo": Family("gpt_neo", "GPTNeoForCausalLM", _gpt_neo_config_from_hf, _gpt_neo_config_to_hf,
                       _gpt_neo_tensor_names, ignored_tensors=(".attn.attention.bias", ".attn.attention.masked_bias"),
                       base_prefix="transformer."),
@@ -414,6 +474,12 @@ def family_for(config: ModelConfig) -> Family | None:
         return FAMILIES["gpt2"]
     if decoder and dense and default_attention and llama_like:
         return FAMILIES["llama"]
+    one_expert = config.n_experts == 0
+    if decoder and llama_like and default_attention and not config.bias and one_expert and patterns == {"local"}:
+        return FAMILIES["mistral"]
+    if decoder and llama_like and config.qkv_bias is True and not config.bias and config.attention_scale is None \
+            and one_expert and patterns <= {"dense", "local"}:
+        return FAMILIES["qwen2"]
     if decoder and gpt2_like and config.ffn == "gelu" and config.n_experts == 0 and config.qkv_bias is False \
             and config.attention_scale == 1.0 and patterns <= {"dense", "local"}:
         return FAMILIES["gpt_neo"]

@@ -553,7 +553,10 @@ def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torc
 
 # ---- the llama architecture -------------------------------------------------------------------------------
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# ggml rotates adjacent pairs for these (rope type "norm"), so llama.cpp's converter reorders their Q/K rows; the
+# others (Qwen2: rope type "neox") rotate halves, as transformers does, and are stored as they are.
+_INTERLEAVED_ROPE = ("llama",)
 
 # Inside blk.N (GGUF) -> inside blocks.N (ours).
 _LLAMA_BLOCK_TENSORS = {
@@ -596,7 +599,8 @@ def _metadata_number(gguf: GGUFFile, key: str, kind: type, default: Any = _REQUI
 
 
 def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
-    """Our ModelConfig from a `llama` GGUF file's metadata (and whether it stores a separate output matrix)."""
+    """Our ModelConfig from a `llama` or `qwen2` GGUF file's metadata (and whether it stores a separate output
+    matrix)."""
     arch = _architecture(gguf)
 
     def number(key: str, kind: type = int, default: Any = _REQUIRED) -> Any:
@@ -620,9 +624,11 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     special = {}
     for name in ("bos_token_id", "eos_token_id"):
         special[name] = _metadata_number(gguf, f"tokenizer.ggml.{name}", int, default=None)
+    # Biases on q/k/v (Qwen2; any llama file that has them): the file says so by holding them.
+    qkv_bias = "blk.0.attn_q.bias" in gguf.tensors
     try:
         return ModelConfig(
-            vocab_size=vocab_size, n_layers=number("block_count"), n_heads=n_heads,
+            qkv_bias=qkv_bias or None, vocab_size=vocab_size, n_layers=number("block_count"), n_heads=n_heads,
             n_kv_heads=number("attention.head_count_kv", default=n_heads), d_model=d_model,
             d_ff=number("feed_forward_length"), head_dim=head_dim, max_seq_len=number("context_length"),
             positions="rope", rope_theta=number("rope.freq_base", float, default=10000.0), norm="rmsnorm",
@@ -634,11 +640,14 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
 
 
 def llama_tensor_names(config: ModelConfig) -> dict[str, str]:
-    """Our state-dict name -> the GGUF tensor name, for a llama model of this shape."""
+    """Our state-dict name -> the GGUF tensor name, for a llama (or qwen2) model of this shape."""
     names = {"token_embedding.weight": "token_embd.weight", "final_norm.weight": "output_norm.weight"}
     for i in range(config.n_layers):
         for theirs, ours in _LLAMA_BLOCK_TENSORS.items():
             names[f"blocks.{i}.{ours}"] = f"blk.{i}.{theirs}"
+        if config.qkv_bias:
+            for short in ("q", "k", "v"):
+                names[f"blocks.{i}.attn.{short}_proj.bias"] = f"blk.{i}.attn_{short}.bias"
     if not config.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
     return names
@@ -698,11 +707,12 @@ def load_gguf_model(
     source: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     quantize: str | None = None,
 ):
-    """Build our GPT from a llama-architecture GGUF file, every tensor dequantised and cast to `dtype`; or, with
-    `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4, Q4_0/Q4_1 matrices keep their own
-    4-bit levels and groups (no float round trip); everything else is dequantised, then quantised."""
+    """Build our GPT from a llama- or qwen2-architecture GGUF file, every tensor dequantised and cast to `dtype`;
+    or, with `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4, Q4_0/Q4_1 matrices keep
+    their own 4-bit levels and groups (no float round trip); everything else is dequantised, then quantised."""
     gguf = source if isinstance(source, GGUFFile) else read_gguf(source)
     config = gguf_model_config(gguf)
+    interleaved = gguf.metadata["general.architecture"] in _INTERLEAVED_ROPE
     with torch.device("meta"):
         expected = GPT(config).state_dict()
     names = llama_tensor_names(config)
@@ -713,9 +723,9 @@ def load_gguf_model(
         direct = quantize == "int4" and layer.startswith("blocks.") and gguf.tensors[theirs].ggml_type in (Q4_0, Q4_1) \
             and layer_method(layer, quantize, tuple(expected[ours].shape)) == "int4"
         weight = q4_as_int4(gguf, theirs) if direct else {"weight": gguf.tensor(theirs)}
-        if ours.endswith("attn.q_proj.weight"):
+        if interleaved and ours.endswith("attn.q_proj.weight"):
             weight = {key: unpermute_rope_rows(t, config.n_heads) for key, t in weight.items()}
-        elif ours.endswith("attn.k_proj.weight"):
+        elif interleaved and ours.endswith("attn.k_proj.weight"):
             weight = {key: unpermute_rope_rows(t, config.n_kv_heads) for key, t in weight.items()}
         if direct:
             prequantized[layer] = {key: t.to(device) for key, t in weight.items()}
