@@ -58,6 +58,7 @@ class ModelConfig:
     scale_embeddings: bool = False   # multiply token embeddings by √d_model (the 2017 paper)
     qkv_bias: bool | None = None     # biases on the q/k/v projections; None means `bias` (GPT-Neo: False)
     attention_scale: float | None = None  # scores are Q·Kᵀ × this; None means 1/√d_k (GPT-Neo: 1.0)
+    qk_norm: bool = False            # RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3)
     # The attention pattern of each layer, cycled over the layers: ["dense", "local"] alternates as in GPT-3 and
     # GPT-Neo. None means dense causal everywhere. "local": the last `attention_window` positions; "strided"
     # and "fixed": the Sparse Transformer's patterns with stride / block `attention_window` (sparkgpt/model/sparse.py).

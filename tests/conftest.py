@@ -109,7 +109,25 @@ def hf_qwen2(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
     return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-qwen2"))
 
 
-@pytest.fixture(params=["hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2"])
+@pytest.fixture(scope="session")
+def hf_qwen3(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """A random-init transformers Qwen3: per-head q/k RMSNorms, heads wider than d_model / n_heads."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at one: make them count
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-qwen3"))
+
+
+@pytest.fixture(params=["hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3"])
 def hf_reference(request: pytest.FixtureRequest):
     """Each reference family in turn: (transformers model, its checkpoint directory)."""
     return request.getfixturevalue(request.param)

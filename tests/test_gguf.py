@@ -502,14 +502,17 @@ def write_llama_gguf(model, path: Path, qtype=None, arch: str = "llama") -> Path
     rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
     writer.add_float32(f"{arch}.rope.freq_base", rope_theta)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
-    writer.add_uint32(f"{arch}.rope.dimension_count", config.hidden_size // config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    writer.add_uint32(f"{arch}.attention.key_length", head_dim)
+    writer.add_uint32(f"{arch}.attention.value_length", head_dim)
     writer.add_uint32(f"{arch}.vocab_size", config.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                   "mlp.down_proj": "ffn_down"}
+                   "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     for i in range(config.num_hidden_layers):
         for theirs, ggml in layer_names.items():
             names[f"model.layers.{i}.{theirs}.weight"] = f"blk.{i}.{ggml}.weight"
@@ -559,6 +562,25 @@ def test_qwen2_gguf_loads_with_the_logits_of_transformers_and_of_its_gguf_reader
         torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=0)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
         torch.testing.assert_close(model(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_qwen3_gguf_loads_with_the_logits_of_transformers_and_of_its_gguf_reader(hf_qwen3, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    reference, _ = hf_qwen3  # heads of 32 in a 64-wide model: the file's attention.key_length says so
+    model = load_gguf_model(write_llama_gguf(reference, tmp_path / "wide-heads.gguf", arch="qwen3"))
+    assert model.config.qk_norm and model.config.head_dim == 32 and not model.config.qkv_bias
+    ids = torch.randint(0, reference.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=0)
+    # transformers' GGUF reader ignores attention.key_length and takes Qwen3's default head_dim of 128 (that of
+    # every released Qwen3): compare with it on a model of that shape.
+    config = reference.config.to_dict() | {"head_dim": 128}
+    torch.manual_seed(1)
+    standard = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config)).eval()
+    path = write_llama_gguf(standard, tmp_path / "tiny-qwen3.gguf", arch="qwen3")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf_model(path)(ids), theirs(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_load_in_bfloat16(hf_llama, tmp_path):

@@ -222,14 +222,25 @@ _QWEN2_LAYERS = {"full_attention": "dense", "sliding_attention": "local"}
 
 def _qwen2_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
     _take(hf, source, _QWEN2_KEYS)
+    return _with_layer_types(_llama_config_from_hf({k: v for k, v in hf.items() if k in _LLAMA_KEYS}, source), hf,
+                             source) | dict(bias=False, qkv_bias=True)  # the output and MLP projections have none
+
+
+def _qwen3_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """Qwen3: Qwen2 without the q/k/v biases (unless attention_bias), with an RMSNorm on each head's q and k."""
+    _take(hf, source, _QWEN2_KEYS)
     values = _llama_config_from_hf({k: v for k, v in hf.items() if k in _LLAMA_KEYS}, source)
+    return _with_layer_types(values, hf, source) | dict(qk_norm=True)
+
+
+def _with_layer_types(values: dict[str, Any], hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """Qwen's per-layer attention: `layer_types`, or (older configs) sliding windows from `max_window_layers` on."""
     n_layers = values["n_layers"]
     window_from = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
     layer_types = hf.get("layer_types") or ["sliding_attention" if i >= window_from else "full_attention"
                                             for i in range(n_layers)]
     for kind in layer_types:
         _require(source, "layer_types", kind, tuple(_QWEN2_LAYERS))
-    values.update(bias=False, qkv_bias=True)  # q, k and v have biases; the output and MLP projections none
     if "sliding_attention" in layer_types:
         values.update(attention_patterns=[_QWEN2_LAYERS[kind] for kind in layer_types],
                       attention_window=hf.get("sliding_window") or 4096)
@@ -246,11 +257,21 @@ def _qwen2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
                 max_window_layers=patterns.index("local") if sliding else config.n_layers)
 
 
-def _qwen2_tensor_names(config: ModelConfig) -> dict[str, str]:
+def _qwen3_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(_qwen2_config_to_hf(config), attention_bias=config.bias)
+
+
+def _qwen_tensor_names(config: ModelConfig) -> dict[str, str]:
+    """Llama's names, with q/k/v biases (Qwen2) and per-head q/k norms (Qwen3) where the config has them."""
     names = llama_tensor_names(config)
     for i in range(config.n_layers):
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            names[f"blocks.{i}.attn.{proj}.bias"] = f"model.layers.{i}.self_attn.{proj}.bias"
+        attention = f"model.layers.{i}.self_attn."
+        if config.qkv_bias and not config.bias:
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                names[f"blocks.{i}.attn.{proj}.bias"] = f"{attention}{proj}.bias"
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                names[f"blocks.{i}.attn.{norm}.weight"] = f"{attention}{norm}.weight"
     return names
 
 
@@ -447,7 +468,9 @@ FAMILIES: dict[str, Family] = {
                     ignored_tensors=(".rotary_emb.inv_freq",)),
     "mistral": Family("mistral", "MistralForCausalLM", _mistral_config_from_hf, _mistral_config_to_hf,
                       llama_tensor_names, ignored_tensors=(".rotary_emb.inv_freq",)),
-    "qwen2": Family("qwen2", "Qwen2ForCausalLM", _qwen2_config_from_hf, _qwen2_config_to_hf, _qwen2_tensor_names,
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", _qwen2_config_from_hf, _qwen2_config_to_hf, _qwen_tensor_names,
+                    ignored_tensors=(".rotary_emb.inv_freq",)),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", _qwen3_config_from_hf, _qwen3_config_to_hf, _qwen_tensor_names,
                     ignored_tensors=(".rotary_emb.inv_freq",)),
     "gpt_neo": Family("gpt_neo", "GPTNeoForCausalLM", _gpt_neo_config_from_hf, _gpt_neo_config_to_hf,
                       _gpt_neo_tensor_names, ignored_tensors=(".attn.attention.bias", ".attn.attention.masked_bias"),
@@ -467,7 +490,8 @@ def family_for(config: ModelConfig) -> Family | None:
     decoder = config.architecture == "decoder" and config.norm_position == "pre" and config.final_norm \
         and not config.embedding_norm and not config.type_vocab_size and not config.scale_embeddings
     dense = patterns == {"dense"} and config.n_experts == 0
-    default_attention = config.qkv_bias in (None, config.bias) and config.attention_scale is None
+    default_attention = config.qkv_bias in (None, config.bias) and config.attention_scale is None \
+        and not config.qk_norm
     gpt2_like = config.positions == "learned" and config.norm == "layernorm" and config.bias and mha
     llama_like = config.positions == "rope" and config.norm == "rmsnorm" and config.ffn == "swiglu"
     if decoder and dense and default_attention and gpt2_like and config.ffn == "gelu":
@@ -477,9 +501,12 @@ def family_for(config: ModelConfig) -> Family | None:
     one_expert = config.n_experts == 0
     if decoder and llama_like and default_attention and not config.bias and one_expert and patterns == {"local"}:
         return FAMILIES["mistral"]
-    if decoder and llama_like and config.qkv_bias is True and not config.bias and config.attention_scale is None \
-            and one_expert and patterns <= {"dense", "local"}:
+    qwen_like = decoder and llama_like and config.attention_scale is None and one_expert \
+        and patterns <= {"dense", "local"}
+    if qwen_like and config.qkv_bias is True and not config.bias and not config.qk_norm:
         return FAMILIES["qwen2"]
+    if qwen_like and config.qk_norm and config.qkv_bias in (None, config.bias):
+        return FAMILIES["qwen3"]
     if decoder and gpt2_like and config.ffn == "gelu" and config.n_experts == 0 and config.qkv_bias is False \
             and config.attention_scale == 1.0 and patterns <= {"dense", "local"}:
         return FAMILIES["gpt_neo"]

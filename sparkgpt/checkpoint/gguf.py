@@ -553,9 +553,9 @@ def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torc
 
 # ---- the llama architecture -------------------------------------------------------------------------------
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # ggml rotates adjacent pairs for these (rope type "norm"), so llama.cpp's converter reorders their Q/K rows; the
-# others (Qwen2: rope type "neox") rotate halves, as transformers does, and are stored as they are.
+# others (Qwen2, Qwen3: rope type "neox") rotate halves, as transformers does, and are stored as they are.
 _INTERLEAVED_ROPE = ("llama",)
 
 # Inside blk.N (GGUF) -> inside blocks.N (ours).
@@ -599,7 +599,7 @@ def _metadata_number(gguf: GGUFFile, key: str, kind: type, default: Any = _REQUI
 
 
 def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
-    """Our ModelConfig from a `llama` or `qwen2` GGUF file's metadata (and whether it stores a separate output
+    """Our ModelConfig from a `llama`, `qwen2` or `qwen3` GGUF file's metadata (and whether it stores a separate output
     matrix)."""
     arch = _architecture(gguf)
 
@@ -624,11 +624,12 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     special = {}
     for name in ("bos_token_id", "eos_token_id"):
         special[name] = _metadata_number(gguf, f"tokenizer.ggml.{name}", int, default=None)
-    # Biases on q/k/v (Qwen2; any llama file that has them): the file says so by holding them.
+    # Biases on q/k/v (Qwen2) and per-head q/k norms (Qwen3): the file says so by holding them.
     qkv_bias = "blk.0.attn_q.bias" in gguf.tensors
     try:
         return ModelConfig(
-            qkv_bias=qkv_bias or None, vocab_size=vocab_size, n_layers=number("block_count"), n_heads=n_heads,
+            qkv_bias=qkv_bias or None, qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors, vocab_size=vocab_size,
+            n_layers=number("block_count"), n_heads=n_heads,
             n_kv_heads=number("attention.head_count_kv", default=n_heads), d_model=d_model,
             d_ff=number("feed_forward_length"), head_dim=head_dim, max_seq_len=number("context_length"),
             positions="rope", rope_theta=number("rope.freq_base", float, default=10000.0), norm="rmsnorm",
@@ -648,6 +649,9 @@ def llama_tensor_names(config: ModelConfig) -> dict[str, str]:
         if config.qkv_bias:
             for short in ("q", "k", "v"):
                 names[f"blocks.{i}.attn.{short}_proj.bias"] = f"blk.{i}.attn_{short}.bias"
+        if config.qk_norm:
+            for short in ("q", "k"):
+                names[f"blocks.{i}.attn.{short}_norm.weight"] = f"blk.{i}.attn_{short}_norm.weight"
     if not config.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
     return names
@@ -707,9 +711,10 @@ def load_gguf_model(
     source: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     quantize: str | None = None,
 ):
-    """Build our GPT from a llama- or qwen2-architecture GGUF file, every tensor dequantised and cast to `dtype`;
-    or, with `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4, Q4_0/Q4_1 matrices keep
-    their own 4-bit levels and groups (no float round trip); everything else is dequantised, then quantised."""
+    """Build our GPT from a llama-, qwen2- or qwen3-architecture GGUF file, every tensor dequantised and cast to
+    `dtype`; or, with `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4, Q4_0/Q4_1
+    matrices keep their own 4-bit levels and groups (no float round trip); everything else is dequantised, then
+    quantised."""
     gguf = source if isinstance(source, GGUFFile) else read_gguf(source)
     config = gguf_model_config(gguf)
     interleaved = gguf.metadata["general.architecture"] in _INTERLEAVED_ROPE

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 import sparkgpt.model.native as native
 from sparkgpt.config import ModelConfig
+from sparkgpt.model.layers import RMSNorm
 from sparkgpt.model.sparse import bf16_band_attention, sparse_attention
 
 
@@ -224,6 +225,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
+        # qk_norm: normalising each head's q and k bounds the attention logits (Dehghani et al. 2023; Qwen3).
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.attend = ATTENTION_BACKENDS[config.attention_backend]
         if config.attention_scale is not None:
             self.attend = partial(self.attend, scale=config.attention_scale)
@@ -245,8 +249,7 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.queries(x), self.keys(x)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             cos, sin = rotary
@@ -258,6 +261,17 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.update(self.cache_index, k, v)
         heads = self.attend(q, k, v, mask, is_causal)
         return self.o_proj(heads.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
+
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^Q as heads [B, H, T, d_k] (each normalised with qk_norm)."""
+        q = self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim)
+        return (q if self.q_norm is None else self.q_norm(q)).transpose(1, 2)
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^K as heads [B, H_kv, T, d_k] (each normalised with qk_norm)."""
+        k = self.k_proj(x).view(*x.shape[:2], self.n_kv_heads, self.head_dim)
+        return (k if self.k_norm is None else self.k_norm(k)).transpose(1, 2)
 
 
 def _pattern_attention(
@@ -279,15 +293,13 @@ class CrossAttention(MultiHeadAttention):
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The memory's keys and values [B, H_kv, S, d_k]: computed once per source, reused at every decode step."""
         batch, length, _ = memory.shape
-        k = self.k_proj(memory).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(memory).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        return self.keys(memory), v
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """memory_mask: [B, 1, 1, S] booleans, True for real source tokens (None: no padding)."""
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-        heads = self.attend(q, *memory_kv, memory_mask, False)
+        heads = self.attend(self.queries(x), *memory_kv, memory_mask, False)
         return self.o_proj(heads.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
