@@ -116,6 +116,43 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             os.unlink(staging)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_file`: a reader or a crash sees the old file or the new one."""
+    with atomic_file(path) as file:
+        file.write(text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created, with its folder) while the block runs; if another process (or
+    another open of it here) holds it, a one-line SparkGPTError: `busy`, with the holder's pid. The kernel releases
+    the lock when its holder dies, so a killed process never leaves it held; the file stays (removing it would let
+    two processes lock two different files). Without flock (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (closed below, after the block)
+    except OSError as error:
+        raise SparkGPTError(f"{path}: cannot create this lock file ({error.strerror or error})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise SparkGPTError(f"{busy} (pid {holder})" if holder.isdigit() else busy) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
 def _sync_directory(directory: Path) -> None:
     """Make a rename inside `directory` durable, where the platform allows it."""
     with contextlib.suppress(OSError):

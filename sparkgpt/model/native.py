@@ -27,15 +27,24 @@ loops are used where the CPU has them, portable loops elsewhere (tests/test_nati
 portable ones).
 `SPARKGPT_NATIVE=0` turns the native path off. What loading found is recorded for `sparkgpt info`
 (`hardware.note`).
+
+A build killed halfway leaves torch's `lock` file in the build folder, and torch waits for that file to go away,
+silently and forever. So every build or load here first takes an exclusive `flock` on `sparkgpt.lock` beside it,
+which the kernel releases when its holder dies: a `lock` file found while holding it was left by a killed build
+and is removed with a one-line warning. Waiting for another process's build is bounded
+(`SPARKGPT_NATIVE_BUILD_WAIT` seconds, default 900), said on stderr after a few seconds, and ends, at the bound, in
+the PyTorch versions with a warning naming the holder and the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +69,91 @@ def _build_key(flags: list[str]) -> str:
     return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
 
 
-def _built(name: str) -> bool:
-    """Whether the extension builder's cache already holds a build of `name` (a private helper: False if gone)."""
+def _flags() -> list[str]:
+    return os.environ.get("SPARKGPT_NATIVE_CFLAGS", "-O3 -march=native").split()
+
+
+def _library_name(flags: list[str]) -> str:
+    return f"sparkgpt_native_{_build_key(flags)}"
+
+
+def _build_directory(name: str) -> Path | None:
+    """The extension builder's folder for `name` (created; a private helper of torch's: None if gone)."""
     from torch.utils import cpp_extension
 
     try:
-        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
     except Exception:
+        return None
+
+
+def _built(name: str) -> bool:
+    """Whether the extension builder's cache already holds a build of `name`."""
+    folder = _build_directory(name)
+    return folder is not None and (folder / f"{name}.so").exists()
+
+
+BUILD_GUARD = "sparkgpt.lock"  # our flock, released by the kernel when its holder dies
+TORCH_BATON = "lock"  # torch's own lock file (torch.utils.file_baton), which outlives a killed build
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the exclusive lock on the build folder `folder` (see the module's docstring): wait at most `wait_s`
+    seconds (default: $SPARKGPT_NATIVE_BUILD_WAIT, else 900) for another process's build, saying so on stderr, then
+    raise a one-line error naming the holder and the file; once held, remove torch's `lock` file if a killed build
+    left it (a live build would hold this lock)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's own lock alone, as before
+        yield
+        return
+    if wait_s is None:
+        wait_s = float(os.environ.get("SPARKGPT_NATIVE_BUILD_WAIT", "900"))
+    guard, baton = folder / BUILD_GUARD, folder / TORCH_BATON
+    with open(guard, "a+", encoding="utf-8") as handle:
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited >= wait_s:
+                    handle.seek(0)
+                    holder = handle.read().strip()
+                    who = f"pid {holder}" if holder.isdigit() else "another process"
+                    if holder.isdigit() and not _alive(int(holder)):
+                        advice = f"its holder, pid {holder}, is gone: delete {guard} and {baton}"
+                    else:
+                        advice = f"end {who} if it is stuck, or delete {guard} if no build is running"
+                    raise TimeoutError(f"waited {waited:.0f} s for {who} building the native kernels in {folder} "
+                                       f"({advice})") from None
+                if not told and waited >= min(3.0, wait_s / 2):
+                    print(f"sparkgpt: waiting for another process building the native kernels ({guard}; at most "
+                          f"{wait_s:.0f} s, SPARKGPT_NATIVE_BUILD_WAIT)", file=sys.stderr)
+                    told = True
+                time.sleep(0.1)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        if baton.exists():
+            with contextlib.suppress(FileNotFoundError):
+                baton.unlink()
+            warnings.warn(f"sparkgpt: removed a stale native-build lock {baton} (left by a killed build)",
+                          stacklevel=3)
+        yield  # closing the file releases the lock
 
 
 # What loading found: "ops" (the namespace, or None) and "bf16_attention" (bool). Once filled, `ops()` and
@@ -103,12 +189,15 @@ def load() -> None:
     try:
         from torch.utils import cpp_extension
 
-        flags = os.environ.get("SPARKGPT_NATIVE_CFLAGS", "-O3 -march=native").split()
-        name = f"sparkgpt_native_{_build_key(flags)}"
-        if not _built(name):
-            print("sparkgpt: compiling native kernels for this CPU (once, about 30 s)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], is_python_module=False,
-                           extra_cflags=[*flags, "-fopenmp"], extra_ldflags=["-fopenmp"])
+        flags = _flags()
+        name = _library_name(flags)
+        folder = _build_directory(name)
+        with build_lock(folder) if folder is not None else contextlib.nullcontext():
+            if not _built(name):
+                print("sparkgpt: compiling native kernels for this CPU (once, about 30 s)", file=sys.stderr)
+            cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], is_python_module=False,
+                               extra_cflags=[*flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               build_directory=None if folder is None else str(folder))
     except Exception as error:  # no compiler or ninja, a failed build: the Python step does the same work
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"sparkgpt: native kernels unavailable ({reason}); using their PyTorch versions",

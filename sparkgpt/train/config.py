@@ -20,6 +20,7 @@ import yaml
 from sparkgpt.config import PRESETS, ModelConfig, preset
 from sparkgpt.data.seq2seq import is_seq2seq
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import atomic_write_text
 from sparkgpt.model.lora import LoRAConfig
 
 
@@ -316,4 +317,5 @@ def load_train_config(spec: str | Path | None = None, overrides: dict[str, Any] 
 
 
 def save_train_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    """Write the resolved config as YAML, atomically: a reader or a crash sees the old file or the new one."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))

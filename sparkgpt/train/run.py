@@ -6,18 +6,27 @@ Fine-tuning: chat, prompt/completion or text records teach the language model (l
 write); labeled records train a classification head. `method="lora"` freezes the model and trains adapters, saved
 on their own; `method="full"` updates every weight and saves whole checkpoints. Everything else (config keys,
 checkpoints, exact resume, metrics, DDP under torchrun) is the trainer's.
+
+One run per folder: `train` (and so `finetune` and `distill`) holds an exclusive lock on RUN/.lock (flock, which
+the kernel releases if the process dies) from before the trainer looks at the folder to the run's end; a second
+run into the same folder is a one-line error naming it. The config and metrics snapshots are written atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from sparkgpt.config import PRESETS
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import exclusive_lock
 from sparkgpt.train.config import TRAIN_PRESETS, TrainConfig, load_train_config
 from sparkgpt.train.distill import DistillTrainer
 from sparkgpt.train.trainer import CONFIG_FILE, Trainer, TrainResult
+
+RUN_LOCK = ".lock"  # in the run folder: held (flock) by the run writing there, released by the kernel if it dies
 
 
 def train(
@@ -40,11 +49,16 @@ def train(
     else:
         resolved = load_train_config(config, overrides)
     trainer_class = DistillTrainer if resolved.teacher else Trainer
-    trainer = trainer_class(resolved, run_dir, resume=resume, progress=progress)
-    try:
-        return trainer.run()
-    finally:
-        trainer.dist.close()
+    # One run per folder: a second one would interleave checkpoints, metrics and config. Under torchrun the ranks
+    # of one run share the folder, and rank 0 holds the lock for them all.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with exclusive_lock(run_dir / RUN_LOCK, f"{run_dir}: another training run is writing to this folder; wait for "
+                        "it to end or choose another --out") if main_rank else contextlib.nullcontext():
+        trainer = trainer_class(resolved, run_dir, resume=resume, progress=progress)
+        try:
+            return trainer.run()
+        finally:
+            trainer.dist.close()
 
 
 def finetune(

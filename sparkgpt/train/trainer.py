@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from sparkgpt.data.examples import IGNORE, FinetuneData, micro_batch_rows
 from sparkgpt.data.seq2seq import Seq2SeqData, is_seq2seq
 from sparkgpt.data.tokens import TokenData, eval_offsets, gather, step_offsets
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.files import atomic_file, atomic_write_text
 from sparkgpt.model import GPT
 from sparkgpt.model.heads import SequenceClassifier
 from sparkgpt.model.lora import apply_lora
@@ -272,8 +272,8 @@ class Trainer:
         self.dist.barrier()  # every rank has looked before rank 0 writes
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_train_config(self.config, self.run_dir / CONFIG_FILE)
-            (self.run_dir / METRICS_FILE).write_text("", encoding="utf-8")
+            save_train_config(self.config, self.run_dir / CONFIG_FILE)  # atomic, as every snapshot below
+            atomic_write_text(self.run_dir / METRICS_FILE, "")
         self.dist.barrier()
 
     def _resume(self) -> None:
@@ -321,9 +321,7 @@ class Trainer:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 break  # a row cut short by the kill
-        staging = path.with_name(path.name + ".tmp")
-        staging.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
-        os.replace(staging, path)
+        atomic_write_text(path, "".join(row + "\n" for row in kept))
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
@@ -515,7 +513,8 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    staging = out_path.with_name(f".{out_path.name}.tmp")
-    figure.savefig(staging, format="png")
-    plt.close(figure)
-    os.replace(staging, out_path)
+    try:
+        with atomic_file(out_path) as file:
+            figure.savefig(file, format="png")
+    finally:
+        plt.close(figure)
