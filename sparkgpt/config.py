@@ -33,6 +33,9 @@ class ModelConfig:
     max_seq_len: int = 1024
     positions: Literal["learned", "rope", "sinusoidal"] = "learned"
     rope_theta: float = 10000.0
+    # A context extension of rope: {"rope_type": "linear" | "llama3" | "yarn", "factor", ...} as transformers
+    # writes it (model/attention.py `rope_frequencies`); None: plain rope.
+    rope_scaling: dict[str, Any] | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     ffn: Literal["gelu", "swiglu"] = "gelu"
@@ -107,6 +110,8 @@ class ModelConfig:
             raise SparkGPTError(
                 f"config field 'n_kv_heads' ({self.n_kv_heads}) must divide 'n_heads' ({self.n_heads})"
             )
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
         if self.positions == "rope" and self.head_dim % 2:  # rotary turns q and k in pairs of dimensions
             raise SparkGPTError(f"config field 'head_dim' ({self.head_dim}) must be even for rope positions")
         if self.positions == "sinusoidal" and self.d_model % 2:
@@ -142,6 +147,28 @@ class ModelConfig:
                                 "expected a positive number or None")
         if self.type_vocab_size < 0:
             raise SparkGPTError(f"config field 'type_vocab_size' is {self.type_vocab_size!r}; expected >= 0")
+
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        keys = {"linear": {"factor"}, "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor",
+                                                 "high_freq_factor"},
+                "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                         "truncate"}}
+        if not isinstance(scaling, dict) or scaling.get("rope_type") not in keys:
+            raise SparkGPTError(f"config field 'rope_scaling' must be a mapping with rope_type one of "
+                                f"{', '.join(keys)}; got {scaling!r}")
+        unknown = sorted(set(scaling) - keys[scaling["rope_type"]] - {"rope_type"})
+        if unknown or scaling.get("truncate", True) is not True:  # DeepSeek's mscale variants: not these formulas
+            raise SparkGPTError(f"config field 'rope_scaling': {scaling['rope_type']} with "
+                                f"{', '.join(unknown) or 'truncate=False'} is not supported")
+        factor = scaling.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+            raise SparkGPTError(f"config field 'rope_scaling': factor must be a number >= 1, got {factor!r}")
+        original = scaling.get("original_max_position_embeddings")
+        if scaling["rope_type"] != "linear" and (isinstance(original, bool) or not isinstance(original, int)
+                                                 or original < 1):
+            raise SparkGPTError("config field 'rope_scaling': original_max_position_embeddings must be a positive "
+                                f"integer for {scaling['rope_type']}, got {original!r}")
 
     def layer_patterns(self) -> list[str]:
         """The attention pattern of each decoder layer ("dense" unless attention_patterns says otherwise)."""

@@ -89,3 +89,45 @@ def test_save_replaces_an_older_checkpoint_atomically(tmp_path, tokenizer):
     loaded = sparkgpt.load(tmp_path / "ckpt", device="cpu")
     torch.testing.assert_close(loaded.model.lm_head.weight, second.model.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folders left behind
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2,
+     "attention_factor": 1.3},
+], ids=["linear", "llama3", "yarn", "yarn-options"])
+def test_rope_scaling_equals_transformers_past_the_original_context_both_ways(tokenizer, tmp_path, scaling):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 10000.0, **scaling}, bos_token_id=None, eos_token_id=None,
+    )
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path / "theirs")
+    tokenizer.save(tmp_path / "theirs")
+    lm = sparkgpt.load(tmp_path / "theirs", device="cpu")
+    assert lm.config.rope_scaling["rope_type"] == scaling["rope_type"]
+    ids = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))  # 3x the 16
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), reference(ids).logits, atol=1e-4, rtol=0)
+        lm.save(tmp_path / "ours")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        torch.testing.assert_close(again(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
+        # The KV-cached decode (the lean step's rotary table included) past the original context, greedily.
+        prompt = ids[0, :30]
+        expected = reference.generate(prompt[None], max_new_tokens=10, do_sample=False,
+                                      attention_mask=torch.ones(1, 30, dtype=torch.long))
+    completion = lm.complete([prompt.tolist()], max_new_tokens=10, temperature=0)[0]
+    assert completion.token_ids == expected[0, 30:].tolist()
+
+
+def test_unsupported_rope_scaling_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}))
+    with pytest.raises(sparkgpt.SparkGPTError, match=r"rope_type.*longrope"):
+        hf.read_config(tmp_path)

@@ -11,6 +11,7 @@ import torch
 
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.model.attention import ROPE_SCALING
 
 # Keys every transformers config.json may carry that say nothing about the architecture's math.
 GENERIC_KEYS = {
@@ -151,7 +152,8 @@ def _llama_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
     _require(source, "hidden_act", hf.get("hidden_act", "silu"), ("silu",))
     _require(source, "pretraining_tp", hf.get("pretraining_tp", 1), (1,))
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    _require(source, "rope_type", rope.get("rope_type", rope.get("type", "default")), ("default",))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _require(source, "rope_type", rope_type, ("default", *ROPE_SCALING))
     attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
     if attention_bias != mlp_bias:
         raise SparkGPTError(f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported")
@@ -165,7 +167,18 @@ def _llama_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
         norm_eps=hf.get("rms_norm_eps", 1e-6), ffn="swiglu", bias=attention_bias,
         tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+        rope_scaling=_rope_scaling(rope, rope_type, hf),
     )
+
+
+def _rope_scaling(rope: dict[str, Any], rope_type: str, hf: dict[str, Any]) -> dict[str, Any] | None:
+    """transformers' rope_parameters (5.x) or rope_scaling (4.x) as ours: the scaling's own keys, without theta."""
+    if rope_type == "default":
+        return None
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "rope_type") and v is not None}
+    if rope_type != "linear":  # transformers falls back to the config's context when the scaling omits it
+        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+    return {"rope_type": rope_type, **scaling}
 
 
 def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -176,8 +189,9 @@ def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         max_position_embeddings=config.max_seq_len, initializer_range=config.initializer_range,
         rms_norm_eps=config.norm_eps, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
-        # transformers 5 reads rope_parameters; 4.x reads rope_theta.
-        rope_theta=config.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
+        rope_theta=config.rope_theta, rope_scaling=config.rope_scaling,
+        rope_parameters={"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta},
     )
 
 

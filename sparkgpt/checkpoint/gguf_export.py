@@ -128,6 +128,9 @@ def _check_llama(config: ModelConfig) -> None:
             f"{config.norm}, {config.ffn})"
         raise SparkGPTError(f"GGUF export supports Llama-family models (decoder, RoPE, RMSNorm, SwiGLU, no biases, "
                             f"no experts); this model is {kind}")
+    if config.rope_scaling is not None:
+        raise SparkGPTError(f"GGUF export does not write rope scaling ({config.rope_scaling['rope_type']}) yet; "
+                            "export the model as an HF checkpoint directory instead")
 
 
 def model_metadata(config: ModelConfig, name: str, dtype: str) -> dict[str, tuple[int, Any]]:

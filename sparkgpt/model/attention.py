@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,17 +85,61 @@ def sdpa_attention(
 ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+ROPE_SCALING = ("linear", "llama3", "yarn")
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                   scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE angles: the pair (x_i, x_{i+d/2}) of each head turns by p · θ^(-2i/d) at position p.
 
     Returns cos and sin [B, 1, T, d] for positions [B, T], to broadcast over heads. Computed per forward
     (a few tiny ops) rather than cached, so the model holds no buffers and can be built on the meta device.
+    `scaling` stretches the frequencies for contexts longer than the model was trained on (`rope_frequencies`).
     """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
-    angles = positions.float()[..., None] * inv_freq
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+    """θ^(-2i/d) for each pair i, and the factor cos and sin are multiplied by, under a context extension:
+
+    - linear (Chen et al. 2023, position interpolation): every frequency / factor;
+    - llama3: frequencies whose wavelength is longer than the original context / low_freq_factor are divided by
+      the factor, those shorter than the context / high_freq_factor kept, the band between blended linearly;
+    - yarn (Peng et al. 2023): pairs that turn fewer than beta_slow times over the original context are
+      interpolated, more than beta_fast times kept, a linear ramp between; cos and sin scaled by
+      attention_factor (default 0.1 · ln(factor) + 1).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        middle = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(middle, blended, scaled), 1.0
+    if kind == "yarn":
+        def dimension(rotations: float) -> float:  # the pair index that turns `rotations` times over `original`
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(dimension(scaling.get("beta_fast", 32))), 0)
+        high = min(math.ceil(dimension(scaling.get("beta_slow", 1))), head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2).float() - low) / max(high - low, 1e-3)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        attention_factor = scaling.get("attention_factor") or 0.1 * math.log(factor) + 1.0
+        return inv_freq, float(attention_factor)
+    raise ValueError(f"rope scaling {kind!r} is not supported; supported: {', '.join(ROPE_SCALING)}")
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

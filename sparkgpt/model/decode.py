@@ -170,7 +170,8 @@ class DecodeStep:
         """cos and signed sin [positions, d] for every position up to `length` (grown by doubling)."""
         size = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
         size = min(size, max(self.config.max_seq_len, length))
-        cos, sin = rotary_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.config.rope_theta,
+                                  self.config.rope_scaling)
         cos, sin = cos[0, 0], sin[0, 0]
         half = self.head_dim // 2
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # rotate_half's sign, folded in

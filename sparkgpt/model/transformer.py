@@ -258,7 +258,7 @@ def embed(
     elif config.positions == "sinusoidal":
         x = x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
     else:
-        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling)
         rotary = cos.to(x.dtype), sin.to(x.dtype)
     if config.type_vocab_size:
         types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)  # all sentence A
