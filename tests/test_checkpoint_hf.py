@@ -131,3 +131,22 @@ def test_unsupported_rope_scaling_is_refused_by_name(tmp_path):
         "num_attention_heads": 2, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}))
     with pytest.raises(sparkgpt.SparkGPTError, match=r"rope_type.*longrope"):
         hf.read_config(tmp_path)
+
+
+def test_phi3_fused_projections_and_window_load_with_equal_logits_and_save_as_mistral(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=8,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    reference = transformers.Phi3ForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path / "phi3")
+    lm = sparkgpt.load(tmp_path / "phi3", device="cpu")
+    ids = token_batch(config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), reference(ids).logits, atol=1e-4, rtol=0)
+        lm.save(tmp_path / "ours")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert type(again).__name__ == "MistralForCausalLM"
+        torch.testing.assert_close(again(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)

@@ -31,7 +31,7 @@ class Family:
     model_type: str
     architecture: str
     config_from_hf: Callable[[dict[str, Any], str], dict[str, Any]]
-    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]] | None  # None: read only (`family_for` never names it)
     tensor_names: Callable[[ModelConfig], dict[str, str]]  # our name -> their name
     to_ours: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
     to_theirs: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
@@ -289,6 +289,42 @@ def _qwen_tensor_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
+# ---- Phi-3 (Llama's math with fused q/k/v and gate/up matrices) -------------------------------------------------
+
+_PHI3_KEYS = _LLAMA_KEYS | {"resid_pdrop", "embd_pdrop", "original_max_position_embeddings", "sliding_window",
+                            "partial_rotary_factor"}
+
+
+def _phi3_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    _take(hf, source, _PHI3_KEYS)
+    rope = hf.get("rope_parameters") or {}
+    _require(source, "partial_rotary_factor", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
+             (1, 1.0))
+    values = _llama_config_from_hf({k: v for k, v in hf.items() if k in _LLAMA_KEYS} | {
+        "rope_parameters": {k: v for k, v in rope.items() if k != "partial_rotary_factor"}}, source)
+    if hf.get("sliding_window") is not None:
+        values.update(attention_patterns=["local"], attention_window=hf["sliding_window"])
+    return values
+
+
+def _phi3_tensor_names(config: ModelConfig) -> dict[str, str]:
+    fused = (".q_proj.", ".k_proj.", ".v_proj.", ".gate_proj.", ".up_proj.")
+    return {ours: theirs for ours, theirs in llama_tensor_names(config).items() if not any(f in ours for f in fused)}
+
+
+def _phi3_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Phi-3 stores [W_q; W_k; W_v] as qkv_proj and [W_gate; W_up] as gate_up_proj: split them."""
+    ours, q_rows, kv_rows = {}, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    for i in range(config.n_layers):
+        layer = f"model.layers.{i}."
+        q, k, v = state.pop(layer + "self_attn.qkv_proj.weight").split([q_rows, kv_rows, kv_rows])
+        gate, up = state.pop(layer + "mlp.gate_up_proj.weight").chunk(2)
+        for name, weight in (("attn.q_proj", q), ("attn.k_proj", k), ("attn.v_proj", v), ("ffn.gate_proj", gate),
+                             ("ffn.up_proj", up)):
+            ours[f"blocks.{i}.{name}.weight"] = weight
+    return ours
+
+
 # ---- GPT-Neo (GPT-3-style alternating global and local attention) --------------------------------------------
 
 _GPT_NEO_KEYS = {
@@ -486,6 +522,9 @@ FAMILIES: dict[str, Family] = {
                     ignored_tensors=(".rotary_emb.inv_freq",)),
     "qwen3": Family("qwen3", "Qwen3ForCausalLM", _qwen3_config_from_hf, _qwen3_config_to_hf, _qwen_tensor_names,
                     ignored_tensors=(".rotary_emb.inv_freq",)),
+    # Read only: a model of Phi-3's math is written as Llama (or Mistral, with a window), which transformers reads.
+    "phi3": Family("phi3", "Phi3ForCausalLM", _phi3_config_from_hf, None, _phi3_tensor_names, _phi3_to_ours,
+                   ignored_tensors=(".rotary_emb.inv_freq",)),
     "gpt_neo": Family("gpt_neo", "GPTNeoForCausalLM", _gpt_neo_config_from_hf, _gpt_neo_config_to_hf,
                       _gpt_neo_tensor_names, ignored_tensors=(".attn.attention.bias", ".attn.attention.masked_bias"),
                       base_prefix="transformer."),
