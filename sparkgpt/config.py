@@ -38,7 +38,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    ffn: Literal["gelu", "swiglu"] = "gelu"
+    ffn: Literal["gelu", "swiglu", "geglu"] = "gelu"
     # Biases on every projection (GPT-2) or none (Llama).
     bias: bool = True
     tie_embeddings: bool = True
@@ -62,6 +62,8 @@ class ModelConfig:
     qkv_bias: bool | None = None     # biases on the q/k/v projections; None means `bias` (GPT-Neo: False)
     attention_scale: float | None = None  # scores are Q·Kᵀ × this; None means 1/√d_k (GPT-Neo: 1.0)
     qk_norm: bool = False            # RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3)
+    sandwich_norm: bool = False      # also a norm on each sub-layer's output, before the residual add (Gemma 2/3)
+    rope_local_theta: float | None = None  # the rope base of "local" layers, when it differs (Gemma 3: 10,000)
     # The attention pattern of each layer, cycled over the layers: ["dense", "local"] alternates as in GPT-3 and
     # GPT-Neo. None means dense causal everywhere. "local": the last `attention_window` positions; "strided"
     # and "fixed": the Sparse Transformer's patterns with stride / block `attention_window` (sparkgpt/model/sparse.py).
@@ -94,7 +96,7 @@ class ModelConfig:
         choices = {
             "positions": ("learned", "rope", "sinusoidal"),
             "norm": ("layernorm", "rmsnorm"),
-            "ffn": ("gelu", "gelu_exact", "relu", "swiglu"),
+            "ffn": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),
             "attention_backend": ("sdpa", "eager"),
             "architecture": ("decoder", "encoder", "encoder-decoder"),
             "norm_position": ("pre", "post"),

@@ -127,7 +127,26 @@ def hf_qwen3(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
     return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-qwen3"))
 
 
-@pytest.fixture(params=["hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3"])
+@pytest.fixture(scope="session")
+def hf_gemma3(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """A random-init transformers Gemma 3 (text): five sliding-window layers (window 8) to one global, two rope
+    bases, GeGLU, sandwich and q/k norms with (1 + w), embeddings × √d, query_pre_attn_scalar."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        max_position_embeddings=256, sliding_window=8, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # Gemma's norms start at w = 0 (a scale of 1): make them count
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    return model, save_hf_model(model, tokenizer, tmp_path_factory.mktemp("hf-gemma3"))
+
+
+@pytest.fixture(params=["hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_gemma3"])
 def hf_reference(request: pytest.FixtureRequest):
     """Each reference family in turn: (transformers model, its checkpoint directory)."""
     return request.getfixturevalue(request.param)

@@ -325,6 +325,110 @@ def _phi3_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
     return ours
 
 
+# ---- Gemma 3 (text) -----------------------------------------------------------------------------------------
+
+_GEMMA3_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_activation", "hidden_act", "max_position_embeddings",
+    "initializer_range", "rms_norm_eps", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_theta",
+    "rope_local_base_freq", "rope_scaling", "rope_parameters", "attention_bias", "attention_dropout",
+    "query_pre_attn_scalar", "sliding_window", "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
+    "use_bidirectional_attention", "_sliding_window_pattern", "sliding_window_pattern",
+}
+_GEMMA3_NORMS = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm",
+                 "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+
+
+def _gemma3_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """Gemma 3: GeGLU (tanh GELU), RMSNorms with (1 + w), a norm after each sub-layer too, q/k norms, embeddings
+    × √d_model, scores × query_pre_attn_scalar^-½, sliding-window layers with their own rope base."""
+    _take(hf, source, _GEMMA3_KEYS)
+    _require(source, "hidden_activation", hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh"),
+             ("gelu_pytorch_tanh",))
+    for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+        _require(source, field, hf.get(field), (None,))
+    _require(source, "use_bidirectional_attention", hf.get("use_bidirectional_attention", False), (False,))
+    _require(source, "attention_bias", hf.get("attention_bias", False), (False,))
+    rope = hf.get("rope_parameters") or {}
+    full, local = rope.get("full_attention", rope), rope.get("sliding_attention", {})
+    rope_type = full.get("rope_type", full.get("type", "default")) if full else "default"
+    _require(source, "rope_type", rope_type, ("default", *ROPE_SCALING))
+    _require(source, "sliding_attention rope_type", local.get("rope_type", "default"), ("default",))
+    n_layers, n_heads = hf.get("num_hidden_layers", 26), hf.get("num_attention_heads", 8)
+    layer_types = hf.get("layer_types") or ["full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0
+                                            else "sliding_attention" for i in range(n_layers)]
+    for kind in layer_types:
+        _require(source, "layer_types", kind, tuple(_QWEN2_LAYERS))
+    return dict(
+        vocab_size=hf.get("vocab_size", 262208), n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_model=hf.get("hidden_size", 2304),
+        d_ff=hf.get("intermediate_size", 9216), head_dim=hf.get("head_dim", 256),
+        max_seq_len=hf.get("max_position_embeddings", 131072), positions="rope",
+        rope_theta=float(full.get("rope_theta", hf.get("rope_theta", 1_000_000.0))),
+        rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))),
+        rope_scaling=_rope_scaling(full, rope_type, hf), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        ffn="geglu", bias=False, tie_embeddings=hf.get("tie_word_embeddings", True),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        initializer_range=hf.get("initializer_range", 0.02), qk_norm=True, sandwich_norm=True,
+        scale_embeddings=True, attention_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
+        attention_patterns=[_QWEN2_LAYERS[kind] for kind in layer_types],
+        attention_window=hf.get("sliding_window") or 4096,
+    )
+
+
+def _gemma3_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    full = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=config.max_seq_len, initializer_range=config.initializer_range,
+        rms_norm_eps=config.norm_eps, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_embeddings, attention_bias=False,
+        query_pre_attn_scalar=_whole(config.attention_scale ** -2), sliding_window=config.attention_window,
+        layer_types=["sliding_attention" if p == "local" else "full_attention" for p in config.layer_patterns()],
+        final_logit_softcapping=None, attn_logit_softcapping=None,
+        rope_parameters={"full_attention": full,
+                         "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta}},
+    )
+
+
+def _whole(value: float) -> int | float:
+    """An integer where the float is one but for rounding (transformers' Gemma configs want int scalars)."""
+    return round(value) if abs(value - round(value)) < 1e-6 else value
+
+
+def _gemma3_tensor_names(config: ModelConfig) -> dict[str, str]:
+    """Everything but the norms, which `_gemma3_to_ours` / `_gemma3_to_theirs` move (their weights shift by 1)."""
+    return {ours: theirs for ours, theirs in llama_tensor_names(config).items() if not ours.endswith("norm.weight")}
+
+
+def _gemma3_norm_names(config: ModelConfig) -> dict[str, str]:
+    names = {"final_norm.weight": "model.norm.weight"}
+    for i in range(config.n_layers):
+        for ours, theirs in _GEMMA3_NORMS.items():
+            names[f"blocks.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def _gemma3_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Gemma's RMSNorm scales by (1 + w), ours by g: g = 1 + w, computed in float32 as Gemma computes it."""
+    ours = {}
+    for our_name, their_name in _gemma3_norm_names(config).items():
+        weight = state.pop(their_name)
+        ours[our_name] = (1.0 + weight.float()).to(weight.dtype)
+    return ours
+
+
+def _gemma3_to_theirs(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    theirs = {}
+    for our_name, their_name in _gemma3_norm_names(config).items():
+        weight = state.pop(our_name)
+        theirs[their_name] = (weight.float() - 1.0).to(weight.dtype)
+    return theirs
+
+
 # ---- GPT-Neo (GPT-3-style alternating global and local attention) --------------------------------------------
 
 _GPT_NEO_KEYS = {
@@ -525,6 +629,8 @@ FAMILIES: dict[str, Family] = {
     # Read only: a model of Phi-3's math is written as Llama (or Mistral, with a window), which transformers reads.
     "phi3": Family("phi3", "Phi3ForCausalLM", _phi3_config_from_hf, None, _phi3_tensor_names, _phi3_to_ours,
                    ignored_tensors=(".rotary_emb.inv_freq",)),
+    "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", _gemma3_config_from_hf, _gemma3_config_to_hf,
+                          _gemma3_tensor_names, _gemma3_to_ours, _gemma3_to_theirs),
     "gpt_neo": Family("gpt_neo", "GPTNeoForCausalLM", _gpt_neo_config_from_hf, _gpt_neo_config_to_hf,
                       _gpt_neo_tensor_names, ignored_tensors=(".attn.attention.bias", ".attn.attention.masked_bias"),
                       base_prefix="transformer."),
@@ -541,7 +647,8 @@ def family_for(config: ModelConfig) -> Family | None:
     patterns = set(config.layer_patterns())
     mha = config.n_kv_heads == config.n_heads and config.head_dim * config.n_heads == config.d_model
     decoder = config.architecture == "decoder" and config.norm_position == "pre" and config.final_norm \
-        and not config.embedding_norm and not config.type_vocab_size and not config.scale_embeddings
+        and not config.embedding_norm and not config.type_vocab_size and not config.scale_embeddings \
+        and not config.sandwich_norm and config.rope_local_theta is None
     dense = patterns == {"dense"} and config.n_experts == 0
     default_attention = config.qkv_bias in (None, config.bias) and config.attention_scale is None \
         and not config.qk_norm
@@ -560,6 +667,13 @@ def family_for(config: ModelConfig) -> Family | None:
         return FAMILIES["qwen2"]
     if qwen_like and config.qk_norm and config.qkv_bias in (None, config.bias):
         return FAMILIES["qwen3"]
+    gemma3 = config.architecture == "decoder" and config.norm_position == "pre" and config.final_norm \
+        and config.scale_embeddings and config.sandwich_norm and config.qk_norm and config.ffn == "geglu" \
+        and config.norm == "rmsnorm" and config.positions == "rope" and not config.bias and not config.qkv_bias \
+        and config.attention_scale is not None and config.rope_local_theta is not None and one_expert \
+        and patterns <= {"dense", "local"} and not config.embedding_norm and not config.type_vocab_size
+    if gemma3:
+        return FAMILIES["gemma3_text"]
     if decoder and gpt2_like and config.ffn == "gelu" and config.n_experts == 0 and config.qkv_bias is False \
             and config.attention_scale == 1.0 and patterns <= {"dense", "local"}:
         return FAMILIES["gpt_neo"]

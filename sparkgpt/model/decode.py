@@ -158,13 +158,14 @@ class DecodeStep:
     def supports(model: nn.Module) -> bool:
         """Decoder-only, pre-norm, with dense attention in every layer and GPT-2's or Llama's embedding and final
         norm: what the loop below computes. The rest (sparse patterns, post-norm blocks, sinusoidal positions,
-        scaled, typed or normalised embeddings, no final norm, q/k norms) takes the general forward, which `embed`
-        serves."""
+        scaled, typed or normalised embeddings, no final norm, q/k or sandwich norms, GeGLU, a second rope base) takes
+        the general forward, which `embed` serves."""
         config = getattr(model, "config", None)
         return (config is not None and config.architecture == "decoder" and hasattr(model, "lm_head")
                 and all(p == "dense" for p in config.layer_patterns()) and config.norm_position == "pre"
                 and config.positions in ("learned", "rope") and config.final_norm and not config.scale_embeddings
-                and not config.embedding_norm and not config.type_vocab_size and not config.qk_norm)
+                and not config.embedding_norm and not config.type_vocab_size and not config.qk_norm
+                and not config.sandwich_norm and config.rope_local_theta is None and config.ffn != "geglu")
 
     def _rotary_table(self, length: int, device: torch.device, dtype: torch.dtype) -> None:
         """cos and signed sin [positions, d] for every position up to `length` (grown by doubling)."""

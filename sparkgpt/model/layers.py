@@ -72,8 +72,15 @@ class SwiGLUFFN(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class GeGLUFFN(SwiGLUFFN):
+    """FFN(x) = (GELU(x W_gate) ⊙ x W_up) W_down, GELU in its tanh approximation (Shazeer 2020; Gemma)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
 FFN_VARIANTS: dict[str, type[nn.Module]] = {"gelu": GeluFFN, "gelu_exact": GeluFFN, "relu": GeluFFN,
-                                            "swiglu": SwiGLUFFN}
+                                            "swiglu": SwiGLUFFN, "geglu": GeGLUFFN}
 
 
 class MixtureOfExperts(nn.Module):

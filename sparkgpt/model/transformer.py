@@ -35,6 +35,9 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config)
         self.ffn = make_ffn(config)
         self.post_norm = config.norm_position == "post"
+        if config.sandwich_norm:  # x = x + Norm(Attention(Norm(x))): each sub-layer's output is normalised too
+            self.attn_post_norm, self.ffn_post_norm = make_norm(config), make_norm(config)
+        self.sandwich = config.sandwich_norm
 
     def forward(
         self,
@@ -51,10 +54,12 @@ class Block(nn.Module):
             if memory_kv is not None:
                 x = self.cross_norm(x + self.cross_attn(x, memory_kv, memory_mask))
             return self.ffn_norm(x + self.ffn(x))
-        x = x + self.attn(self.attn_norm(x), rotary, mask, is_causal, cache)
+        attended = self.attn(self.attn_norm(x), rotary, mask, is_causal, cache)
+        x = x + (self.attn_post_norm(attended) if self.sandwich else attended)
         if memory_kv is not None:
             x = x + self.cross_attn(self.cross_norm(x), memory_kv, memory_mask)
-        return x + self.ffn(self.ffn_norm(x))
+        fed = self.ffn(self.ffn_norm(x))
+        return x + (self.ffn_post_norm(fed) if self.sandwich else fed)
 
 
 class GPT(nn.Module):
@@ -137,13 +142,19 @@ class GPT(nn.Module):
         mask, is_causal = self._attention_mask(attention_mask, seq_len, past + seq_len, input_ids.device)
 
         x, rotary = embed(self, input_ids, positions)
+        rotaries = [rotary] * len(self.blocks)
+        if self.config.rope_local_theta is not None:  # local layers turn at their own base, without scaling
+            cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_local_theta)
+            local = cos.to(x.dtype), sin.to(x.dtype)
+            rotaries = [local if p == "local" else rotary for p in self.config.layer_patterns()]
         if self.sparse:
             layer_masks = self._pattern_masks(mask, is_causal, positions, attention_mask, cache)
-            for block, (layer_mask, layer_causal) in zip(self.blocks, layer_masks, strict=True):
-                x = block(x, rotary, layer_mask, layer_causal, cache)
+            for block, layer_rotary, (layer_mask, layer_causal) in zip(self.blocks, rotaries, layer_masks,
+                                                                       strict=True):
+                x = block(x, layer_rotary, layer_mask, layer_causal, cache)
         else:
-            for block in self.blocks:
-                x = block(x, rotary, mask, is_causal, cache)
+            for block, layer_rotary in zip(self.blocks, rotaries, strict=True):
+                x = block(x, layer_rotary, mask, is_causal, cache)
         if self.config.n_experts:
             self.aux_loss = load_balancing_loss([block.ffn for block in self.blocks])
         if cache is not None:
