@@ -553,9 +553,9 @@ def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torc
 
 # ---- the llama architecture -------------------------------------------------------------------------------
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 # ggml rotates adjacent pairs for these (rope type "norm"), so llama.cpp's converter reorders their Q/K rows; the
-# others (Qwen2, Qwen3: rope type "neox") rotate halves, as transformers does, and are stored as they are.
+# others (Qwen2, Qwen3, Gemma 3: rope type "neox") rotate halves, as transformers does, and are stored as they are.
 _INTERLEAVED_ROPE = ("llama",)
 
 # Inside blk.N (GGUF) -> inside blocks.N (ours).
@@ -570,6 +570,13 @@ _LLAMA_BLOCK_TENSORS = {
     "ffn_up.weight": "ffn.up_proj.weight",
     "ffn_down.weight": "ffn.down_proj.weight",
 }
+# Gemma 3's sandwich norms. llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w: our g as it is.
+_GEMMA3_BLOCK_TENSORS = {"post_attention_norm.weight": "attn_post_norm.weight",
+                         "post_ffw_norm.weight": "ffn_post_norm.weight"}
+# What llama.cpp fixes in code for gemma3 files rather than in metadata: one global layer in six, and the rope base
+# of the sliding-window layers.
+_GEMMA3_GLOBAL_EVERY = 6
+_GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 
 def _architecture(gguf: GGUFFile) -> str:
@@ -626,14 +633,22 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
         special[name] = _metadata_number(gguf, f"tokenizer.ggml.{name}", int, default=None)
     # Biases on q/k/v (Qwen2) and per-head q/k norms (Qwen3): the file says so by holding them.
     qkv_bias = "blk.0.attn_q.bias" in gguf.tensors
+    family: dict[str, Any] = {"ffn": "swiglu"}
+    if arch == "gemma3":
+        n_layers = number("block_count")
+        every = number("attention.sliding_window_pattern", default=_GEMMA3_GLOBAL_EVERY)
+        family = dict(ffn="geglu", sandwich_norm=True, scale_embeddings=True, attention_scale=head_dim ** -0.5,
+                      rope_local_theta=_GEMMA3_LOCAL_ROPE_THETA, attention_window=number("attention.sliding_window"),
+                      attention_patterns=["dense" if (i + 1) % every == 0 else "local" for i in range(n_layers)])
     try:
         return ModelConfig(
+            **family,
             qkv_bias=qkv_bias or None, qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors, vocab_size=vocab_size,
             n_layers=number("block_count"), n_heads=n_heads,
             n_kv_heads=number("attention.head_count_kv", default=n_heads), d_model=d_model,
             d_ff=number("feed_forward_length"), head_dim=head_dim, max_seq_len=number("context_length"),
             positions="rope", rope_theta=number("rope.freq_base", float, default=10000.0), norm="rmsnorm",
-            norm_eps=number("attention.layer_norm_rms_epsilon", float), ffn="swiglu", bias=False,
+            norm_eps=number("attention.layer_norm_rms_epsilon", float), bias=False,
             tie_embeddings="output.weight" not in gguf.tensors, **special,
         )
     except SparkGPTError as error:
@@ -652,6 +667,9 @@ def llama_tensor_names(config: ModelConfig) -> dict[str, str]:
         if config.qk_norm:
             for short in ("q", "k"):
                 names[f"blocks.{i}.attn.{short}_norm.weight"] = f"blk.{i}.attn_{short}_norm.weight"
+        if config.sandwich_norm:
+            for theirs, ours in _GEMMA3_BLOCK_TENSORS.items():
+                names[f"blocks.{i}.{ours}"] = f"blk.{i}.{theirs}"
     if not config.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
     return names

