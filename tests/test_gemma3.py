@@ -14,6 +14,7 @@ from sparkgpt.checkpoint import registry
 from sparkgpt.checkpoint.registry import ALIASES, Alias, installed_path
 from sparkgpt.errors import SparkGPTError
 
+CORPUS = Path(__file__).resolve().parent.parent / "sparkgpt" / "rag" / "data" / "corpus" / "harbour_of_velmora.md"
 TEXT = ("The capital of France is Paris. Le chat dort sur le canapé. El perro corre en el parque. "
         "Der Hund schläft. 日本語のテキストです。")
 
@@ -44,28 +45,57 @@ def gemma3_path() -> Path:
     return registry.resolve("gemma3-270m")
 
 
-@pytest.mark.slow
-def test_gemma3_270m_tokens_and_logits_equal_transformers_reading_the_same_file(gemma3_path):
+@pytest.fixture(scope="module")
+def gemma3(gemma3_path):
+    """(our LM, transformers' tokenizer and model reading the same file in float32)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    lm = sparkgpt.load("gemma3-270m")
+    folder, name = str(gemma3_path.parent), gemma3_path.name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                                  torch_dtype=torch.float32).eval()
+    return sparkgpt.load("gemma3-270m"), tokenizer, reference
+
+
+@pytest.mark.slow
+def test_gemma3_270m_tokens_logits_and_greedy_text_equal_transformers_reading_the_same_file(gemma3):
+    lm, tokenizer, reference = gemma3
     config = lm.config
     assert config.layer_patterns()[:6] == ["local"] * 5 + ["dense"] and config.attention_window == 512
     assert (config.rope_theta, config.rope_local_theta, config.head_dim) == (1e6, 1e4, 256)
-    folder, name = str(gemma3_path.parent), gemma3_path.name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for text in (TEXT, "Emoji 🙂🚀👩‍💻 and code: def f(x): return x ** 2  # tabs\tand  spaces", "中文：机器学习。"):
+        assert lm.tokenizer.encode(text) == tokenizer(text)["input_ids"], text
     ids = lm.tokenizer.encode(TEXT)
-    assert ids == tokenizer(TEXT)["input_ids"]
-    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                                  torch_dtype=torch.float32).eval()
-    long = (ids * 40)[:600]  # past the 512-token window of the sliding layers
     with torch.no_grad():
         torch.testing.assert_close(lm.model(torch.tensor([ids])), reference(torch.tensor([ids])).logits,
                                    atol=1e-4, rtol=0)
-        ours, theirs = lm.model(torch.tensor([long])), reference(torch.tensor([long])).logits
-    # Logits of this model reach ±40: 600 positions through 18 layers agree to a few ulps of that.
+    completion = lm.complete([ids], max_new_tokens=32, temperature=0)[0]
+    expected = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
+    assert completion.token_ids == expected[0, len(ids):].tolist()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_sliding_window_holds_past_512_cached_tokens(gemma3):
+    lm, _, reference = gemma3
+    ids = (lm.tokenizer.encode(CORPUS.read_text()) * 3)[:700]
+    with torch.no_grad():
+        ours, theirs = lm.model(torch.tensor([ids])), reference(torch.tensor([ids])).logits
+    # Logits of this model reach ±40: 700 positions through 18 layers agree to a few ulps of that.
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
-    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
-    completion = lm.complete([ids[:8]], max_new_tokens=12, temperature=0)[0]
-    expected = reference.generate(torch.tensor([ids[:8]]), max_new_tokens=12, do_sample=False)
-    assert completion.token_ids == expected[0, 8:].tolist()
+    completion = lm.complete([ids], max_new_tokens=16, temperature=0)[0]  # decoded through the KV cache's ring
+    expected = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    assert completion.token_ids == expected[0, 700:].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, bound", [("int8", 0.01), ("int4", 0.05)])
+def test_gemma3_270m_quantised_perplexity_stays_within_bound(gemma3, method, bound):
+    from sparkgpt.evaluate.loglik import perplexity, prefix_token, score_text
+
+    lm = gemma3[0]
+    ids = lm.tokenizer.encode(CORPUS.read_text(), add_special_tokens=False)[:400]
+    start = prefix_token(lm.tokenizer)
+    base = perplexity(score_text(lm.model, ids, start), len(ids))
+    quantised = sparkgpt.load("gemma3-270m", quantize=method)
+    ours = perplexity(score_text(quantised.model, ids, start), len(ids))
+    assert abs(ours / base - 1) <= bound, (method, base, ours)

@@ -94,11 +94,23 @@ def test_fused_rows_compute_what_the_separate_layers_do():
 
 # ---- the lean decode step against transformers ------------------------------------------------------------------
 
+@pytest.fixture(params=["hf_gpt2", "hf_llama"])
+def lean_reference(request: pytest.FixtureRequest):
+    """The reference families the lean decode step covers (the others take the model's forward)."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("family", ["hf_mistral", "hf_qwen2", "hf_qwen3", "hf_gemma3"])
+def test_the_lean_decode_step_leaves_windows_and_extra_norms_to_the_forward(request, family):
+    lm = sparkgpt.load(request.getfixturevalue(family)[1], device="cpu")
+    assert decode_step(lm.model) is None
+
+
 @torch.inference_mode()
-def test_decode_step_logits_equal_transformers_at_every_position(hf_reference):
+def test_decode_step_logits_equal_transformers_at_every_position(lean_reference):
     """Prefill 5 tokens, then decode the next 7 one at a time through the lean step, for a ragged batch: each
     row's logits equal transformers' on that row alone."""
-    hf_model, directory = hf_reference
+    hf_model, directory = lean_reference
     lm = sparkgpt.load(directory, device="cpu")
     step = decode_step(lm.model)
     assert step is not None
@@ -350,3 +362,23 @@ def test_untimed_prompts_multiply_in_bfloat16(monkeypatch):
     monkeypatch.setenv("SPARKGPT_MEASURE", "0")
     monkeypatch.setattr(quant, "_PREFILL_DTYPES", {})
     assert quant.prefill_dtype(64, 48) == torch.bfloat16
+
+
+def test_an_int4_model_with_int8_layers_saves_and_loads_them_as_int8(hf_llama, tmp_path):
+    _, directory = hf_llama
+    model = sparkgpt.load(directory, device="cpu").model
+    keep = {"blocks.0.attn.q_proj", "blocks.1.ffn.down_proj"}
+    quant.quantize_model(model, "int4", int8_layers=keep)
+    lm = sparkgpt.LM(model, sparkgpt.load(directory).tokenizer)
+    lm.save(tmp_path / "mixed")
+    loaded = sparkgpt.load(tmp_path / "mixed", device="cpu")
+    assert loaded.model.quantization == {"method": "int4", "group_size": 32, "int8_layers": sorted(keep)}
+    def kinds(model):
+        return {name: m.method for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+    assert kinds(loaded.model) == kinds(lm.model)
+    assert all(kinds(loaded.model)[name] == "int8" for name in keep)
+    assert kinds(loaded.model)["blocks.0.attn.k_proj"] == "int4"  # its neighbour, of the same shape, is not kept
+    ids = torch.randint(0, lm.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(ids), lm.model(ids), atol=0, rtol=0)

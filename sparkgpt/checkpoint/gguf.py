@@ -725,14 +725,34 @@ def q4_as_int4(gguf: GGUFFile, name: str) -> dict[str, torch.Tensor]:
             "zeros": torch.from_numpy(zeros).view(groups).bfloat16()}
 
 
+# Under int4, these keep int8: their author gave them more than 4 bits (Q4_K_M files keep the most sensitive
+# matrices at Q5/Q6/Q8), or levels a uniform 4-bit grid does not hold (IQ4's non-uniform ones).
+_INT8_UNDER_INT4 = (F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
+
+
+def q4_k_as_int4(gguf: GGUFFile, name: str) -> dict[str, torch.Tensor]:
+    """A Q4_K matrix as sparkgpt's int4 tensors, straight from its blocks: each 32-value sub-block is one group,
+    x = (d · scale) · q - dmin · min = s · (q - 8) + (8s - dmin · min) with s = d · scale, rounded to bfloat16."""
+    info = gguf._info(name)
+    rows, cols = info.shape
+    blocks = np.ascontiguousarray(gguf.raw(name)).reshape(-1, GGML_TYPES[Q4_K][2])
+    scales, mins = _k_quant_scales(blocks[:, 4:16])
+    step = _f16(blocks[:, 0:2]) * scales.astype(np.float32)  # [n_blocks, 8]
+    zeros = np.float32(8) * step - _f16(blocks[:, 2:4]) * mins.astype(np.float32)
+    levels = torch.from_numpy(_nibbles(blocks[:, 16:], 32)).view(rows, cols)
+    groups = (rows, cols // GROUP_SIZE)
+    return {"qweight": pack_nibbles(levels), "scales": torch.from_numpy(step).view(groups).bfloat16(),
+            "zeros": torch.from_numpy(zeros).view(groups).bfloat16()}
+
+
 def load_gguf_model(
     source: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     quantize: str | None = None,
 ):
-    """Build our GPT from a llama-, qwen2- or qwen3-architecture GGUF file, every tensor dequantised and cast to
-    `dtype`; or, with `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4, Q4_0/Q4_1
-    matrices keep their own 4-bit levels and groups (no float round trip); everything else is dequantised, then
-    quantised."""
+    """Build our GPT from a llama-, qwen2-, qwen3- or gemma3-architecture GGUF file, every tensor dequantised and
+    cast to `dtype`; or, with `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4,
+    Q4_0/Q4_1/Q4_K matrices keep their own 4-bit levels and groups (no float round trip), those stored with more
+    bits become int8 (`_INT8_UNDER_INT4`), everything else is dequantised, then quantised."""
     gguf = source if isinstance(source, GGUFFile) else read_gguf(source)
     config = gguf_model_config(gguf)
     interleaved = gguf.metadata["general.architecture"] in _INTERLEAVED_ROPE
@@ -740,12 +760,16 @@ def load_gguf_model(
         expected = GPT(config).state_dict()
     names = llama_tensor_names(config)
     _check_tensors(gguf, names, expected)
-    state, prequantized = {}, {}
+    state, prequantized, int8_layers = {}, {}, set()
     for ours, theirs in names.items():
-        layer = ours.removesuffix(".weight")
-        direct = quantize == "int4" and layer.startswith("blocks.") and gguf.tensors[theirs].ggml_type in (Q4_0, Q4_1) \
+        layer, ggml_type = ours.removesuffix(".weight"), gguf.tensors[theirs].ggml_type
+        fits = quantize == "int4" and layer.startswith("blocks.") and expected[ours].dim() == 2 \
             and layer_method(layer, quantize, tuple(expected[ours].shape)) == "int4"
-        weight = q4_as_int4(gguf, theirs) if direct else {"weight": gguf.tensor(theirs)}
+        if fits and ggml_type in _INT8_UNDER_INT4:
+            int8_layers.add(layer)
+        direct = fits and ggml_type in (Q4_0, Q4_1, Q4_K)
+        weight = (q4_k_as_int4 if ggml_type == Q4_K else q4_as_int4)(gguf, theirs) if direct \
+            else {"weight": gguf.tensor(theirs)}
         if interleaved and ours.endswith("attn.q_proj.weight"):
             weight = {key: unpermute_rope_rows(t, config.n_heads) for key, t in weight.items()}
         elif interleaved and ours.endswith("attn.k_proj.weight"):
@@ -756,4 +780,4 @@ def load_gguf_model(
         else:
             state[ours] = weight["weight"].to(device=device, dtype=dtype)
     model = GPT.from_state_dict(config, state)
-    return quantize_model(model, quantize, prequantized=prequantized) if quantize else model
+    return quantize_model(model, quantize, prequantized=prequantized, int8_layers=int8_layers) if quantize else model

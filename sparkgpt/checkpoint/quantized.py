@@ -24,8 +24,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     return {"quant_method": QUANT_METHOD, **model.quantization, "head": "int8"}
 
 
-def read_quantization(hf_config: dict[str, Any], source: str) -> tuple[str, int] | None:
-    """(method, group size) from a config.json's quantization_config, None if it has none."""
+def read_quantization(hf_config: dict[str, Any], source: str) -> tuple[str, int, list[str]] | None:
+    """(method, group size, layers kept int8 under int4) from a config.json's quantization_config, None if it has
+    none."""
     spec = hf_config.get("quantization_config")
     if spec is None:
         return None
@@ -38,7 +39,10 @@ def read_quantization(hf_config: dict[str, Any], source: str) -> tuple[str, int]
         raise SparkGPTError(f"{source}: quantization_config.method {method!r}; expected one of {', '.join(METHODS)}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
         raise SparkGPTError(f"{source}: quantization_config.group_size {group_size!r}; expected an even integer")
-    return method, group_size
+    int8_layers = spec.get("int8_layers", [])
+    if not isinstance(int8_layers, list) or not all(isinstance(name, str) for name in int8_layers):
+        raise SparkGPTError(f"{source}: quantization_config.int8_layers must be a list of layer names")
+    return method, group_size, int8_layers
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,11 +58,12 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_from_quantized_state(config: Any, method: str, group_size: int, state: dict[str, torch.Tensor],
-                               source: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+                               source: str, dtype: torch.dtype, device: torch.device | str,
+                               int8_layers: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """Build a quantised GPT from stored tensors, checked against the skeleton's names, shapes and dtypes.
     Float tensors (norms, biases) become `dtype`; the integers and scales stay as stored."""
     with torch.device("meta"):
-        model = quantize_skeleton(GPT(config), method, group_size)
+        model = quantize_skeleton(GPT(config), method, group_size, int8_layers)
     expected = model.state_dict()
     if config.tie_embeddings:
         expected = {name: t for name, t in expected.items() if not name.startswith("token_embedding.")}
@@ -103,8 +108,8 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> nn.Module:
     """The quantised GPT a `write_model` directory holds, its integers and scales used as stored."""
     config, _ = hf.read_config(directory)
-    method, group_size = read_quantization(read_json_object(directory / hf.CONFIG_FILE),
-                                           str(directory / hf.CONFIG_FILE))
+    method, group_size, int8_layers = read_quantization(read_json_object(directory / hf.CONFIG_FILE),
+                                                        str(directory / hf.CONFIG_FILE))
     files = hf.weight_files(directory)
     return model_from_quantized_state(config, method, group_size, hf.read_tensors(files), str(files[0]), dtype,
-                                      device)
+                                      device, int8_layers)

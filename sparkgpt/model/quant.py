@@ -25,7 +25,7 @@ dequantises and multiplies in the activations' dtype.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -372,11 +372,13 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
-                   prequantized: dict[str, dict[str, torch.Tensor]] | None = None) -> nn.Module:
+                   prequantized: dict[str, dict[str, torch.Tensor]] | None = None,
+                   int8_layers: Collection[str] = ()) -> nn.Module:
     """Replace the model's Linear layers (and its token embedding) by quantised ones, in place, by name.
 
     `prequantized` gives some layers' quantised tensors directly (a GGUF file's 4-bit blocks); the rest are
-    quantised from their float weights. A decoder-only GPT is required; the model is returned for chaining."""
+    quantised from their float weights. `int8_layers` stay int8 under int4 (a GGUF file's tensors its author kept
+    at more than 4 bits). A decoder-only GPT is required; the model is returned for chaining."""
     check_method(method)
     config = getattr(model, "config", None)
     if config is None or config.architecture != "decoder" or not hasattr(model, "lm_head"):
@@ -384,7 +386,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
     prequantized = prequantized or {}
     device = model.token_embedding.weight.device
     for name, linear in list(_quantizable(model)):
-        layer_kind = layer_method(name, method, tuple(linear.weight.shape), group_size)
+        layer_kind = "int8" if name in int8_layers else layer_method(name, method, tuple(linear.weight.shape),
+                                                                     group_size)
         if name in prequantized:  # its float weight may be a meta placeholder: never read
             layer = QuantizedLinear(linear.in_features, linear.out_features, layer_kind, linear.bias is not None,
                                     group_size, device, _reads_a_norm(name))
@@ -399,8 +402,14 @@ def quantize_model(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
         table = prequantized.get("token_embedding") or quantize_int8(float_table)
     model.token_embedding = QuantizedEmbedding(table["qweight"].to(float_table.device),
                                                table["scales"].to(float_table.device, float_table.dtype))
-    model.quantization = {"method": method, "group_size": group_size}
+    model.quantization = _description(method, group_size, int8_layers)
     return model
+
+
+def _description(method: str, group_size: int, int8_layers: Collection[str]) -> dict[str, Any]:
+    """What a quantised checkpoint's config records: enough to rebuild every layer as it was."""
+    mixed = sorted(int8_layers) if method == "int4" else []
+    return {"method": method, "group_size": group_size, **({"int8_layers": mixed} if mixed else {})}
 
 
 def float_tensors_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -433,16 +442,17 @@ def quantize_loaded(model: nn.Module, method: str) -> nn.Module:
     return model
 
 
-def quantize_skeleton(model: nn.Module, method: str, group_size: int = GROUP_SIZE) -> nn.Module:
+def quantize_skeleton(model: nn.Module, method: str, group_size: int = GROUP_SIZE,
+                      int8_layers: Collection[str] = ()) -> nn.Module:
     """A GPT built on the meta device, with every quantised layer in place (empty): the shape of a quantised
     checkpoint, ready for `load_state_dict(..., assign=True)`."""
     for name, linear in list(_quantizable(model)):
-        kind = layer_method(name, method, tuple(linear.weight.shape), group_size)
+        kind = "int8" if name in int8_layers else layer_method(name, method, tuple(linear.weight.shape), group_size)
         _replace(model, name, QuantizedLinear(linear.in_features, linear.out_features, kind,
                                               linear.bias is not None, group_size, "meta", _reads_a_norm(name)))
     config = model.config
     model.token_embedding = QuantizedEmbedding(
         torch.empty(config.vocab_size, config.d_model, dtype=torch.int8, device="meta"),
         torch.empty(config.vocab_size, dtype=torch.float32, device="meta"))
-    model.quantization = {"method": method, "group_size": group_size}
+    model.quantization = _description(method, group_size, int8_layers)
     return model
