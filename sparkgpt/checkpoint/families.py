@@ -327,13 +327,10 @@ def _phi3_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
 
 # ---- Gemma 3 (text) -----------------------------------------------------------------------------------------
 
-_GEMMA3_KEYS = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_activation", "hidden_act", "max_position_embeddings",
-    "initializer_range", "rms_norm_eps", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_theta",
-    "rope_local_base_freq", "rope_scaling", "rope_parameters", "attention_bias", "attention_dropout",
-    "query_pre_attn_scalar", "sliding_window", "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
-    "use_bidirectional_attention", "_sliding_window_pattern", "sliding_window_pattern",
+_GEMMA3_KEYS = (_LLAMA_KEYS - {"pretraining_tp", "mlp_bias"}) | {
+    "hidden_activation", "rope_local_base_freq", "query_pre_attn_scalar", "sliding_window", "layer_types",
+    "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention", "_sliding_window_pattern",
+    "sliding_window_pattern",
 }
 _GEMMA3_NORMS = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
                  "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm",
