@@ -246,7 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     with --index, chat replies are grounded in a search index and cite it."""
     from sparkgpt.checkpoint.registry import resolve
     from sparkgpt.rag import Index
-    from sparkgpt.serve.server import serve
+    from sparkgpt.serve.server import ConnectionLimits, serve
 
     if args.max_concurrency < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
         raise SparkGPTError("--max-concurrency must be >= 1, --max-queue >= 0 and --port in 0..65535")
@@ -254,6 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SparkGPTError("--context must be at least 2 tokens")
     if args.k < 1:
         raise SparkGPTError("--k must be at least 1")
+    if args.max_body_bytes < 1 or args.max_connections < 1 or not args.timeout_receive > 0:
+        raise SparkGPTError("--max-body-bytes and --max-connections must be at least 1, --timeout-receive above 0")
     path = resolve(args.ref)  # a bad reference fails here, before the port is bound
     index = Index.load(args.index) if args.index else None  # and so does a bad index
     model_name = args.model_name or (args.ref if not Path(args.ref).exists() else path.stem if path.is_file()
@@ -262,7 +264,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     api_key = args.api_key or os.environ.get("SPARKGPT_API_KEY") or None
     serve(lambda: _load(args), model_name, host=args.host, port=args.port, api_key=api_key,
           max_slots=args.max_concurrency, max_queue=args.max_queue, context=args.context,
-          prefill_chunk=args.prefill_chunk, threads=args.threads, log_level=args.log_level, index=index, k=args.k)
+          prefill_chunk=args.prefill_chunk, threads=args.threads, log_level=args.log_level, index=index, k=args.k,
+          max_body_bytes=args.max_body_bytes,
+          limits=ConnectionLimits(max_connections=args.max_connections, receive_timeout=args.timeout_receive))
 
 
 def _add_config_overrides(parser: argparse.ArgumentParser, own: tuple[str, ...] = ("data",)) -> None:
@@ -588,6 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--index", help="an index folder (sparkgpt index): chat replies are grounded in it and return "
                        "their sources")
     serve.add_argument("--k", type=int, default=4, help="chunks retrieved per chat reply with --index (4)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                       help="a request body over this many bytes is refused with 413 (4 MiB)")
+    serve.add_argument("--max-connections", type=int, default=512,
+                       help="connections open at once; one more is answered 503 and closed (512)")
+    serve.add_argument("--timeout-receive", type=float, default=30.0,
+                       help="seconds a request may take to arrive, headers and body; then 408 (30)")
     return parser
 
 

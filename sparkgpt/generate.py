@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Sequence
+from collections import deque
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,13 +33,18 @@ class SamplingParamError(SparkGPTError):
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token, and when to stop. temperature 0 is greedy decoding."""
+    """How to pick each next token, and when to stop. temperature 0 (or below SAMPLING_EPS, 1e-5) is greedy."""
 
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_k: int | None = None
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    # OpenAI's penalties over the generated tokens: logits[j] -= count[j] * frequency + (count[j] > 0) * presence.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None  # token id -> a number added to its logit, in [-100, 100]
+    min_p: float = 0.0                             # drop tokens less likely than min_p × the likeliest one's
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None
@@ -54,8 +60,20 @@ class SamplingParams:
             ("temperature", is_number(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
             ("top_k", self.top_k is None or (is_int(self.top_k) and self.top_k >= 1), "an integer >= 1"),
             ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("repetition_penalty", is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-             "a finite number > 0"),
+            # Logits are float32: a penalty that is 0 or inf there (1e-300, 1e300) would make them NaN.
+            ("repetition_penalty", is_number(self.repetition_penalty)
+             and FLOAT32_TINY <= self.repetition_penalty <= FLOAT32_MAX,
+             f"a number from {FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g} (a normal float32 > 0)"),
+            ("presence_penalty", is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number from -2 to 2"),
+            ("frequency_penalty", is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number from -2 to 2"),
+            ("logit_bias", self.logit_bias is None or (
+                isinstance(self.logit_bias, Mapping)
+                and all(is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100
+                        for t, b in self.logit_bias.items())),
+             "a mapping of token ids >= 0 to numbers from -100 to 100"),
+            ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "a number from 0 to 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("stop_token_ids", all(is_int(t) and t >= 0 for t in self.stop_token_ids), "token ids >= 0"),
             ("seed", self.seed is None or is_int(self.seed), "an integer"),
@@ -66,6 +84,13 @@ class SamplingParams:
             if not ok:
                 raise SamplingParamError(name, f"sampling parameter {name!r} is {getattr(self, name)!r}; "
                                                f"expected {expected}")
+
+
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Below this temperature a row is decoded greedily, as vLLM does (its _SAMPLING_EPS): dividing logits by 1e-40
+# would make them inf, and NaN probabilities.
+SAMPLING_EPS = 1e-5
 
 
 def is_int(value: object) -> bool:
@@ -93,11 +118,34 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float 
     return torch.where(seen, penalised, logits)
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
-    """Logits [B, vocab] reshaped for sampling: repetition penalty, temperature, then top-k and top-p filters."""
+def openai_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency: float | torch.Tensor,
+                     presence: float | torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties: logits[j] -= counts[j] * frequency + (counts[j] > 0) * presence,
+    `counts` [B, vocab] holding how often each token was generated (the prompt does not count). The penalties are
+    numbers or one per row ([B, 1]; 0 and 0 leave a row as it is, exactly)."""
+    return logits - counts * frequency - (counts > 0) * presence
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, vocab] reshaped for sampling under one SamplingParams: the repetition penalty (over `seen`), the
+    frequency and presence penalties (over `counts`), the logit bias, then `filter_logits`."""
     if seen is not None:
         logits = repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if counts is not None and (params.frequency_penalty or params.presence_penalty):
+        logits = openai_penalties(logits, counts, params.frequency_penalty, params.presence_penalty)
+    if params.logit_bias:
+        bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        bias[torch.tensor(list(params.logit_bias), device=logits.device)] = torch.tensor(
+            [float(b) for b in params.logit_bias.values()], dtype=logits.dtype, device=logits.device)
+        logits = logits + bias
+    return filter_logits(logits, params)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then the top-k, top-p and min-p filters (-inf for every token dropped). Below SAMPLING_EPS the
+    temperature means greedy decoding: the logits are left as they are, for an argmax."""
+    if params.temperature < SAMPLING_EPS:
         return logits
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
@@ -105,7 +153,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if params.top_p < 1.0:
         logits = nucleus(logits, params.top_p)
+    if params.min_p > 0:
+        logits = min_p_filter(logits, params.min_p)
     return logits
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop the tokens whose probability is below min_p × the likeliest token's (transformers' MinPLogitsWarper,
+    vLLM's min_p); the likeliest is always kept."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -126,76 +184,136 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
 
 
+FAILED = -1  # the token `Sampler.sample` gives a row whose logits are not finite numbers
+
+
+class NonFiniteLogits(SparkGPTError):
+    """Some rows' logits were NaN or infinite after processing: no token can be drawn for them. `rows` names them
+    (the other rows of the batch sampled as usual)."""
+
+    def __init__(self, rows: Sequence[int]) -> None:
+        super().__init__(f"the logits of row(s) {list(rows)} are not finite numbers (NaN or infinite) after the "
+                         "sampling parameters were applied; no token can be sampled")
+        self.rows = list(rows)
+
+
 class Sampler:
     """The next token of every row of a batch, each row under its own SamplingParams, seed and seen tokens.
 
     Every decode loop samples through one: `token_steps` (a row per prompt) and the serving engine (a row per
     slot). `start` readies a row; `sample(logits, rows)` picks one token for each given row:
 
-    1. the repetition penalty, over the whole batch at once, each row with its own penalty and its own seen tokens
-       (its prompt, then every token it sampled);
-    2. rows that share temperature, top-k and top-p filtered together by `process_logits`; at temperature 0 a row
-       takes its most likely token;
+    1. the repetition penalty, the frequency and presence penalties and the logit bias, over the whole batch at
+       once, each row with its own values, its own seen tokens (its prompt, then every token it sampled) and its own
+       counts of generated tokens;
+    2. rows that share temperature, top-k, top-p and min-p filtered together by `filter_logits`; at temperature 0
+       (or below SAMPLING_EPS) a row takes its most likely token;
     3. every other row draws by inverse CDF: one float64 uniform from its own generator, located in its cumulative
        probabilities. That is exact in distribution and costs a cumulative sum, where torch.multinomial draws one
        exponential per vocabulary entry (milliseconds per row per step on a CPU). A seeded row's generator is a CPU
        generator of its own, so its text depends on its seed and its logits only: not on its batch neighbours,
        nor on the device. Unseeded rows draw from torch's global generator.
+
+    A row whose logits are not finite after step 1 or 2 (NaN, +inf, or every token -inf) gets the token FAILED
+    (-1) and nothing else changes for it; the other rows sample exactly as they would alone. The caller ends such
+    a row (the engine fails that request alone; `token_steps` raises NonFiniteLogits).
     """
 
     def __init__(self, rows: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
         self.vocab_size, self.device = vocab_size, torch.device(device)
         self.params: list[SamplingParams | None] = [None] * rows
-        self.filters: list[tuple] = [()] * rows  # (temperature, top_k, top_p): rows with equal ones go together
+        self.filters: list[tuple] = [()] * rows  # (temperature, top_k, top_p, min_p): equal ones go together
         self.generators: list[torch.Generator | None] = [None] * rows
         # Once some row has a repetition penalty: each row's penalty [rows, 1] and tokens in its text [rows, vocab].
         self.penalties: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        # Once some row has a frequency or presence penalty: both per row [rows, 1], and each row's counts of the
+        # tokens it generated [rows, vocab].
+        self.frequency: torch.Tensor | None = None
+        self.presence: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        # Once some row has a logit bias: each row's bias [rows, vocab] (zeros for a row without one).
+        self.bias: torch.Tensor | None = None
 
     def start(self, row: int, params: SamplingParams, seed: int | None = None, context: Sequence[int] = ()) -> None:
         """Row `row` samples under `params` from now on, its draws seeded with `seed` (None: torch's global
         generator); `context` holds the tokens already in its text, for the repetition penalty."""
+        bias = dict(params.logit_bias or {})
+        outside = next((t for t in bias if t >= self.vocab_size), None)
+        if outside is not None:
+            raise SamplingParamError("logit_bias", f"logit_bias names the token id {outside}, outside the "
+                                                   f"vocabulary [0, {self.vocab_size})")
         self.params[row] = params
-        self.filters[row] = (params.temperature, params.top_k, params.top_p)
+        greedy = params.temperature < SAMPLING_EPS
+        self.filters[row] = (0.0 if greedy else params.temperature, params.top_k, params.top_p, params.min_p)
         self.generators[row] = None if seed is None else torch.Generator().manual_seed(seed)
+        rows, device = len(self.params), self.device
         penalty = params.repetition_penalty
         if penalty != 1.0 and self.seen is None:
-            self.seen = torch.zeros(len(self.params), self.vocab_size, dtype=torch.bool, device=self.device)
-            self.penalties = torch.ones(len(self.params), 1, device=self.device)
+            self.seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=device)
+            self.penalties = torch.ones(rows, 1, device=device)
         if self.seen is not None:  # (a penalty of 1 is the identity: such a row may ride along a penalised batch)
             self.penalties[row] = penalty
             self.seen[row] = False
             if penalty != 1.0 and len(context):
-                self.seen[row, torch.as_tensor(list(context), device=self.device)] = True
+                self.seen[row, torch.as_tensor(list(context), device=device)] = True
+        if (params.frequency_penalty or params.presence_penalty) and self.counts is None:
+            self.counts = torch.zeros(rows, self.vocab_size, device=device)
+            self.frequency, self.presence = torch.zeros(rows, 1, device=device), torch.zeros(rows, 1, device=device)
+        if self.counts is not None:  # (penalties of 0 are the identity, exactly)
+            self.frequency[row], self.presence[row] = params.frequency_penalty, params.presence_penalty
+            self.counts[row] = 0
+        if bias and self.bias is None:
+            self.bias = torch.zeros(rows, self.vocab_size, device=device)
+        if self.bias is not None:
+            self.bias[row] = 0
+            if bias:
+                self.bias[row, torch.tensor(list(bias), device=device)] = torch.tensor(
+                    [float(b) for b in bias.values()], device=device)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
         """The next token [n] of each row from its logits [n, vocab]; `rows` names each logits row's sampler row
-        (None: rows 0..n-1)."""
+        (None: rows 0..n-1). A row whose logits are not finite gets FAILED."""
         n = logits.shape[0]
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=logits.device)
         rows = range(n) if rows is None else rows
         groups: dict[tuple, list[int]] = {}
-        penalised = False
+        penalised = counted = biased = False
         for i, row in enumerate(rows):
             groups.setdefault(self.filters[row], []).append(i)
-            penalised = penalised or self.params[row].repetition_penalty != 1.0
-        index = None  # the rows' sampler rows as an index, where they have seen tokens to keep up to date
-        if self.seen is not None:
-            whole = n == len(self.params) and rows == range(n)
+            params = self.params[row]
+            penalised = penalised or params.repetition_penalty != 1.0
+            counted = counted or bool(params.frequency_penalty or params.presence_penalty)
+            biased = biased or bool(params.logit_bias)
+        index = None  # the rows' sampler rows as an index, where they have per-row state to read or keep up
+        whole = n == len(self.params) and rows == range(n)
+        if self.seen is not None or self.counts is not None or self.bias is not None:
             index = torch.arange(n, device=self.device) if whole else torch.as_tensor(list(rows), device=self.device)
-            if penalised:
-                seen, penalties = (self.seen, self.penalties) if whole else (self.seen[index], self.penalties[index])
-                logits = repetition_penalty(logits, seen, penalties)
+
+        def of_rows(state: torch.Tensor) -> torch.Tensor:
+            return state if whole else state[index]
+
+        if penalised:
+            logits = repetition_penalty(logits, of_rows(self.seen), of_rows(self.penalties))
+        if counted:
+            logits = openai_penalties(logits, of_rows(self.counts), of_rows(self.frequency), of_rows(self.presence))
+        if biased:
+            logits = logits + of_rows(self.bias)
         tokens: torch.Tensor | None = None
-        for (temperature, _, _), members in groups.items():
+        for (temperature, _, _, _), members in groups.items():
             chosen = None if len(members) == n else torch.tensor(members, device=logits.device)
             block = logits if chosen is None else logits[chosen]
+            bad = ~torch.isfinite(block.amax(dim=-1))  # NaN, +inf, or nothing left (every token -inf)
             if temperature == 0:
                 picks = block.argmax(dim=-1)
             else:
-                params = self.params[rows[members[0]]]
-                picks = self._draw(process_logits(block, params, None), [rows[i] for i in members])
+                filtered = filter_logits(block, self.params[rows[members[0]]])
+                bad |= ~torch.isfinite(filtered.amax(dim=-1))
+                if bool(bad.any()):  # a failed row draws from zeros, harmlessly; its pick is replaced below
+                    filtered = filtered.masked_fill(bad[:, None], 0.0)
+                picks = self._draw(filtered, [rows[i] for i in members])
+            picks = picks.masked_fill(bad, FAILED)
             if chosen is None:
                 tokens = picks
             else:
@@ -203,7 +321,14 @@ class Sampler:
                     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
                 tokens[chosen] = picks
         if index is not None:
-            self.seen[index, tokens] = True
+            kept, picked = index, tokens
+            ok = tokens != FAILED
+            if not bool(ok.all()):
+                kept, picked = index[ok], tokens[ok]
+            if self.seen is not None:
+                self.seen[kept, picked] = True
+            if self.counts is not None:
+                self.counts[kept, picked] += 1
         return tokens
 
     def _draw(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -223,31 +348,98 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+class StopMatcher:
+    """Knuth–Morris–Pratt over a growing text for one stop string: `feed` reads the text's new characters once
+    each, and `held` is the longest end of the text read so far that begins the stop string (what must be held
+    back). The failure table is built only as far as a match has got (never past the text's length), so a
+    100,000-character stop string costs no more than a short one while the text does not spell it out."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.border = [0]   # border[i]: the longest proper prefix of stop[:i + 1] that also ends it
+        self.held = 0       # characters of the stop string matched at the end of the text read so far
+
+    def _border(self, i: int) -> int:
+        stop, border = self.stop, self.border
+        while len(border) <= i:
+            j, k = len(border), border[-1]
+            while k and stop[j] != stop[k]:
+                k = border[k - 1]
+            border.append(k + 1 if stop[j] == stop[k] else k)
+        return border[i]
+
+    def feed(self, chunk: str, offset: int) -> int:
+        """Read the text's next characters, `chunk`, which begin at index `offset` of the text; the index in the
+        text where the stop string first appears, or -1."""
+        stop, k, size = self.stop, self.held, len(self.stop)
+        first = stop[0]
+        position = 0
+        while position < len(chunk):
+            if k == 0:  # skip to the next character that could begin the stop string, at C speed
+                position = chunk.find(first, position)
+                if position < 0:
+                    break
+            char = chunk[position]
+            while k and stop[k] != char:
+                k = self._border(k - 1)
+            if stop[k] == char:
+                k += 1
+                if k == size:
+                    self.held = k
+                    return offset + position + 1 - size
+            position += 1
+        self.held = k
+        return -1
+
+
 class StreamText:
-    """One sequence's text as its tokens arrive, released only once no stop string can still begin in it."""
+    """One sequence's text as its tokens arrive, released only once no stop string can still begin in it.
+
+    Each stop string has a `StopMatcher` that reads each new character once, and only the text not yet released
+    is kept, so the work per token is the new text's length (amortised), whatever the stop strings' lengths or the
+    text's."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
         self.decoder = tokenizer.incremental_decoder()
         self.stop = stop
-        self.text = ""
-        self.released = 0
+        self.matchers = [StopMatcher(s) for s in stop]
+        self.length = 0                 # characters of text so far
+        self.released = 0               # characters of it released
+        self.pending: deque[str] = deque()  # text[released:length], held back, as the chunks that brought it
+        self.cut: int | None = None     # where the earliest stop string begins, once one has appeared
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """The text this token lets us release, and whether a stop string has now appeared."""
-        self.text += self.decoder.push(token_id)
-        return self._release(final=False)
+        return self._release(self.decoder.push(token_id), final=False)
 
     def finish(self) -> str:
-        self.text += self.decoder.flush()
-        return self._release(final=True)[0]
+        return self._release(self.decoder.flush(), final=True)[0]
 
-    def _release(self, final: bool) -> tuple[str, bool]:
-        text, stopped = cut_at_stop(self.text, self.stop)
-        end = len(text)
+    def _release(self, chunk: str, final: bool) -> tuple[str, bool]:
+        if chunk and self.cut is None:
+            found = [i for i in (matcher.feed(chunk, self.length) for matcher in self.matchers) if i >= 0]
+            if found:
+                self.cut = min(found)
+            self.pending.append(chunk)
+        self.length += len(chunk)
+        stopped = self.cut is not None
+        end = self.cut if stopped else self.length
         if not stopped and not final:
-            end -= max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        delta, self.released = text[self.released:end], max(self.released, end)
-        return delta, stopped
+            end -= max((matcher.held for matcher in self.matchers), default=0)
+        if end <= self.released:
+            return "", stopped
+        out, count = [], end - self.released
+        while count:  # whole chunks off the front, then part of one: each character is moved once
+            piece = self.pending[0]
+            if len(piece) <= count:
+                out.append(self.pending.popleft())
+                count -= len(piece)
+            else:
+                out.append(piece[:count])
+                self.pending[0] = piece[count:]
+                count = 0
+        self.released = end
+        return "".join(out), stopped
 
 
 class StopRule:
@@ -444,6 +636,9 @@ def token_steps(
     logits = runner.first()
     for step in range(params.max_new_tokens):
         tokens = sampler.sample(logits)
+        failed = tokens == FAILED
+        if bool(failed.any()):
+            raise NonFiniteLogits(failed.nonzero().flatten().tolist())
         yield tokens
         if step + 1 == params.max_new_tokens:
             return

@@ -6,14 +6,23 @@ OpenAI's shape, checked before the first byte of a stream is sent. `server.py` r
 
 /v1/embeddings pools the served model's vectors (`embeddings.py`), and with an index chat replies are grounded in
 it (`grounding.py`). Both block on a model's forward, so they run in a worker thread, one call at a time, never on
-the event loop nor in the engine's thread: generations in flight go on meanwhile.
+the event loop nor in the engine's thread: generations in flight go on meanwhile. Chat templates and tokenisation
+run in a second worker thread, so that they neither stall the loop nor wait behind a forward.
+
+`RequestGuard` stands before every route: a body over `max_body_bytes` is a 413 (a larger Content-Length at once,
+else as soon as the bytes read pass the limit: never buffered first), and a server bound to loopback without an
+API key answers only Host headers naming loopback (no DNS rebinding) and only application/json POSTs (a web page's
+cross-site form or `text/plain` fetch cannot start a generation). The limits on connections, headers and the time
+a request may take to arrive are `server.py`'s, in uvicorn's protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
+import ipaddress
 import json
 import threading
 import time
@@ -29,13 +38,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import is_int
 from sparkgpt.rag.index import Hit, Index
 from sparkgpt.serve.embeddings import Pooler
-from sparkgpt.serve.engine import ChoiceEvent, Engine, EngineRequest, QueueFull
+from sparkgpt.serve.engine import ChoiceEvent, Engine, EngineDead, EngineRequest, QueueFull
 from sparkgpt.serve.grounding import Grounding
 from sparkgpt.serve.metrics import Metrics, MetricsMiddleware
 from sparkgpt.serve.protocol import (
@@ -61,11 +72,100 @@ from sparkgpt.serve.protocol import (
 from sparkgpt.tasks.grounded import cite
 
 STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body over this is a 413 (4 MiB: a 128k-token prompt fits)
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback server without a key answers
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request looks whether its client is still there
+
+
+class ErrorJSONResponse(JSONResponse):
+    """JSON in ASCII: an error may echo the client's text, and a lone surrogate ("\\ud800") has no UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error_response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.status == 413:  # the rest of the body is not read: this connection ends with the answer
+        headers["Connection"] = "close"
+    return ErrorJSONResponse(error.body(), status_code=error.status, headers=headers or None)
+
+
+def engine_dead(engine: Engine) -> APIError:
+    """The 503 of a server whose engine thread has died: /health says so too."""
+    return APIError(503, f"the engine has stopped: {engine.error or 'it is not running'}",
+                    error_type="service_unavailable", code="engine_dead")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def loopback_host_check(port: int | None) -> Callable[[str], bool]:
+    """Whether a Host header names this loopback server: 127.0.0.1, localhost or [::1], with the port served (or
+    none; any port when it is not known). Any other name may be a DNS-rebinding page's."""
+    def allowed(header: str) -> bool:
+        header = header.strip().lower()
+        if header.startswith("["):
+            name, _, given = header.partition("]")
+            name, given = name + "]", given.removeprefix(":")
+        else:
+            name, _, given = header.partition(":")
+        return name in LOOPBACK_NAMES and (not given or not port or given == str(port))
+    return allowed
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than this server accepts ({limit} bytes at most; see "
+                         "--max-body-bytes).", code="request_too_large")
+
+
+class RequestGuard:
+    """Pure ASGI, before every route: the body limit, and when `host_allowed` is given (loopback, no key) the Host
+    allow-list and the Content-Type check on POST."""
+
+    def __init__(self, app: Any, max_body_bytes: int, host_allowed: Callable[[str], bool] | None) -> None:
+        self.app, self.max_body_bytes, self.host_allowed = app, max_body_bytes, host_allowed
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        refusal = None
+        if self.host_allowed is not None and not self.host_allowed(headers.get("host", "")):
+            refusal = APIError(403, "This server is bound to loopback without an API key and answers only requests "
+                               "addressed to 127.0.0.1, localhost or [::1] (the Host header).", code="host_not_allowed")
+        elif (self.host_allowed is not None and scope["method"] == "POST"
+              and headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json"):
+            refusal = APIError(415, "Send the request body as JSON with 'Content-Type: application/json'.",
+                               code="unsupported_media_type")
+        else:
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                refusal = BodyTooLarge(self.max_body_bytes)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:  # the route's read raises; the APIError handler answers 413
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        # A client that leaves (or is cut off at the receipt deadline) before its body is in: nothing to answer.
+        with contextlib.suppress(ClientDisconnect):
+            await self.app(scope, limited_receive, send)
 
 
 # ---- state ------------------------------------------------------------------------------------------------------
@@ -82,6 +182,7 @@ class ServeState:
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
     blocking: ThreadPoolExecutor | None = None  # the worker thread for embeddings and retrieval
+    text: ThreadPoolExecutor | None = None      # the worker thread for chat templates and tokenisation
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine)
@@ -97,6 +198,8 @@ class ServeState:
                               "(POST /v1/embeddings) but cannot generate it. Serve a decoder model for chat and "
                               "completions.", code="model_cannot_generate")
             raise self._not_ready()
+        if self.engine.error is not None:
+            raise engine_dead(self.engine)
         return self.engine
 
     def ready_pooler(self) -> Pooler:
@@ -110,6 +213,12 @@ class ServeState:
             raise APIError(503, "the server is shutting down", error_type="service_unavailable")
         return await asyncio.get_running_loop().run_in_executor(self.blocking, functools.partial(function, *args))
 
+    async def run_text(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the text thread (templates, tokenisation): off the loop, never behind a forward."""
+        if self.text is None:
+            raise APIError(503, "the server is shutting down", error_type="service_unavailable")
+        return await asyncio.get_running_loop().run_in_executor(self.text, functools.partial(function, *args))
+
 
 # ---- the app ---------------------------------------------------------------------------------------------------
 
@@ -117,13 +226,17 @@ class ServeState:
 def create_app(
     model_name: str, load_engine: Callable[[], Engine | Pooler], api_key: str | None = None,
     on_load_error: Callable[[str], None] | None = None, index: Index | None = None, k: int = 4,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str | None = None, port: int | None = None,
 ) -> FastAPI:
     """The FastAPI app. The model loads in a background thread (`load_engine`), so /health answers 503 at once
     and 200 when the engine runs; `on_load_error` hears a failed load (the CLI then shuts the server down).
 
     `load_engine` gives a running Engine, or for a model that cannot generate (an encoder) a Pooler alone: that
     server embeds, and answers chat and completions with 400. With an `index`, chat replies are grounded in its
-    `k` best chunks for the last user message (its query embedder is loaded with the model)."""
+    `k` best chunks for the last user message (its query embedder is loaded with the model).
+
+    A body over `max_body_bytes` is a 413. `host` and `port` are the address served: bound to loopback without
+    an `api_key`, only loopback Host headers and JSON POSTs are answered (`RequestGuard`)."""
     state = ServeState(model_name, api_key or None)
     if index is not None:
         if k < 1:
@@ -148,16 +261,21 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.blocking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkgpt-blocking")
+        state.text = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkgpt-text")
         threading.Thread(target=load, name="sparkgpt-load", daemon=True).start()
         yield
         state.blocking.shutdown(wait=False, cancel_futures=True)
-        state.blocking = None
+        state.text.shutdown(wait=False, cancel_futures=True)
+        state.blocking = state.text = None
         if state.engine is not None:
             state.engine.stop()
 
     app = FastAPI(title="sparkgpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    guarded = host is not None and is_loopback(host) and state.api_key is None
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes,
+                       host_allowed=loopback_host_check(port) if guarded else None)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # outermost: it counts the guard's refusals too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -183,6 +301,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if state.engine is not None and not state.engine.alive:  # its thread died (or was stopped)
+            error = state.engine.error or "the engine is not running"
+            return JSONResponse({"status": "error", "error": error}, status_code=503)
         if state.pooler is not None:
             return JSONResponse({"status": "ok", "model": state.model_name})
         status = "error" if state.load_error else "loading"
@@ -227,15 +348,16 @@ def create_app(
         if max_tokens is None:
             max_tokens, max_tokens_param = body.get("max_tokens"), "max_tokens"
         sources: list[Hit] | None = None
-        try:
+        try:  # the template and the tokenizer run in the text thread, off the event loop
             if state.grounding is None:
-                prompt_ids = engine.lm.chat_prompt(messages)
+                prompt_ids = await state.run_text(engine.lm.chat_prompt, messages)
             else:
                 grounding = state.grounding
                 query = grounding.query(messages)
                 hits = await state.run_blocking(grounding.search, query) if query is not None else []
                 room = max_tokens if is_int(max_tokens) and max_tokens > 0 else 1
-                prompt_ids, sources = grounding.prompt(engine.lm, messages, hits, room, engine.context)
+                prompt_ids, sources = await state.run_text(grounding.prompt, engine.lm, messages, hits, room,
+                                                           engine.context)
         except SparkGPTError as error:
             raise invalid("messages", str(error)) from None
         call = prepare_call(engine, body, [prompt_ids], "messages", max_tokens, max_tokens_param,
@@ -249,7 +371,7 @@ def create_app(
         body = parse_body(await request.body())
         check_fields(body, COMPLETION_FIELDS)
         check_model(body, state.model_name)
-        prompts = parse_prompts(engine, body.get("prompt"))
+        prompts = await state.run_text(parse_prompts, engine, body.get("prompt"))  # tokenises: off the loop
         call = prepare_call(engine, body, prompts, "prompt", body.get("max_tokens"), "max_tokens",
                             default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS)
         return await run_call(request, state, engine, call, chat=False)
@@ -319,6 +441,8 @@ async def run_call(request: Request, state: ServeState, engine: Engine, call: Ca
     except QueueFull as error:
         state.metrics.rejected.inc()
         raise APIError(429, str(error), error_type="rate_limit_error", code="queue_full") from None
+    except EngineDead:
+        raise engine_dead(engine) from None
     except SparkGPTError as error:
         raise invalid(None, str(error)) from None
     kind = "chatcmpl" if chat else "cmpl"
@@ -354,19 +478,23 @@ class EngineStreamResponse(StreamingResponse):
 
 async def collect(request: Request, state: ServeState, engine_call: EngineCall, response_id: str, chat: bool,
                   started: float, sources: list[Hit] | None = None) -> JSONResponse:
-    """Wait for every choice; abort if the client disconnects while waiting."""
+    """Wait for every choice; abort if the client disconnects while waiting: looked at every DISCONNECT_POLL_S,
+    whether tokens flow or not."""
     call = engine_call.call
     count = len(call.prompts) * call.n
     texts, reasons, tokens = [""] * count, [None] * count, [0] * count
     first_token = True
+    next_look = time.monotonic() + DISCONNECT_POLL_S
     while engine_call.unfinished > 0:
-        try:
-            batch = await asyncio.wait_for(engine_call.next_events(), timeout=1.0)
-        except asyncio.TimeoutError:
+        if time.monotonic() >= next_look:
             if await request.is_disconnected():
                 state.metrics.aborted.inc()
                 engine_call.abort()
                 return JSONResponse({}, status_code=499)  # nobody is listening; the status is for the logs
+            next_look = time.monotonic() + DISCONNECT_POLL_S
+        try:
+            batch = await asyncio.wait_for(engine_call.next_events(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
             continue
         for index, event in batch:
             if event.error is not None:

@@ -36,14 +36,18 @@ import torch
 
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.generate import Completion, Sampler, SamplingParams, StopRule
+from sparkgpt.generate import FAILED, Completion, Sampler, SamplingParamError, SamplingParams, StopRule
 from sparkgpt.lm import LM
 from sparkgpt.model.decode import batched_decode_layout, decode_step
 from sparkgpt.serve.slots import SlotKVCache
 
 
 class QueueFull(SparkGPTError):
-    """Every slot is busy and the waiting line is at its limit."""
+    """Every slot is busy and the waiting line is at its limit (requests, or tokens of queued work)."""
+
+
+class EngineDead(SparkGPTError):
+    """The engine's thread has stopped on an error (`Engine.error`): nothing more can be generated."""
 
 
 class ContextLengthExceeded(SparkGPTError):
@@ -59,6 +63,7 @@ class ChoiceEvent:
     finish_reason: str | None = None  # "stop" or "length" once the choice is done
     completion_tokens: int = 0      # tokens sampled for this choice so far
     error: str | None = None        # set when the engine failed this choice (then finish_reason is None)
+    code: str | None = None         # the error's kind: "numerical_error" (this choice's logits), "engine_error"
 
 
 EventSink = Callable[[list[ChoiceEvent]], None]
@@ -75,6 +80,7 @@ class EngineRequest:
     sink: EventSink
     choices_to_start: deque[int] = field(default_factory=deque)
     started: bool = False           # has any choice been given a slot (no longer counts as queued)
+    running: int = 0                # choices holding a slot now
     aborted: bool = False
 
 
@@ -95,8 +101,18 @@ class Engine:
     """Continuous batching for one LM: `submit` from any thread, events arrive at each request's sink.
 
     max_slots: sequences decoded together (each holds one cache row); max_queue: requests that may wait for a
-    slot before `submit` refuses with QueueFull; context: cache columns per slot (prompt + max_tokens limit);
+    slot before `submit` refuses with QueueFull; max_queued_tokens: the queued work (n × max_tokens of every
+    choice not yet in a slot) beyond which `submit` refuses too, unless nothing is queued (default: four times
+    what all slots hold, max_slots × context × 4); context: cache columns per slot (prompt + max_tokens limit);
     prefill_chunk: prompt tokens (padding included) prefilled per loop iteration at most.
+
+    Free slots go to the waiting request with the fewest choices running (the oldest among equals), one choice at
+    a time: a request of n=48 takes the slots no one else waits for, and a small request behind it gets the next
+    free slot rather than waiting for all 48 to start.
+
+    A choice whose logits turn NaN or infinite ends alone, with an error event (code "numerical_error"); the
+    others go on as they would alone. Should the engine thread itself die, `alive` turns False, `error` says
+    why, every request in flight gets an error event, and `submit` raises EngineDead.
 
     The engine decodes with the model laid out for batched rows (`batched_decode_layout`: on a CPU, its own copy
     with column-major Linear weights and a oneDNN output head); the caller's model is left as it was, and the
@@ -106,6 +122,7 @@ class Engine:
 
     def __init__(
         self, lm: LM, max_slots: int = 8, max_queue: int = 64, context: int | None = None, prefill_chunk: int = 256,
+        max_queued_tokens: int | None = None,
     ) -> None:
         if lm.tokenizer is None:
             raise SparkGPTError("this model has no tokenizer (its checkpoint lacks tokenizer.json); it cannot serve")
@@ -122,6 +139,9 @@ class Engine:
         self.context = min(context or lm.config.max_seq_len, lm.config.max_seq_len)
         if self.context < 2:
             raise SparkGPTError(f"context must be at least 2 tokens, got {self.context}")
+        self.max_queued_tokens = max_queued_tokens if max_queued_tokens is not None else 4 * max_slots * self.context
+        if self.max_queued_tokens < 1:
+            raise SparkGPTError("max_queued_tokens must be >= 1")
         self.model = batched_decode_layout(lm.model)
         self.lm = LM(self.model, lm.tokenizer)
         self.tokenizer, self.config = lm.tokenizer, lm.config
@@ -134,9 +154,12 @@ class Engine:
 
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
         self._ids = itertools.count()
-        self._lock = threading.Lock()   # guards the two counters below, read by submit() in other threads
+        self._lock = threading.Lock()   # guards the counters below, read by submit() in other threads
         self._unstarted = 0             # submitted requests none of whose choices holds a slot yet
+        self._queued_sequences = 0      # submitted choices not yet given a slot
+        self._queued_tokens = 0         # their max_tokens, summed
         self._busy_slots = 0
+        self.error: str | None = None   # why the engine thread died, if it did
         # Scheduler state, touched only by the engine thread.
         self._waiting: deque[EngineRequest] = deque()
         self._prefilling: deque[_Sequence] = deque()
@@ -161,6 +184,11 @@ class Engine:
             self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs (started, not stopped, not dead of an error)."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         if self._thread is not None:
             self._inbox.put(("stop", None))
@@ -177,20 +205,36 @@ class Engine:
             )
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: EventSink, n: int = 1) -> EngineRequest:
-        """Queue a request of n choices; raise ContextLengthExceeded or QueueFull at once rather than later."""
+        """Queue a request of n choices; raise ContextLengthExceeded, QueueFull or EngineDead at once rather than
+        later."""
+        if self.error is not None:
+            raise EngineDead(f"the engine has stopped: {self.error}")
         if not prompt_ids:
             raise SparkGPTError("the prompt is empty")
         if n < 1:
             raise SparkGPTError(f"n must be >= 1, got {n}")
         self.check_fits(len(prompt_ids), params.max_new_tokens)
+        if params.logit_bias and max(params.logit_bias) >= self.config.vocab_size:  # else the sampler refuses it
+            raise SamplingParamError("logit_bias", f"logit_bias names the token id {max(params.logit_bias)}, "
+                                                   f"outside the vocabulary [0, {self.config.vocab_size})")
         request = EngineRequest(next(self._ids), list(prompt_ids), params, n, sink, deque(range(n)))
+        tokens = n * params.max_new_tokens
         with self._lock:
             free = self.max_slots - self._busy_slots
             if self._unstarted + 1 - free > self.max_queue:
                 raise QueueFull(f"the server is busy: {self.max_slots} sequences running and "
                                 f"{self.max_queue} requests waiting; try again later")
+            if self._queued_tokens and self._queued_tokens + tokens > self.max_queued_tokens:
+                raise QueueFull(f"the server is busy: {self._queued_sequences} sequences wait for a slot with "
+                                f"{self._queued_tokens} tokens to generate, and this request's {n} × "
+                                f"{params.max_new_tokens} would pass the limit of {self.max_queued_tokens}; "
+                                "try again later")
             self._unstarted += 1
+            self._queued_sequences += n
+            self._queued_tokens += tokens
         self._inbox.put(("submit", request))
+        if self.error is not None:  # it died meanwhile, maybe after emptying the inbox: nobody will answer
+            raise EngineDead(f"the engine has stopped: {self.error}")
         return request
 
     def abort(self, request: EngineRequest) -> None:
@@ -202,6 +246,18 @@ class Engine:
         """Requests waiting for a slot."""
         with self._lock:
             return max(0, self._unstarted - (self.max_slots - self._busy_slots))
+
+    @property
+    def queued_sequences(self) -> int:
+        """Choices (sequences) waiting for a slot."""
+        with self._lock:
+            return self._queued_sequences
+
+    @property
+    def queued_tokens(self) -> int:
+        """The tokens the waiting choices may generate (n × max_tokens, summed)."""
+        with self._lock:
+            return self._queued_tokens
 
     @property
     def active_sequences(self) -> int:
@@ -227,18 +283,44 @@ class Engine:
     # ---- the engine thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                idle = not (self._waiting or self._prefilling or self._decoding)
-                if not self._take_commands(block=idle):
-                    return
-                self._admit()
+        try:
+            with torch.inference_mode():
+                while True:
+                    idle = not (self._waiting or self._prefilling or self._decoding)
+                    if not self._take_commands(block=idle):
+                        return
+                    self._admit()
+                    try:
+                        self._prefill()
+                        self._decode_step()
+                    except Exception as error:  # a failed forward (out of memory, say): fail those sequences, go on
+                        self._fail_all(f"the engine failed: {type(error).__name__}: {error}")
+                    self._deliver()
+        except BaseException as error:  # a bug in the scheduler itself: say so, and end every request in flight
+            self._die(f"{type(error).__name__}: {error}")
+            raise
+
+    def _die(self, reason: str) -> None:
+        """The engine thread is ending on an error: every request submitted, waiting or running, gets an error
+        event for each of its unfinished choices, and submit() refuses from now on."""
+        self.error = reason
+        message = f"the engine stopped: {reason}"
+        with contextlib.suppress(Exception):
+            self._fail_all(message)
+        with contextlib.suppress(Exception):
+            while True:  # requests still in the inbox were never seen by the scheduler
                 try:
-                    self._prefill()
-                    self._decode_step()
-                except Exception as error:  # a failed forward (out of memory, say): fail those sequences, go on
-                    self._fail_all(f"the engine failed: {type(error).__name__}: {error}")
-                self._deliver()
+                    command, request = self._inbox.get(block=False)
+                except queue.Empty:
+                    break
+                if command == "submit":
+                    self._waiting.append(request)
+            for request in self._waiting:
+                for index in request.choices_to_start:
+                    self._outbox.setdefault(request, []).append(ChoiceEvent(index, error=message,
+                                                                            code="engine_error"))
+            self._waiting.clear()
+            self._deliver()
 
     def _take_commands(self, block: bool) -> bool:
         """Apply every queued submit/abort; False once asked to stop."""
@@ -262,6 +344,11 @@ class Engine:
         self._outbox.pop(request, None)
         if request in self._waiting:
             self._waiting.remove(request)
+        if request.choices_to_start:
+            with self._lock:
+                self._queued_sequences -= len(request.choices_to_start)
+                self._queued_tokens -= len(request.choices_to_start) * request.params.max_new_tokens
+            request.choices_to_start.clear()
         if not request.started:
             with self._lock:
                 self._unstarted -= 1
@@ -272,19 +359,23 @@ class Engine:
                 self._release(sequence)
 
     def _admit(self) -> None:
-        """Give free slots to waiting choices, oldest request first."""
+        """Give free slots to waiting choices, one at a time, each to the waiting request with the fewest choices
+        running (the oldest of those): a small request never waits for all the choices of a big one to start."""
         while self._free_slots and self._waiting:
-            request = self._waiting[0]
+            request = min(self._waiting, key=lambda waiting: waiting.running)  # min: the first (oldest) of equals
             index = request.choices_to_start.popleft()
             if not request.choices_to_start:
-                self._waiting.popleft()
+                self._waiting.remove(request)
             slot = min(self._free_slots)  # low slots first keeps the decode batch (rows 0..highest) short
             self._free_slots.remove(slot)
             with self._lock:
                 self._busy_slots += 1
+                self._queued_sequences -= 1
+                self._queued_tokens -= request.params.max_new_tokens
                 if not request.started:
                     self._unstarted -= 1
             request.started = True
+            request.running += 1
             params = request.params
             # Choice i of a request seeded s draws as a generation seeded s + i (choice 0: as one seeded s).
             self.sampler.start(slot, params, None if params.seed is None else params.seed + index, request.prompt_ids)
@@ -315,6 +406,7 @@ class Engine:
             self._prefilling.remove(sequence)
         self._decoding.pop(sequence.slot, None)
         self._free_slots.append(sequence.slot)
+        sequence.request.running -= 1
         with self._lock:
             self._busy_slots -= 1
 
@@ -379,6 +471,9 @@ class Engine:
         sequences = [rows[row][0] for row in finished]
         picks = self.sampler.sample(logits[finished, -1].float(), [sequence.slot for sequence in sequences]).tolist()
         for sequence, token in zip(sequences, picks, strict=True):
+            if token == FAILED:
+                self._fail_numerically(sequence)
+                continue
             self._prefilling.remove(sequence)
             if self._accept(sequence, token):
                 self._decoding[sequence.slot] = sequence
@@ -414,6 +509,9 @@ class Engine:
             logits = logits[slots]
         sequences = [self._decoding[slot] for slot in slots]
         for sequence, token in zip(sequences, self.sampler.sample(logits.float(), slots).tolist(), strict=True):
+            if token == FAILED:
+                self._fail_numerically(sequence)
+                continue
             sequence.cached += 1
             if not self._accept(sequence, token):
                 self._release(sequence)
@@ -428,10 +526,19 @@ class Engine:
                 ChoiceEvent(sequence.index, delta, reason, sequence.stop.generated))
         return reason is None
 
-    def _fail(self, sequence: _Sequence, message: str) -> None:
+    def _fail(self, sequence: _Sequence, message: str, code: str = "engine_error") -> None:
         self._outbox.setdefault(sequence.request, []).append(
-            ChoiceEvent(sequence.index, error=message, completion_tokens=sequence.stop.generated))
+            ChoiceEvent(sequence.index, error=message, completion_tokens=sequence.stop.generated, code=code))
         self._release(sequence)
+
+    def _fail_numerically(self, sequence: _Sequence) -> None:
+        """This choice's logits were NaN or infinite: it ends alone (the batch's other rows sampled as usual), and
+        its slot's keys/values, which may hold NaN too, are zeroed and never reused as a prompt prefix."""
+        self.cache.clear(sequence.slot)
+        self._slot_prompts[sequence.slot] = []
+        self._fail(sequence, "the model's next-token scores for this request became NaN or infinite under its "
+                             "sampling parameters, so no token could be sampled; generation stopped",
+                   code="numerical_error")
 
     def _fail_all(self, message: str) -> None:
         for sequence in [*self._prefilling, *self._decoding.values()]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,8 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 CHAT_ROLES = {"system", "developer", "user", "assistant"}
 # Fields each route accepts beyond its own. top_k and repetition_penalty are sparkgpt extensions (extra_body).
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-                 "user", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty"}
+                 "user", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
+                 "repetition_penalty"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
@@ -53,10 +56,50 @@ def invalid(param: str | None, message: str, code: str | None = None) -> APIErro
 # ---- requests -----------------------------------------------------------------------------------------------------
 
 
+MAX_JSON_DEPTH = 64        # arrays and objects nested deeper than this are refused (no field needs more than 4)
+MAX_INTEGER_DIGITS = 40    # no field needs more (a seed has 20); 401 digits would overflow float checks later
+
+
+class _HostileJSON(ValueError):
+    """Valid JSON that no request needs and that would trouble the checks after it: refused with a 400."""
+
+
+def _parse_int(text: str) -> int | float:
+    """An integer, or for one of more than MAX_INTEGER_DIGITS digits ±infinity, which every field's check refuses
+    by name (as it does NaN, Infinity and 1e999, which json reads as floats): never a float overflow, never
+    int()'s quadratic parse of thousands of digits."""
+    if len(text) - text.startswith("-") > MAX_INTEGER_DIGITS:
+        return -math.inf if text.startswith("-") else math.inf
+    return int(text)
+
+
+def _check_json_value(body: Any) -> None:
+    """Every string is text (no lone UTF-16 surrogate such as "\\ud800": it cannot be encoded, tokenized or
+    echoed), and the nesting is at most MAX_JSON_DEPTH; iterative, so no depth can exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(body, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise _HostileJSON("it holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text.")
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise _HostileJSON(f"it nests arrays or objects more than {MAX_JSON_DEPTH} deep.")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """A request's JSON body, which must be an object."""
+    """A request's JSON body, which must be an object. Valid but hostile JSON is a 400 too: lone surrogates and
+    absurd nesting here; NaN, infinities and huge numbers (`_parse_int`) by the checks of the field holding them."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=_parse_int)
+        _check_json_value(body)
+    except _HostileJSON as error:
+        raise invalid(None, f"We could not accept the JSON body of your request: {error}") from None
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
         raise invalid(None, "We could not parse the JSON body of your request: it is not valid JSON.") from None
     if not isinstance(body, dict):
@@ -68,10 +111,6 @@ def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
     for name in body:
         if name not in allowed:
             raise invalid(name, f"Unrecognized request argument supplied: {name}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and not (is_number(value) and value == 0):
-            raise invalid(name, f"'{name}' is not supported by this server; leave it out or 0.")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise invalid("user", "'user' must be a string.")
 
@@ -257,7 +296,10 @@ def prepare_call(
         params = SamplingParams(
             max_new_tokens=max_tokens, temperature=temperature, top_p=_optional(body, "top_p", 1.0),
             top_k=body.get("top_k"), repetition_penalty=_optional(body, "repetition_penalty", 1.0),
-            stop=tuple(stop), seed=seed,
+            presence_penalty=_optional(body, "presence_penalty", 0.0),
+            frequency_penalty=_optional(body, "frequency_penalty", 0.0),
+            logit_bias=parse_logit_bias(body.get("logit_bias"), engine.lm.config.vocab_size),
+            min_p=_optional(body, "min_p", 0.0), stop=tuple(stop), seed=seed,
         )
     except SamplingParamError as error:
         param = max_tokens_param if error.field == "max_new_tokens" else PARAM_NAMES.get(error.field, error.field)
@@ -267,6 +309,26 @@ def prepare_call(
     except ContextLengthExceeded as error:
         raise invalid(prompt_param, str(error), code="context_length_exceeded") from None
     return Call(prompts, params, n, stream, include_usage)
+
+
+def parse_logit_bias(value: Any, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's `logit_bias`: an object mapping token ids (as strings) to a bias from -100 to 100, each id in the
+    vocabulary."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid("logit_bias", "'logit_bias' must be an object mapping token ids to numbers from -100 to 100.")
+    bias = {}
+    for key, number in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12 else -1
+        if not 0 <= token < vocab_size:
+            raise invalid("logit_bias", f"Invalid key in 'logit_bias': {key[:40]!r} is not a token id of this model "
+                          f"(an integer from 0 to {vocab_size - 1}).")
+        if not (is_number(number) and -100 <= number <= 100):
+            raise invalid("logit_bias", f"Invalid value in 'logit_bias' for token {token}: {number!r}; expected a "
+                          "number from -100 to 100.")
+        bias[token] = float(number)
+    return bias
 
 
 def _optional(body: dict[str, Any], name: str, default: Any) -> Any:
@@ -283,7 +345,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def engine_failure(event: ChoiceEvent) -> APIError:
-    return APIError(500, event.error or "the engine failed", error_type="server_error", code="engine_error")
+    """A choice the engine failed, as an error of the whole call. Logits that turned NaN or infinite come from the
+    request's own sampling parameters (a huge logit_bias or penalty), so that request alone ends with a 400
+    ("numerical_error"); anything else is the engine's fault: 500 "engine_error"."""
+    if event.code == "numerical_error":
+        return APIError(400, event.error or "the logits stopped being finite", code="numerical_error")
+    return APIError(500, event.error or "the engine failed", error_type="server_error",
+                    code=event.code or "engine_error")
 
 
 def embedding_response(call: EmbeddingCall, vectors: np.ndarray, model_name: str) -> dict[str, Any]:

@@ -44,6 +44,12 @@ class SlotKVCache(KVCache):
             return self.keys[layer, :batch, :, : self._span], self.values[layer, :batch, :, : self._span]
         return self.keys[layer, slots, :, : self._span], self.values[layer, slots, :, : self._span]
 
+    def clear(self, slot: int) -> None:
+        """Zero every column of one slot: a sequence whose numbers blew up (NaN, inf) leaves none behind. (A later
+        sequence in the slot attends to stale columns with weight 0, but 0 × NaN is NaN.)"""
+        self.keys[:, slot].zero_()
+        self.values[:, slot].zero_()
+
     def write_columns(self, batch: int) -> tuple[torch.Tensor, int]:
         if self._slots is not None:
             raise RuntimeError("a decode step's rows are slots 0..B-1 (begin(None, ...))")
