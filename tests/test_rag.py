@@ -282,6 +282,8 @@ def test_an_unknown_entity_is_answered_with_i_dont_know_and_known_ones_with_grap
                                   graph=graph)
     assert "Kenya has capital Nairobi." in known.facts
     assert known.answer == next(t.object for t in graph.facts("Kenya") if t.relation == "uses currency")
+    free = sparkgpt.tasks.answer(smollm2, "What is the capital of Peru?", graph=graph, constrain=False)
+    assert free.facts == ["Peru has capital Lima."] and "Lima" in free.answer  # the model writes, from the fact
     with pytest.raises(SparkGPTError, match="empty"):
         sparkgpt.tasks.answer(smollm2, " ", graph=graph)
 

@@ -11,6 +11,7 @@ whose entities the graph does not know gets an answer that says so.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,7 @@ def uncited(answer: str) -> str:
 
 
 def graph_answer(lm: LM, question: str, graph: KnowledgeGraph, constrain: bool = True, max_facts: int = 8,
-                 chat: bool | None = None, generate: Any = None) -> GroundedAnswer:
+                 chat: bool | None = None, generate: Callable[[str], str] | None = None) -> GroundedAnswer:
     """Answer from the facts of the best-scored walks (at most `max_facts`). `generate(facts) -> str` writes a
     free answer when `constrain` is off."""
     entities = graph.link(question)
@@ -85,6 +86,8 @@ def graph_answer(lm: LM, question: str, graph: KnowledgeGraph, constrain: bool =
     best = [w for w in walks if w.score == walks[0].score and len(w.steps) == len(walks[0].steps)]
     facts = list(dict.fromkeys(t.sentence() for w in best for t in w.steps))[:max_facts]
     if not constrain:
+        if generate is None:
+            raise ValueError("an unconstrained graph answer needs `generate`")
         return GroundedAnswer(generate("\n".join(facts)), facts=facts)
     return GroundedAnswer(_likeliest(lm, question, facts, best, chat), facts=facts)
 
