@@ -375,14 +375,12 @@ def _gemma3_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _gemma3_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """Llama's shared fields, less its activation, MLP bias and single rope, plus Gemma 3's own."""
+    shared = {k: v for k, v in _llama_config_to_hf(config).items()
+              if k not in ("hidden_act", "mlp_bias", "rope_theta", "rope_scaling", "rope_parameters")}
     full = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     return dict(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=config.max_seq_len, initializer_range=config.initializer_range,
-        rms_norm_eps=config.norm_eps, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        tie_word_embeddings=config.tie_embeddings, attention_bias=False,
+        shared, hidden_activation="gelu_pytorch_tanh", attention_bias=False,
         query_pre_attn_scalar=_whole(config.attention_scale ** -2), sliding_window=config.attention_window,
         layer_types=["sliding_attention" if p == "local" else "full_attention" for p in config.layer_patterns()],
         final_logit_softcapping=None, attn_logit_softcapping=None,
