@@ -58,7 +58,7 @@ def train(
         try:
             return trainer.run()
         finally:
-            trainer.dist.close()
+            trainer.close()
 
 
 def finetune(

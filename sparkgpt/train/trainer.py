@@ -9,6 +9,7 @@ Rank 0 logs (progress bar, metrics.jsonl, loss.png), evaluates and saves; the ot
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -443,6 +444,15 @@ class Trainer:
     def _log(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        """Leave the process group. The DDP wrapper goes first, while the group is still registered: otherwise its
+        C++ reducer drops the last reference to gloo's group and joins gloo's worker threads holding the GIL, which a
+        worker still freeing a finished collective's tensors waits for (a deadlock, seen on a loaded 2-core machine).
+        Released through Python, the group is destroyed with the GIL let go."""
+        self.train_model = self.model
+        gc.collect()  # the wrapper's hooks may hold it in reference cycles
+        self.dist.close()
 
     def run(self) -> TrainResult:
         config = self.config
