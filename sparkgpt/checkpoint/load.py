@@ -1,8 +1,8 @@
 """The one place that turns a model reference into a model and its tokenizer, and a model back into a checkpoint.
 
-A reference is a checkpoint directory (ours, transformers', quantised, or an FSDP run's DCP shards), a `.gguf`
-file, an alias, a hub id (`registry.resolve`), or a LoRA adapter folder naming its base. Everything that loads a
-model (the LM object, the trainer, distillation, GGUF export, `prepare`) comes through `load`.
+A reference is a checkpoint directory (ours, transformers', quantised, an FSDP run's DCP shards, or CTranslate2's
+Whisper), a `.gguf` file, an alias, a hub id (`registry.resolve`), or a LoRA adapter folder naming its base.
+Everything that loads a model (the LM object, the trainer, distillation, GGUF export, `prepare`) comes through `load`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparkgpt.checkpoint import adapter as adapters
-from sparkgpt.checkpoint import dcp, gguf, gguf_tokenizer, hf, quantized
+from sparkgpt.checkpoint import dcp, gguf, gguf_tokenizer, hf, quantized, whisper
 from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory
@@ -76,6 +76,8 @@ def _load_base(path: Path, dtype: torch.dtype, device: torch.device, quantize: s
         return Loaded(gguf.load_gguf_model(file, dtype=dtype, device=device, quantize=quantize), tokenizer)
     if dcp.is_dcp_checkpoint(path):  # an FSDP run's checkpoint: its shards gathered into one model
         model = dcp.load_model(path, dtype=dtype, device=device)
+    elif whisper.checkpoint_kind(path) is not None:  # transformers' Whisper, or CTranslate2's model.bin
+        model = whisper.load_model(path, dtype=dtype, device=device)
     elif quantized.is_quantized_checkpoint(path):
         model = quantized.load_model(path, dtype, device)
     else:

