@@ -387,6 +387,30 @@ def _human(count: int) -> str:
     return str(count)
 
 
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    """Transcribe audio files (WAV, FLAC, OGG, MP3) with a Whisper model (whisper-base): one transcript per file,
+    in 30 s windows. An unreadable file is a one-line error naming it; the others are still transcribed."""
+    import json
+
+    from sparkgpt.tasks.transcribe import transcribe, whisper_prompt
+
+    if args.beam_size < 1:
+        raise SparkGPTError(f"--beam-size is {args.beam_size}; expected at least 1")
+    lm = _load(args)
+    whisper_prompt(lm, args.language)  # a text model or an unknown language: refused before any file is read
+    failed = 0
+    for path in args.audio:
+        try:
+            text = transcribe(lm, path, language=args.language, beam_size=args.beam_size)
+        except SparkGPTError as error:
+            print(f"sparkgpt: error: {error}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        print(json.dumps({"file": path, "text": text}, ensure_ascii=False) if args.json else text, flush=True)
+    if failed:
+        raise SystemExit(1)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ref", help="model reference: a checkpoint directory (ours or transformers'), a LoRA adapter "
                         "folder, a training run folder, a .gguf file, an alias (smollm2-135m-instruct) or a hub id")
@@ -460,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--target", default="French", help="translate: target language (French)")
     task.add_argument("--max-words", type=int, default=30, help="summarize: length limit in words (30)")
     task.add_argument("--k", type=int, default=5, help="keywords: how many (5)")
+    transcribe = command("transcribe", cmd_transcribe)
+    _add_model_options(transcribe)
+    transcribe.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (WAV, FLAC, OGG, MP3)")
+    transcribe.add_argument("--language", default="en", help="the language spoken, as Whisper names it (en)")
+    transcribe.add_argument("--beam-size", type=int, default=5, help="beams per 30 s window; 1 is greedy (5)")
+    transcribe.add_argument("--json", action="store_true", help='one JSON object per file: {"file", "text"}')
     index = command("index", cmd_index)
     index.add_argument("paths", nargs="+", metavar="PATH", help="files and folders (.txt .md .html .pdf .jsonl)")
     index.add_argument("--out", required=True, help="the index folder (updated in place if it exists)")

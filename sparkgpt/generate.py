@@ -4,7 +4,9 @@
   (the serving engine samples through it too, so a seed gives the same text from `LM.generate` and the server);
 - `StopRule`: when a sequence ends (a stop token, a stop string, max_new_tokens) and what text each token releases;
 - `token_steps`: the decode loop, over a small adapter per model kind (`first()`, then `next(tokens)`);
-- `beam_search`: the deterministic alternative, over the same adapters.
+- `beam_search`: the deterministic alternative, over the same adapters;
+- `whisper_decode`: Whisper's windows of log-mel features to text tokens, greedy or beam search, over an adapter
+  that adds Whisper's prompt and token rules.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT, EncoderDecoder, KVCache
 from sparkgpt.model.decode import decode_step
+from sparkgpt.model.whisper import Whisper
 from sparkgpt.tokenizer import Tokenizer
 
 
@@ -608,11 +611,43 @@ class _EncoderDecoder:
             if len(self.sources) == 1:  # one source (beam search): every row reads it through views, no copies
                 n = len(tokens)
                 memory_kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in memory_kv]
-                source_mask = source_mask.expand(n, -1)
+                source_mask = None if source_mask is None else source_mask.expand(n, -1)
             else:
                 memory_kv = [(k[self.rows], v[self.rows]) for k, v in memory_kv]
-                source_mask = source_mask[self.rows]
+                source_mask = None if source_mask is None else source_mask[self.rows]
         return self.model.decode(tokens[:, None], memory_kv, source_mask, self.cache)[:, -1].float()
+
+
+class _Whisper(_EncoderDecoder):
+    """Whisper as the decode loops drive it: log-mel windows [B, n_mels, frames] encoded once, the special-token
+    `prompt` (the same for every row) run through the cache, and Whisper's token rules on every step's logits
+    (`suppress_tokens` never, `begin_suppress_tokens` not first): -inf before the log-softmax, as CTranslate2
+    and OpenAI's decoder apply them, so beam scores are over the tokens allowed."""
+
+    def __init__(self, model: Whisper, features: torch.Tensor, prompt: Sequence[int], max_new_tokens: int) -> None:
+        config, weight = model.config, model.lm_head.weight
+        if not prompt or max_new_tokens < 1 or len(prompt) + max_new_tokens > config.max_seq_len:
+            raise SparkGPTError(f"a prompt of {len(prompt)} tokens and max_new_tokens {max_new_tokens}: expected "
+                                f"at least one of each, within the decoder's {config.max_seq_len} positions")
+        self.model, self.sources, self.prompt, self.device = model, features, list(prompt), weight.device
+        self.cache = KVCache(config, len(features), len(prompt) + max_new_tokens, weight.dtype, weight.device)
+        self.rows = None
+        self.suppress = torch.tensor(config.suppress_tokens, dtype=torch.long, device=weight.device)
+
+    def first(self) -> torch.Tensor:
+        model = self.model
+        self.source_mask, self.memory_kv = None, model.memory_kv(model.encode(self.sources.to(self.device)))
+        prompt = torch.tensor([self.prompt] * len(self.sources), dtype=torch.long, device=self.device)
+        logits = model.decode(prompt, self.memory_kv, cache=self.cache, last_only=True)[:, -1].float()
+        logits[:, model.config.begin_suppress_tokens] = float("-inf")
+        return self._allowed(logits)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._allowed(super()._decode(tokens))
+
+    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        logits[:, self.suppress] = float("-inf")
+        return logits
 
 
 def _decode_model(model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int):
@@ -629,10 +664,17 @@ def token_steps(
     step, up to max_new_tokens; stop iterating to stop. Every row's draws are seeded with params.seed from a
     generator of its own, so a row's tokens do not depend on the rest of the batch."""
     runner = _decode_model(model, prompts, params.max_new_tokens)
-    sampler = Sampler(len(prompts), model.config.vocab_size, runner.device)
-    context = isinstance(runner, _DecoderOnly)  # the repetition penalty counts a prompt's tokens, not a source's
-    for row, prompt in enumerate(prompts):
-        sampler.start(row, params, params.seed, prompt if context else ())
+    # The repetition penalty counts a prompt's tokens, not a source's.
+    contexts = prompts if isinstance(runner, _DecoderOnly) else [()] * len(prompts)
+    yield from _steps(runner, contexts, params, model.config.vocab_size)
+
+
+def _steps(runner, contexts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: int
+           ) -> Iterator[torch.Tensor]:
+    """`token_steps` over a model adapter: every row sampled by one Sampler, `contexts` its seen tokens."""
+    sampler = Sampler(len(contexts), vocab_size, runner.device)
+    for row, context in enumerate(contexts):
+        sampler.start(row, params, params.seed, context)
     logits = runner.first()
     for step in range(params.max_new_tokens):
         tokens = sampler.sample(logits)
@@ -652,30 +694,43 @@ def beam_search(
     model: GPT | EncoderDecoder, prompt: Sequence[int], params: SamplingParams, stop_ids: set[int]
 ) -> tuple[list[int], bool]:
     """The best continuation of one prompt (decoder-only) or source (encoder–decoder) found with `num_beams`
-    beams, and whether it ended with a stop token (left out of the ids).
+    beams, and whether it ended with a stop token (left out of the ids). Hypotheses are scored as transformers
+    scores them: the stop token counts in the length (`_beam`)."""
+    return _beam(_decode_model(model, [prompt], params.max_new_tokens), params, stop_ids, stop_in_length=True)
 
-    Each step extends every live beam by every token and keeps the `num_beams` best by summed log-probability;
-    a candidate ending in a stop token among them is finished, scored Σ log p / length^length_penalty (length:
-    new tokens including the stop token), and the search ends once `num_beams` hypotheses are finished (HF's
-    early_stopping=True) or after max_new_tokens, when live beams are scored the same way. With one beam this is
-    greedy decoding, token for token.
-    """
+
+def _beam(runner, params: SamplingParams, stop_ids: set[int], stop_in_length: bool) -> tuple[list[int], bool]:
+    """Beam search over a model adapter of one row.
+
+    Each step extends every live beam by every token and keeps the 2 · `num_beams` best by summed log-probability.
+    Among the first `num_beams` of them, a candidate ending in a stop token is finished, scored
+    Σ log p / length^length_penalty; the first `num_beams` candidates that do not end go on. The search ends once
+    `num_beams` hypotheses are finished (transformers' early_stopping=True, CTranslate2's patience 1), or at
+    max_new_tokens, where the first `num_beams` candidates are all finished. The length counts the new tokens, the
+    stop token among them when `stop_in_length` (transformers) or not (OpenAI's Whisper, CTranslate2). With one
+    beam this is greedy decoding, token for token."""
     beams = params.num_beams
-    runner = _decode_model(model, [prompt], params.max_new_tokens)
     logprobs = torch.log_softmax(runner.first(), dim=-1)
     sums = torch.zeros(1, device=logprobs.device)
     alive: list[list[int]] = [[]]
     finished: list[tuple[float, list[int], bool]] = []
     vocab = logprobs.shape[-1]
+
+    def finish(score: float, ids: list[int], stopped: bool) -> None:
+        length = max(len(ids) + (stopped and stop_in_length), 1)  # (an empty hypothesis: not scored over zero)
+        finished.append((score / length ** params.length_penalty, ids, stopped))
+
     for step in range(params.max_new_tokens):
+        last = step + 1 == params.max_new_tokens
         scores = (sums[:, None] + logprobs).flatten()
         top_scores, top_index = scores.topk(min(2 * beams, scores.numel()))
         parents, tokens, next_sums, next_alive = [], [], [], []
         for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_index.tolist(), strict=True)):
             parent, token = divmod(index, vocab)
-            if token in stop_ids:
-                if rank < beams:
-                    finished.append((score / (step + 1) ** params.length_penalty, alive[parent], True))
+            stopped = token in stop_ids
+            if rank < beams and (stopped or last):
+                finish(score, alive[parent] if stopped else [*alive[parent], token], stopped)
+            if stopped or last:
                 continue
             parents.append(parent)
             tokens.append(token)
@@ -683,10 +738,7 @@ def beam_search(
             next_alive.append([*alive[parent], token])
             if len(next_alive) == beams:
                 break
-        if len(finished) >= beams or step + 1 == params.max_new_tokens or not next_alive:
-            if len(finished) < beams or not finished:
-                finished += [(s / (step + 1) ** params.length_penalty, ids, False)
-                             for s, ids in zip(next_sums, next_alive, strict=True)]
+        if len(finished) >= beams or last or not next_alive:
             break
         alive, sums = next_alive, torch.tensor(next_sums, device=logprobs.device)
         logprobs = torch.log_softmax(runner.next(torch.tensor(tokens, device=runner.device),
@@ -705,3 +757,45 @@ def beam_completions(
         text, cut = cut_at_stop(tokenizer.decode(ids), params.stop)
         reason = "stop" if stopped or cut else "length"
         yield row, text, Completion(text, ids, len(prompt), reason)
+
+
+# ---- Whisper -------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def whisper_decode(model: Whisper, features: torch.Tensor, prompt: Sequence[int], beam_size: int = 5,
+                   length_penalty: float = 1.0, max_new_tokens: int = 224, eot: int | None = None
+                   ) -> list[list[int]]:
+    """Each window's text tokens after the special-token `prompt`, up to the end of text `eot` (left out; None:
+    the config's eos_token_id).
+
+    features: log-mel windows [B, n_mels, frames]. beam_size 1 decodes all windows together, greedily (the Sampler
+    at temperature 0); more beams search each window in turn, its hypotheses scored Σ log p / length^length_penalty
+    over the text tokens (faster-whisper's defaults: 5 beams, length_penalty 1). At most max_new_tokens (224, half
+    the decoder's positions, as CTranslate2 caps them) and never past the decoder's last position."""
+    eot = model.config.eos_token_id if eot is None else eot
+    if not is_int(eot):
+        raise SparkGPTError(f"this Whisper config's eos_token_id is {eot!r}: expected one end-of-text token id")
+    if not is_int(beam_size) or beam_size < 1:
+        raise SamplingParamError("beam_size", f"beam_size is {beam_size!r}; expected an integer >= 1")
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
+    params = SamplingParams(max_new_tokens=max(max_new_tokens, 1), temperature=0.0, num_beams=beam_size,
+                            length_penalty=length_penalty)
+    if beam_size > 1:
+        return [_beam(_Whisper(model, window[None], prompt, max_new_tokens), params, {eot}, stop_in_length=False)[0]
+                for window in features]
+    rows: list[list[int]] = [[] for _ in features]
+    done = [False] * len(features)
+    steps = _steps(_Whisper(model, features, prompt, max_new_tokens), [()] * len(features), params,
+                   model.config.vocab_size)
+    for tokens in steps:
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token == eot:
+                done[row] = True
+            else:
+                rows[row].append(token)
+        if all(done):
+            steps.close()
+            break
+    return rows

@@ -4,6 +4,7 @@ real Whisper-base from PyPI against the `ctranslate2` package on speech synthesi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -31,6 +32,7 @@ from sparkgpt.data.audio import (
     windows,
 )
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.generate import whisper_decode
 from sparkgpt.model.whisper import Whisper, prompt_tokens
 
 transformers = pytest.importorskip("transformers")
@@ -75,7 +77,7 @@ def assert_same_model(ours: Whisper, reference, mel: torch.Tensor, atol: float =
         torch.testing.assert_close(ours(mel, ids), expected, atol=atol, rtol=0)
     expected_tokens = reference_greedy(reference, mel, 12)
     eot = reference.config.eos_token_id
-    ours_tokens = ours.greedy(mel, PROMPT, eot=eot, max_new_tokens=12)
+    ours_tokens = whisper_decode(ours, mel, PROMPT, beam_size=1, max_new_tokens=12, eot=eot)
     for row, tokens in zip(expected_tokens.tolist(), ours_tokens, strict=True):
         assert tokens == (row[:row.index(eot)] if eot in row else row)
 
@@ -100,7 +102,8 @@ def test_suppressed_tokens_from_generation_config_are_never_chosen(tiny_referenc
         model = load(tmp_path, device="cpu").model
         assert (model.config.suppress_tokens, model.config.begin_suppress_tokens) == (suppress, begin)
         assert_same_model(model, tiny_reference, mel)
-        chosen = {token for row in model.greedy(mel, PROMPT, eot=2, max_new_tokens=12) for token in row}
+        rows = whisper_decode(model, mel, PROMPT, beam_size=1, max_new_tokens=12, eot=2)
+        chosen = {token for row in rows for token in row}
         assert not chosen & set(suppress)
     finally:
         tiny_reference.generation_config.suppress_tokens = None
@@ -298,6 +301,61 @@ def test_ctranslate2_whisper_file_loads_with_the_logits_of_the_weights_it_holds(
             torch.testing.assert_close(model(mel, ids), expected, atol=atol, rtol=0)
 
 
+# ---- beam search -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eos_prone(tiny_reference, tmp_path_factory) -> tuple[object, Path, object]:
+    """The tiny reference with its end-of-text embedding scaled up, so that beams often end early (and often not):
+    transformers' model, the same weights as a CTranslate2 folder (a vocabulary naming <|notimestamps|> so that
+    CTranslate2 decodes without timestamps; tokens 50 and 51 suppressed) and the ctranslate2 Whisper on it."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    reference = copy.deepcopy(tiny_reference)
+    with torch.no_grad():
+        reference.model.decoder.embed_tokens.weight[2] *= 2.5
+    data, _ = write_ct2(ct2_whisper_variables(reference), PROJECTION)
+    folder = write_ct2_dir(tmp_path_factory.mktemp("eos") / "ct2", data,
+                           {"suppress_ids": [50, 51], "suppress_ids_begin": [], "lang_ids": [], "alignment_heads": []})
+    names = ["<pad>", "<|startoftranscript|>", "<|endoftext|>", "t3", "t4", "<|transcribe|>", "<|notimestamps|>"]
+    (folder / "vocabulary.json").write_text(json.dumps(names + [f"t{i}" for i in range(7, TINY["vocab_size"])]))
+    return reference, folder, ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32")
+
+
+BEAM_MEL = torch.randn(8, 80, 2 * TINY["max_source_positions"], generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize(("beams", "length_penalty", "max_new_tokens"), [(5, 1.0, 30), (3, 1.0, 30), (5, 0.0, 20)])
+def test_beam_search_equals_ctranslate2_beam_search_on_the_same_weights(eos_prone, beams, length_penalty,
+                                                                        max_new_tokens):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    _, folder, reference = eos_prone
+    expected = [result.sequences_ids[0] for result in reference.generate(
+        ctranslate2.StorageView.from_array(BEAM_MEL.numpy()), [PROMPT] * len(BEAM_MEL), beam_size=beams,
+        length_penalty=length_penalty, max_length=2 * max_new_tokens, suppress_blank=False)]
+    model, _ = load(folder, device="cpu")
+    ours = whisper_decode(model, BEAM_MEL, PROMPT, beam_size=beams, length_penalty=length_penalty,
+                          max_new_tokens=max_new_tokens, eot=2)
+    assert ours == expected
+    assert {len(row) < max_new_tokens for row in ours} == {True, False}  # beams that ended, and beams cut at the limit
+    assert not {50, 51} & {token for row in ours for token in row}
+
+
+def test_beam_search_without_length_penalty_equals_transformers_num_beams(eos_prone, tmp_path):
+    reference = eos_prone[0]
+    expected = transformers.GenerationMixin.generate(
+        reference, input_features=BEAM_MEL, decoder_input_ids=torch.tensor([PROMPT] * len(BEAM_MEL)),
+        max_new_tokens=20, num_beams=5, early_stopping=True, length_penalty=0.0, do_sample=False)
+    reference.save_pretrained(tmp_path)
+    ours = whisper_decode(load(tmp_path, device="cpu")[0], BEAM_MEL, PROMPT, beam_size=5, length_penalty=0.0,
+                          max_new_tokens=20, eot=2)
+    assert ours == [row[:row.index(2)] if 2 in row else row for row in expected[:, len(PROMPT):].tolist()]
+
+
+def test_greedy_transcripts_of_a_batch_equal_each_window_decoded_alone(eos_prone):
+    model, _ = load(eos_prone[1], device="cpu")
+    assert whisper_decode(model, BEAM_MEL, PROMPT, beam_size=1, max_new_tokens=20, eot=2) == \
+        [whisper_decode(model, window[None], PROMPT, beam_size=1, max_new_tokens=20, eot=2)[0] for window in BEAM_MEL]
+
+
 def test_int8_variables_are_dequantised_with_their_scale(tmp_path):
     weight = np.array([[10, -20], [127, 0]], dtype=np.int8)
     scale = np.array([10.0, 127.0], dtype=np.float32)
@@ -460,7 +518,8 @@ def whisper_base() -> Path:
 
 
 @pytest.mark.slow
-def test_whisper_base_transcribes_espeak_speech_as_ctranslate2_does(whisper_base, tmp_path):
+@pytest.mark.parametrize("beam_size", [1, 5], ids=["greedy", "beam5"])
+def test_whisper_base_transcribes_espeak_speech_as_ctranslate2_does(whisper_base, tmp_path, beam_size):
     ctranslate2 = pytest.importorskip("ctranslate2")
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed")
@@ -473,7 +532,7 @@ def test_whisper_base_transcribes_espeak_speech_as_ctranslate2_does(whisper_base
     model, tokenizer = load("whisper-base", device="cpu")
     assert model.config.vocab_size == 51865 and tokenizer.token_to_id("<|notimestamps|>") == 50363
     prompt = prompt_tokens(tokenizer.token_to_id, language="en")
-    ours = model.greedy(features, prompt, eot=model.config.eos_token_id)
+    ours = whisper_decode(model, features, prompt, beam_size=beam_size)
 
     reference_dir = tmp_path / "ct2"  # the same files, with the vocabulary.json CTranslate2 needs
     reference_dir.mkdir()
@@ -484,7 +543,7 @@ def test_whisper_base_transcribes_espeak_speech_as_ctranslate2_does(whisper_base
     (reference_dir / "vocabulary.json").write_text(json.dumps(vocabulary), encoding="utf-8")
     reference = ctranslate2.models.Whisper(str(reference_dir), device="cpu", compute_type="float32")
     results = reference.generate(ctranslate2.StorageView.from_array(features.numpy()), [prompt] * len(files),
-                                 beam_size=1)
+                                 beam_size=beam_size)
     expected = [result.sequences_ids[0] for result in results]
 
     for text, ours_ids, expected_ids in zip(SPEECH, ours, expected, strict=True):

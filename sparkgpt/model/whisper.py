@@ -5,14 +5,15 @@
     logits = DecoderBlocks(E[token] + P[position], memory) Eᵀ   learned positions, cross-attention, tied head
 
 Everything after the convolutional stem is the existing EncoderDecoder: pre-LayerNorm blocks, exact-GELU FFN,
-cross-attention and the KV cache. Whisper's key projections have no bias; a zero bias is the same attention (a
-constant added to every key shifts each query's scores equally, and softmax ignores it), so the shared blocks serve.
+cross-attention and the KV cache; decoding, greedy or beam search, is `sparkgpt.generate.whisper_decode`.
+Whisper's key projections have no bias; a zero bias is the same attention (a constant added to every key shifts
+each query's scores equally, and softmax ignores it), so the shared blocks serve.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,6 @@ from torch.nn import functional as F
 
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.model.attention import KVCache
 from sparkgpt.model.transformer import EncoderDecoder
 
 # Whisper's fixed architectural choices; the sizes come from the checkpoint.
@@ -99,36 +99,6 @@ class Whisper(EncoderDecoder):
     def forward(self, mel: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Teacher forcing: logits [B, T, vocab] for every target position at once."""
         return self.decode(target_ids, self.memory_kv(self.encode(mel)))
-
-    @torch.no_grad()
-    def greedy(self, mel: torch.Tensor, prompt: Sequence[int], eot: int, max_new_tokens: int = 224) -> list[list[int]]:
-        """The most probable token at each step after `prompt` (the same for every row), through the KV cache,
-        until `eot`: each row's new tokens without it. `suppress_tokens` are never chosen, `begin_suppress_tokens`
-        not first (Whisper's and CTranslate2's rules)."""
-        config = self.config
-        batch, device = mel.shape[0], mel.device
-        max_new_tokens = min(max_new_tokens, config.max_seq_len - len(prompt))
-        if not prompt or max_new_tokens < 1:
-            raise SparkGPTError(f"a prompt of {len(prompt)} tokens: expected at least one, and room after it in "
-                                f"{config.max_seq_len} positions")
-        memory_kv = self.memory_kv(self.encode(mel))
-        cache = KVCache(config, batch, len(prompt) + max_new_tokens, self.lm_head.weight.dtype, device)
-        suppress = torch.tensor(config.suppress_tokens, dtype=torch.long, device=device)
-        tokens = torch.tensor([list(prompt)] * batch, dtype=torch.long, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        out: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            logits = self.decode(tokens, memory_kv, cache=cache, last_only=True)[:, -1].float()
-            logits[:, suppress] = float("-inf")
-            if step == 0 and config.begin_suppress_tokens:
-                logits[:, config.begin_suppress_tokens] = float("-inf")
-            tokens = logits.argmax(dim=-1).masked_fill(done, eot)[:, None]
-            out.append(tokens[:, 0])
-            done |= tokens[:, 0] == eot
-            if bool(done.all()):
-                break
-        rows = torch.stack(out, dim=1).tolist()
-        return [row[:row.index(eot)] if eot in row else row for row in rows]
 
 
 # ---- the special-token prompt -----------------------------------------------------------------------------------

@@ -5,14 +5,16 @@ This layer only translates: a request's JSON body becomes a prompt and SamplingP
 OpenAI's shape, checked before the first byte of a stream is sent. `server.py` runs it.
 
 /v1/embeddings pools the served model's vectors (`embeddings.py`), and with an index chat replies are grounded in
-it (`grounding.py`). Both block on a model's forward, so they run in a worker thread, one call at a time, never on
-the event loop nor in the engine's thread: generations in flight go on meanwhile. Chat templates and tokenisation
-run in a second worker thread, so that they neither stall the loop nor wait behind a forward.
+it (`grounding.py`); a served Whisper model answers /v1/audio/transcriptions alone (`transcription.py`). These
+block on a model's forward, so they run in a worker thread, one call at a time, never on the event loop nor in the
+engine's thread: generations in flight go on meanwhile. Chat templates and tokenisation run in a second worker
+thread, so that they neither stall the loop nor wait behind a forward.
 
 `RequestGuard` stands before every route: a body over `max_body_bytes` is a 413 (a larger Content-Length at once,
 else as soon as the bytes read pass the limit: never buffered first), and a server bound to loopback without an
 API key answers only Host headers naming loopback (no DNS rebinding) and only application/json POSTs (a web page's
-cross-site form or `text/plain` fetch cannot start a generation). The limits on connections, headers and the time
+cross-site form or `text/plain` fetch cannot start a generation; the one multipart form taken, an audio upload,
+is refused when a browser's Origin header comes with it). The limits on connections, headers and the time
 a request may take to arrive are `server.py`'s, in uvicorn's protocol.
 """
 
@@ -69,6 +71,7 @@ from sparkgpt.serve.protocol import (
     prepare_call,
     usage,
 )
+from sparkgpt.serve.transcription import TRANSCRIPTIONS_PATH, Transcriber, read_form, transcription_response
 from sparkgpt.tasks.grounded import cite
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -142,8 +145,9 @@ class RequestGuard:
             refusal = APIError(403, "This server is bound to loopback without an API key and answers only requests "
                                "addressed to 127.0.0.1, localhost or [::1] (the Host header).", code="host_not_allowed")
         elif (self.host_allowed is not None and scope["method"] == "POST"
-              and headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json"):
-            refusal = APIError(415, "Send the request body as JSON with 'Content-Type: application/json'.",
+              and not self.accepted_type(scope["path"], headers)):
+            refusal = APIError(415, "Send the request body as JSON with 'Content-Type: application/json' (audio to "
+                               f"{TRANSCRIPTIONS_PATH} as multipart/form-data, not from a web page).",
                                code="unsupported_media_type")
         else:
             length = headers.get("content-length", "")
@@ -167,6 +171,13 @@ class RequestGuard:
         with contextlib.suppress(ClientDisconnect):
             await self.app(scope, limited_receive, send)
 
+    @staticmethod
+    def accepted_type(path: str, headers: Headers) -> bool:
+        """JSON, or an audio upload's multipart form that no web page sent (a browser's POST carries Origin)."""
+        content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        upload = path == TRANSCRIPTIONS_PATH and content_type == "multipart/form-data" and "origin" not in headers
+        return content_type == "application/json" or upload
+
 
 # ---- state ------------------------------------------------------------------------------------------------------
 
@@ -176,7 +187,8 @@ class ServeState:
     model_name: str
     api_key: str | None
     engine: Engine | None = None    # None while loading, and for a model that cannot generate (an encoder)
-    pooler: Pooler | None = None    # set once the model is loaded: every served model embeds
+    pooler: Pooler | None = None    # set once the model is loaded: every served text model embeds
+    transcriber: Transcriber | None = None  # set instead of both for a Whisper model
     grounding: Grounding | None = None
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -191,8 +203,15 @@ class ServeState:
         message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
         return APIError(503, message, error_type="service_unavailable", code="model_loading")
 
+    def _speech_only(self) -> APIError:
+        return invalid("model", f"The model '{self.model_name}' is a speech recognition model: it transcribes audio "
+                       f"(POST {TRANSCRIPTIONS_PATH}) but neither generates nor embeds text.",
+                       code="model_cannot_generate")
+
     def ready_engine(self) -> Engine:
         if self.engine is None:
+            if self.transcriber is not None:
+                raise self._speech_only()
             if self.pooler is not None:
                 raise invalid("model", f"The model '{self.model_name}' is an encoder: it embeds text "
                               "(POST /v1/embeddings) but cannot generate it. Serve a decoder model for chat and "
@@ -204,8 +223,17 @@ class ServeState:
 
     def ready_pooler(self) -> Pooler:
         if self.pooler is None:
-            raise self._not_ready()
+            raise self._speech_only() if self.transcriber is not None else self._not_ready()
         return self.pooler
+
+    def ready_transcriber(self) -> Transcriber:
+        if self.transcriber is None:
+            if self.pooler is not None:
+                raise invalid("model", f"The model '{self.model_name}' is not a speech recognition model: "
+                              f"{TRANSCRIPTIONS_PATH} needs a Whisper model (e.g. whisper-base).",
+                              code="model_cannot_transcribe")
+            raise self._not_ready()
+        return self.transcriber
 
     async def run_blocking(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` in the worker thread, the event loop free meanwhile."""
@@ -224,7 +252,7 @@ class ServeState:
 
 
 def create_app(
-    model_name: str, load_engine: Callable[[], Engine | Pooler], api_key: str | None = None,
+    model_name: str, load_engine: Callable[[], Engine | Pooler | Transcriber], api_key: str | None = None,
     on_load_error: Callable[[str], None] | None = None, index: Index | None = None, k: int = 4,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str | None = None, port: int | None = None,
 ) -> FastAPI:
@@ -232,7 +260,8 @@ def create_app(
     and 200 when the engine runs; `on_load_error` hears a failed load (the CLI then shuts the server down).
 
     `load_engine` gives a running Engine, or for a model that cannot generate (an encoder) a Pooler alone: that
-    server embeds, and answers chat and completions with 400. With an `index`, chat replies are grounded in its
+    server embeds, and answers chat and completions with 400; for a Whisper model a Transcriber: that server
+    answers /v1/audio/transcriptions alone. With an `index`, chat replies are grounded in its
     `k` best chunks for the last user message (its query embedder is loaded with the model).
 
     A body over `max_body_bytes` is a 413. `host` and `port` are the address served: bound to loopback without
@@ -251,6 +280,8 @@ def create_app(
             if isinstance(served, Engine):
                 state.pooler = Pooler(served.lm, context=served.context)
                 state.engine = served
+            elif isinstance(served, Transcriber):
+                state.transcriber = served
             else:
                 state.pooler = served
         except Exception as error:
@@ -304,7 +335,7 @@ def create_app(
         if state.engine is not None and not state.engine.alive:  # its thread died (or was stopped)
             error = state.engine.error or "the engine is not running"
             return JSONResponse({"status": "error", "error": error}, status_code=503)
-        if state.pooler is not None:
+        if state.pooler is not None or state.transcriber is not None:
             return JSONResponse({"status": "ok", "model": state.model_name})
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
@@ -392,6 +423,14 @@ def create_app(
         call, vectors = await state.run_blocking(embed)
         state.metrics.prompt_tokens.inc(call.tokens)
         return JSONResponse(embedding_response(call, vectors, state.model_name))
+
+    @app.post(TRANSCRIPTIONS_PATH)
+    async def transcriptions(request: Request) -> Response:
+        authorize(request)
+        transcriber = state.ready_transcriber()
+        form = await read_form(request, state.model_name)
+        text = await state.run_blocking(transcriber.transcribe, form)
+        return transcription_response(text, form.response_format)
 
     return app
 

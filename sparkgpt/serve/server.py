@@ -17,10 +17,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.lm import LM
+from sparkgpt.model.whisper import Whisper
 from sparkgpt.rag.index import Index
 from sparkgpt.serve.api import DEFAULT_MAX_BODY_BYTES, create_app
 from sparkgpt.serve.embeddings import Pooler
 from sparkgpt.serve.engine import Engine
+from sparkgpt.serve.transcription import Transcriber
 
 DEFAULT_CONTEXT = 4096  # tokens per slot at most by default (each slot holds a whole sequence): bounds memory
 
@@ -142,9 +144,12 @@ def limited_protocol(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
 
 
 def start_serving(lm: LM, max_slots: int = 8, max_queue: int = 64, context: int | None = None,
-                  prefill_chunk: int = 256) -> Engine | Pooler:
-    """What serves `lm`: a running Engine for a model that generates (it also embeds, with the engine's model), or
-    for an encoder (minilm-l6), which cannot generate, a Pooler alone: /v1/embeddings only."""
+                  prefill_chunk: int = 256) -> Engine | Pooler | Transcriber:
+    """What serves `lm`: a running Engine for a model that generates (it also embeds, with the engine's model),
+    for an encoder (minilm-l6), which cannot generate, a Pooler alone: /v1/embeddings only; for Whisper a
+    Transcriber: /v1/audio/transcriptions only."""
+    if isinstance(lm.model, Whisper):
+        return Transcriber(lm)
     if getattr(lm.config, "architecture", "decoder") == "encoder":
         return Pooler(lm)
     engine = Engine(lm, max_slots=max_slots, max_queue=max_queue, prefill_chunk=prefill_chunk,
@@ -172,7 +177,7 @@ def serve(
     connections, header size and count, and the time a request may take to arrive. Bound to loopback without an
     `api_key`, only loopback Host headers and JSON POSTs are answered (no DNS rebinding, no cross-site form)."""
 
-    def load_engine() -> Engine | Pooler:
+    def load_engine() -> Engine | Pooler | Transcriber:
         if threads is not None:
             torch.set_num_threads(threads)
         lm = load_lm()
@@ -185,6 +190,8 @@ def serve(
             what = f"{max_slots} slots of {served.context} tokens, {served.device}"
             if index is not None:
                 what += f", grounded in {index.directory} ({len(index)} chunks, k={k})"
+        elif isinstance(served, Transcriber):
+            what = f"speech to text only: Whisper, {served.device}"
         else:
             what = f"embeddings only: an encoder, {served.device}"
         print(f"sparkgpt: serving {model_name} on http://{host}:{port} ({what})", file=sys.stderr, flush=True)
