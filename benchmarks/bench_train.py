@@ -12,8 +12,8 @@ shakespeare --tokenizer char`).
    runs with their evaluations: wall time and final validation loss.
 3. Wall time (training + evaluations) until the validation loss reaches 1.89: the reference runs nanoGPT's CPU
    recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3 cosine over 2,000 steps, evaluating every 250);
-   sparkgpt runs its `shakespeare-char` preset (same shape, Llama-style block, bf16) with the RACE settings: Muon,
-   batch 48, higher lrs, a 150-step schedule, evaluating every 50 steps. Both score the same fixed 240 validation
+   sparkgpt runs its `shakespeare-char-speedrun` preset (same shape, Llama-style block, the dtype measured fastest):
+   Muon, batch 48, higher lrs, a 150-step schedule, evaluating every 50 steps. Both score the same fixed 240 validation
    sequences of 64 characters (15,360 predictions: nanoGPT's eval_iters=20 × batch 12); the final sparkgpt model is
    then scored again on 2,400 sequences in fp32, so a lucky draw of the 240 cannot pass for the target.
 
@@ -37,6 +37,7 @@ from sparkgpt import hardware
 from sparkgpt.data import prepare
 from sparkgpt.data.tokens import TokenData, eval_offsets, gather
 from sparkgpt.train import train
+from sparkgpt.train.config import TRAIN_PRESETS
 from sparkgpt.train.trainer import compute_loss, peak_flops
 
 WORK = Path("runs/bench-train")
@@ -46,11 +47,8 @@ NANOGPT_ARCH = {"model.positions": "learned", "model.norm": "layernorm", "model.
 NANOGPT_SETTINGS = {"dtype": "float32", "compile": "false", "fused": "false", "optimizer": "adamw",
                     "keep_host_memory": "false"}  # nanoGPT runs on glibc's malloc as it comes
 VAL_SEQUENCES = 240  # nanoGPT's CPU recipe: eval_iters 20 × batch 12, of block 64
-RACE_STEPS = 150
-RACE = {"optimizer": "muon", "muon_lr": "0.05", "lr": "1.2e-2", "min_lr": "1.2e-3", "batch_size": "48",
-        "warmup_steps": "10", "max_steps": str(RACE_STEPS), "eval_every": "50",
-        "eval_batches": str(VAL_SEQUENCES // 48), "log_every": "25",
-        "compile": "false"}  # 150 steps cannot repay the compilation
+RACE_PRESET = "shakespeare-char-speedrun"  # Muon, batch 48, higher lrs, a 150-step schedule (sparkgpt/train/config.py)
+RACE_STEPS = TRAIN_PRESETS[RACE_PRESET]["max_steps"]
 SEED = 1337
 
 
@@ -160,10 +158,10 @@ def main() -> None:
             f"  ratio: {theirs_total / ours_total:.2f}× the reference's speed",
         ]
     if not args.skip_race:
-        our_time, our_step, our_loss = time_to_target("char-sparkgpt", "shakespeare-char", RACE)
+        our_time, our_step, our_loss = time_to_target("char-sparkgpt", RACE_PRESET, {})
         lines.append(f"validation loss {TARGET} on Shakespeare char (wall time incl. evaluations):")
         for label, (t, step, loss) in (("nanoGPT-equivalent CPU recipe", (ref_time, ref_step, ref_loss)),
-                                        ("sparkgpt shakespeare-char + RACE", (our_time, our_step, our_loss))):
+                                        (f"sparkgpt {RACE_PRESET}", (our_time, our_step, our_loss))):
             reached = f"{t:6.1f} s at step {step}" if t is not None else f"not reached (final {loss:.3f})"
             lines.append(f"  {label:32s} {reached}")
         if ref_time and our_time:
