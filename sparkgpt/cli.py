@@ -165,6 +165,8 @@ def _report(result) -> bool:
         return False
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"step {result.step}: train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    if result.best_checkpoint not in (None, result.checkpoint):
+        print(f"lowest validation loss: {result.best_checkpoint}")
     return True
 
 
@@ -179,7 +181,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     result = finetune(args.ref, args.data, args.out, val=args.val, method=args.method, task=args.task,
                       config=args.config, overrides=overrides, resume=args.resume, progress=not args.quiet)
     if _report(result):
-        print(f"use it: sparkgpt {'classify' if args.task == 'classify' else 'chat'} {result.checkpoint}")
+        chosen = result.best_checkpoint or result.checkpoint  # the lowest validation loss, as the run chose it
+        print(f"use it: sparkgpt {'classify' if args.task == 'classify' else 'chat'} {chosen}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -340,7 +343,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     lm = _load(args)
     report = evaluate(lm, args.task, shots=args.shots, limit=args.limit, seed=args.seed,
-                      chat=args.chat_template, batch_size=args.batch_size)
+                      chat={"auto": None, "on": True, "off": False}[args.chat_template], batch_size=args.batch_size)
     print(report.table())
     if args.out:
         report.save(args.out)
@@ -359,6 +362,7 @@ def cmd_task(args: argparse.Namespace) -> None:
         probabilities = tasks.classify(lm, text, args.labels.split(","), calibrate=args.calibrate)
         for label, probability in sorted(probabilities.items(), key=lambda kv: -kv[1]):
             print(f"{label}\t{probability:.3f}")
+        print(f"prompt format: {probabilities.choice.name} ({probabilities.choice.reason})", file=sys.stderr)
         return
     runs = {
         "answer": lambda: tasks.answer(lm, text, context=args.context),
@@ -467,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--shots", type=int, default=0, help="solved examples shown before each item (0)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     evaluate.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples (1234)")
-    evaluate.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    evaluate.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                          help="wrap prompts in the model's chat template, a choice scored as the assistant's reply "
+                               "(auto: multiple choice picks by leave-one-out accuracy on the few-shot items)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="generation tasks: prompts per batch (8)")
     evaluate.add_argument("--out", help="write the report (metrics and every item's prediction) as JSON")
 
@@ -477,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(task)
     task.add_argument("--text", help="the input (question for answer, premise for story); default: stdin")
     task.add_argument("--labels", help="classify: comma-separated labels")
-    task.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                      help="classify: skip the correction of label bias measured on a content-free input")
+    task.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
+                      help="classify: skip the correction of label bias measured on a content-free input "
+                      "(default: the prompt format's own choice)")
     task.add_argument("--context", help="answer: the passage to answer from (closed-book without it)")
     task.add_argument("--source", default="English", help="translate: source language (English)")
     task.add_argument("--target", default="French", help="translate: target language (French)")
@@ -563,10 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "(or {text, label} with --task classify)")
     finetune.add_argument("--val", help="validation JSONL (default: a seeded random 10%% of --data, by label for "
                           "--task classify)")
-    finetune.add_argument("--method", choices=["lora", "full"], default="lora", help="lora (default) or full")
-    finetune.add_argument("--task", choices=["lm", "classify"], default="lm",
-                          help="lm (default): learn to write the targets; classify: a classification head")
-    finetune.add_argument("--config", help="a training preset (finetune-lora, finetune-full) or YAML file")
+    finetune.add_argument("--method", choices=["lora", "full", "dpo"], default="lora",
+                          help="lora (default), full, or dpo (preference tuning with LoRA: --task dpo)")
+    finetune.add_argument("--task", choices=["lm", "classify", "dpo"], default="lm",
+                          help="lm (default): learn to write the targets; classify: a classification head; dpo: "
+                          "learn from {prompt, chosen, rejected} pairs")
+    finetune.add_argument("--config", help="a training preset (finetune-lora, finetune-full, finetune-dpo-lora, "
+                          "finetune-dpo-full) or YAML file")
     _add_run_options(finetune, "run folder: checkpoints (adapters or models), metrics, plot",
                      own=("data", "init_from", "val_data", "method", "task"))
 

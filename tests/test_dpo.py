@@ -288,3 +288,68 @@ def test_a_few_lora_steps_raise_the_margin_of_the_preferred_replies(policy_and_r
         losses.append(loss.item())
     assert abs(losses[0] - 0.6931) < 1e-4  # B starts at zero: the policy is its reference
     assert losses[-1] < losses[0] - 0.05 and (chosen > rejected).all()
+
+
+@pytest.mark.parametrize("method", ["dpo", "full"])
+def test_finetune_with_dpo_trains_logs_rewards_and_resumes_exactly(policy_and_reference, tmp_path, monkeypatch,
+                                                                   method):
+    """`sparkgpt finetune --method dpo` (LoRA, the base as reference) and `--task dpo --method full` (a frozen
+    copy): the loss starts at log 2, the held-out loss falls as the reward accuracy rises, and a run interrupted after a
+    checkpoint resumes to the same weights (the reference is the starting model, not the restored one)."""
+    from tests.conftest import interrupted_at_step
+
+    policy_dir, _ = policy_and_reference
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
+    task = {"task": "dpo"} if method == "full" else {}
+    overrides = {"block_size": 64, "batch_size": 2, "max_steps": 6, "epochs": None, "warmup_steps": 0,
+                 "eval_every": 3, "save_every": 3, "eval_batches": 2, "lr": 2e-3 if method == "dpo" else 1e-3,
+                 "dtype": "float32", "keep_last": 5, "dpo_beta": 0.5, "log_every": 1}
+    whole = sparkgpt.finetune(policy_dir, data, tmp_path / "whole", method=method, **task, overrides=overrides,
+                              progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if row["kind"] == "train"]
+    assert abs(losses[0] - 0.6931) < 1e-3  # the policy starts as its reference
+    evals = [row for row in rows if row["kind"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < 0.6931  # held-out pairs: the preferred reply gains
+    assert evals[-1]["reward_accuracy"] > 0.5 and evals[-1]["reward_margin"] > 0
+    with interrupted_at_step(monkeypatch, 4):
+        sparkgpt.finetune(policy_dir, data, tmp_path / "split", method=method, **task, overrides=overrides,
+                          progress=False)
+    resumed = sparkgpt.finetune(policy_dir, data, tmp_path / "split", resume=True, progress=False)
+    assert resumed.step == 6
+    expected, got = sparkgpt.load(whole.checkpoint, device="cpu"), sparkgpt.load(resumed.checkpoint, device="cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(expected.model(ids), got.model(ids))
+
+
+# Replies that answer in one short sentence are preferred to ones that ramble about something else first.
+QUESTIONS = ["What is the capital of Italy?", "How many legs does a cat have?", "What colour is grass?",
+             "What is two plus three?", "Which planet do we live on?", "What do bees make?",
+             "What is frozen water called?", "Which animal barks?", "What is the opposite of up?",
+             "How many hours are in a day?", "What do cows drink?", "What shape is a ball?",
+             "Which season comes after winter?", "What is the first letter of the alphabet?",
+             "What do we use to see?", "Which star lights the day?", "What falls from clouds when it rains?",
+             "What colour is snow?", "How many wheels does a bicycle have?", "What do fish live in?",
+             "Which meal do people eat in the morning?", "What is the largest ocean?"]
+ANSWERS = ["Rome.", "Four.", "Green.", "Five.", "Earth.", "Honey.", "Ice.", "A dog.", "Down.", "Twenty-four.",
+           "Water.", "Round.", "Spring.", "A.", "Our eyes.", "The Sun.", "Water drops.", "White.", "Two.", "Water.",
+           "Breakfast.", "The Pacific."]
+
+
+@pytest.mark.slow
+def test_dpo_on_smollm2_moves_held_out_pairs_toward_the_preferred_reply(smollm2_gguf, tmp_path):
+    """`sparkgpt finetune --method dpo` with its defaults: on pairs it never trained on, the reward margin of the
+    preferred reply (β · the change of its log-ratio against the rejected one) is positive for most pairs."""
+    def pair(question: str, answer: str) -> dict:
+        return {"prompt": question, "chosen": answer,
+                "rejected": f"Well, let me first tell you about my favourite holiday, which was long. {answer}"}
+
+    pairs = [pair(q, a) for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
+    train, val = write_jsonl(tmp_path / "train.jsonl", pairs[:16]), write_jsonl(tmp_path / "val.jsonl", pairs[16:])
+    result = sparkgpt.finetune(smollm2_gguf, train, tmp_path / "run", val=val, method="dpo", progress=False)
+    evals = [row for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if row["kind"] == "eval"]
+    assert result.step >= 50  # `epochs: auto` on 16 pairs
+    assert evals[-1]["val_loss"] < 0.6931 and evals[-1]["reward_margin"] > 0
+    assert evals[-1]["reward_accuracy"] >= 5 / 6

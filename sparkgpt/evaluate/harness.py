@@ -16,6 +16,7 @@ from sparkgpt.errors import SparkGPTError
 from sparkgpt.evaluate.loglik import (
     bits_per_byte,
     encode_pair,
+    encode_reply,
     perplexity,
     prefix_token,
     score_batch,
@@ -41,6 +42,7 @@ class Report:
     seconds: float
     chat_template: bool
     samples: list[dict[str, Any]] = field(default_factory=list)
+    format_accuracy: dict[str, float] = field(default_factory=dict)  # plain / chat, when auto chose between them
 
     @property
     def items_per_second(self) -> float:
@@ -49,6 +51,10 @@ class Report:
     def table(self) -> str:
         lines = [f"{self.task} ({self.kind}, {self.shots}-shot, {self.n_items} items, "
                  f"{self.items_per_second:.1f} items/s)"]
+        if self.format_accuracy:
+            scores = ", ".join(f"{name} {value:.1f}" for name, value in self.format_accuracy.items())
+            lines.append(f"  {'chat template' if self.chat_template else 'plain prompts'}, chosen by leave-one-out "
+                         f"accuracy on the few-shot items ({scores})")
         width = max(16, *(len(name) + 2 for name in self.metrics))
         lines += [f"  {name:<{width}}{value:>10.2f}" for name, value in self.metrics.items()]
         return "\n".join(lines)
@@ -59,13 +65,14 @@ class Report:
 
 def evaluate(
     lm: LM, task: Task | str | Path, shots: int = 0, limit: int | None = None, seed: int = 1234,
-    chat: bool = False, batch_size: int = 8, progress: bool = True,
+    chat: bool | None = None, batch_size: int = 8, progress: bool = True,
 ) -> Report:
-    """Score `lm` on `task`. Prompts are plain text, as lm-evaluation-harness writes them, unless `chat` wraps
-    each in the model's chat template (for the bundled sentiment set that costs SmolLM2-135M 20 points)."""
+    """Score `lm` on `task`. `chat`: True wraps each prompt in the model's chat template as the user's turn, a
+    choice being scored as the assistant's whole reply; False keeps plain text, as lm-evaluation-harness writes
+    it. None (auto): multiple choice takes whichever of the two is more accurate on the task's few-shot items
+    (`Report.format_accuracy`); generation keeps plain text; grounded QA takes the template of a chat model."""
     task = task if isinstance(task, Task) else load_task(task)
     lm._require_tokenizer()
-    use_chat = lm.uses_chat_template(chat)
     start = time.perf_counter()
     if task.kind == "perplexity":
         return _perplexity(lm, task, start)
@@ -73,22 +80,45 @@ def evaluate(
         raise SparkGPTError(f"{task.source}: {shots} shots asked, but the few-shot split has "
                             f"{len(task.fewshot_items)} items")
     items = task.items[:limit] if limit else task.items
+    format_accuracy: dict[str, float] = {}
+    if chat is not None:
+        use_chat = lm.uses_chat_template(chat)
+    elif task.kind == "multiple_choice":
+        use_chat, format_accuracy = _choose_chat(lm, task, shots, seed, batch_size)
+    else:
+        use_chat = task.kind in ("open_domain_qa", "kg_qa") and lm.uses_chat_template()  # answers are requests
     if task.kind in ("open_domain_qa", "kg_qa"):
-        use_chat = lm.uses_chat_template(chat or None)  # answers are requests: a chat model gets its template
         bar = tqdm(total=len(items), desc=task.name, disable=not progress, unit="item")
         grounded = _open_domain_qa if task.kind == "open_domain_qa" else _kg_qa
         metrics, samples = grounded(lm, task, items, use_chat, batch_size, bar, progress)
         bar.close()
         return Report(task.name, task.kind, 0, len(items), metrics, time.perf_counter() - start, use_chat, samples)
-    contexts = [lm.instruction_prompt(task.context(item, _demonstrations(task, index, shots, seed)), use_chat)
-                for index, item in enumerate(items)]
+    requests = [task.context(item, _demonstrations(task, index, shots, seed)) for index, item in enumerate(items)]
     bar = tqdm(total=len(items), desc=task.name, disable=not progress, unit="item")
     if task.kind == "multiple_choice":
-        metrics, samples = _multiple_choice(lm, task, items, contexts, use_chat, batch_size, bar)
+        metrics, samples = _multiple_choice(lm, task, items, requests, use_chat, batch_size, bar)
     else:
+        contexts = [lm.instruction_prompt(request, use_chat) for request in requests]
         metrics, samples = _generation(lm, task, items, contexts, batch_size, bar)
     bar.close()
-    return Report(task.name, task.kind, shots, len(items), metrics, time.perf_counter() - start, use_chat, samples)
+    return Report(task.name, task.kind, shots, len(items), metrics, time.perf_counter() - start, use_chat, samples,
+                  format_accuracy)
+
+
+def _choose_chat(lm: LM, task: Task, shots: int, seed: int, batch_size: int) -> tuple[bool, dict[str, float]]:
+    """Auto for multiple choice: plain text or the chat template, whichever is more accurate on the task's
+    few-shot items, each scored with `shots` demonstrations drawn from the others (leave-one-out); plain text on
+    a tie, as `tasks.classify` chooses (a bare choice is an unlikely whole reply from a chat model)."""
+    labelled = task.fewshot_items
+    if not lm.uses_chat_template() or len(labelled) <= shots:
+        return False, {}
+    requests = [task.context(item, random.Random(f"{seed}:{index}").sample(labelled[:index] + labelled[index + 1:],
+                                                                            shots) if shots else [])
+                for index, item in enumerate(labelled)]
+    quiet = tqdm(disable=True)
+    accuracy = {name: _multiple_choice(lm, task, labelled, requests, use_chat, batch_size, quiet)[0]["accuracy"]
+                for name, use_chat in (("plain", False), ("chat", True))}
+    return accuracy["chat"] > accuracy["plain"], accuracy
 
 
 def _demonstrations(task: Task, index: int, shots: int, seed: int) -> list[Item]:
@@ -96,17 +126,20 @@ def _demonstrations(task: Task, index: int, shots: int, seed: int) -> list[Item]
     return random.Random(f"{seed}:{index}").sample(task.fewshot_items, shots) if shots else []
 
 
-def _multiple_choice(lm, task, items, contexts, use_chat, batch_size, bar) -> tuple[dict[str, float], list[dict]]:
+def _multiple_choice(lm, task, items, requests, use_chat, batch_size, bar) -> tuple[dict[str, float], list[dict]]:
+    """Each item's choices scored after its prompt: as the plain-text continuation, or with the chat template as
+    the assistant's whole reply (no separating space, and its end-of-turn token)."""
     correct = correct_norm = 0
     samples = []
-    # With a chat template the answer starts the assistant's turn: no separating space before it.
     prefix = "" if use_chat else task.target_prefix
-    for batch in _chunks(list(zip(items, contexts, strict=True)), batch_size):
-        requests = []
-        for item, context in batch:
-            pairs = [encode_pair(lm.tokenizer, context, prefix + choice) for choice in task.item_choices(item)]
-            requests.append((pairs[0][0] or [prefix_token(lm.tokenizer)], [continuation for _, continuation in pairs]))
-        for (item, _), scores in zip(batch, score_batch(lm.model, requests), strict=True):
+    stop_ids = lm.stop_token_ids()
+    for batch in _chunks(list(zip(items, requests, strict=True)), batch_size):
+        scoring = []
+        for item, request in batch:
+            pairs = [encode_reply(lm.tokenizer, request, choice, stop_ids) if use_chat
+                     else encode_pair(lm.tokenizer, request, prefix + choice) for choice in task.item_choices(item)]
+            scoring.append((pairs[0][0] or [prefix_token(lm.tokenizer)], [continuation for _, continuation in pairs]))
+        for (item, _), scores in zip(batch, score_batch(lm.model, scoring), strict=True):
             choices = task.item_choices(item)
             logprobs = [s.logprob for s in scores]
             normalised = [s.logprob / len(prefix + c) for s, c in zip(scores, choices, strict=True)]

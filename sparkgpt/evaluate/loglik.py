@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sparkgpt.data.batch import pad_rows
+from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT, KVCache
 from sparkgpt.tokenizer import Tokenizer
 
@@ -37,6 +38,29 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     return context_ids, whole[len(context_ids):]
+
+
+def encode_reply(
+    tokenizer: Tokenizer, request: str, reply: str, stop_ids: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Token ids of a chat prompt (the user's `request`, ready for the assistant's turn) and of `reply` as the
+    assistant's whole turn, both rendered by the model's own chat template. The turn is cut after its first
+    stop token (the end-of-turn token that ends generation), so the score is that of the reply being exactly
+    `reply`, not of a longer reply starting with it; a template without one keeps the whole turn."""
+    messages = [{"role": "user", "content": request}]
+    prompt = tokenizer.apply_chat_template(messages)
+    whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}],
+                                          add_generation_prompt=False)
+    if not whole.startswith(prompt):
+        raise SparkGPTError("this chat template does not write the assistant's reply after its generation prompt: "
+                            "score with plain prompts instead (chat=False, --chat-template off)")
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    whole_ids = tokenizer.encode(whole, add_special_tokens=False)
+    # The generation prompt usually ends in a special token or a newline, which never merges with the reply.
+    turn = (whole_ids[len(prompt_ids):] if whole_ids[:len(prompt_ids)] == prompt_ids
+            else tokenizer.encode(whole[len(prompt):], add_special_tokens=False))
+    end = next((i + 1 for i, token in enumerate(turn) if token in stop_ids), len(turn))
+    return prompt_ids, turn[:end]
 
 
 def prefix_token(tokenizer: Tokenizer) -> int:

@@ -139,13 +139,18 @@ def save_checkpoint(
     return out
 
 
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the lowest validation loss (the later one of a tie), if any was scored."""
+    scored = [c for c in list_checkpoints(run_dir) if c.val_loss is not None]
+    return min(scored, key=lambda c: (c.val_loss, -c.step)).path if scored else None
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints and the one with the lowest validation loss; delete the rest."""
     checkpoints = list_checkpoints(run_dir)
     keep = {c.path for c in checkpoints[-keep_last:]}
-    scored = [c for c in checkpoints if c.val_loss is not None]
-    if scored:
-        keep.add(min(scored, key=lambda c: (c.val_loss, -c.step)).path)
+    if (best := best_checkpoint(run_dir)) is not None:
+        keep.add(best)
     for checkpoint in checkpoints:
         if checkpoint.path not in keep:
             shutil.rmtree(checkpoint.path, ignore_errors=True)

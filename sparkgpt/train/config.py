@@ -34,14 +34,22 @@ class TrainConfig:
     # Fine-tuning: start from a pretrained model (`model` is then ignored) on JSONL data (sparkgpt/data/examples.py).
     init_from: str = ""                 # a model reference (directory, .gguf, alias, hub id)
     val_data: str = ""                  # a JSONL validation file (default: a seeded random 10% of `data`)
-    task: Literal["lm", "classify"] = "lm"  # classify: a sequence-classification head on {"text", "label"} records
+    # classify: a sequence-classification head on {"text", "label"} records; dpo: preference tuning (DPO) on
+    # {"prompt", "chosen", "rejected"} pairs (sparkgpt/train/preference.py), against the model as it starts
+    task: Literal["lm", "classify", "dpo"] = "lm"
+    dpo_beta: float = 0.1               # β: how far the policy may move from the reference (the rewards' scale)
+    dpo_label_smoothing: float = 0.0    # ε: the chance a pair's preference is wrong (conservative DPO)
     method: Literal["full", "lora"] = "full"  # lora: freeze the model, train low-rank adapters (sparkgpt/model/lora.py)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # linear layers (leaf names) that get adapters
     base_dtype: Literal["float32", "bfloat16"] = "float32"  # lora: the frozen weights' dtype (bfloat16 halves them)
-    epochs: float | None = None         # when set, max_steps covers this many passes over the training data
+    # Passes over fine-tuning data: a number sets max_steps from the data's size; "auto" (the fine-tuning presets)
+    # takes OpenAI's fine-tuning rule (3 passes, yet at least 100 and at most 25,000 examples seen: 1 to 25
+    # passes), then lowers batch_size for a small set until the run makes at least `min_steps` optimizer steps.
+    epochs: float | Literal["auto"] | None = None
+    min_steps: int = 50
     # Distillation (sparkgpt/train/distill.py): the `model` preset learns `teacher`'s softened distribution.
     teacher: str = ""                   # a model reference; `data` must be prepared with its tokenizer
     distill_temperature: float = 2.0    # T: both models' logits are divided by it before the softmax
@@ -69,6 +77,7 @@ class TrainConfig:
     # warmup-stable-decay ("wsd": constant lr, then a linear decay over the last decay_fraction of the steps).
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 100
+    warmup_fraction: float | None = None  # when set, the warm-up is this fraction of max_steps (fine-tuning: 0.1)
     decay_fraction: float = 0.2
     # Precision and speed. Weights and optimizer state stay fp32; autocast runs matmuls in `dtype`. "auto": bf16
     # on a GPU that has it; on a CPU the faster of bf16 autocast and float32 for this model and batch, timed once
@@ -90,11 +99,12 @@ class TrainConfig:
     log_every: int = 10                 # write a metrics row every N steps
     save_every: int = 1000              # checkpoint every N steps (and at the end)
     keep_last: int = 2                  # checkpoints kept besides the best one
+    early_stopping: int = 0             # stop after this many evaluations without a lower validation loss (0: never)
     peak_tflops: float | None = None    # the hardware's peak for MFU; None measures this machine's matmul rate
 
     def validate(self) -> None:
         positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-                    "log_every", "save_every", "keep_last")
+                    "log_every", "save_every", "keep_last", "min_steps")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -126,16 +136,21 @@ class TrainConfig:
         for name, allowed in (("schedule", ("cosine", "wsd", "constant")),
                               ("dtype", ("auto", "bfloat16", "float16", "float32")), ("parallel", ("ddp", "fsdp")),
                               ("optimizer", ("adamw", "muon")),
-                              ("task", ("lm", "classify")), ("method", ("full", "lora")),
+                              ("task", ("lm", "classify", "dpo")), ("method", ("full", "lora")),
                               ("base_dtype", ("float32", "bfloat16"))):
             if getattr(self, name) not in allowed:
                 raise SparkGPTError(f"config key {name!r} is {getattr(self, name)!r}; expected one of {allowed}")
         if self.base_dtype == "bfloat16" and self.method != "lora":
             raise SparkGPTError("config key 'base_dtype' applies to LoRA's frozen weights; with method 'full' every "
                                 "weight trains in fp32 (use dtype=bfloat16 for bf16 compute)")
-        if self.parallel == "fsdp" and (self.method == "lora" or self.task == "classify"):
-            raise SparkGPTError("parallel 'fsdp' shards whole models; LoRA and classification fine-tuning run with "
-                                "parallel 'ddp' (their trained weights are small)")
+        if self.parallel == "fsdp" and (self.method == "lora" or self.task != "lm"):
+            raise SparkGPTError("parallel 'fsdp' shards whole models; LoRA, classification and preference tuning run "
+                                "with parallel 'ddp'")
+        if not (math.isfinite(self.dpo_beta) and self.dpo_beta > 0):
+            raise SparkGPTError(f"config key 'dpo_beta' is {self.dpo_beta!r}; expected a positive number")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise SparkGPTError(f"config key 'dpo_label_smoothing' is {self.dpo_label_smoothing!r}; expected a "
+                                "number in [0, 0.5)")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise SparkGPTError(f"config key 'distill_temperature' is {self.distill_temperature!r}; expected a "
                                 "positive number")
@@ -144,13 +159,18 @@ class TrainConfig:
         if self.teacher and (self.init_from or is_seq2seq(self.model)):
             why = "init_from is set" if self.init_from else f"{self.model!r} is an encoder–decoder"
             raise SparkGPTError(f"config key 'teacher' needs a decoder student built from a model preset; {why}")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise SparkGPTError(f"config key 'epochs' is {self.epochs!r}; expected a positive number")
+        if self.epochs not in (None, "auto") and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise SparkGPTError(f"config key 'epochs' is {self.epochs!r}; expected a positive number or auto")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise SparkGPTError(f"config key 'warmup_fraction' is {self.warmup_fraction!r}; expected a number in "
+                                "[0, 1)")
+        if not isinstance(self.early_stopping, int) or self.early_stopping < 0:
+            raise SparkGPTError(f"config key 'early_stopping' is {self.early_stopping!r}; expected an integer ≥ 0")
         if self.data.endswith(".jsonl") and not self.init_from and not is_seq2seq(self.model):
             raise SparkGPTError(f"data {self.data!r} is JSONL fine-tuning data: set init_from (the pretrained model "
                                 "whose tokenizer and chat template render it), e.g. `sparkgpt finetune REF`")
-        if (self.task == "classify" or self.method == "lora") and not self.init_from:
-            raise SparkGPTError(f"config key {'task' if self.task == 'classify' else 'method'!r} needs init_from "
+        if (self.task != "lm" or self.method == "lora") and not self.init_from:
+            raise SparkGPTError(f"config key {'task' if self.task != 'lm' else 'method'!r} needs init_from "
                                 "(a pretrained model to fine-tune)")
         if self.init_from:
             self.lora_config().validate()
@@ -180,7 +200,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def auto_epochs(examples: int, examples_per_step: int, min_steps: int) -> tuple[int, int]:
+    """`epochs: auto`: (passes, examples per optimizer step) for a fine-tuning set of `examples`. OpenAI's rule
+    sees at least 100 and at most 25,000 examples (3 passes between); a small set then takes smaller steps, down to
+    one example, so the optimizer moves at least `min_steps` times (a handful of steps, mostly warm-up, teach
+    nothing)."""
+    epochs = 3
+    if epochs * examples < 100:
+        epochs = min(25, math.ceil(100 / examples))
+    elif epochs * examples > 25_000:
+        epochs = max(1, 25_000 // examples)
+    per_step = max(1, min(examples_per_step, epochs * examples // min_steps))
+    return epochs, per_step
+
+
 _SHAKESPEARE = dict(eval_every=250, eval_batches=20, log_every=10)
+_FINETUNE = dict(block_size=1024, batch_size=8, epochs="auto", warmup_fraction=0.1, weight_decay=0.0, eval_every=50,
+                 eval_batches=4, log_every=5, save_every=100, dtype="bfloat16")
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The Transformer family on a CPU (sparkgpt/config.py): alternating dense/local attention and mixture of experts
@@ -208,14 +244,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-baby": dict(_SHAKESPEARE, model="shakespeare-baby", block_size=256, batch_size=64,
                              max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, save_every=500,
                              compile=True),
-    # Fine-tuning a pretrained model (`sparkgpt finetune`): whole examples up to 1,024 tokens, three epochs, no decay
-    # (the pretrained weights are not to be pulled toward zero). LoRA takes a 10x higher lr than updating every weight.
-    "finetune-lora": dict(method="lora", block_size=1024, batch_size=8, epochs=3.0, lr=2e-4, min_lr=2e-5,
-                          warmup_steps=10, weight_decay=0.0, eval_every=50, eval_batches=4, log_every=5,
-                          save_every=100, dtype="bfloat16"),
-    "finetune-full": dict(method="full", block_size=1024, batch_size=8, epochs=3.0, lr=2e-5, min_lr=2e-6,
-                          warmup_steps=10, weight_decay=0.0, eval_every=50, eval_batches=4, log_every=5,
-                          save_every=100, dtype="bfloat16"),
+    # Fine-tuning a pretrained model (`sparkgpt finetune`): whole examples up to 1,024 tokens, sized to the data
+    # (`epochs: auto`, warm-up 10% of the run), no decay (the pretrained weights are not to be pulled toward zero).
+    # LoRA trains a few new weights from zero and takes a far higher lr than updating every weight; DPO moves a
+    # policy away from its reference by small steps (TRL's defaults: 1e-6 in full; LoRA 5e-6 ... 5e-5).
+    "finetune-lora": dict(_FINETUNE, method="lora", lr=7e-4, min_lr=7e-5),
+    "finetune-full": dict(_FINETUNE, method="full", lr=2e-5, min_lr=2e-6),
+    "finetune-dpo-lora": dict(_FINETUNE, task="dpo", method="lora", lr=5e-5, min_lr=5e-6),
+    "finetune-dpo-full": dict(_FINETUNE, task="dpo", method="full", lr=1e-6, min_lr=1e-7),
     # GPT-2 small (124M) from scratch on a GPU (nanoGPT's train_gpt2 recipe: ~0.5M tokens per step on 8 GPUs).
     "gpt2": dict(model="gpt2", block_size=1024, batch_size=12, grad_accum=40, max_steps=600_000, lr=6e-4,
                  min_lr=6e-5, warmup_steps=2000, beta2=0.95, weight_decay=0.1, eval_every=1000, eval_batches=200,
@@ -237,7 +273,11 @@ def _convert(name: str, value: Any, kind: Any, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
-        return _convert(name, value, next(a for a in args if a is not type(None)), source)
+        options = [a for a in args if a is not type(None)]
+        for option in options[1:]:  # a word the field allows besides its type ("auto")
+            if typing.get_origin(option) is Literal and value in typing.get_args(option):
+                return value
+        return _convert(name, value, options[0], source)
     if origin is Literal:
         if value not in args:
             raise SparkGPTError(f"{source}: config key {name!r} is {value!r}; expected one of {', '.join(args)}")

@@ -37,6 +37,7 @@ from sparkgpt.data.examples import DataReport, FinetuneData, encode_lm_record
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model.lora import adapters_disabled, has_lora
 from sparkgpt.tokenizer import Tokenizer
+from sparkgpt.train.trainer import Trainer
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -205,3 +206,47 @@ def dpo_batch_loss(
     policy = sequence_logps(model, input_ids, completion_mask)
     ref = reference_logps(model, reference, input_ids, completion_mask)
     return dpo_loss(*policy.chunk(2), *ref.chunk(2), beta=beta, label_smoothing=label_smoothing)
+
+
+class PreferenceTrainer(Trainer):
+    """`task: dpo`: the trainer with preference pairs for data and the DPO loss for objective, against the model as
+    it starts (its base with adapters off under LoRA, else a frozen copy taken before any checkpoint is restored).
+    Its validation loss is the DPO loss on held-out pairs; each evaluation also logs how often the preferred reply
+    earns the higher reward and the mean reward margin."""
+
+    def _finetune_data(self, tokenizer: Tokenizer) -> PreferenceData:
+        config = self.config
+        return PreferenceData(config.data, config.val_data or None, tokenizer, config.block_size, seed=config.seed)
+
+    def _pretrained(self) -> tuple[nn.Module, Tokenizer, Any]:
+        model, tokenizer, data = super()._pretrained()
+        if not isinstance(data, PreferenceData):
+            raise SparkGPTError(f"data {self.config.data!r}: preference tuning reads a JSONL file of {{\"prompt\", "
+                                "\"chosen\", \"rejected\"}} records, not a prepared folder")
+        self.reference = frozen_reference(model)
+        self._margins: list[torch.Tensor] = []
+        return model, tokenizer, data
+
+    def objective(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, _, _ = dpo_batch_loss(self.train_model, self.reference, inputs, targets, self.config.dpo_beta,
+                                    self.config.dpo_label_smoothing)
+        return loss, loss
+
+    def _target_count(self, targets: torch.Tensor) -> int:
+        return targets.shape[0] // 2  # pairs: each weighs the same, whatever its length
+
+    def validation_loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, counted: bool
+                        ) -> torch.Tensor:
+        loss, chosen, rejected = dpo_batch_loss(model, self.reference, inputs, targets, self.config.dpo_beta,
+                                                self.config.dpo_label_smoothing)
+        if counted:
+            self._margins.append(chosen - rejected)
+        return loss
+
+    def eval_metrics(self) -> dict[str, float]:
+        margins = torch.cat(self._margins) if self._margins else torch.zeros(0, device=self.device)
+        self._margins = []
+        count = self.dist.sum(torch.tensor(float(margins.numel()), device=self.device))
+        wins = self.dist.sum((margins > 0).sum().float()) / count.clamp(min=1)
+        mean = self.dist.sum(margins.sum()) / count.clamp(min=1)
+        return {"reward_accuracy": wins.item(), "reward_margin": mean.item()}

@@ -24,6 +24,7 @@ from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import exclusive_lock
 from sparkgpt.train.config import TRAIN_PRESETS, TrainConfig, load_train_config
 from sparkgpt.train.distill import DistillTrainer
+from sparkgpt.train.preference import PreferenceTrainer
 from sparkgpt.train.trainer import CONFIG_FILE, Trainer, TrainResult
 
 RUN_LOCK = ".lock"  # in the run folder: held (flock) by the run writing there, released by the kernel if it dies
@@ -48,7 +49,8 @@ def train(
         resolved = load_train_config(saved, overrides)
     else:
         resolved = load_train_config(config, overrides)
-    trainer_class = DistillTrainer if resolved.teacher else Trainer
+    trainer_class = DistillTrainer if resolved.teacher else \
+        PreferenceTrainer if resolved.task == "dpo" else Trainer
     # One run per folder: a second one would interleave checkpoints, metrics and config. Under torchrun the ranks
     # of one run share the folder, and rank 0 holds the lock for them all.
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -66,8 +68,8 @@ def finetune(
     data: str | Path = "",
     out_dir: str | Path = "runs/finetune",
     val: str | Path | None = None,
-    method: Literal["full", "lora"] = "lora",
-    task: Literal["lm", "classify"] = "lm",
+    method: Literal["full", "lora", "dpo"] = "lora",
+    task: Literal["lm", "classify", "dpo"] = "lm",
     config: str | Path | TrainConfig | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
@@ -75,15 +77,20 @@ def finetune(
 ) -> TrainResult:
     """Fine-tune model `ref` on the JSONL file `data` into the run folder `out_dir`.
 
-    `config` is a training preset or YAML file (default: finetune-lora or finetune-full, by `method`); `overrides`
-    apply on top ({"lora_rank": 16, "epochs": 5, ...}). With `resume`, continue the run in `out_dir` from its last
-    checkpoint, with the run's own config (`ref`, `data` and `config` are then not needed; `overrides` still apply).
-    The result names the last checkpoint: a LoRA adapter folder or a whole model, either of which `sparkgpt.load`
-    takes (as does every command)."""
+    `config` is a training preset or YAML file (default: finetune-lora or finetune-full by `method`, or for
+    `task="dpo"` finetune-dpo-lora / finetune-dpo-full; `method="dpo"` is short for LoRA with task dpo); `overrides`
+    apply on top ({"lora_rank": 16, "epochs": 5, ...}). The presets size the run to the data (`epochs: auto`) and
+    the result names the last checkpoint and the one with the lowest validation loss: a LoRA adapter folder or a
+    whole model, either of which `sparkgpt.load` takes (as does every command). With `resume`, continue the run in
+    `out_dir` from its last checkpoint, with the run's own config (`ref`, `data` and `config` are then not needed;
+    `overrides` still apply)."""
     if resume:
         return train(None, out_dir, overrides, resume=True, progress=progress)
+    if method == "dpo":  # `--method dpo`: preference tuning with LoRA adapters (the base is the reference)
+        method, task = "lora", "dpo"
     settings = {"init_from": str(ref), "data": str(data), "val_data": str(val or ""), "method": method, "task": task}
-    return train(config or f"finetune-{method}", out_dir, {**settings, **(overrides or {})}, resume, progress)
+    preset = f"finetune-dpo-{method}" if task == "dpo" else f"finetune-{method}"
+    return train(config or preset, out_dir, {**settings, **(overrides or {})}, resume, progress)
 
 
 def distill(

@@ -40,7 +40,7 @@ from sparkgpt.model import GPT
 from sparkgpt.model.heads import SequenceClassifier
 from sparkgpt.model.lora import apply_lora
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
-from sparkgpt.train.config import TrainConfig, load_train_config, save_train_config
+from sparkgpt.train.config import TrainConfig, auto_epochs, load_train_config, save_train_config
 from sparkgpt.train.distributed import Distributed
 from sparkgpt.train.host_memory import keep_freed_memory
 from sparkgpt.train.optim import build_optimizer, learning_rate, set_learning_rate
@@ -73,6 +73,8 @@ class TrainResult:
     val_loss: float | None
     checkpoint: Path | None
     elapsed_s: float
+    best_checkpoint: Path | None = None  # the lowest validation loss of the run's checkpoints
+    stopped_early: bool = False
 
 
 def compute_loss(model: torch.nn.Module, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     return best
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
 class Trainer:
     """State of one training run in this process; `run()` trains to `config.max_steps`."""
 
@@ -148,11 +155,8 @@ class Trainer:
         self.train_model = parallel.parallelize(self.model, config, self.dist, self.device)  # before the optimizer
         if self.dist.is_main and isinstance(self.data, FinetuneData) and (progress or self.data.dropped_any):
             tqdm.write(self.data.summary(), file=sys.stderr)  # truncated or skipped examples are always reported
-        if config.epochs is not None:  # passes over the data, in optimizer steps
-            per_step = config.batch_size * config.grad_accum * self.dist.world_size
-            per_step *= config.block_size if isinstance(self.data, TokenData) else 1
-            config = self.config = dataclasses.replace(
-                config, max_steps=max(1, math.ceil(config.epochs * len(self.data.train) / per_step)))
+        if config.epochs is not None and not resume:  # a resumed run keeps the schedule its config.yaml saved
+            config = self.config = self._schedule_from_epochs(config)
         self.optimizer = build_optimizer(self.model, config)
         self.step = 0
         self.elapsed_s = 0.0
@@ -168,6 +172,57 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, config.block_size)
         self.peak = peak_flops(self.device, self.autocast_dtype or torch.float32, config.peak_tflops) \
             if self.dist.is_main else 1.0
+        if self.dist.is_main and progress and not resume:
+            tqdm.write(self._plan(), file=sys.stderr)
+
+    def _schedule_from_epochs(self, config: TrainConfig) -> TrainConfig:
+        """max_steps from passes over the data; with `epochs: auto` the passes and the batch too (`auto_epochs`),
+        evaluating (and saving) at least five times so the best checkpoint and early stopping have a choice. The
+        saved config holds the numbers chosen, so a resumed run continues the same schedule."""
+        ranks_and_accum = config.grad_accum * self.dist.world_size
+        changes: dict[str, Any] = {}
+        epochs = config.epochs
+        if epochs == "auto":
+            if not isinstance(self.data, FinetuneData):
+                raise SparkGPTError("config key 'epochs' is auto, which sizes a fine-tuning run by its examples; for "
+                                    "a prepared token folder set max_steps or a number of epochs")
+            epochs, per_step = auto_epochs(len(self.data.train), config.batch_size * ranks_and_accum,
+                                           config.min_steps)
+            changes["batch_size"] = max(1, per_step // ranks_and_accum)
+        per_step = changes.get("batch_size", config.batch_size) * ranks_and_accum
+        per_step *= config.block_size if isinstance(self.data, TokenData) else 1
+        max_steps = max(1, math.ceil(epochs * len(self.data.train) / per_step))
+        changes.update(epochs=float(epochs), max_steps=max_steps)
+        if config.epochs == "auto":
+            every = math.ceil(max_steps / 5)
+            changes.update(eval_every=min(config.eval_every, every), save_every=min(config.save_every, every))
+        if config.warmup_fraction is not None:
+            changes["warmup_steps"] = math.ceil(config.warmup_fraction * max_steps)
+        return dataclasses.replace(config, **changes)
+
+    def _plan(self) -> str:
+        """What the run will do, before it does it: examples or tokens, passes, steps, the lr schedule, and the time
+        one micro-batch's forward and backward takes here, scaled to the run (evaluations not counted)."""
+        config = self.config
+        if isinstance(self.data, TokenData):
+            data = f"{len(self.data.train):,} tokens"
+        else:
+            data = f"{len(self.data.train):,} examples ({self.data.train_tokens:,} tokens)"
+        passes = f"{config.epochs:g} epochs, " if config.epochs is not None else ""
+        unit = "sequences" if isinstance(self.data, TokenData) else "examples"
+        plan = (f"plan: {data}; {passes}{config.max_steps:,} optimizer steps of {config.batch_size} × "
+                f"{config.grad_accum} × {self.dist.world_size} {unit}; lr {config.lr:g} after "
+                f"{config.warmup_steps} warm-up steps")
+        if self.dist.enabled:  # one rank's backward alone would wait forever for the others' gradients
+            return plan
+        inputs, targets = self._batch(0, 0)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            start = time.perf_counter()
+            with self._autocast():
+                self.objective(inputs, targets)[0].backward()
+            seconds = (time.perf_counter() - start) * config.grad_accum * config.max_steps
+        self.model.zero_grad(set_to_none=True)
+        return f"{plan}; about {_duration(seconds)} of training here"
 
     def _fastest_dtype(self) -> str:
         """`dtype: auto`. A GPU computes in bf16 where it has it. On a CPU, bf16 autocast halves the bytes and, with
@@ -242,8 +297,7 @@ class Trainer:
             data = TokenData(config.data)
             data.check_block_size(config.block_size)
         else:
-            data = FinetuneData(config.data, config.val_data or None, tokenizer, config.block_size, config.task,
-                                seed=config.seed)
+            data = self._finetune_data(tokenizer)
         self._check_fits(model.config, data)
         if config.task == "classify":
             same_head = isinstance(loaded, SequenceClassifier) and loaded.labels == data.labels
@@ -253,6 +307,12 @@ class Trainer:
                 getattr(model, "backbone", model).to(torch.bfloat16)
             apply_lora(model, config.lora_config())
         return model.train(), tokenizer, data
+
+    def _finetune_data(self, tokenizer: Tokenizer) -> FinetuneData:
+        """The JSONL records, tokenised for this run's task (preference tuning reads pairs instead)."""
+        config = self.config
+        return FinetuneData(config.data, config.val_data or None, tokenizer, config.block_size, config.task,
+                            seed=config.seed)
 
     def _check_fits(self, model_config: Any, data: Any) -> None:
         if model_config.vocab_size < data.vocab_size:
@@ -418,13 +478,22 @@ class Trainer:
             inputs, targets = self.data.batch(self.data.val, rows) if examples else \
                 gather(self.data.val, rows, config.block_size)
             with self._autocast():
-                loss = compute_loss(model, inputs.to(self.device), targets.to(self.device))
+                loss = self.validation_loss(model, inputs.to(self.device), targets.to(self.device), real)
             if real:  # weighted by its target tokens: the mean over every validation token
                 count = self._target_count(targets)
                 total += loss * count
                 counted += count
         self.model.train()
         return (self.dist.sum(total) / self.dist.sum(counted)).item()
+
+    def validation_loss(self, model: torch.nn.Module, inputs: Any, targets: torch.Tensor, counted: bool
+                        ) -> torch.Tensor:
+        """One validation micro-batch's mean loss (`counted`: it is part of the result, not a rank's filler)."""
+        return compute_loss(model, inputs, targets)
+
+    def eval_metrics(self) -> dict[str, float]:
+        """What the last evaluation measured besides its loss, for the metrics file (preference tuning's rewards)."""
+        return {}
 
     def save(self, val_loss: float | None) -> None:
         state = {"step": self.step, "val_loss": val_loss, "elapsed_s": self.elapsed_s,
@@ -460,6 +529,7 @@ class Trainer:
                    disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
         loss = None
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        best_val, evals_since_best, stopped_early = math.inf, 0, False
         try:
             while self.step < config.max_steps:
                 step_start = time.perf_counter()
@@ -490,17 +560,31 @@ class Trainer:
                     self.elapsed_s += time.perf_counter() - eval_start
                     if self.dist.is_main:
                         self._log({"kind": "eval", "step": self.step, "val_loss": self.last_val_loss,
-                                   "val_ppl": math.exp(min(self.last_val_loss, 50)), "elapsed_s": self.elapsed_s})
+                                   "val_ppl": math.exp(min(self.last_val_loss, 50)), "elapsed_s": self.elapsed_s,
+                                   **self.eval_metrics()})
                         plot_losses(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE)
                         if self.progress:
                             bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {self.last_val_loss:.4f}")
-                    if save_now:
+                    if self.last_val_loss < best_val:
+                        best_val, evals_since_best = self.last_val_loss, 0
+                    else:
+                        evals_since_best += 1
+                    # the same on every rank: the validation loss is reduced across them
+                    stopped_early = 0 < config.early_stopping <= evals_since_best
+                    if save_now or stopped_early:
                         self.save(self.last_val_loss)
+                    if stopped_early:
+                        if self.progress and self.dist.is_main:
+                            bar.write(f"step {self.step}: stopping early, no lower validation loss in "
+                                      f"{evals_since_best} evaluations (best {best_val:.4f})")
+                        break
                     # evaluation is not training throughput
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         finally:
             bar.close()
-        return TrainResult(self.run_dir, self.step, loss, self.last_val_loss, self.last_checkpoint, self.elapsed_s)
+        best = checkpoints.best_checkpoint(self.run_dir) if self.dist.is_main else None
+        return TrainResult(self.run_dir, self.step, loss, self.last_val_loss, self.last_checkpoint, self.elapsed_s,
+                           best, stopped_early)
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> None:
