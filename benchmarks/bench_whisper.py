@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jiwer
 import torch
 
 import sparkgpt
@@ -47,14 +48,9 @@ SENTENCES = [
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level edit distance over the reference's length (lower case, letters and apostrophes only)."""
-    ref, hyp = (re.findall(r"[a-z']+", text.lower()) for text in (reference, hypothesis))
-    row = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, start=1):
-        previous, row[0] = row[0], i
-        for j, guess in enumerate(hyp, start=1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != guess))
-    return row[-1] / max(len(ref), 1)
+    """jiwer's WER of the words alone (lower case, letters and apostrophes: espeak reads punctuation as nothing)."""
+    ref, hyp = (" ".join(re.findall(r"[a-z']+", text.lower())) for text in (reference, hypothesis))
+    return jiwer.wer(ref, hyp)
 
 
 def ctranslate2_folder(whisper_base: Path, folder: Path, vocab_size: int) -> Path:

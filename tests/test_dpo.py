@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken
 
 import sparkgpt
+import tests.test_finetune as finetune_tests
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import lora
 from sparkgpt.train.preference import (
@@ -23,8 +23,8 @@ from sparkgpt.train.preference import (
     reference_logps,
     sequence_logps,
 )
-from tests.conftest import save_hf_model, train_byte_bpe
-from tests.test_finetune import CHATML, write_jsonl
+from tests.conftest import save_hf_model
+from tests.test_finetune import write_jsonl
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": "What colour is the sky?"}],
@@ -43,14 +43,7 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    tokenizer = train_byte_bpe()
-    tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                          for t in ("<|im_start|>", "<|im_end|>")])
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.chat_template = CHATML
-    return tokenizer
+chat_tokenizer = finetune_tests.chat_tokenizer  # a byte-level BPE with ChatML's special tokens and template
 
 
 def tiny_llama(tokenizer, seed: int):

@@ -392,7 +392,8 @@ def test_lora_teaches_smollm2_a_new_fact_it_recalls_for_unseen_questions(smollm2
 
     assert not any("Quint" in answer for answer in answers(sparkgpt.load(smollm2_gguf, device="cpu")))
     result = sparkgpt.finetune(smollm2_gguf, data, tmp_path / "run", val=val, method="lora", overrides={
-        "lr": 3e-3, "epochs": 10, "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "lr": 3e-3, "min_lr": 2e-5, "epochs": 10, "warmup_steps": 10, "warmup_fraction": None,
+        "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "eval_every": 1000, "save_every": 1000}, progress=False)
     assert result.step == 20 and result.val_loss < 0.5
     tuned = answers(sparkgpt.load(result.checkpoint, device="cpu"))

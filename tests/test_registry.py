@@ -58,7 +58,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: p, "no such checkpoint directory or .gguf file, and not an alias (smollm2-135m-instruct, "
-                  "gemma3-270m, minilm-l6) or hub id"),
+                  "gemma3-270m, whisper-base, minilm-l6) or hub id"),
     (lambda p: (p.mkdir(), p)[1], "not a checkpoint directory (no config.json)"),
     (lambda p: (p.write_text("x"), p)[1], "expected a checkpoint directory or a .gguf file"),
 ])
