@@ -215,6 +215,8 @@ class Trainer:
                 f"{config.warmup_steps} warm-up steps")
         if self.dist.enabled:  # one rank's backward alone would wait forever for the others' gradients
             return plan
+        if config.compile:  # the first step compiles: its time says nothing of the others
+            return f"{plan}; compiling first"
         inputs, targets = self._batch(0, 0)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             start = time.perf_counter()
