@@ -19,7 +19,6 @@ memory-mapped; a tensor's bytes are copied out when it is asked for.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparkgpt.checkpoint.binary import BoundedReader
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model.whisper import WhisperConfig, whisper_config
 
@@ -105,34 +105,11 @@ class CT2File:
         return self.tensor(name).item()
 
 
-class _Cursor:
-    """Reads the file's bytes, refusing to pass the end, naming the offset it failed at."""
+class _Cursor(BoundedReader):
+    """CTranslate2's u32 counts and u16-length, NUL-terminated strings."""
 
-    def __init__(self, path: Path, buffer: memoryview) -> None:
-        self.path, self.buffer, self.size, self.pos = path, buffer, len(buffer), 0
-
-    def fail(self, message: str, at: int | None = None) -> SparkGPTError:
-        return SparkGPTError(f"{self.path}: at byte {self.pos if at is None else at}: {message}")
-
-    @property
-    def left(self) -> int:
-        return self.size - self.pos
-
-    def unpack(self, fmt: str, what: str) -> Any:
-        size = struct.calcsize(fmt)
-        if size > self.left:
-            raise self.fail(f"{what} needs {size} bytes but only {self.left} are left (truncated file?)")
-        (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
-        self.pos += size
-        return value
-
-    def count(self, what: str, min_bytes_each: int) -> int:
-        start = self.pos
-        n = self.unpack("<I", what)
-        if n * min_bytes_each > self.left:
-            raise self.fail(f"{what} {n} needs at least {n * min_bytes_each} bytes but only {self.left} are left",
-                            at=start)
-        return n
+    def count(self, what: str, min_bytes_each: int, fmt: str = "<I") -> int:
+        return super().count(what, min_bytes_each, fmt)
 
     def string(self, what: str) -> str:
         start = self.pos

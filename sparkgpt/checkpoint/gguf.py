@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparkgpt.checkpoint.binary import BoundedReader
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model.quant import GROUP_SIZE, layer_method, pack_nibbles, quantize_model
@@ -116,31 +117,8 @@ class GGUFFile:
 
 # ---- parsing ----------------------------------------------------------------------------------------------
 
-class _Reader:
-    """A cursor over the file's bytes that refuses to read past the end and names the byte offset it failed at."""
-
-    def __init__(self, path: Path, buffer: memoryview) -> None:
-        self.path = path
-        self.buffer = buffer
-        self.size = len(buffer)
-        self.pos = 0
-
-    def fail(self, message: str, at: int | None = None) -> SparkGPTError:
-        return SparkGPTError(f"{self.path}: at byte {self.pos if at is None else at}: {message}")
-
-    @property
-    def left(self) -> int:
-        return self.size - self.pos
-
-    def need(self, n_bytes: int, what: str) -> None:
-        if n_bytes > self.left:
-            raise self.fail(f"{what} needs {n_bytes} bytes but only {self.left} are left")
-
-    def unpack(self, fmt: str, what: str) -> Any:
-        self.need(struct.calcsize(fmt), what)
-        (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
+class _Reader(BoundedReader):
+    """GGUF's little-endian scalars, u64 counts and u64-length strings."""
 
     def u32(self, what: str) -> int:
         return self.unpack("<I", what)
@@ -148,14 +126,8 @@ class _Reader:
     def u64(self, what: str) -> int:
         return self.unpack("<Q", what)
 
-    def count(self, what: str, min_bytes_each: int) -> int:
-        """A u64 count of items that each take at least `min_bytes_each` bytes: more than fit is corrupt."""
-        start = self.pos
-        n = self.u64(what)
-        if n * min_bytes_each > self.left:
-            raise self.fail(f"{what} {n} needs at least {n * min_bytes_each} bytes but only {self.left} are left",
-                            at=start)
-        return n
+    def count(self, what: str, min_bytes_each: int, fmt: str = "<Q") -> int:
+        return super().count(what, min_bytes_each, fmt)
 
     def string(self, what: str = "string") -> str:
         start = self.pos
