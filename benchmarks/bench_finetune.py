@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sparkgpt import hardware
+from sparkgpt.data import TokenData
 
 WORK = Path("runs/bench-finetune")
 BASE = WORK / "smollm2-fp32"
@@ -117,7 +118,7 @@ def transformers_worker(method: str, dtype: str, steps: int) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
-    tokens = np.memmap(DATA / "train.bin", dtype=json.loads((DATA / "meta.json").read_text())["dtype"], mode="r")
+    tokens = TokenData(DATA).train
     rng = np.random.default_rng(0)
     times = []
     with PeakRSS() as rss:

@@ -135,13 +135,32 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    """Tokenise text files, folders, JSONL or a built-in corpus (shakespeare) into train/val token files."""
+    """Clean, deduplicate and tokenise text, JSONL, parquet, Wikipedia dumps, WET/WARC or a built-in corpus into
+    train/val token shards."""
     from sparkgpt.data import prepare
+    from sparkgpt.data.clean import CleanConfig
 
+    dedup = {part.strip() for part in args.dedup.split(",") if part.strip()}
+    if not dedup <= {"exact", "near", "none"} or ("none" in dedup and len(dedup) > 1):
+        raise SparkGPTError(f"--dedup {args.dedup!r}: expected exact, near, both (exact,near) or none")
+    languages = tuple(code.strip() for code in (args.languages or "").split(",") if code.strip())
+    clean = CleanConfig(quality=args.quality, languages=languages, exact_dedup="exact" in dedup,
+                        near_dedup="near" in dedup)
     result = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                     text_field=args.text_field, workers=args.workers)
+                     text_field=args.text_field, workers=args.workers, format=args.format, clean=clean,
+                     engine=args.engine, shard_tokens=args.shard_tokens)
+    for stage in result.stages:
+        if stage["stage"] == "read":
+            print(f"{'read':<17} {stage['documents']:,} documents, {stage['characters']:,} characters"
+                  f" ({stage['skipped_records']:,} records skipped)")
+        elif stage["stage"] != "tokenize" and stage["removed_documents"]:
+            rules = ", ".join(f"{rule} {count:,}" for rule, count in stage.get("removed_by", {}).items())
+            print(f"{stage['stage']:<17} removed {stage['removed_documents']:,} documents "
+                  f"({stage['removed_characters']:,} characters){f': {rules}' if rules else ''}")
+    print(f"duplicates: {result.duplicates:,} removed")
     print(f"wrote {result.out_dir}: {result.train_tokens:,} train + {result.val_tokens:,} val tokens "
-          f"({result.dtype}), vocabulary {result.vocab_size:,}, {result.documents:,} documents")
+          f"({result.dtype}) in {result.shards} shard{'s' if result.shards != 1 else ''}, vocabulary "
+          f"{result.vocab_size:,}, {result.documents:,} documents")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -550,13 +569,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = command("prepare", cmd_prepare)
     prepare.add_argument("inputs", nargs="+", metavar="INPUT",
-                         help="text file, folder (recursive), .jsonl file, or a built-in corpus: shakespeare")
-    prepare.add_argument("--out", required=True, help="output folder (train.bin, val.bin, meta.json, tokenizer.json)")
+                         help="files or folders (recursive): text, .jsonl[.gz|.zst], .parquet, MediaWiki .xml[.bz2], "
+                              "Common Crawl .warc.wet.gz, .warc[.gz]; or a built-in corpus: shakespeare")
+    prepare.add_argument("--out", required=True, help="output folder (token shards, meta.json, tokenizer.json)")
     prepare.add_argument("--tokenizer", default="char",
                          help="char, bpe:VOCAB (train a byte-level BPE), or a model reference (use its tokenizer)")
     prepare.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for validation")
-    prepare.add_argument("--text-field", default="text", help="the field of each JSONL record holding text (text)")
-    prepare.add_argument("--workers", type=int, default=None, help="tokenising processes (default: one per core)")
+    prepare.add_argument("--text-field", default="text",
+                         help="the field of each JSONL record or parquet column holding text (text)")
+    prepare.add_argument("--format", help="read every input as text, jsonl, parquet, mediawiki, wet or warc "
+                                          "(default: chosen by each file's name)")
+    prepare.add_argument("--quality", choices=["auto", "on", "off"], default="auto",
+                         help="the Gopher and C4 quality rules: auto applies them to crawled web text (WET, WARC)")
+    prepare.add_argument("--dedup", default="exact,near",
+                         help="exact (document hash), near (MinHash LSH), both (default: exact,near) or none")
+    prepare.add_argument("--languages", help="keep only these languages, e.g. en,fr (default: all)")
+    prepare.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard at most (2**28)")
+    prepare.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="local worker processes, or ray (a local Ray cluster, or RAY_ADDRESS's)")
+    prepare.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
 
     train = command("train", cmd_train)
     train.add_argument("--config", help="a training preset (shakespeare-char, shakespeare-baby, gpt2, "

@@ -115,8 +115,9 @@ def test_the_cli_prepares_and_reports(tmp_path, capsys):
     corpus = make_corpus(tmp_path / "corpus")
     assert main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--tokenizer", "char",
                  "--val-fraction", "0.2", "--workers", "1"]) == 0
-    assert "train +" in capsys.readouterr().out
-    assert (tmp_path / "data" / "train.bin").is_file()
+    out = capsys.readouterr().out
+    assert "train +" in out and "duplicates: 0 removed" in out
+    assert (tmp_path / "data" / "train-00000.bin").is_file() and (tmp_path / "data" / "val-00000.bin").is_file()
 
 
 def broken_inputs(root: Path) -> dict[str, tuple[Path, str]]:
@@ -128,14 +129,12 @@ def broken_inputs(root: Path) -> dict[str, tuple[Path, str]]:
     (root / "latin1.txt").write_bytes("good line\ncaf\xe9\n".encode("latin-1"))
     return {
         "empty": (root / "empty", "the corpus is empty"),
-        "bad json": (root / "bad.jsonl", "bad.jsonl:2: not valid JSON"),
-        "missing field": (root / "field.jsonl", "field.jsonl:2: expected a JSON object with a string field 'text'"),
-        "not utf-8": (root / "latin1.txt", "latin1.txt:2: not UTF-8 text (byte 0xe9 at column 4)"),
+        "not utf-8": (root / "latin1.txt", "the corpus is empty"),  # its one document skipped: nothing is left
         "missing": (root / "nowhere.txt", "nowhere.txt: no such file or folder, and not a built-in corpus"),
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "bad json", "missing field", "not utf-8", "missing"])
+@pytest.mark.parametrize("case", ["empty", "not utf-8", "missing"])
 def test_bad_inputs_give_one_line_naming_file_and_line(tmp_path, capsys, case):
     path, message = broken_inputs(tmp_path / "inputs")[case]
     assert main(["prepare", str(path), "--out", str(tmp_path / "data"), "--workers", "1"]) == 1
@@ -146,7 +145,26 @@ def test_bad_inputs_give_one_line_naming_file_and_line(tmp_path, capsys, case):
     assert not (tmp_path / "data").exists()  # nothing half-written
 
 
-def test_unreadable_file_is_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("case, named", [
+    ("bad.jsonl", "bad.jsonl:line 2: not valid JSON"),
+    ("field.jsonl", "field.jsonl:line 2: no string field 'text'"),
+    ("latin1.txt", "latin1.txt:line 2: not UTF-8 text (byte 0xe9 at column 4)"),
+])
+def test_a_bad_record_is_named_and_skipped_while_the_rest_is_prepared(tmp_path, capsys, case, named):
+    inputs = tmp_path / "inputs"
+    broken_inputs(inputs)
+    (inputs / "good.txt").write_text("the good part of the corpus\n", encoding="utf-8")
+    assert main(["prepare", str(inputs / case), str(inputs / "good.txt"), "--out", str(tmp_path / "data"),
+                 "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"sparkgpt: skipped {inputs}/{named}" in err, err
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["skipped"]["count"] == 1 and named in meta["skipped"]["examples"][0]
+    text = Tokenizer.from_dir(tmp_path / "data").decode(all_tokens(TokenData(tmp_path / "data")))
+    assert text.endswith("the good part of the corpus\n") and "cut off" not in text and "no text" not in text
+
+
+def test_an_unreadable_file_is_named_and_skipped(tmp_path, monkeypatch, capsys):
     corpus = make_corpus(tmp_path / "corpus")
     real_open = open
 
@@ -156,8 +174,9 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", failing_open)
-    with pytest.raises(SparkGPTError, match=r"c\.md: cannot read \(Permission denied\)"):
-        prepare([corpus], tmp_path / "data", workers=1, progress=False)
+    result = prepare([corpus], tmp_path / "data", workers=1, progress=False)
+    assert "c.md: cannot read (Permission denied)" in capsys.readouterr().err
+    assert result.skipped == 2 and result.documents == 5  # and the record with empty text
 
 
 def test_bad_options_are_named(tmp_path):

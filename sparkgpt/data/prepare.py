@@ -1,24 +1,32 @@
-"""`sparkgpt prepare`: raw text -> train/val token files that training reads by memmap.
+"""`sparkgpt prepare`: raw corpora -> cleaned, deduplicated token shards that training reads by memmap.
 
-Inputs are text files, folders (recursive), JSONL files with a text field, or a built-in corpus name. The corpus
-is streamed in chunks of about a megabyte, so it never has to fit in memory: one pass learns the vocabulary (char)
-or trains the BPE, a second pass tokenises the chunks in worker processes, in order, straight to disk. The last
-`val_fraction` of the tokens is the validation split (as nanoGPT splits Shakespeare: first 90%, last 10%).
+Inputs are files and folders of any format `data/readers.py` reads (text, JSONL plain or compressed, parquet,
+MediaWiki XML dumps, Common Crawl WET, WARC) or a built-in corpus name. The pipeline, as the web-scale ones run it:
+
+1. **clean**, one task per input file, in worker processes (or on Ray): read the documents, drop empty ones, apply
+   the quality rules and the language filter (`data/clean.py`), and write the survivors with their exact-dedup hash
+   and MinHash band hashes to a part file on disk, so memory stays flat whatever the corpus size;
+2. **deduplicate** on the driver: the first copy of each exact duplicate is kept, then near duplicates (documents
+   sharing a MinHash band) are removed, one band at a time over the band hashes on disk;
+3. **tokenize**: the vocabulary is learned from the kept documents (`char`, `bpe:N`) or taken from a model; tasks of
+   about a megabyte of documents are tokenised in order into shards of at most `shard_tokens`; the last
+   `val_fraction` of the tokens is the validation split (as nanoGPT splits Shakespeare: first 90%, last 10%).
 
 Documents are joined like `cat`, a newline added after a document that lacks one; with a tokenizer that has an
-end-of-text token, that token follows every document instead.
+end-of-text token, that token follows every document instead. A bad file or record is skipped, named on stderr and
+counted in meta.json; the rest of the corpus is still prepared. What each stage kept and removed is in meta.json.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
+import dataclasses
 import json
-import multiprocessing
 import os
 import shutil
+import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +34,26 @@ from tqdm.auto import tqdm
 
 from sparkgpt.checkpoint.load import load
 from sparkgpt.checkpoint.registry import resolve
+from sparkgpt.data.clean import CleanConfig, MinHasher, document_hash, filter_document, near_duplicates
 from sparkgpt.data.corpora import CORPORA, corpus_files
-from sparkgpt.data.tokens import META_FILE, TRAIN_FILE, VAL_FILE, token_dtype
+from sparkgpt.data.engine import LocalEngine, RayEngine, make_engine
+from sparkgpt.data.readers import FORMATS, WEB_FORMATS, Skip, detect_format, read_documents
+from sparkgpt.data.tokens import META_FILE, SHARD_TOKENS, ShardWriter, split_tail, token_dtype
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory, write_json
 from sparkgpt.tokenizer import Tokenizer
 
 CHUNK_CHARS = 1 << 20  # text per tokenisation task: large enough to amortise the process hop, small in memory
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+SHOWN_SKIPS = 20  # skipped records named on stderr and in meta.json; the count covers all of them
+_FLUSH_DOCUMENTS = 1024  # part-file rows buffered per write
 
 
 @dataclass(frozen=True)
 class Source:
-    """One input file: how to read it (plain text or JSONL) and in which encoding."""
+    """One input file: its format (None: not one we read) and, for text, its encoding."""
 
     path: Path
-    kind: str  # "text" or "jsonl"
+    format: str | None
     encoding: str = "utf-8"
 
 
@@ -53,12 +65,18 @@ class PrepareResult:
     train_tokens: int
     val_tokens: int
     documents: int
+    shards: int = 1
+    stages: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    duplicates: int = 0
 
 
-def find_sources(inputs: Sequence[str | Path]) -> list[Source]:
+def find_sources(inputs: Sequence[str | Path], format: str | None = None) -> list[Source]:
     """Every file the inputs name: files as given, folders recursively (sorted, hidden entries skipped)."""
     if not inputs:
         raise SparkGPTError("prepare: no inputs given")
+    if format is not None and format not in FORMATS:
+        raise SparkGPTError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
     sources: list[Source] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -68,9 +86,9 @@ def find_sources(inputs: Sequence[str | Path]) -> list[Source]:
         elif path.is_dir():
             for file in sorted(path.rglob("*")):
                 if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts):
-                    sources.append(_source_for(file))
+                    sources.append(Source(file, format or detect_format(file)))
         elif path.is_file():
-            sources.append(_source_for(path))
+            sources.append(Source(path, format or detect_format(path)))
         elif path.exists():
             raise SparkGPTError(f"{path}: not a regular file or folder")
         else:
@@ -78,105 +96,195 @@ def find_sources(inputs: Sequence[str | Path]) -> list[Source]:
     return sources
 
 
-def _source_for(path: Path) -> Source:
-    return Source(path, "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text")
+# ---- stage 1: clean each file into a part on disk -------------------------------------------------------------
+
+class _Part:
+    """The files of one input's surviving documents: texts (UTF-8, concatenated), byte ends, characters, exact
+    hashes and MinHash band hashes, one row per document."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def path(self, kind: str) -> Path:
+        return Path(f"{self.prefix}.{kind}")
+
+    def ends(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Byte ends of documents start..stop (all by default), read without loading the rest."""
+        count = -1 if stop is None else stop - start
+        return np.fromfile(self.path("ends"), dtype=np.int64, offset=8 * start, count=count)
+
+    def texts(self, start: int, stop: int, keep: np.ndarray | None = None) -> Iterator[str]:
+        """Documents start..stop (those `keep` marks), read from the part's text file."""
+        if stop <= start:
+            return
+        ends = self.ends(max(start - 1, 0), stop)
+        begin = int(ends[0]) if start else 0
+        ends = ends[1:] if start else ends
+        with open(self.path("txt"), "rb") as file:
+            file.seek(begin)
+            raw = file.read(int(ends[-1]) - begin)
+        offset = 0
+        for index, end in enumerate((ends - begin).tolist()):
+            if keep is None or keep[index]:
+                yield raw[offset:end].decode("utf-8")
+            offset = end
 
 
-def read_documents(sources: Sequence[Source], text_field: str = "text") -> Iterator[tuple[str, bool, int]]:
-    """(text piece, whether it ends a document, bytes read) in corpus order; pieces are about CHUNK_CHARS long.
+class CleanFile:
+    """Worker: one input file -> its part (documents that pass the filters) and the counts of what was removed."""
 
-    Errors name the file and line: unreadable files, text that is not in the file's encoding, bad JSONL lines.
-    """
-    for source in sources:
+    def __init__(self, clean_json: str, text_field: str) -> None:
+        values = json.loads(clean_json)
+        values["languages"] = tuple(values["languages"])
+        self.config = CleanConfig(**values)
+        self.text_field = text_field
+        self.hasher = MinHasher(self.config) if self.config.near_dedup else None
+
+    def __call__(self, task: dict) -> dict:
+        part = _Part(task["part"])
+        web = task["format"] in WEB_FORMATS
+        stats: dict = {"documents": 0, "characters": 0, "kept": 0, "kept_characters": 0, "removed": {},
+                       "skipped": 0, "skips": []}
+        rows: dict[str, list] = {"txt": [], "ends": [], "chars": [], "hash": [], "bands": []}
+        end = 0
+        files = {kind: open(part.path(kind), "wb") for kind in rows}  # noqa: SIM115 (closed below)
         try:
-            handle = open(source.path, "rb")  # noqa: SIM115 (closed below; errors while opening get their message)
-        except OSError as error:
-            raise SparkGPTError(f"{source.path}: cannot read ({error.strerror or error})") from None
-        with handle:
-            if source.kind == "jsonl":
-                yield from _jsonl_pieces(source, handle, text_field)
-            else:
-                yield from _text_pieces(source, handle)
+            documents = read_documents(Path(task["path"]), task["format"], text_field=self.text_field,
+                                       encoding=task["encoding"])
+            for document in documents:
+                if isinstance(document, Skip):
+                    stats["skipped"] += 1
+                    if len(stats["skips"]) < SHOWN_SKIPS:
+                        where = f"{document.source}:{document.record}" if document.record else document.source
+                        stats["skips"].append(f"{where}: {document.reason}")
+                    continue
+                text = document.text
+                stats["documents"] += 1
+                stats["characters"] += len(text)
+                kept, rule = (None, "empty") if not text.strip() else filter_document(text, self.config, web)
+                if kept is None:
+                    removed = stats["removed"].setdefault(rule, [0, 0])
+                    removed[0] += 1
+                    removed[1] += len(text)
+                    continue
+                raw = kept.encode("utf-8")
+                end += len(raw)
+                stats["kept"] += 1
+                stats["kept_characters"] += len(kept)
+                rows["txt"].append(raw)
+                rows["ends"].append(end)
+                rows["chars"].append(len(kept))
+                rows["hash"].append(document_hash(kept))
+                if self.hasher is not None:
+                    rows["bands"].append(self.hasher.band_hashes(kept))
+                if len(rows["ends"]) >= _FLUSH_DOCUMENTS:
+                    self._flush(rows, files)
+            self._flush(rows, files)
+        finally:
+            for file in files.values():
+                file.close()
+        return {"stats": json.dumps(stats)}
+
+    @staticmethod
+    def _flush(rows: dict[str, list], files: dict) -> None:
+        files["txt"].write(b"".join(rows["txt"]))
+        np.asarray(rows["ends"], dtype=np.int64).tofile(files["ends"])
+        np.asarray(rows["chars"], dtype=np.int64).tofile(files["chars"])
+        np.asarray(rows["hash"], dtype=np.uint64).tofile(files["hash"])
+        if rows["bands"]:
+            np.stack(rows["bands"]).astype(np.uint64).tofile(files["bands"])
+        for values in rows.values():
+            values.clear()
 
 
-def _decode(source: Source, raw: bytes, line_number: int) -> str:
-    try:
-        return raw.decode(source.encoding)
-    except UnicodeDecodeError as error:
-        raise SparkGPTError(
-            f"{source.path}:{line_number}: not {source.encoding.upper()} text (byte {raw[error.start]:#04x} at column "
-            f"{error.start + 1}); convert the file to UTF-8 or leave it out"
-        ) from None
+# ---- stage 2: deduplicate across the whole corpus ------------------------------------------------------------
+
+def _deduplicate(parts: list[_Part], config: CleanConfig, work: Path) -> tuple[list[np.ndarray], dict, dict]:
+    """Per part, which documents to keep; and the exact and near duplicates removed (documents, characters)."""
+    counts = [len(part.ends()) for part in parts]
+    chars = np.concatenate([np.fromfile(part.path("chars"), dtype=np.int64) for part in parts] or [np.zeros(0)])
+    keep = np.ones(sum(counts), dtype=bool)
+    if config.exact_dedup and len(keep):
+        hashes = np.concatenate([np.fromfile(part.path("hash"), dtype=np.uint64) for part in parts])
+        _, first = np.unique(hashes, return_index=True)  # the first copy of each text, in corpus order
+        keep[:] = False
+        keep[first] = True
+    exact = {"documents": int((~keep).sum()), "characters": int(chars[~keep].sum())}
+    near = {"documents": 0, "characters": 0}
+    if config.near_dedup and keep.any():
+        survivors = np.flatnonzero(keep)
+        bands = np.memmap(work / "bands.bin", dtype=np.uint64, mode="w+", shape=(len(survivors), config.bands))
+        row = start = 0
+        for part, count in zip(parts, counts, strict=True):
+            if count:
+                rows = np.memmap(part.path("bands"), dtype=np.uint64, mode="r", shape=(count, config.bands))
+                chosen = keep[start:start + count]
+                bands[row:row + int(chosen.sum())] = rows[chosen]
+                row += int(chosen.sum())
+            start += count
+        removed = survivors[near_duplicates(bands)]
+        del bands
+        keep[removed] = False
+        near = {"documents": len(removed), "characters": int(chars[removed].sum())}
+    return np.split(keep, np.cumsum(counts)[:-1]), exact, near
 
 
-def _read_lines(source: Source, handle) -> Iterator[tuple[int, bytes]]:
-    try:
-        yield from enumerate(handle, start=1)
-    except OSError as error:
-        raise SparkGPTError(f"{source.path}: cannot read ({error.strerror or error})") from None
+# ---- stage 3: tokenize into shards ---------------------------------------------------------------------------
+
+class TokenizeDocuments:
+    """Worker: documents start..stop of a part (those the mask keeps) -> token ids, each document closed by
+    end-of-text (or a newline where the tokenizer has none and the document lacks one)."""
+
+    def __init__(self, tokenizer_json: str, eos_token: str | None, dtype: str) -> None:
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        self.tokenizer = Tokenizer(BackendTokenizer.from_str(tokenizer_json), eos_token=eos_token)
+        self.dtype = dtype
+
+    def __call__(self, task: dict) -> dict:
+        keep = np.frombuffer(task["keep"], dtype=bool)
+        eos = self.tokenizer.eos_token_id
+        ids: list[int] = []
+        documents = characters = 0
+        for text in _Part(task["part"]).texts(task["start"], task["stop"], keep):
+            documents += 1
+            characters += len(text)
+            if eos is None and not text.endswith("\n"):
+                text += "\n"
+            ids.extend(self.tokenizer.encode(text, add_special_tokens=False))
+            if eos is not None:
+                ids.append(eos)
+        return {"tokens": np.asarray(ids, dtype=self.dtype).tobytes(), "documents": documents,
+                "characters": characters}
 
 
-def _text_pieces(source: Source, handle) -> Iterator[tuple[str, bool, int]]:
-    lines: list[str] = []
-    size = raw_bytes = 0
-    # One full piece is held back so that the piece marked as the document's end is never an empty remainder
-    # (the newline-or-EOS that closes a document depends on how its last piece ends).
-    held: tuple[str, int] | None = None
-    for line_number, raw in _read_lines(source, handle):
-        line = _decode(source, raw, line_number)
-        lines.append(line)
-        size += len(line)
-        raw_bytes += len(raw)
-        if size >= CHUNK_CHARS:  # pieces end at line ends, where a tokenizer's word splitting would split anyway
-            if held is not None:
-                yield held[0], False, held[1]
-            held = "".join(lines), raw_bytes
-            lines, size, raw_bytes = [], 0, 0
-    if held is not None and not lines:
-        yield held[0], True, held[1]
-        return
-    if held is not None:
-        yield held[0], False, held[1]
-    yield "".join(lines), True, raw_bytes
+def _tokenize_tasks(parts: list[_Part], keeps: list[np.ndarray]) -> Iterator[dict]:
+    """Ranges of about CHUNK_CHARS bytes of each part's documents, with the mask of those kept."""
+    for part, keep in zip(parts, keeps, strict=True):
+        ends = part.ends()
+        start = 0
+        while start < len(ends):
+            begin = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(np.searchsorted(ends, begin + CHUNK_CHARS, side="left")) + 1)
+            stop = min(stop, len(ends))
+            if keep[start:stop].any():
+                yield {"part": part.prefix, "start": start, "stop": stop, "keep": keep[start:stop].tobytes()}
+            start = stop
 
 
-def _jsonl_pieces(source: Source, handle, text_field: str) -> Iterator[tuple[str, bool, int]]:
-    for line_number, raw in _read_lines(source, handle):
-        line = _decode(source, raw, line_number).strip()
-        if not line:
-            yield "", False, len(raw)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SparkGPTError(f"{source.path}:{line_number}: not valid JSON ({error.msg} at column {error.colno})") \
-                from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            found = "no such field" if not isinstance(record, dict) or text_field not in record \
-                else f"a {type(record[text_field]).__name__}"
-            raise SparkGPTError(f"{source.path}:{line_number}: expected a JSON object with a string field "
-                                f"{text_field!r} ({found})")
-        text = record[text_field]
-        for start in range(0, max(len(text), 1), CHUNK_CHARS):
-            yield text[start:start + CHUNK_CHARS], start + CHUNK_CHARS >= len(text), len(raw) if start == 0 else 0
-
-
-def build_tokenizer(spec: str, sources: Sequence[Source], text_field: str, progress: bool) -> Tokenizer:
-    """`char`, `bpe:VOCAB` (both learned from the corpus, streaming) or a model reference (its tokenizer)."""
+def build_tokenizer(spec: str, texts: Iterator[str] | None = None) -> Tokenizer:
+    """`char`, `bpe:VOCAB` (both learned from `texts`, streaming), a folder holding tokenizer.json, or a model
+    reference (its tokenizer)."""
     if spec == "char" or spec.startswith("bpe:"):
-        total = sum(source.path.stat().st_size for source in sources)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="learning vocabulary", disable=not progress) as bar:
-            def texts() -> Iterator[str]:
-                for text, _, raw_bytes in read_documents(sources, text_field):
-                    bar.update(raw_bytes)
-                    yield text
-            if spec == "char":
-                return Tokenizer.char_level(texts())
-            try:
-                vocab_size = int(spec.removeprefix("bpe:"))
-            except ValueError:
-                raise SparkGPTError(f"tokenizer {spec!r}: expected bpe:VOCAB with VOCAB a whole number") from None
-            return Tokenizer.train_bpe(texts(), vocab_size)
+        if spec == "char":
+            return Tokenizer.char_level(texts or iter(()))
+        try:
+            vocab_size = int(spec.removeprefix("bpe:"))
+        except ValueError:
+            raise SparkGPTError(f"tokenizer {spec!r}: expected bpe:VOCAB with VOCAB a whole number") from None
+        return Tokenizer.train_bpe(texts or iter(()), vocab_size)
+    if (Path(spec) / "tokenizer.json").is_file():  # a model folder, or a prepared data folder to share a vocabulary
+        return Tokenizer.from_dir(Path(spec))
     path = resolve(spec)
     if path.is_dir():
         return Tokenizer.from_dir(path)
@@ -186,112 +294,18 @@ def build_tokenizer(spec: str, sources: Sequence[Source], text_field: str, progr
     return tokenizer
 
 
-# ---- tokenisation in worker processes ------------------------------------------------------------------------
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_json: str, eos_token: str | None) -> None:
-    global _worker_tokenizer
-    from tokenizers import Tokenizer as BackendTokenizer
-
-    _worker_tokenizer = Tokenizer(BackendTokenizer.from_str(tokenizer_json), eos_token=eos_token)
+def _check_tokenizer_spec(spec: str) -> None:
+    """Refuse a malformed `bpe:` before the corpus is read, not after."""
+    if spec.startswith("bpe:") and not spec.removeprefix("bpe:").isdigit():
+        raise SparkGPTError(f"tokenizer {spec!r}: expected bpe:VOCAB with VOCAB a whole number")
 
 
-def _encode_pieces(pieces: list[tuple[str, bool]], dtype: str) -> np.ndarray:
-    """Token ids of consecutive pieces, each document closed by end-of-text (or a newline where it lacks one)."""
-    tokenizer = _worker_tokenizer
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text, ends_document in pieces:
-        if ends_document and eos is None and text and not text.endswith("\n"):
-            text += "\n"
-        if text:
-            ids.extend(tokenizer.encode(text, add_special_tokens=False))
-        if ends_document and eos is not None:
-            ids.append(eos)
-    return np.asarray(ids, dtype=dtype)
-
-
-def _tasks(sources: Sequence[Source], text_field: str) -> Iterator[tuple[list[tuple[str, bool]], int, int]]:
-    """Pieces grouped into tasks of about CHUNK_CHARS: (pieces, bytes read, documents ended)."""
-    pieces: list[tuple[str, bool]] = []
-    size = raw_bytes = documents = 0
-    document_has_text = False  # a document of only whitespace (an empty file or record) adds nothing, not even EOS
-    for text, ends_document, piece_bytes in read_documents(sources, text_field):
-        document_has_text = document_has_text or bool(text.strip())
-        if text or (ends_document and document_has_text):
-            pieces.append((text if document_has_text else "", ends_document and document_has_text))
-        size += len(text)
-        raw_bytes += piece_bytes
-        documents += ends_document and document_has_text
-        document_has_text = document_has_text and not ends_document
-        if size >= CHUNK_CHARS:
-            yield pieces, raw_bytes, documents
-            pieces, size, raw_bytes, documents = [], 0, 0, 0
-    if pieces or raw_bytes:
-        yield pieces, raw_bytes, documents
-
-
-@contextlib.contextmanager
-def _worker_pool(workers: int, tokenizer: Tokenizer):
-    """Worker processes that each hold the tokenizer; None (work in this process) when one worker is asked for."""
-    if workers <= 1:
-        _init_worker(tokenizer.backend.to_str(), tokenizer.eos_token)
-        yield None
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    # Forked children must not use the tokenizers library's own thread pool (it may be mid-use in this process);
-    # telling them so up front also silences the library's warning about it.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        pool = multiprocessing.get_context(method).Pool(
-            workers, initializer=_init_worker, initargs=(tokenizer.backend.to_str(), tokenizer.eos_token))
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-def _tokenize_to_file(
-    sources: Sequence[Source], text_field: str, tokenizer: Tokenizer, dtype: str, path: Path, workers: int,
-    progress: bool,
-) -> tuple[int, int]:
-    """Tokenise the corpus into `path` in corpus order; returns (tokens written, documents)."""
-    total = sum(source.path.stat().st_size for source in sources)
-    tokens = documents = 0
-    with open(path, "wb") as out, _worker_pool(workers, tokenizer) as pool, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-        # A bounded window of tasks in flight keeps memory flat however large the corpus (Pool.imap would read
-        # the whole input ahead); results are written in submission order, so the file is in corpus order.
-        in_flight: collections.deque = collections.deque()
-
-        def write_oldest() -> None:
-            nonlocal tokens, documents
-            result, raw_bytes, ended = in_flight.popleft()
-            ids = result.get() if pool is not None else result
-            ids.tofile(out)
-            tokens += len(ids)
-            documents += ended
-            bar.update(raw_bytes)
-
-        for pieces, raw_bytes, ended in _tasks(sources, text_field):
-            if pool is None:
-                in_flight.append((_encode_pieces(pieces, dtype), raw_bytes, ended))
-            else:
-                in_flight.append((pool.apply_async(_encode_pieces, (pieces, dtype)), raw_bytes, ended))
-            while len(in_flight) > (2 * workers if pool is not None else 0):
-                write_oldest()
-        while in_flight:
-            write_oldest()
-    return tokens, documents
+def _stage(name: str, before: tuple[int, int], removed: tuple[int, int], by: dict | None = None) -> dict:
+    stage = {"stage": name, "kept_documents": before[0] - removed[0], "kept_characters": before[1] - removed[1],
+             "removed_documents": removed[0], "removed_characters": removed[1]}
+    if by:
+        stage["removed_by"] = by
+    return stage
 
 
 def prepare(
@@ -302,39 +316,128 @@ def prepare(
     text_field: str = "text",
     workers: int | None = None,
     progress: bool = True,
+    format: str | None = None,
+    clean: CleanConfig | None = None,
+    engine: str = "local",
+    shard_tokens: int = SHARD_TOKENS,
 ) -> PrepareResult:
-    """Tokenise `inputs` into `out_dir`: train.bin, val.bin, meta.json, tokenizer.json (written atomically)."""
+    """Clean, deduplicate and tokenise `inputs` into `out_dir`: token shards, meta.json and tokenizer.json,
+    written atomically (a failed run leaves `out_dir` as it was)."""
     if not 0 < val_fraction < 1:
         raise SparkGPTError(f"val_fraction is {val_fraction}; expected a number between 0 and 1 (exclusive)")
+    if shard_tokens < 1:
+        raise SparkGPTError(f"shard_tokens is {shard_tokens}; expected a positive number of tokens")
+    _check_tokenizer_spec(tokenizer)
+    clean = clean or CleanConfig()
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    sources = find_sources(inputs)
+    sources = find_sources(inputs, format)
     if not sources:
         raise SparkGPTError(f"no input files found in {', '.join(map(str, inputs))}")
-    built = build_tokenizer(tokenizer, sources, text_field, progress)
-    if built.vocab_size == 0:
-        raise SparkGPTError(f"the corpus is empty: no text in {', '.join(map(str, inputs))}")
-    dtype = token_dtype(built.vocab_size)
-    out_dir = Path(out_dir)
+    runner = make_engine(engine, workers)
+    try:
+        return _prepare(sources, inputs, Path(out_dir), tokenizer, val_fraction, text_field, clean, runner,
+                        shard_tokens, progress)
+    finally:
+        runner.close()
+
+
+def _prepare(sources: list[Source], inputs: Sequence[str | Path], out_dir: Path, tokenizer: str, val_fraction: float,
+             text_field: str, clean: CleanConfig, runner: LocalEngine | RayEngine, shard_tokens: int,
+             progress: bool) -> PrepareResult:
     with atomic_directory(out_dir, marker=META_FILE) as staging:
-        everything = staging / "all.bin"
-        n_tokens, documents = _tokenize_to_file(sources, text_field, built, dtype, everything, workers, progress)
+        work = staging / "work"
+        work.mkdir()
+        parts = [_Part(str(work / f"part-{index:05d}")) for index in range(len(sources))]
+        tasks = [{"path": str(source.path), "format": source.format, "encoding": source.encoding,
+                  "part": part.prefix} for source, part in zip(sources, parts, strict=True)]
+        sizes = [source.path.stat().st_size if source.path.exists() else 0 for source in sources]
+        totals: Counter = Counter()
+        removed_by: dict[str, list[int]] = {}
+        shown: list[str] = []
+        with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="cleaning", disable=not progress) as bar:
+            results = runner.map(CleanFile, (json.dumps(dataclasses.asdict(clean)), text_field), tasks)
+            for size, result in zip(sizes, results, strict=True):
+                stats = json.loads(result["stats"])
+                for key in ("documents", "characters", "kept", "kept_characters", "skipped"):
+                    totals[key] += stats[key]
+                for rule, (documents, characters) in stats["removed"].items():
+                    entry = removed_by.setdefault(rule, [0, 0])
+                    entry[0] += documents
+                    entry[1] += characters
+                for line in stats["skips"]:
+                    if len(shown) < SHOWN_SKIPS:
+                        shown.append(line)
+                        tqdm.write(f"sparkgpt: skipped {line}", file=sys.stderr)
+                bar.update(size)
+        if totals["skipped"] > len(shown):
+            print(f"sparkgpt: skipped {totals['skipped']:,} records in all", file=sys.stderr)
+
+        keeps, exact, near = _deduplicate(parts, clean, work)
+        documents = (totals["documents"], totals["characters"])
+
+        def rule_total(rules: list[str]) -> tuple[int, int]:
+            return (sum(removed_by[r][0] for r in rules), sum(removed_by[r][1] for r in rules))
+
+        quality_rules = [rule for rule in removed_by if rule not in ("empty", "language")]
+        stages = [{"stage": "read", "documents": documents[0], "characters": documents[1],
+                   "skipped_records": totals["skipped"]}]
+        for name, rules in (("empty", ["empty"]), ("quality", quality_rules), ("language", ["language"])):
+            rules = [rule for rule in rules if rule in removed_by]
+            removed = rule_total(rules)
+            stages.append(_stage(name, documents, removed, {r: removed_by[r][0] for r in rules}))
+            documents = (documents[0] - removed[0], documents[1] - removed[1])
+        if documents[1] != totals["kept_characters"]:  # the C4 line rules shortened kept documents
+            documents = (documents[0], totals["kept_characters"])
+        for name, removed in (("exact duplicates", exact), ("near duplicates", near)):
+            stages.append(_stage(name, documents, (removed["documents"], removed["characters"])))
+            documents = (documents[0] - removed["documents"], documents[1] - removed["characters"])
+
+        def kept_texts() -> Iterator[str]:
+            for task in _tokenize_tasks(parts, keeps):  # a megabyte at a time: memory stays flat
+                yield from _Part(task["part"]).texts(task["start"], task["stop"], np.frombuffer(task["keep"], bool))
+
+        with tqdm(total=documents[1], unit="char", unit_scale=True, desc="learning vocabulary",
+                  disable=not progress or not (tokenizer == "char" or tokenizer.startswith("bpe:"))) as bar:
+            def counted() -> Iterator[str]:
+                for text in kept_texts():
+                    bar.update(len(text))
+                    # A char vocabulary needs the newline that joins documents even if no document holds one.
+                    yield text if tokenizer != "char" or text.endswith("\n") else text + "\n"
+            built = build_tokenizer(tokenizer, counted())
+        if built.vocab_size == 0 or documents[0] == 0:
+            raise SparkGPTError(f"the corpus is empty: no text in {', '.join(map(str, inputs))}")
+        dtype = token_dtype(built.vocab_size)
+
+        writer = ShardWriter(staging, "train", dtype, shard_tokens)
+        written = Counter()
+        with tqdm(total=documents[1], unit="char", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+            init = (built.backend.to_str(), built.eos_token, dtype)
+            for result in runner.map(TokenizeDocuments, init, _tokenize_tasks(parts, keeps)):
+                writer.write(np.frombuffer(result["tokens"], dtype=dtype))
+                written["documents"] += result["documents"]
+                bar.update(result["characters"])
+        writer.close()
+        shutil.rmtree(work)
+        n_tokens = writer.tokens
+        stages.append({"stage": "tokenize", "documents": written["documents"], "characters": documents[1],
+                       "tokens": n_tokens})
         if n_tokens == 0:
             raise SparkGPTError(f"the corpus is empty: no text in {', '.join(map(str, inputs))}")
         val_tokens = max(1, round(n_tokens * val_fraction))
         train_tokens = n_tokens - val_tokens
         if train_tokens < 1:
             raise SparkGPTError(f"the corpus has only {n_tokens} token(s): too little to split into train and val")
-        item = np.dtype(dtype).itemsize
-        with open(everything, "rb") as source, open(staging / VAL_FILE, "wb") as target:
-            source.seek(train_tokens * item)
-            shutil.copyfileobj(source, target, length=1 << 24)
-        os.truncate(everything, train_tokens * item)  # the training split is the file's head: no copy needed
-        os.rename(everything, staging / TRAIN_FILE)
+        train_shards, val_shards = split_tail(staging, writer.shards, dtype, val_tokens, "val", shard_tokens)
         built.save(staging)
+        duplicates = exact["documents"] + near["documents"]
         write_json(staging / META_FILE, {
-            "format": "sparkgpt-tokens", "version": 1, "tokenizer": tokenizer, "vocab_size": built.vocab_size,
+            "format": "sparkgpt-tokens", "version": 2, "tokenizer": tokenizer, "vocab_size": built.vocab_size,
             "dtype": dtype, "eos_token_id": built.eos_token_id, "train_tokens": train_tokens,
-            "val_tokens": val_tokens, "val_fraction": val_fraction, "documents": documents,
+            "val_tokens": val_tokens, "val_fraction": val_fraction, "documents": written["documents"],
+            "shard_tokens": shard_tokens, "train_shards": train_shards, "val_shards": val_shards,
+            "stages": stages, "duplicates": duplicates, "skipped": {"count": totals["skipped"], "examples": shown},
+            "clean": dataclasses.asdict(clean), "engine": runner.name,
             "sources": [str(source.path) for source in sources[:1000]], "source_count": len(sources),
         })
-    return PrepareResult(out_dir, built.vocab_size, dtype, train_tokens, val_tokens, documents)
+    return PrepareResult(out_dir, built.vocab_size, dtype, train_tokens, val_tokens, written["documents"],
+                         len(train_shards) + len(val_shards), stages, totals["skipped"], duplicates)
