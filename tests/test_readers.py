@@ -297,10 +297,8 @@ def test_warc_html_main_text_extracted(tmp_path: Path, name: str) -> None:
 # ---- streaming -----------------------------------------------------------------------------------------------
 
 
-def test_first_jsonl_zst_document_comes_before_the_file_is_read(tmp_path: Path) -> None:
-    rng = random.Random(0)
-    bodies = [f"document {i} {rng.randbytes(400).hex()}" for i in range(15_000)]  # hex: compresses only 2x
-    path = write_jsonl(tmp_path / "big.jsonl.zst", ({"text": body} for body in bodies))
+def first_document_and_peak_memory(path: Path) -> tuple[Document | Skip, int]:
+    """The first item read from `path` and the peak of Python allocations while reading it."""
     tracemalloc.start()
     try:
         documents = read_documents(path)
@@ -309,6 +307,14 @@ def test_first_jsonl_zst_document_comes_before_the_file_is_read(tmp_path: Path) 
         documents.close()
     finally:
         tracemalloc.stop()
+    return first, peak
+
+
+def test_first_jsonl_zst_document_comes_before_the_file_is_read(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    bodies = [f"document {i} {rng.randbytes(400).hex()}" for i in range(15_000)]  # hex: compresses only 2x
+    path = write_jsonl(tmp_path / "big.jsonl.zst", ({"text": body} for body in bodies))
+    first, peak = first_document_and_peak_memory(path)
     assert first == Document(bodies[0], str(path), "line 1")
     assert peak < 4 << 20 < path.stat().st_size / 1.5  # a few read buffers of a megabyte, whatever the file size
 
@@ -316,13 +322,6 @@ def test_first_jsonl_zst_document_comes_before_the_file_is_read(tmp_path: Path) 
 def test_first_wet_record_comes_before_the_file_is_read(tmp_path: Path) -> None:
     path = write_wet(tmp_path / "big.warc.wet.gz", [(f"http://example.com/{i}", prose(i, 300)) for i in range(3000)])
     size = path.stat().st_size
-    tracemalloc.start()
-    try:
-        documents = read_documents(path)
-        first = next(documents)
-        _, peak = tracemalloc.get_traced_memory()
-        documents.close()
-    finally:
-        tracemalloc.stop()
+    first, peak = first_document_and_peak_memory(path)
     assert first.text == prose(0, 300)
     assert peak < size // 4
