@@ -217,3 +217,24 @@ def test_the_ray_engine_writes_the_same_shards_as_the_local_engine(tmp_path):
     assert local["stages"] == ray["stages"] and ray["engine"] == "ray"
     for shard in local["train_shards"] + local["val_shards"]:
         assert (tmp_path / "local" / shard["file"]).read_bytes() == (tmp_path / "ray" / shard["file"]).read_bytes()
+
+
+def test_languages_keep_only_the_named_ones_and_bad_options_are_one_line_errors(tmp_path, capsys):
+    english = article(31)
+    french = ("Le vieux marché se trouve au bord de la rivière, et les habitants du village y viennent chaque matin "
+              "pour acheter du pain, des fruits et des légumes frais. ") * 3
+    german = ("Der alte Markt liegt am Ufer des Flusses, und die Bewohner des Dorfes kommen jeden Morgen dorthin, "
+              "um Brot, Obst und frisches Gemüse zu kaufen. ") * 3
+    write_jsonl(tmp_path / "mixed.jsonl", [{"text": text} for text in (english, french, german)])
+    assert main(["prepare", str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "data"), "--languages", "en",
+                 "--workers", "1"]) == 0
+    assert "language          removed 2 documents" in capsys.readouterr().out
+    assert decoded(tmp_path / "data") == english + "\n"
+
+    for option, message in ((["--format", "csv"], "format 'csv': expected one of text, jsonl"),
+                            (["--dedup", "fuzzy"], "--dedup 'fuzzy': expected exact, near"),
+                            (["--languages", "xx"], "languages")):
+        assert main(["prepare", str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "bad"), *option]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("sparkgpt: error: ") and message in err[-1], err
+        assert not (tmp_path / "bad").exists()
