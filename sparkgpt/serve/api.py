@@ -48,7 +48,7 @@ from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import is_int
 from sparkgpt.rag.index import Hit, Index
 from sparkgpt.serve.embeddings import Pooler
-from sparkgpt.serve.engine import ChoiceEvent, Engine, EngineDead, EngineRequest, QueueFull
+from sparkgpt.serve.engine import ChoiceEvent, Engine, EngineDead, EngineRequest, QueueFull, TokenLogprob
 from sparkgpt.serve.grounding import Grounding
 from sparkgpt.serve.metrics import Metrics, MetricsMiddleware
 from sparkgpt.serve.protocol import (
@@ -58,9 +58,11 @@ from sparkgpt.serve.protocol import (
     EMBEDDING_FIELDS,
     APIError,
     Call,
+    chat_logprobs,
     check_embedding_options,
     check_fields,
     check_model,
+    completion_logprobs,
     embedding_response,
     engine_failure,
     invalid,
@@ -403,8 +405,8 @@ def create_app(
         check_fields(body, COMPLETION_FIELDS)
         check_model(body, state.model_name)
         prompts = await state.run_text(parse_prompts, engine, body.get("prompt"))  # tokenises: off the loop
-        call = prepare_call(engine, body, prompts, "prompt", body.get("max_tokens"), "max_tokens",
-                            default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS)
+        call = await state.run_text(prepare_call, engine, body, prompts, "prompt", body.get("max_tokens"),
+                                    "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)  # echo decodes: off the loop
         return await run_call(request, state, engine, call, chat=False)
 
     @app.post("/v1/embeddings")
@@ -451,7 +453,9 @@ class EngineCall:
             for k, prompt in enumerate(call.prompts):
                 def sink(events: list[ChoiceEvent], k: int = k) -> None:
                     loop.call_soon_threadsafe(self.events.put_nowait, (k, events))
-                self.requests.append(engine.submit(prompt, call.params, sink, call.n))
+                self.requests.append(engine.submit(prompt, call.params, sink, call.n, logprobs=call.logprobs,
+                                                   prompt_logprobs=call.prompt_logprobs,
+                                                   score_only=call.score_only))
         except BaseException:
             self.abort()
             raise
@@ -459,6 +463,10 @@ class EngineCall:
     def abort(self) -> None:
         for request in self.requests:
             self.engine.abort(request)
+
+    def prompt_of(self, index: int) -> list[int]:
+        """The prompt of choice `index` (across the call)."""
+        return self.call.prompts[index // self.call.n]
 
     async def next_events(self) -> list[tuple[int, ChoiceEvent]]:
         """The next batch of (choice index across the call, event); counts finished choices down."""
@@ -522,6 +530,8 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
     call = engine_call.call
     count = len(call.prompts) * call.n
     texts, reasons, tokens = [""] * count, [None] * count, [0] * count
+    sampled: list[list[TokenLogprob]] = [[] for _ in range(count)]
+    prompt_scores: list[list[TokenLogprob | None] | None] = [None] * count
     first_token = True
     next_look = time.monotonic() + DISCONNECT_POLL_S
     while engine_call.unfinished > 0:
@@ -545,18 +555,31 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
             texts[index] += event.text
             tokens[index] = event.completion_tokens
             reasons[index] = event.finish_reason
+            sampled[index] += event.logprobs
+            if event.prompt_logprobs is not None:
+                prompt_scores[index] = event.prompt_logprobs
     prompt_tokens = sum(len(p) for p in call.prompts)
     completion_tokens = sum(tokens)
     state.metrics.prompt_tokens.inc(prompt_tokens)
     state.metrics.generation_tokens.inc(completion_tokens)
     if sources is not None:  # citations of sources it was not shown go; one that uses a source's words cites it
         texts = [cite(text, sources) for text in texts]
+    tokenizer = engine_call.engine.lm.tokenizer
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": None if call.logprobs is None else chat_logprobs(tokenizer, sampled[i]),
                     "finish_reason": reasons[i]} for i in range(count)]
     else:
-        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-                   for i in range(count)]
+        choices = []
+        for i in range(count):
+            logprobs = None
+            if call.logprobs is not None:
+                entries, ids = sampled[i], [entry.token for entry in sampled[i]]
+                if prompt_scores[i] is not None:
+                    entries, ids = [*prompt_scores[i], *entries], [*engine_call.prompt_of(i), *ids]
+                logprobs, _ = completion_logprobs(tokenizer, ids, entries)
+            echo = "" if call.echo_texts is None else call.echo_texts[i // call.n]
+            choices.append({"index": i, "text": echo + texts[i], "logprobs": logprobs, "finish_reason": reasons[i]})
     return JSONResponse({
         "id": response_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
         "model": state.model_name, "choices": choices,
@@ -588,6 +611,9 @@ async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: st
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(count)], **grounded)
     tokens = [0] * count
+    tokenizer = engine_call.engine.lm.tokenizer
+    offsets = [0] * count  # each completion choice's text offset so far (legacy logprobs' text_offset)
+    echoed = [call.echo_texts is None] * count
     first_token = True
     while engine_call.unfinished > 0:
         for index, event in await engine_call.next_events():
@@ -602,15 +628,25 @@ async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: st
                 state.metrics.time_to_first_token.observe(time.perf_counter() - started)
                 first_token = False
             if chat:
-                if event.text:
-                    yield chunk([{"index": index, "delta": {"content": event.text}, "logprobs": None,
+                if event.text or event.logprobs:
+                    logprobs = None if call.logprobs is None else chat_logprobs(tokenizer, event.logprobs)
+                    yield chunk([{"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
                                   "finish_reason": None}])
                 if event.finish_reason is not None:
                     yield chunk([{"index": index, "delta": {}, "logprobs": None,
                                   "finish_reason": event.finish_reason}])
-            else:
-                yield chunk([{"index": index, "text": event.text, "logprobs": None,
-                              "finish_reason": event.finish_reason}])
+                continue
+            text, entries, ids = event.text, event.logprobs, [entry.token for entry in event.logprobs]
+            if not echoed[index]:  # a choice's first chunk starts with its prompt (and its prompt's logprobs)
+                echoed[index] = True
+                text = call.echo_texts[index // call.n] + text
+                if event.prompt_logprobs is not None:
+                    entries, ids = [*event.prompt_logprobs, *entries], [*engine_call.prompt_of(index), *ids]
+            logprobs = None
+            if call.logprobs is not None:
+                logprobs, offsets[index] = completion_logprobs(tokenizer, ids, entries, offsets[index])
+            yield chunk([{"index": index, "text": text, "logprobs": logprobs,
+                          "finish_reason": event.finish_reason}])
     prompt_tokens = sum(len(p) for p in call.prompts)
     state.metrics.prompt_tokens.inc(prompt_tokens)
     state.metrics.generation_tokens.inc(sum(tokens))

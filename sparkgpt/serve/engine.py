@@ -13,6 +13,11 @@ One scheduler thread owns the model and the cache. Every active sequence holds a
 4. samples every row with its own request's parameters and seed through generation's one `Sampler`, turns each
    token into text and a finish reason with the request's `StopRule`, and hands the text to the request's sink.
 
+A request may ask for log-probabilities (`TokenLogprob`: the log-softmax of the model's raw logits, before any
+sampling parameter, as vLLM reports by default): of each sampled token, computed in the batched step for the rows
+that asked only; and of its prompt's tokens, from every position of its prefill (such a prompt is computed whole,
+never copied from another slot, whose logits are gone). A score-only request (max_tokens 0) samples nothing.
+
 Sequences join between steps and leave the moment they finish, so a short request never waits for a long one.
 Slot rows never mix (attention is masked per row, every other op is row-wise), so each sequence computes what it
 would alone, up to floating-point rounding of batched matrix products; at temperature 0 the tests find its text
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import queue
 import threading
 from collections import deque
@@ -54,6 +60,19 @@ class ContextLengthExceeded(SparkGPTError):
     """The prompt plus the tokens asked for do not fit one slot of the cache."""
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's raw logits at its step, and the `top` likeliest tokens there as
+    (token, log-probability), likeliest first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class ChoiceEvent:
     """What one choice (sequence) of a request did in one engine step."""
@@ -64,6 +83,10 @@ class ChoiceEvent:
     completion_tokens: int = 0      # tokens sampled for this choice so far
     error: str | None = None        # set when the engine failed this choice (then finish_reason is None)
     code: str | None = None         # the error's kind: "numerical_error" (this choice's logits), "engine_error"
+    # Asked for only: the token sampled in this step (a stop token too, as vLLM reports it), and with a choice's
+    # first event its prompt's tokens (the first None: nothing predicts it).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 EventSink = Callable[[list[ChoiceEvent]], None]
@@ -78,6 +101,9 @@ class EngineRequest:
     params: SamplingParams
     n: int
     sink: EventSink
+    logprobs: int | None = None         # alternatives per sampled token's log-probability; None: not asked
+    prompt_logprobs: int | None = None  # alternatives per prompt token's log-probability; None: not asked
+    score_only: bool = False            # max_tokens 0: prefill (for prompt_logprobs), sample nothing
     choices_to_start: deque[int] = field(default_factory=deque)
     started: bool = False           # has any choice been given a slot (no longer counts as queued)
     running: int = 0                # choices holding a slot now
@@ -95,6 +121,20 @@ class _Sequence:
     stop: StopRule
     cached: int = 0                 # tokens whose keys/values are in the slot (columns 0..cached-1)
     next_token: int = -1            # sampled but not yet fed to the model
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled by the prefill, sent with the first event
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
+    """Row r's token tokens[r] under the log-softmax of logits [rows, vocab] (float32), with its tops[r] likeliest
+    tokens: one normalisation and one top-k for all rows."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    most = max(tops)
+    if most:
+        values, ids = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(token, logprob, list(zip(ids[row][:top], values[row][:top], strict=True)) if top else [])
+            for row, (token, logprob, top) in enumerate(zip(tokens, chosen, tops, strict=True))]
 
 
 class Engine:
@@ -204,20 +244,27 @@ class Engine:
                 " Please reduce the length of the prompt or max_tokens."
             )
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: EventSink, n: int = 1) -> EngineRequest:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: EventSink, n: int = 1,
+               logprobs: int | None = None, prompt_logprobs: int | None = None,
+               score_only: bool = False) -> EngineRequest:
         """Queue a request of n choices; raise ContextLengthExceeded, QueueFull or EngineDead at once rather than
-        later."""
+        later. `logprobs` / `prompt_logprobs` (0..MAX_TOP_LOGPROBS alternatives) ask for the log-probabilities of
+        the sampled / prompt tokens; `score_only` samples nothing (params.max_new_tokens is then ignored)."""
         if self.error is not None:
             raise EngineDead(f"the engine has stopped: {self.error}")
         if not prompt_ids:
             raise SparkGPTError("the prompt is empty")
         if n < 1:
             raise SparkGPTError(f"n must be >= 1, got {n}")
-        self.check_fits(len(prompt_ids), params.max_new_tokens)
+        for name, top in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise SparkGPTError(f"{name} must be from 0 to {MAX_TOP_LOGPROBS}, got {top}")
+        self.check_fits(len(prompt_ids), 0 if score_only else params.max_new_tokens)
         if params.logit_bias and max(params.logit_bias) >= self.config.vocab_size:  # else the sampler refuses it
             raise SamplingParamError("logit_bias", f"logit_bias names the token id {max(params.logit_bias)}, "
                                                    f"outside the vocabulary [0, {self.config.vocab_size})")
-        request = EngineRequest(next(self._ids), list(prompt_ids), params, n, sink, deque(range(n)))
+        request = EngineRequest(next(self._ids), list(prompt_ids), params, n, sink, logprobs, prompt_logprobs,
+                                score_only, deque(range(n)))
         tokens = n * params.max_new_tokens
         with self._lock:
             free = self.max_slots - self._busy_slots
@@ -380,7 +427,11 @@ class Engine:
             # Choice i of a request seeded s draws as a generation seeded s + i (choice 0: as one seeded s).
             self.sampler.start(slot, params, None if params.seed is None else params.seed + index, request.prompt_ids)
             sequence = _Sequence(request, index, slot, StopRule(self.tokenizer, params, self.stop_token_ids))
-            sequence.cached = self._reuse_prefix(slot, request.prompt_ids)
+            if request.prompt_logprobs is None:
+                sequence.cached = self._reuse_prefix(slot, request.prompt_ids)
+            else:  # every prompt position's logits are needed, so nothing is copied from another slot
+                self._slot_prompts[slot] = []
+                sequence.prompt_logprobs = [None]
             self._prefilling.append(sequence)
 
     def _reuse_prefix(self, slot: int, prompt: list[int]) -> int:
@@ -454,9 +505,15 @@ class Engine:
         device = self.device
         self.cache.begin(torch.tensor([sequence.slot for sequence, _ in rows], device=device), columns.to(device),
                          span)
+        scoring = [row for row, (sequence, _) in enumerate(rows) if sequence.prompt_logprobs is not None]
+        options = dict(positions=positions.to(device), attention_mask=mask.to(device)[:, None], cache=self.cache)
         try:
-            logits = self.model(tokens.to(device), positions=positions.to(device),
-                                attention_mask=mask.to(device)[:, None], cache=self.cache, last_only=True)
+            # Scoring needs every position's logits: the model's own forward gives them (whatever it does after its
+            # head, a soft cap say), at the price of the head over this one chunk's other positions too.
+            logits = self.model(tokens.to(device), **options, last_only=not scoring)
+            if scoring:
+                self._score_prompts([rows[row] for row in scoring], logits[scoring])
+                logits = logits[:, -1:]
         except Exception as error:
             for sequence, _ in rows:
                 self._fail(sequence, f"prefill failed: {type(error).__name__}: {error}")
@@ -466,19 +523,56 @@ class Engine:
         for row, (sequence, count) in enumerate(rows):
             sequence.cached += count
             self._slot_prompts[sequence.slot] = sequence.request.prompt_ids[: sequence.cached]
-            if sequence.cached == len(sequence.request.prompt_ids):
-                finished.append(row)  # else the rest of its prompt next iteration, after a decode step
+            if sequence.cached < len(sequence.request.prompt_ids):
+                continue  # the rest of its prompt next iteration, after a decode step
+            if any(math.isnan(entry.logprob) for entry in (sequence.prompt_logprobs or [])[1:]):
+                self._fail_numerically(sequence)  # NaN scores are no answer (and not JSON)
+            elif not sequence.request.score_only:
+                finished.append(row)
+            else:  # scored: done without a token
+                self._outbox.setdefault(sequence.request, []).append(
+                    ChoiceEvent(sequence.index, finish_reason="length", prompt_logprobs=sequence.prompt_logprobs))
+                self._release(sequence)
         sequences = [rows[row][0] for row in finished]
-        picks = self.sampler.sample(logits[finished, -1].float(), [sequence.slot for sequence in sequences]).tolist()
-        for sequence, token in zip(sequences, picks, strict=True):
+        last = logits[finished, -1].float()
+        picks = self.sampler.sample(last, [sequence.slot for sequence in sequences]).tolist()
+        for sequence, token, logprob in zip(sequences, picks, self._sampled_logprobs(last, sequences, picks),
+                                            strict=True):
             if token == FAILED:
                 self._fail_numerically(sequence)
                 continue
             self._prefilling.remove(sequence)
-            if self._accept(sequence, token):
+            if self._accept(sequence, token, logprob):
                 self._decoding[sequence.slot] = sequence
             else:
                 self._release(sequence)  # done at its first token (max_tokens 1, or an end token)
+
+    def _score_prompts(self, rows: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
+        """Append to each row's prompt_logprobs its chunk's predictions of the prompt's next tokens: column j of
+        a row's (left-padded) logits [width, vocab] at position p predicts prompt token p + 1."""
+        width = logits.shape[1]
+        for (sequence, count), row_logits in zip(rows, logits, strict=True):
+            prompt, start = sequence.request.prompt_ids, sequence.cached
+            targets = prompt[start + 1:start + count + 1]  # the last prompt token's logits predict no prompt token
+            if targets:
+                predicted = row_logits[width - count:width - count + len(targets)].float()
+                sequence.prompt_logprobs += token_logprobs(predicted, targets,
+                                                           [sequence.request.prompt_logprobs] * len(targets))
+
+    @staticmethod
+    def _sampled_logprobs(logits: torch.Tensor, sequences: list[_Sequence],
+                          tokens: list[int]) -> list[TokenLogprob | None]:
+        """Each sequence's sampled token's log-probability where its request asked (None elsewhere): only those
+        rows' logits are normalised."""
+        asked = [row for row, (sequence, token) in enumerate(zip(sequences, tokens, strict=True))
+                 if sequence.request.logprobs is not None and token != FAILED]
+        out: list[TokenLogprob | None] = [None] * len(sequences)
+        if asked:
+            entries = token_logprobs(logits[asked], [tokens[row] for row in asked],
+                                     [sequences[row].request.logprobs for row in asked])
+            for row, entry in zip(asked, entries, strict=True):
+                out[row] = entry
+        return out
 
     def _decode_step(self) -> None:
         """One token for every decoding slot, in one batched forward over rows 0..highest decoding slot."""
@@ -508,22 +602,29 @@ class Engine:
         if len(slots) < rows:
             logits = logits[slots]
         sequences = [self._decoding[slot] for slot in slots]
-        for sequence, token in zip(sequences, self.sampler.sample(logits.float(), slots).tolist(), strict=True):
+        logits = logits.float()
+        picks = self.sampler.sample(logits, slots).tolist()
+        for sequence, token, logprob in zip(sequences, picks, self._sampled_logprobs(logits, sequences, picks),
+                                            strict=True):
             if token == FAILED:
                 self._fail_numerically(sequence)
                 continue
             sequence.cached += 1
-            if not self._accept(sequence, token):
+            if not self._accept(sequence, token, logprob):
                 self._release(sequence)
 
-    def _accept(self, sequence: _Sequence, token: int) -> bool:
-        """Record a sampled token and queue its text; False when the sequence is finished (slot to free)."""
+    def _accept(self, sequence: _Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Record a sampled token and queue its text (and log-probabilities, where asked); False when the sequence
+        is finished (slot to free)."""
         delta, reason = sequence.stop.push(token)
         if reason is None:
             sequence.next_token = token
-        if delta or reason is not None:
+        logprobs = [] if logprob is None else [logprob]
+        prompt_logprobs, sequence.prompt_logprobs = sequence.prompt_logprobs, None
+        if delta or reason is not None or logprobs or prompt_logprobs is not None:
             self._outbox.setdefault(sequence.request, []).append(
-                ChoiceEvent(sequence.index, delta, reason, sequence.stop.generated))
+                ChoiceEvent(sequence.index, delta, reason, sequence.stop.generated, logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs))
         return reason is None
 
     def _fail(self, sequence: _Sequence, message: str, code: str = "engine_error") -> None:

@@ -10,15 +10,18 @@ import base64
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tokenizers import decoders
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import SamplingParamError, SamplingParams, is_int, is_number
 from sparkgpt.serve.embeddings import Pooler
-from sparkgpt.serve.engine import ChoiceEvent, ContextLengthExceeded, Engine
+from sparkgpt.serve.engine import MAX_TOP_LOGPROBS, ChoiceEvent, ContextLengthExceeded, Engine, TokenLogprob
+from sparkgpt.tokenizer import Tokenizer
 
 MAX_CHOICES = 128           # n at most (as OpenAI)
 MAX_STOP_STRINGS = 4        # as OpenAI
@@ -28,8 +31,10 @@ CHAT_ROLES = {"system", "developer", "user", "assistant"}
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                  "user", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
                  "repetition_penalty"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` at most (as OpenAI)
+LOGPROB_FLOOR = -9999.0      # reported for a token the model rules out (-inf is not JSON), as OpenAI and vLLM do
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
 MAX_EMBEDDING_INPUTS = 2048       # inputs per request at most (as OpenAI)
 MAX_EMBEDDING_TOKENS = 300_000    # tokens per request at most, all inputs together (as OpenAI)
@@ -246,20 +251,31 @@ def parse_embedding_inputs(pooler: Pooler, value: Any, encoding_format: str) -> 
 
 @dataclass
 class Call:
-    """One API call ready for the engine: its prompts (each gets n choices) and sampling parameters."""
+    """One API call ready for the engine: its prompts (each gets n choices) and sampling parameters, and the
+    log-probabilities asked for (alternatives per token; None: none)."""
 
     prompts: list[list[int]]
     params: SamplingParams
     n: int
     stream: bool
     include_usage: bool
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    score_only: bool = False               # max_tokens 0 with echo: the prompt is scored, nothing generated
+    echo_texts: list[str] | None = None    # /v1/completions' echo: each prompt's text, put before its choices'
 
 
 def prepare_call(
     engine: Engine, body: dict[str, Any], prompts: list[list[int]], prompt_param: str, max_tokens: Any,
     max_tokens_param: str, default_max_tokens: int | None,
 ) -> Call:
-    """Validate the sampling fields (OpenAI's ranges, then SamplingParams' own checks) and the context length."""
+    """Validate the sampling fields (OpenAI's ranges, then SamplingParams' own checks), the log-probability fields
+    (chat's when prompt_param is "messages", else the legacy completions'), and the context length."""
+    chat = prompt_param == "messages"
+    logprobs, echo = parse_chat_logprobs(body) if chat else parse_completion_logprobs(body)
+    score_only = echo and max_tokens == 0 and is_int(max_tokens)
+    if score_only:  # SamplingParams wants a token to sample; the engine samples none for a score-only call
+        max_tokens = 1
     n = _optional(body, "n", 1)
     if not is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise invalid("n", f"Invalid value for 'n': {n!r}; expected an integer from 1 to {MAX_CHOICES}.")
@@ -305,10 +321,46 @@ def prepare_call(
         param = max_tokens_param if error.field == "max_new_tokens" else PARAM_NAMES.get(error.field, error.field)
         raise invalid(param, f"Invalid value for '{param}': {error}") from None
     try:
-        engine.check_fits(longest, params.max_new_tokens)
+        engine.check_fits(longest, 0 if score_only else params.max_new_tokens)
     except ContextLengthExceeded as error:
         raise invalid(prompt_param, str(error), code="context_length_exceeded") from None
-    return Call(prompts, params, n, stream, include_usage)
+    echo_texts = _prompt_texts(engine.lm.tokenizer, body.get("prompt"), prompts) if echo else None
+    return Call(prompts, params, n, stream, include_usage, logprobs, logprobs if echo else None, score_only,
+                echo_texts)
+
+
+def parse_chat_logprobs(body: dict[str, Any]) -> tuple[int | None, bool]:
+    """Chat's `logprobs` (a boolean) and `top_logprobs` (0..20, only with logprobs): (alternatives or None, False)."""
+    asked = _optional(body, "logprobs", False)
+    if not isinstance(asked, bool):
+        raise invalid("logprobs", f"Invalid value for 'logprobs': {asked!r}; expected a boolean.")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not (is_int(top) and 0 <= top <= MAX_TOP_LOGPROBS):
+            raise invalid("top_logprobs", f"Invalid value for 'top_logprobs': {top!r}; expected an integer from 0 "
+                          f"to {MAX_TOP_LOGPROBS}.")
+        if not asked:
+            raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+    return (top or 0) if asked else None, False
+
+
+def parse_completion_logprobs(body: dict[str, Any]) -> tuple[int | None, bool]:
+    """The legacy `logprobs` (alternatives per token, 0..5) and `echo` (a boolean): (alternatives or None, echo)."""
+    top = body.get("logprobs")
+    if top is not None and not (is_int(top) and 0 <= top <= MAX_COMPLETION_LOGPROBS):
+        raise invalid("logprobs", f"Invalid value for 'logprobs': {top!r}; expected an integer from 0 to "
+                      f"{MAX_COMPLETION_LOGPROBS}.")
+    echo = _optional(body, "echo", False)
+    if not isinstance(echo, bool):
+        raise invalid("echo", f"Invalid value for 'echo': {echo!r}; expected a boolean.")
+    return top, echo
+
+
+def _prompt_texts(tokenizer: Tokenizer, given: Any, prompts: list[list[int]]) -> list[str]:
+    """Each prompt as `echo` writes it: a string as sent, token ids decoded (special tokens kept)."""
+    items = given if isinstance(given, list) and not all(is_int(t) for t in given) else [given]
+    return [item if isinstance(item, str) else tokenizer.decode(ids, skip_special_tokens=False)
+            for item, ids in zip(items, prompts, strict=True)]
 
 
 def parse_logit_bias(value: Any, vocab_size: int) -> dict[int, float] | None:
@@ -337,6 +389,71 @@ def _optional(body: dict[str, Any], name: str, default: Any) -> Any:
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others for 256 + i."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(byte): byte for byte in printable}
+    extra = (byte for byte in range(256) if byte not in table.values())
+    table.update((chr(256 + i), byte) for i, byte in enumerate(extra))
+    return table
+
+
+_BYTE_OF_CHAR = _byte_level_table()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's piece for a raw byte
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """A token's own bytes, which may be part of a UTF-8 character (decoding it alone would give U+FFFD)."""
+    piece = tokenizer.backend.id_to_token(token) or ""
+    if match := _BYTE_FALLBACK.fullmatch(piece):
+        return bytes([int(match[1], 16)])
+    if isinstance(tokenizer.backend.decoder, decoders.ByteLevel) and all(c in _BYTE_OF_CHAR for c in piece):
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+    return tokenizer.decode([token], skip_special_tokens=False).encode()
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token as text; a piece of a UTF-8 character as escapes of its bytes ("\\xe4"), as OpenAI writes it."""
+    return token_bytes(tokenizer, token).decode("utf-8", errors="backslashreplace")
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    def described(token: int, logprob: float) -> dict[str, Any]:
+        return {"token": token_text(tokenizer, token), "logprob": _logprob(logprob),
+                "bytes": list(token_bytes(tokenizer, token))}
+
+    return {"content": [{**described(entry.token, entry.logprob),
+                         "top_logprobs": [described(token, logprob) for token, logprob in entry.top]}
+                        for entry in entries], "refusal": None}
+
+
+def completion_logprobs(tokenizer: Tokenizer, tokens: Sequence[int], entries: Sequence[TokenLogprob | None],
+                        offset: int = 0) -> tuple[dict[str, Any], int]:
+    """The legacy `logprobs` of these tokens ({tokens, token_logprobs, top_logprobs: [{token: logprob}],
+    text_offset}; an entry None, the first prompt token's, is null) and the text offset after them. Each
+    top_logprobs holds the token itself beside its alternatives, as vLLM's do."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, entry in zip(tokens, entries, strict=True):
+        text = token_text(tokenizer, token)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        top = {token_text(tokenizer, other): _logprob(logprob) for other, logprob in entry.top}
+        top.setdefault(text, _logprob(entry.logprob))
+        out["token_logprobs"].append(_logprob(entry.logprob))
+        out["top_logprobs"].append(top)
+    return out, offset
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
