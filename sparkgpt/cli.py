@@ -278,6 +278,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SparkGPTError("--k must be at least 1")
     if args.max_body_bytes < 1 or args.max_connections < 1 or not args.timeout_receive > 0:
         raise SparkGPTError("--max-body-bytes and --max-connections must be at least 1, --timeout-receive above 0")
+    if not args.shutdown_timeout >= 0:
+        raise SparkGPTError(f"--shutdown-timeout must be 0 or more seconds, got {args.shutdown_timeout}")
     path = resolve(args.ref)  # a bad reference fails here, before the port is bound
     index = Index.load(args.index) if args.index else None  # and so does a bad index
     model_name = args.model_name or (args.ref if not Path(args.ref).exists() else path.stem if path.is_file()
@@ -287,7 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(lambda: _load(args), model_name, host=args.host, port=args.port, api_key=api_key,
           max_slots=args.max_concurrency, max_queue=args.max_queue, context=args.context,
           prefill_chunk=args.prefill_chunk, threads=args.threads, log_level=args.log_level, index=index, k=args.k,
-          max_body_bytes=args.max_body_bytes,
+          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
           limits=ConnectionLimits(max_connections=args.max_connections, receive_timeout=args.timeout_receive))
 
 
@@ -669,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="connections open at once; one more is answered 503 and closed (512)")
     serve.add_argument("--timeout-receive", type=float, default=30.0,
                        help="seconds a request may take to arrive, headers and body; then 408 (30)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds the requests in flight may run on while new ones get 503 (30)")
     return parser
 
 

@@ -48,7 +48,15 @@ from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import is_int
 from sparkgpt.rag.index import Hit, Index
 from sparkgpt.serve.embeddings import Pooler
-from sparkgpt.serve.engine import ChoiceEvent, Engine, EngineDead, EngineRequest, QueueFull, TokenLogprob
+from sparkgpt.serve.engine import (
+    ChoiceEvent,
+    Engine,
+    EngineDead,
+    EngineRequest,
+    QueueFull,
+    ShuttingDown,
+    TokenLogprob,
+)
 from sparkgpt.serve.grounding import Grounding
 from sparkgpt.serve.metrics import Metrics, MetricsMiddleware
 from sparkgpt.serve.protocol import (
@@ -337,6 +345,8 @@ def create_app(
         if state.engine is not None and not state.engine.alive:  # its thread died (or was stopped)
             error = state.engine.error or "the engine is not running"
             return JSONResponse({"status": "error", "error": error}, status_code=503)
+        if state.engine is not None and state.engine.draining:  # a load balancer takes it out of rotation
+            return JSONResponse({"status": "draining", "error": "the server is shutting down"}, status_code=503)
         if state.pooler is not None or state.transcriber is not None:
             return JSONResponse({"status": "ok", "model": state.model_name})
         status = "error" if state.load_error else "loading"
@@ -490,6 +500,8 @@ async def run_call(request: Request, state: ServeState, engine: Engine, call: Ca
         raise APIError(429, str(error), error_type="rate_limit_error", code="queue_full") from None
     except EngineDead:
         raise engine_dead(engine) from None
+    except ShuttingDown as error:
+        raise APIError(503, str(error), error_type="service_unavailable", code="server_shutting_down") from None
     except SparkGPTError as error:
         raise invalid(None, str(error)) from None
     kind = "chatcmpl" if chat else "cmpl"

@@ -34,6 +34,7 @@ import itertools
 import math
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ from sparkgpt.serve.slots import SlotKVCache
 
 class QueueFull(SparkGPTError):
     """Every slot is busy and the waiting line is at its limit (requests, or tokens of queued work)."""
+
+
+class ShuttingDown(SparkGPTError):
+    """The server is draining for shutdown: requests in flight finish, new ones are refused (503)."""
 
 
 class EngineDead(SparkGPTError):
@@ -192,7 +197,7 @@ class Engine:
         self.step = decode_step(self.model)  # the lean decode step generate uses, where it covers the model
         self.sampler = Sampler(max_slots, lm.config.vocab_size, self.device)  # row r samples for slot r
 
-        self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | float | None]] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._lock = threading.Lock()   # guards the counters below, read by submit() in other threads
         self._unstarted = 0             # submitted requests none of whose choices holds a slot yet
@@ -200,6 +205,8 @@ class Engine:
         self._queued_tokens = 0         # their max_tokens, summed
         self._busy_slots = 0
         self.error: str | None = None   # why the engine thread died, if it did
+        self.draining = False           # drain() was called: submit() refuses
+        self._drain_deadline: float | None = None
         # Scheduler state, touched only by the engine thread.
         self._waiting: deque[EngineRequest] = deque()
         self._prefilling: deque[_Sequence] = deque()
@@ -229,6 +236,17 @@ class Engine:
         """The engine thread runs (started, not stopped, not dead of an error)."""
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
+    def drain(self, seconds: float) -> None:
+        """Refuse new requests from now on; let those in flight run for up to `seconds`, then end them with a
+        `server_shutting_down` error (a stream still ends properly, with an error event and [DONE])."""
+        self.draining = True
+        self._inbox.put(("drain", time.monotonic() + seconds))
+
+    @property
+    def busy(self) -> bool:
+        """Requests are queued, prefilling or decoding (read from another thread: a snapshot)."""
+        return bool(self._waiting or self._prefilling or self._decoding or not self._inbox.empty())
+
     def stop(self) -> None:
         if self._thread is not None:
             self._inbox.put(("stop", None))
@@ -252,6 +270,8 @@ class Engine:
         the sampled / prompt tokens; `score_only` samples nothing (params.max_new_tokens is then ignored)."""
         if self.error is not None:
             raise EngineDead(f"the engine has stopped: {self.error}")
+        if self.draining:
+            raise ShuttingDown("the server is shutting down: it finishes the requests in flight and takes no new ones")
         if not prompt_ids:
             raise SparkGPTError("the prompt is empty")
         if n < 1:
@@ -336,6 +356,9 @@ class Engine:
                     idle = not (self._waiting or self._prefilling or self._decoding)
                     if not self._take_commands(block=idle):
                         return
+                    if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                        self._end_all("the server is shutting down and this request ran past its shutdown timeout",
+                                      code="server_shutting_down")
                     self._admit()
                     try:
                         self._prefill()
@@ -362,11 +385,7 @@ class Engine:
                     break
                 if command == "submit":
                     self._waiting.append(request)
-            for request in self._waiting:
-                for index in request.choices_to_start:
-                    self._outbox.setdefault(request, []).append(ChoiceEvent(index, error=message,
-                                                                            code="engine_error"))
-            self._waiting.clear()
+            self._fail_waiting(message, code="engine_error")
             self._deliver()
 
     def _take_commands(self, block: bool) -> bool:
@@ -379,7 +398,9 @@ class Engine:
             block = False
             if command == "stop":
                 return False
-            if command == "submit":
+            if command == "drain":
+                self._drain_deadline = request
+            elif command == "submit":
                 self._waiting.append(request)
             elif command == "abort":
                 self._abort(request)
@@ -644,6 +665,24 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for sequence in [*self._prefilling, *self._decoding.values()]:
             self._fail(sequence, message)
+
+    def _fail_waiting(self, message: str, code: str) -> None:
+        """Every choice not yet started gets an error event; the waiting requests are dropped."""
+        for request in self._waiting:
+            for index in request.choices_to_start:
+                self._outbox.setdefault(request, []).append(ChoiceEvent(index, error=message, code=code))
+            with self._lock:
+                self._queued_sequences -= len(request.choices_to_start)
+                self._queued_tokens -= len(request.choices_to_start) * request.params.max_new_tokens
+                self._unstarted -= not request.started
+            request.started = True
+            request.choices_to_start.clear()
+        self._waiting.clear()
+
+    def _end_all(self, message: str, code: str) -> None:
+        for sequence in [*self._prefilling, *self._decoding.values()]:
+            self._fail(sequence, message, code=code)
+        self._fail_waiting(message, code)
 
     def _deliver(self) -> None:
         outbox, self._outbox = self._outbox, {}

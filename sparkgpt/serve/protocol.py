@@ -464,9 +464,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def engine_failure(event: ChoiceEvent) -> APIError:
     """A choice the engine failed, as an error of the whole call. Logits that turned NaN or infinite come from the
     request's own sampling parameters (a huge logit_bias or penalty), so that request alone ends with a 400
-    ("numerical_error"); anything else is the engine's fault: 500 "engine_error"."""
+    ("numerical_error"); a shutdown that outlasted its drain is a 503; anything else is the engine's fault: 500
+    "engine_error"."""
     if event.code == "numerical_error":
         return APIError(400, event.error or "the logits stopped being finite", code="numerical_error")
+    if event.code == "server_shutting_down":  # the drain's timeout ran out: retry elsewhere
+        return APIError(503, event.error or "the server is shutting down", error_type="service_unavailable",
+                        code="server_shutting_down")
     return APIError(500, event.error or "the engine failed", error_type="server_error",
                     code=event.code or "engine_error")
 

@@ -6,8 +6,11 @@ import asyncio
 import http
 import json
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import h11
@@ -157,11 +160,41 @@ def start_serving(lm: LM, max_slots: int = 8, max_queue: int = 64, context: int 
     return engine.start()
 
 
+_FLUSH_SECONDS = 5  # after the drain: time for the last chunks and [DONE] to reach the clients
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose first SIGTERM/SIGINT drains the engine before uvicorn's own shutdown starts."""
+
+    def __init__(self, config: uvicorn.Config, engine: Callable[[], Engine | None], shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        engine = self.engine()
+        if self._draining or engine is None or not engine.alive:
+            super().handle_exit(sig, frame)  # a second signal, or nothing to drain: exit now
+            return
+        self._draining = True
+        engine.drain(self.shutdown_timeout)
+        # The listener stays open meanwhile, so new requests get an answer (503) rather than a refused connection.
+        threading.Thread(target=self._exit_when_drained, args=(engine, sig, frame), name="sparkgpt-drain",
+                         daemon=True).start()
+
+    def _exit_when_drained(self, engine: Engine, sig: int, frame: FrameType | None) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout + 1  # the engine ends what is left at the timeout
+        while engine.busy and engine.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().handle_exit(sig, frame)
+
+
 def serve(
     load_lm: Callable[[], LM], model_name: str, host: str = "127.0.0.1", port: int = 8000,
     api_key: str | None = None, max_slots: int = 8, max_queue: int = 64, context: int | None = None,
     prefill_chunk: int = 256, threads: int | None = None, log_level: str = "info", index: Index | None = None,
     k: int = 4, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: ConnectionLimits | None = None,
+    shutdown_timeout: float = 30.0,
 ) -> None:
     """Serve the LM that `load_lm` returns, as `model_name`, over the OpenAI-compatible HTTP API (with the chat
     page at /) on http://host:port until interrupted.
@@ -175,7 +208,11 @@ def serve(
 
     Hostile clients meet limits: a body over `max_body_bytes` is a 413, and `limits` (`ConnectionLimits`) caps
     connections, header size and count, and the time a request may take to arrive. Bound to loopback without an
-    `api_key`, only loopback Host headers and JSON POSTs are answered (no DNS rebinding, no cross-site form)."""
+    `api_key`, only loopback Host headers and JSON POSTs are answered (no DNS rebinding, no cross-site form).
+
+    SIGTERM (or Ctrl-C) drains: new requests get 503 and /health says "draining" while the requests in flight run
+    for up to `shutdown_timeout` seconds; any still running then end with a `server_shutting_down` error (a stream
+    with its error event and [DONE]); then the server exits. A second signal exits at once."""
 
     def load_engine() -> Engine | Pooler | Transcriber:
         if threads is not None:
@@ -206,9 +243,10 @@ def serve(
     app = create_app(model_name, load_engine, api_key=api_key, on_load_error=stop_server, index=index, k=k,
                      max_body_bytes=max_body_bytes, host=host, port=port)
     limits = limits or ConnectionLimits()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=5, http=limited_protocol(limits),
-                                           timeout_keep_alive=5, h11_max_incomplete_event_size=limits.max_header_bytes))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=_FLUSH_SECONDS,
+                            http=limited_protocol(limits), timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=limits.max_header_bytes)
+    server = DrainingServer(config, lambda: app.state.serve.engine, shutdown_timeout)
     server.run()
     if app.state.serve.load_error is not None:
         raise SparkGPTError(app.state.serve.load_error)
