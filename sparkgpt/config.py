@@ -33,8 +33,8 @@ class ModelConfig:
     max_seq_len: int = 1024
     positions: Literal["learned", "rope", "sinusoidal"] = "learned"
     rope_theta: float = 10000.0
-    # A context extension of rope: {"rope_type": "linear" | "llama3" | "yarn", "factor", ...} as transformers
-    # writes it (model/attention.py `rope_frequencies`); None: plain rope.
+    # A context extension of rope: {"rope_type": "linear" | "llama3" | "yarn" | "dynamic" | "longrope", "factor",
+    # ...} as transformers writes it (model/attention.py `rope_frequencies`); None: plain rope.
     rope_scaling: dict[str, Any] | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
@@ -64,6 +64,10 @@ class ModelConfig:
     qk_norm: bool = False            # RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3)
     sandwich_norm: bool = False      # also a norm on each sub-layer's output, before the residual add (Gemma 2/3)
     rope_local_theta: float | None = None  # the rope base of "local" layers, when it differs (Gemma 3: 10,000)
+    # Soft-capping cap·tanh(x / cap) of the attention scores before the mask and softmax, and of the output logits
+    # (Gemma 2: 50 and 30); None: no cap.
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     # The attention pattern of each layer, cycled over the layers: ["dense", "local"] alternates as in GPT-3 and
     # GPT-Neo. None means dense causal everywhere. "local": the last `attention_window` positions; "strided"
     # and "fixed": the Sparse Transformer's patterns with stride / block `attention_window` (sparkgpt/model/sparse.py).
@@ -147,6 +151,10 @@ class ModelConfig:
         if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
             raise SparkGPTError(f"config field 'expert_capacity_factor' is {self.expert_capacity_factor!r}; "
                                 "expected a positive number or None")
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise SparkGPTError(f"config field {name!r} is {value!r}; expected a positive number or None")
         if self.type_vocab_size < 0:
             raise SparkGPTError(f"config field 'type_vocab_size' is {self.type_vocab_size!r}; expected >= 0")
 
@@ -155,22 +163,44 @@ class ModelConfig:
         keys = {"linear": {"factor"}, "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor",
                                                  "high_freq_factor"},
                 "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
-                         "truncate"}}
+                         "truncate"},
+                "dynamic": {"factor", "original_max_position_embeddings"},
+                "longrope": {"factor", "original_max_position_embeddings", "short_factor", "long_factor",
+                             "attention_factor"}}
         if not isinstance(scaling, dict) or scaling.get("rope_type") not in keys:
             raise SparkGPTError(f"config field 'rope_scaling' must be a mapping with rope_type one of "
                                 f"{', '.join(keys)}; got {scaling!r}")
-        unknown = sorted(set(scaling) - keys[scaling["rope_type"]] - {"rope_type"})
+        kind = scaling["rope_type"]
+        unknown = sorted(set(scaling) - keys[kind] - {"rope_type"})
         if unknown or scaling.get("truncate", True) is not True:  # DeepSeek's mscale variants: not these formulas
-            raise SparkGPTError(f"config field 'rope_scaling': {scaling['rope_type']} with "
+            raise SparkGPTError(f"config field 'rope_scaling': {kind} with "
                                 f"{', '.join(unknown) or 'truncate=False'} is not supported")
+
+        def number(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float))
+
         factor = scaling.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
-            raise SparkGPTError(f"config field 'rope_scaling': factor must be a number >= 1, got {factor!r}")
+        if kind == "longrope":  # a factor ≤ 1 only means no attention scaling (transformers' rule)
+            if not number(factor) or not factor > 0:
+                raise SparkGPTError(f"config field 'rope_scaling.factor' must be a positive number for longrope, "
+                                    f"got {factor!r}")
+        elif not number(factor) or not factor >= 1:
+            raise SparkGPTError(f"config field 'rope_scaling.factor' must be a number >= 1, got {factor!r}")
         original = scaling.get("original_max_position_embeddings")
-        if scaling["rope_type"] != "linear" and (isinstance(original, bool) or not isinstance(original, int)
-                                                 or original < 1):
-            raise SparkGPTError("config field 'rope_scaling': original_max_position_embeddings must be a positive "
-                                f"integer for {scaling['rope_type']}, got {original!r}")
+        if kind != "linear" and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+            raise SparkGPTError("config field 'rope_scaling.original_max_position_embeddings' must be a positive "
+                                f"integer for {kind}, got {original!r}")
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is not None and (not number(attention_factor) or not attention_factor > 0):
+            raise SparkGPTError("config field 'rope_scaling.attention_factor' must be a positive number, got "
+                                f"{attention_factor!r}")
+        if kind == "longrope":  # one rescaling of each pair's wavelength, for contexts within / past the original
+            for name in ("short_factor", "long_factor"):
+                values = scaling.get(name)
+                if not isinstance(values, list) or len(values) != self.head_dim // 2 or not all(
+                        number(v) and v > 0 for v in values):
+                    raise SparkGPTError(f"config field 'rope_scaling.{name}' must be a list of {self.head_dim // 2} "
+                                        f"positive numbers (head_dim / 2), got {values!r}")
 
     def layer_patterns(self) -> list[str]:
         """The attention pattern of each decoder layer ("dense" unless attention_patterns says otherwise)."""

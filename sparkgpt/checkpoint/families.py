@@ -4,7 +4,9 @@ theirs) and two small config translations. Adding a family means adding its tabl
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -158,40 +160,72 @@ def _llama_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
     if attention_bias != mlp_bias:
         raise SparkGPTError(f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported")
     n_heads = hf.get("num_attention_heads", 32)
+    scaling = _rope_scaling(rope, rope_type, hf, source)
     return dict(
         vocab_size=hf.get("vocab_size", 32000), n_layers=hf.get("num_hidden_layers", 32), n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_model=hf.get("hidden_size", 4096),
         d_ff=hf.get("intermediate_size", 11008), head_dim=hf.get("head_dim"),
-        max_seq_len=hf.get("max_position_embeddings", 2048), positions="rope",
+        max_seq_len=_context(hf.get("max_position_embeddings", 2048), scaling), positions="rope",
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6), ffn="swiglu", bias=attention_bias,
         tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
-        rope_scaling=_rope_scaling(rope, rope_type, hf),
+        rope_scaling=scaling,
     )
 
 
-def _rope_scaling(rope: dict[str, Any], rope_type: str, hf: dict[str, Any]) -> dict[str, Any] | None:
+# The keys transformers requires of each rope scaling (it fills original_max_position_embeddings in itself).
+_ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                  "yarn": ("factor",), "dynamic": ("factor",), "longrope": ("short_factor", "long_factor")}
+
+
+def _rope_scaling(rope: dict[str, Any], rope_type: str, hf: dict[str, Any], source: str) -> dict[str, Any] | None:
     """transformers' rope_parameters (5.x) or rope_scaling (4.x) as ours: the scaling's own keys, without theta."""
     if rope_type == "default":
         return None
     scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "rope_type") and v is not None}
-    if rope_type != "linear":  # transformers falls back to the config's context when the scaling omits it
-        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+    missing = [key for key in _ROPE_REQUIRED[rope_type] if key not in scaling]
+    if missing:
+        raise SparkGPTError(f"{source}: rope_type {rope_type!r} needs {', '.join(missing)} in its rope parameters")
+    context = hf.get("max_position_embeddings", 2048)
+    if rope_type == "dynamic":  # transformers grows the base past max_position_embeddings, whatever the scaling says
+        scaling["original_max_position_embeddings"] = context
+    elif rope_type != "linear":  # transformers falls back to the config's context when the scaling omits it
+        scaling.setdefault("original_max_position_embeddings", context)
+    if rope_type == "longrope":  # no factor: transformers takes the ratio of the two contexts (Phi-3)
+        scaling.setdefault("factor", context / scaling["original_max_position_embeddings"])
     return {"rope_type": rope_type, **scaling}
 
 
+def _context(max_position_embeddings: int, scaling: dict[str, Any] | None) -> int:
+    """Our max_seq_len: transformers' max_position_embeddings, except under dynamic NTK, where that is the original
+    context the rope base grows past, and ours is the factor times longer context the scaling is for."""
+    if scaling is not None and scaling["rope_type"] == "dynamic":
+        return math.ceil(max_position_embeddings * scaling["factor"])
+    return max_position_embeddings
+
+
+def _hf_rope(config: ModelConfig) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
+    """max_position_embeddings, rope_scaling (4.x) and rope_parameters (5.x) as transformers reads them: under
+    dynamic NTK, max_position_embeddings is the original context (`_context`)."""
+    context, scaling = config.max_seq_len, config.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "dynamic":
+        context = scaling["original_max_position_embeddings"]
+        scaling = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    return context, scaling, {"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta}
+
+
 def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    context, scaling, rope_parameters = _hf_rope(config)
     return dict(
         vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
-        max_position_embeddings=config.max_seq_len, initializer_range=config.initializer_range,
+        max_position_embeddings=context, initializer_range=config.initializer_range,
         rms_norm_eps=config.norm_eps, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
-        rope_theta=config.rope_theta, rope_scaling=config.rope_scaling,
-        rope_parameters={"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta},
+        rope_theta=config.rope_theta, rope_scaling=scaling, rope_parameters=rope_parameters,
     )
 
 
@@ -297,11 +331,15 @@ _PHI3_KEYS = _LLAMA_KEYS | {"resid_pdrop", "embd_pdrop", "original_max_position_
 
 def _phi3_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
     _take(hf, source, _PHI3_KEYS)
-    rope = hf.get("rope_parameters") or {}
-    _require(source, "partial_rotary_factor", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    _require(source, "partial_rotary_factor", rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
              (1, 1.0))
-    values = _llama_config_from_hf({k: v for k, v in hf.items() if k in _LLAMA_KEYS} | {
-        "rope_parameters": {k: v for k, v in rope.items() if k != "partial_rotary_factor"}}, source)
+    if rope.get("rope_type", rope.get("type")) in ("su", "yarn", "longrope"):
+        # transformers reads Phi-3's older "su" and "yarn" as longrope, with the top-level original context first
+        rope = {k: v for k, v in rope.items() if k != "type"} | {"rope_type": "longrope"}
+        rope["original_max_position_embeddings"] = hf.get("original_max_position_embeddings", 4096)
+    values = _llama_config_from_hf({k: v for k, v in hf.items() if k in _LLAMA_KEYS - {"rope_scaling"}} | {
+        "rope_parameters": rope}, source)
     if hf.get("sliding_window") is not None:
         values.update(attention_patterns=["local"], attention_window=hf["sliding_window"])
     return values
@@ -325,68 +363,86 @@ def _phi3_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
     return ours
 
 
-# ---- Gemma 3 (text) -----------------------------------------------------------------------------------------
+# ---- Gemma 2 and Gemma 3 (text) ------------------------------------------------------------------------------
 
-_GEMMA3_KEYS = (_LLAMA_KEYS - {"pretraining_tp", "mlp_bias"}) | {
-    "hidden_activation", "rope_local_base_freq", "query_pre_attn_scalar", "sliding_window", "layer_types",
-    "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention", "_sliding_window_pattern",
-    "sliding_window_pattern",
+_GEMMA_KEYS = (_LLAMA_KEYS - {"pretraining_tp", "mlp_bias"}) | {
+    "hidden_activation", "query_pre_attn_scalar", "sliding_window", "layer_types", "final_logit_softcapping",
+    "attn_logit_softcapping", "use_bidirectional_attention",
 }
+_GEMMA2_KEYS = _GEMMA_KEYS | {"cache_implementation"}
+_GEMMA3_KEYS = _GEMMA_KEYS | {"rope_local_base_freq", "_sliding_window_pattern", "sliding_window_pattern"}
 _GEMMA3_NORMS = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
                  "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm",
                  "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+# What each generation's config class fills in when config.json omits it.
+_GEMMA_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, max_position_embeddings=8192, rope_theta=10_000.0, sliding_window_pattern=2,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(vocab_size=262208, max_position_embeddings=131072, rope_theta=1_000_000.0,
+                        sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None),
+}
 
 
-def _gemma3_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    """Gemma 3: GeGLU (tanh GELU), RMSNorms with (1 + w), a norm after each sub-layer too, q/k norms, embeddings
-    × √d_model, scores × query_pre_attn_scalar^-½, sliding-window layers with their own rope base."""
-    _take(hf, source, _GEMMA3_KEYS)
+def _gemma_config_from_hf(hf: dict[str, Any], source: str, model_type: str) -> dict[str, Any]:
+    """Gemma 2 and 3: GeGLU (tanh GELU), RMSNorms with (1 + w), a norm after each sub-layer too, embeddings
+    × √d_model, scores × query_pre_attn_scalar^-½, sliding-window layers (Gemma 2: every other one) and, where
+    set, soft-capped attention scores and logits. Gemma 3 adds q/k norms and its local layers' own rope base."""
+    gemma3, defaults = model_type == "gemma3_text", _GEMMA_DEFAULTS[model_type]
+    _take(hf, source, _GEMMA3_KEYS if gemma3 else _GEMMA2_KEYS)
     _require(source, "hidden_activation", hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh"),
              ("gelu_pytorch_tanh",))
-    for field in ("final_logit_softcapping", "attn_logit_softcapping"):
-        _require(source, field, hf.get(field), (None,))
-    _require(source, "use_bidirectional_attention", hf.get("use_bidirectional_attention", False), (False,))
+    _require(source, "use_bidirectional_attention", hf.get("use_bidirectional_attention") or False, (False,))
     _require(source, "attention_bias", hf.get("attention_bias", False), (False,))
-    rope = hf.get("rope_parameters") or {}
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     full, local = rope.get("full_attention", rope), rope.get("sliding_attention", {})
     rope_type = full.get("rope_type", full.get("type", "default")) if full else "default"
     _require(source, "rope_type", rope_type, ("default", *ROPE_SCALING))
     _require(source, "sliding_attention rope_type", local.get("rope_type", "default"), ("default",))
     n_layers, n_heads = hf.get("num_hidden_layers", 26), hf.get("num_attention_heads", 8)
-    layer_types = hf.get("layer_types") or ["full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0
-                                            else "sliding_attention" for i in range(n_layers)]
+    pattern = hf.get("sliding_window_pattern", defaults["sliding_window_pattern"])
+    layer_types = hf.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                            for i in range(n_layers)]
     for kind in layer_types:
         _require(source, "layer_types", kind, tuple(_QWEN2_LAYERS))
-    return dict(
-        vocab_size=hf.get("vocab_size", 262208), n_layers=n_layers, n_heads=n_heads,
+    scaling = _rope_scaling(full, rope_type, hf, source)
+    caps = {field: hf.get(field, defaults[field]) for field in ("final_logit_softcapping", "attn_logit_softcapping")}
+    values = dict(
+        vocab_size=hf.get("vocab_size", defaults["vocab_size"]), n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_model=hf.get("hidden_size", 2304),
         d_ff=hf.get("intermediate_size", 9216), head_dim=hf.get("head_dim", 256),
-        max_seq_len=hf.get("max_position_embeddings", 131072), positions="rope",
-        rope_theta=float(full.get("rope_theta", hf.get("rope_theta", 1_000_000.0))),
-        rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))),
-        rope_scaling=_rope_scaling(full, rope_type, hf), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_seq_len=_context(hf.get("max_position_embeddings", defaults["max_position_embeddings"]), scaling),
+        positions="rope", rope_theta=float(full.get("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))),
+        rope_scaling=scaling, norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         ffn="geglu", bias=False, tie_embeddings=hf.get("tie_word_embeddings", True),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-        initializer_range=hf.get("initializer_range", 0.02), qk_norm=True, sandwich_norm=True,
+        initializer_range=hf.get("initializer_range", 0.02), sandwich_norm=True,
         scale_embeddings=True, attention_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
         attention_patterns=[_QWEN2_LAYERS[kind] for kind in layer_types],
         attention_window=hf.get("sliding_window") or 4096,
+        attn_logit_softcap=caps["attn_logit_softcapping"], final_logit_softcap=caps["final_logit_softcapping"],
     )
+    if gemma3:
+        values.update(qk_norm=True, rope_local_theta=float(local.get("rope_theta",
+                                                                     hf.get("rope_local_base_freq", 10_000.0))))
+    return values
 
 
-def _gemma3_config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """Llama's shared fields, less its activation, MLP bias and single rope, plus Gemma 3's own."""
+def _gemma_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """Llama's shared fields, less its activation, MLP bias and rope, plus Gemma's own; Gemma 3 (q/k norms) nests
+    its two ropes by layer type."""
     shared = {k: v for k, v in _llama_config_to_hf(config).items()
               if k not in ("hidden_act", "mlp_bias", "rope_theta", "rope_scaling", "rope_parameters")}
-    full = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
-    return dict(
+    _, scaling, full = _hf_rope(config)
+    values = dict(
         shared, hidden_activation="gelu_pytorch_tanh", attention_bias=False,
         query_pre_attn_scalar=_whole(config.attention_scale ** -2), sliding_window=config.attention_window,
         layer_types=["sliding_attention" if p == "local" else "full_attention" for p in config.layer_patterns()],
-        final_logit_softcapping=None, attn_logit_softcapping=None,
-        rope_parameters={"full_attention": full,
-                         "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta}},
+        final_logit_softcapping=config.final_logit_softcap, attn_logit_softcapping=config.attn_logit_softcap,
     )
+    if config.qk_norm:
+        local = {"rope_type": "default", "rope_theta": config.rope_local_theta}
+        return dict(values, rope_parameters={"full_attention": full, "sliding_attention": local})
+    return dict(values, rope_theta=config.rope_theta, rope_scaling=scaling, rope_parameters=full)
 
 
 def _whole(value: float) -> int | float:
@@ -394,31 +450,32 @@ def _whole(value: float) -> int | float:
     return round(value) if abs(value - round(value)) < 1e-6 else value
 
 
-def _gemma3_tensor_names(config: ModelConfig) -> dict[str, str]:
-    """Everything but the norms, which `_gemma3_to_ours` / `_gemma3_to_theirs` move (their weights shift by 1)."""
+def _gemma_tensor_names(config: ModelConfig) -> dict[str, str]:
+    """Everything but the norms, which `_gemma_to_ours` / `_gemma_to_theirs` move (their weights shift by 1)."""
     return {ours: theirs for ours, theirs in llama_tensor_names(config).items() if not ours.endswith("norm.weight")}
 
 
-def _gemma3_norm_names(config: ModelConfig) -> dict[str, str]:
+def _gemma_norm_names(config: ModelConfig) -> dict[str, str]:
     names = {"final_norm.weight": "model.norm.weight"}
     for i in range(config.n_layers):
         for ours, theirs in _GEMMA3_NORMS.items():
-            names[f"blocks.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+            if config.qk_norm or not ours.startswith("attn."):
+                names[f"blocks.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
     return names
 
 
-def _gemma3_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def _gemma_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Gemma's RMSNorm scales by (1 + w), ours by g: g = 1 + w, computed in float32 as Gemma computes it."""
     ours = {}
-    for our_name, their_name in _gemma3_norm_names(config).items():
+    for our_name, their_name in _gemma_norm_names(config).items():
         weight = state.pop(their_name)
         ours[our_name] = (1.0 + weight.float()).to(weight.dtype)
     return ours
 
 
-def _gemma3_to_theirs(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def _gemma_to_theirs(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     theirs = {}
-    for our_name, their_name in _gemma3_norm_names(config).items():
+    for our_name, their_name in _gemma_norm_names(config).items():
         weight = state.pop(our_name)
         theirs[their_name] = (weight.float() - 1.0).to(weight.dtype)
     return theirs
@@ -624,8 +681,10 @@ FAMILIES: dict[str, Family] = {
     # Read only: a model of Phi-3's math is written as Llama (or Mistral, with a window), which transformers reads.
     "phi3": Family("phi3", "Phi3ForCausalLM", _phi3_config_from_hf, None, _phi3_tensor_names, _phi3_to_ours,
                    ignored_tensors=(".rotary_emb.inv_freq",)),
-    "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", _gemma3_config_from_hf, _gemma3_config_to_hf,
-                          _gemma3_tensor_names, _gemma3_to_ours, _gemma3_to_theirs),
+    "gemma2": Family("gemma2", "Gemma2ForCausalLM", partial(_gemma_config_from_hf, model_type="gemma2"),
+                     _gemma_config_to_hf, _gemma_tensor_names, _gemma_to_ours, _gemma_to_theirs),
+    "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", partial(_gemma_config_from_hf, model_type="gemma3_text"),
+                          _gemma_config_to_hf, _gemma_tensor_names, _gemma_to_ours, _gemma_to_theirs),
     "gpt_neo": Family("gpt_neo", "GPTNeoForCausalLM", _gpt_neo_config_from_hf, _gpt_neo_config_to_hf,
                       _gpt_neo_tensor_names, ignored_tensors=(".attn.attention.bias", ".attn.attention.masked_bias"),
                       base_prefix="transformer."),
@@ -641,9 +700,10 @@ def family_for(config: ModelConfig) -> Family | None:
     """The transformers family whose architecture is exactly this config's, if any."""
     patterns = set(config.layer_patterns())
     mha = config.n_kv_heads == config.n_heads and config.head_dim * config.n_heads == config.d_model
+    uncapped = config.attn_logit_softcap is None and config.final_logit_softcap is None
     decoder = config.architecture == "decoder" and config.norm_position == "pre" and config.final_norm \
         and not config.embedding_norm and not config.type_vocab_size and not config.scale_embeddings \
-        and not config.sandwich_norm and config.rope_local_theta is None
+        and not config.sandwich_norm and config.rope_local_theta is None and uncapped
     dense = patterns == {"dense"} and config.n_experts == 0
     default_attention = config.qkv_bias in (None, config.bias) and config.attention_scale is None \
         and not config.qk_norm
@@ -662,13 +722,15 @@ def family_for(config: ModelConfig) -> Family | None:
         return FAMILIES["qwen2"]
     if qwen_like and config.qk_norm and config.qkv_bias in (None, config.bias):
         return FAMILIES["qwen3"]
-    gemma3 = config.architecture == "decoder" and config.norm_position == "pre" and config.final_norm \
-        and config.scale_embeddings and config.sandwich_norm and config.qk_norm and config.ffn == "geglu" \
+    gemma = config.architecture == "decoder" and config.norm_position == "pre" and config.final_norm \
+        and config.scale_embeddings and config.sandwich_norm and config.ffn == "geglu" \
         and config.norm == "rmsnorm" and config.positions == "rope" and not config.bias and not config.qkv_bias \
-        and config.attention_scale is not None and config.rope_local_theta is not None and one_expert \
+        and config.attention_scale is not None and one_expert \
         and patterns <= {"dense", "local"} and not config.embedding_norm and not config.type_vocab_size
-    if gemma3:
+    if gemma and config.qk_norm and config.rope_local_theta is not None:
         return FAMILIES["gemma3_text"]
+    if gemma and not config.qk_norm and config.rope_local_theta is None:  # Gemma 2: one rope, no q/k norms
+        return FAMILIES["gemma2"]
     if decoder and gpt2_like and config.ffn == "gelu" and config.n_experts == 0 and config.qkv_bias is False \
             and config.attention_scale == 1.0 and patterns <= {"dense", "local"}:
         return FAMILIES["gpt_neo"]
@@ -677,6 +739,6 @@ def family_for(config: ModelConfig) -> Family | None:
         return FAMILIES["mixtral"]
     if config.architecture == "encoder" and config.norm_position == "post" and not config.final_norm \
             and config.embedding_norm and gpt2_like and config.ffn in ("gelu", "gelu_exact", "relu") \
-            and default_attention and config.n_experts == 0 and not config.scale_embeddings:
+            and default_attention and config.n_experts == 0 and not config.scale_embeddings and uncapped:
         return FAMILIES["bert"]
     return None

@@ -20,8 +20,8 @@ from torch.nn import functional as F
 
 import sparkgpt.model.native as native
 from sparkgpt.config import ModelConfig
-from sparkgpt.model.layers import RMSNorm
-from sparkgpt.model.sparse import bf16_band_attention, sparse_attention
+from sparkgpt.model.layers import RMSNorm, softcap
+from sparkgpt.model.sparse import bf16_band_attention, pattern_mask, sparse_attention
 
 
 def repeat_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -37,12 +37,15 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
 
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-    scale: float | None = None,
+    scale: float | None = None, cap: float | None = None,
 ) -> torch.Tensor:
-    """The reference: softmax(Q Kᵀ / √d_k + M) V, written out (`scale` replaces 1/√d_k when given)."""
+    """The reference: softmax(Q Kᵀ / √d_k + M) V, written out (`scale` replaces 1/√d_k when given; with `cap` the
+    scores are soft-capped, cap · tanh(scores / cap), before the mask: Gemma 2)."""
     group_size = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, group_size), repeat_kv(v, group_size)
     scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if cap is not None:
+        scores = softcap(scores, cap)
     if is_causal:
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
     if mask is not None:
@@ -85,7 +88,13 @@ def sdpa_attention(
 ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
-ROPE_SCALING = ("linear", "llama3", "yarn")
+ROPE_SCALING = ("linear", "llama3", "yarn", "dynamic", "longrope")
+# Kinds whose angles depend on how far the sequence reaches, not on the position alone.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_depends_on_length(scaling: dict[str, Any] | None) -> bool:
+    return scaling is not None and scaling.get("rope_type") in LENGTH_DEPENDENT_ROPE
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
@@ -94,15 +103,19 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
 
     Returns cos and sin [B, 1, T, d] for positions [B, T], to broadcast over heads. Computed per forward
     (a few tiny ops) rather than cached, so the model holds no buffers and can be built on the meta device.
-    `scaling` stretches the frequencies for contexts longer than the model was trained on (`rope_frequencies`).
+    `scaling` stretches the frequencies for contexts longer than the model was trained on (`rope_frequencies`);
+    dynamic and longrope take the length the sequence reaches from the furthest of `positions` (as transformers
+    does each forward: keys already cached keep the angles they were turned by).
     """
-    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
+    length = int(positions.max()) + 1 if rope_depends_on_length(scaling) and positions.numel() else None
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling, length)
     angles = positions.float()[..., None] * inv_freq.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                     length: int | None = None) -> tuple[torch.Tensor, float]:
     """θ^(-2i/d) for each pair i, and the factor cos and sin are multiplied by, under a context extension:
 
     - linear (Chen et al. 2023, position interpolation): every frequency / factor;
@@ -110,7 +123,12 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None
       the factor, those shorter than the context / high_freq_factor kept, the band between blended linearly;
     - yarn (Peng et al. 2023): pairs that turn fewer than beta_slow times over the original context are
       interpolated, more than beta_fast times kept, a linear ramp between; cos and sin scaled by
-      attention_factor (default 0.1 · ln(factor) + 1).
+      attention_factor (default 0.1 · ln(factor) + 1);
+    - dynamic (dynamic NTK): past the original context L, the base grows with the `length` the sequence reaches,
+      θ' = θ · (factor · length / L - (factor - 1))^(d / (d - 2)); within it, plain rope;
+    - longrope (Phi-3): each pair's wavelength stretched by its own short_factor within the original context and
+      long_factor past it; cos and sin scaled by attention_factor (default √(1 + ln(factor) / ln L), 1 when
+      factor ≤ 1).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta ** exponents)
@@ -121,6 +139,16 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None
     if kind == "linear":
         return inv_freq / factor, 1.0
     original = scaling["original_max_position_embeddings"]
+    if kind == "dynamic":
+        reach = max(length or original, original)
+        base = theta * (factor * reach / original - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    if kind == "longrope":
+        stretch = scaling["long_factor"] if length is not None and length > original else scaling["short_factor"]
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        return 1.0 / (torch.tensor(stretch, dtype=torch.float32) * theta ** exponents), float(attention_factor)
     if kind == "llama3":
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
         wavelength = 2 * math.pi / inv_freq
@@ -274,6 +302,8 @@ class MultiHeadAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.attend = ATTENTION_BACKENDS[config.attention_backend]
+        if config.attn_logit_softcap is not None:  # SDPA's fused kernels take no transform of the scores
+            self.attend = partial(eager_attention, cap=config.attn_logit_softcap)
         if config.attention_scale is not None:
             self.attend = partial(self.attend, scale=config.attention_scale)
         self.pattern = pattern
@@ -283,7 +313,8 @@ class MultiHeadAttention(nn.Module):
         self.cache_index = sum((p == "local") == self.windowed for p in patterns[:layer_index])
         if pattern != "dense":
             self.attend = partial(_pattern_attention, pattern=pattern, window=config.attention_window,
-                                  summary=config.fixed_summary, scale=config.attention_scale, masked=self.attend)
+                                  summary=config.fixed_summary, scale=config.attention_scale, masked=self.attend,
+                                  fast=config.attn_logit_softcap is None)
 
     def forward(
         self,
@@ -322,10 +353,14 @@ class MultiHeadAttention(nn.Module):
 def _pattern_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, *,
     pattern: str, window: int, summary: int, scale: float | None, masked: Callable[..., torch.Tensor],
+    fast: bool = True,
 ) -> torch.Tensor:
-    """A sparse layer's attention: the fast path for a whole causal sequence, else the masked reference."""
-    if is_causal:
+    """A sparse layer's attention: the fast path for a whole causal sequence, else the masked reference (always,
+    when not `fast`: the block-skipping kernels cannot soft-cap the scores)."""
+    if is_causal and fast:
         return sparse_attention(q, k, v, pattern, window, summary, scale)
+    if is_causal:
+        mask = pattern_mask(pattern, q.shape[2], k.shape[2], window, summary, q.device)
     return masked(q, k, v, mask, False)
 
 

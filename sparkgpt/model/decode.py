@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparkgpt.model import native
-from sparkgpt.model.attention import KVCache, rotary_cos_sin
+from sparkgpt.model.attention import KVCache, rope_depends_on_length, rotary_cos_sin
 from sparkgpt.model.layers import RMSNorm, SwiGLUFFN
 from sparkgpt.model.quant import DECODE_ROWS, QuantizedLinear, fuse_rows, is_quantized
 
@@ -133,6 +133,8 @@ class DecodeStep:
         # a quantised head keeps its forward (float32 logits); a float one may take the native matrix–vector product
         self.head = model.lm_head if type(model.lm_head) is QuantizedLinear else _linear(model.lm_head)
         self.rope = config.positions == "rope"
+        # dynamic / longrope: a position's angles depend on how far the step reaches, so no table of them
+        self.rope_per_step = self.rope and rope_depends_on_length(config.rope_scaling)
         self._cos = self._sin = None
         self.signature = parameter_signature(model)
         self.native = self._native_kernel()
@@ -158,25 +160,29 @@ class DecodeStep:
     def supports(model: nn.Module) -> bool:
         """Decoder-only, pre-norm, with dense attention in every layer and GPT-2's or Llama's embedding and final
         norm: what the loop below computes. The rest (sparse patterns, post-norm blocks, sinusoidal positions,
-        scaled, typed or normalised embeddings, no final norm, q/k or sandwich norms, GeGLU, a second rope base) takes
-        the general forward, which `embed` serves."""
+        scaled, typed or normalised embeddings, no final norm, q/k or sandwich norms, GeGLU, a second rope base,
+        soft-capped scores or logits) takes the general forward, which `embed` serves."""
         config = getattr(model, "config", None)
         return (config is not None and config.architecture == "decoder" and hasattr(model, "lm_head")
                 and all(p == "dense" for p in config.layer_patterns()) and config.norm_position == "pre"
                 and config.positions in ("learned", "rope") and config.final_norm and not config.scale_embeddings
                 and not config.embedding_norm and not config.type_vocab_size and not config.qk_norm
-                and not config.sandwich_norm and config.rope_local_theta is None and config.ffn != "geglu")
+                and not config.sandwich_norm and config.rope_local_theta is None and config.ffn != "geglu"
+                and config.attn_logit_softcap is None and config.final_logit_softcap is None)
 
     def _rotary_table(self, length: int, device: torch.device, dtype: torch.dtype) -> None:
         """cos and signed sin [positions, d] for every position up to `length` (grown by doubling)."""
         size = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
         size = min(size, max(self.config.max_seq_len, length))
-        cos, sin = rotary_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.config.rope_theta,
-                                  self.config.rope_scaling)
+        self._cos, self._sin = self._angles(torch.arange(size, device=device), dtype)
+
+    def _angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [N, d] at positions [N] (a length-dependent rope reaches the furthest of them)."""
+        cos, sin = rotary_cos_sin(positions[None], self.head_dim, self.config.rope_theta, self.config.rope_scaling)
         cos, sin = cos[0, 0], sin[0, 0]
         half = self.head_dim // 2
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # rotate_half's sign, folded in
-        self._cos, self._sin = cos.to(dtype), sin.to(dtype)
+        return cos.to(dtype), sin.to(dtype)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,10 +194,14 @@ class DecodeStep:
         cos = sin = None
         if self.rope:
             table_dtype = torch.float32 if native_cache else heads_dtype  # the native kernel rotates in float32
-            if (self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device
-                    or self._cos.dtype != table_dtype):
-                self._rotary_table(int(positions.max()) + 1, x.device, table_dtype)
-            cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [B, 1, d_k]
+            if self.rope_per_step:
+                cos, sin = self._angles(positions, table_dtype)
+            else:
+                if (self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device
+                        or self._cos.dtype != table_dtype):
+                    self._rotary_table(int(positions.max()) + 1, x.device, table_dtype)
+                cos, sin = self._cos[positions], self._sin[positions]
+            cos, sin = cos[:, None, :], sin[:, None, :]  # [B, 1, d_k]
         else:
             x = x + model.position_embedding(positions)
         if native_cache:

@@ -32,6 +32,11 @@ class RMSNorm(nn.Module):
         return self.weight * normalised.to(x.dtype)
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap · tanh(x / cap): about x while |x| ≪ cap, never past ±cap (Gemma 2's attention scores and logits)."""
+    return torch.tanh(x / cap) * cap
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     """LayerNorm(x) = (x - mean) / std · g + b for GPT-2; RMSNorm for Llama."""
     if config.norm == "rmsnorm":

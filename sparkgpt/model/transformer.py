@@ -11,7 +11,7 @@ from torch import nn
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model.attention import CrossAttention, KVCache, MultiHeadAttention, causal_mask, rotary_cos_sin
-from sparkgpt.model.layers import MixtureOfExperts, make_ffn, make_norm
+from sparkgpt.model.layers import MixtureOfExperts, make_ffn, make_norm, softcap
 from sparkgpt.model.sparse import position_mask
 
 
@@ -113,8 +113,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`): the language-model head over `hidden_states`,
-        which takes the same keyword options (positions, attention_mask, cache, last_only)."""
-        return self.lm_head(self.hidden_states(input_ids, **options))
+        which takes the same keyword options (positions, attention_mask, cache, last_only); soft-capped with
+        `final_logit_softcap`."""
+        logits = self.lm_head(self.hidden_states(input_ids, **options))
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else softcap(logits, cap)
 
     def hidden_states(
         self,
