@@ -13,14 +13,21 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_serve import API_KEY, MODEL, USER, Server, one_torch_thread, tiny_lm  # noqa: F401  (an autouse fixture)
 
 import sparkgpt
-from sparkgpt import LM, SamplingParams, Tokenizer
+from sparkgpt import LM, SamplingParams
 from sparkgpt.evaluate.harness import evaluate
 from sparkgpt.evaluate.task import load_task
 from sparkgpt.serve.engine import Engine
 from sparkgpt.serve.protocol import token_bytes, token_text
+from tests.test_serve import (  # noqa: F401  (one_torch_thread: an autouse fixture; tiny_checkpoint: a fixture)
+    API_KEY,
+    MODEL,
+    USER,
+    Server,
+    one_torch_thread,
+    tiny_checkpoint,
+)
 
 TOLERANCE = 1e-4
 PROMPT = "To be, or not to be, that is the question"
@@ -28,18 +35,13 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_lm(tokenizer).save(tmp_path_factory.mktemp("serve-logprobs") / "tiny-chat")
+def reference(tiny_checkpoint: Path) -> LM:  # noqa: F811 (the fixture imported above)
+    return sparkgpt.load(tiny_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path) -> LM:
-    return sparkgpt.load(checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(checkpoint, "--api-key", API_KEY, "--model-name", MODEL,
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # noqa: F811
+    server = Server(tiny_checkpoint, "--api-key", API_KEY, "--model-name", MODEL,
                     log=tmp_path_factory.mktemp("logs") / "server.log")
     yield server
     server.close()
