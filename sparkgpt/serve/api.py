@@ -67,6 +67,7 @@ from sparkgpt.serve.protocol import (
     APIError,
     Call,
     chat_logprobs,
+    chat_prompt_ids,
     check_embedding_options,
     check_fields,
     check_model,
@@ -78,7 +79,10 @@ from sparkgpt.serve.protocol import (
     parse_embedding_inputs,
     parse_messages,
     parse_prompts,
+    parse_tools,
     prepare_call,
+    tool_call_entry,
+    tool_messages,
     usage,
 )
 from sparkgpt.serve.transcription import TRANSCRIPTIONS_PATH, Transcriber, read_form, transcription_response
@@ -390,21 +394,23 @@ def create_app(
         max_tokens_param = "max_completion_tokens"
         if max_tokens is None:
             max_tokens, max_tokens_param = body.get("max_tokens"), "max_tokens"
+        tools, _ = parse_tools(body)
         sources: list[Hit] | None = None
         try:  # the template and the tokenizer run in the text thread, off the event loop
             if state.grounding is None:
-                prompt_ids = await state.run_text(engine.lm.chat_prompt, messages)
+                prompt_ids = await state.run_text(chat_prompt_ids, engine.lm, messages, tools)
             else:
                 grounding = state.grounding
                 query = grounding.query(messages)
                 hits = await state.run_blocking(grounding.search, query) if query is not None else []
                 room = max_tokens if is_int(max_tokens) and max_tokens > 0 else 1
-                prompt_ids, sources = await state.run_text(grounding.prompt, engine.lm, messages, hits, room,
-                                                           engine.context)
+                prompt_ids, sources = await state.run_text(grounding.prompt, engine.lm,
+                                                           tool_messages(messages, tools) if tools else messages,
+                                                           hits, room, engine.context)
         except SparkGPTError as error:
             raise invalid("messages", str(error)) from None
-        call = prepare_call(engine, body, [prompt_ids], "messages", max_tokens, max_tokens_param,
-                            default_max_tokens=None)
+        call = await state.run_text(prepare_call, engine, body, [prompt_ids], "messages", max_tokens,
+                                    max_tokens_param, None)  # compiles any grammar: off the loop
         return await run_call(request, state, engine, call, chat=True, sources=sources)
 
     @app.post("/v1/completions")
@@ -465,7 +471,7 @@ class EngineCall:
                     loop.call_soon_threadsafe(self.events.put_nowait, (k, events))
                 self.requests.append(engine.submit(prompt, call.params, sink, call.n, logprobs=call.logprobs,
                                                    prompt_logprobs=call.prompt_logprobs,
-                                                   score_only=call.score_only))
+                                                   score_only=call.score_only, grammar=call.grammar))
         except BaseException:
             self.abort()
             raise
@@ -578,9 +584,14 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
         texts = [cite(text, sources) for text in texts]
     tokenizer = engine_call.engine.lm.tokenizer
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": None if call.logprobs is None else chat_logprobs(tokenizer, sampled[i]),
-                    "finish_reason": reasons[i]} for i in range(count)]
+        choices = []
+        for i in range(count):
+            message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
+            tool_call = finished_tool_call(call, texts[i], reasons[i])
+            if tool_call is not None:
+                message, reasons[i] = {"role": "assistant", "content": None, "tool_calls": [tool_call]}, "tool_calls"
+            choices.append({"index": i, "message": message, "finish_reason": reasons[i],
+                            "logprobs": None if call.logprobs is None else chat_logprobs(tokenizer, sampled[i])})
     else:
         choices = []
         for i in range(count):
@@ -598,6 +609,17 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
         **({} if sources is None else {"sources": [hit.to_json() for hit in sources]}),
         "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None,
     })
+
+
+def finished_tool_call(call: Call, text: str, reason: str | None) -> dict[str, Any] | None:
+    """A choice's tool call (OpenAI's tool_calls entry) when its grammar was a tool call's and it ran to the end;
+    None for free text, or a call cut short (by max_tokens or a stop string), which stays text."""
+    if not call.tool_call or reason != "stop":
+        return None
+    try:
+        return tool_call_entry(json.loads(text))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -624,6 +646,8 @@ async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: st
                       "finish_reason": None} for i in range(count)], **grounded)
     tokens = [0] * count
     tokenizer = engine_call.engine.lm.tokenizer
+    held = [""] * count  # a tool call's text, sent whole as tool_calls once it is complete
+    held_logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
     offsets = [0] * count  # each completion choice's text offset so far (legacy logprobs' text_offset)
     echoed = [call.echo_texts is None] * count
     first_token = True
@@ -639,6 +663,18 @@ async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: st
             if first_token and event.text:
                 state.metrics.time_to_first_token.observe(time.perf_counter() - started)
                 first_token = False
+            if chat and call.tool_call:
+                held[index] += event.text
+                held_logprobs[index] += event.logprobs
+                if event.finish_reason is None:
+                    continue
+                tool_call = finished_tool_call(call, held[index], event.finish_reason)
+                delta = {"content": held[index]} if tool_call is None else {"tool_calls": [{"index": 0, **tool_call}]}
+                logprobs = None if call.logprobs is None else chat_logprobs(tokenizer, held_logprobs[index])
+                yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+                yield chunk([{"index": index, "delta": {}, "logprobs": None,
+                              "finish_reason": event.finish_reason if tool_call is None else "tool_calls"}])
+                continue
             if chat:
                 if event.text or event.logprobs:
                     logprobs = None if call.logprobs is None else chat_logprobs(tokenizer, event.logprobs)

@@ -18,6 +18,12 @@ sampling parameter, as vLLM reports by default): of each sampled token, computed
 that asked only; and of its prompt's tokens, from every position of its prefill (such a prompt is computed whole,
 never copied from another slot, whose logits are gone). A score-only request (max_tokens 0) samples nothing.
 
+A request may carry a grammar (`constraints.py`: a JSON schema, a regex, a choice), compiled before it is submitted.
+Each of its choices then gets its own matcher: before each sample (prefill's first and every decode step) the
+tokens the grammar forbids are set to -inf in that row's logits, and the sampled token is fed to the matcher; once
+the grammar can go no further the choice ends with "stop". Rows without a grammar pay nothing, and their logits are
+left as they were (log-probabilities are the raw logits' for every row).
+
 Sequences join between steps and leave the moment they finish, so a short request never waits for a long one.
 Slot rows never mix (attention is masked per row, every other op is row-wise), so each sequence computes what it
 would alone, up to floating-point rounding of batched matrix products; at temperature 0 the tests find its text
@@ -38,6 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +53,7 @@ from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import FAILED, Completion, Sampler, SamplingParamError, SamplingParams, StopRule
 from sparkgpt.lm import LM
 from sparkgpt.model.decode import batched_decode_layout, decode_step
+from sparkgpt.serve.constraints import Grammar, GrammarCompiler
 from sparkgpt.serve.slots import SlotKVCache
 
 
@@ -109,6 +117,7 @@ class EngineRequest:
     logprobs: int | None = None         # alternatives per sampled token's log-probability; None: not asked
     prompt_logprobs: int | None = None  # alternatives per prompt token's log-probability; None: not asked
     score_only: bool = False            # max_tokens 0: prefill (for prompt_logprobs), sample nothing
+    grammar: Grammar | None = None      # what every choice's text must match; None: free text
     choices_to_start: deque[int] = field(default_factory=deque)
     started: bool = False           # has any choice been given a slot (no longer counts as queued)
     running: int = 0                # choices holding a slot now
@@ -127,6 +136,7 @@ class _Sequence:
     cached: int = 0                 # tokens whose keys/values are in the slot (columns 0..cached-1)
     next_token: int = -1            # sampled but not yet fed to the model
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled by the prefill, sent with the first event
+    matcher: Any = None             # this choice's grammar state (an llguidance LLMatcher); None: unconstrained
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
@@ -196,6 +206,7 @@ class Engine:
         self.cache = SlotKVCache(lm.config, max_slots, self.context, weight.dtype, weight.device)
         self.step = decode_step(self.model)  # the lean decode step generate uses, where it covers the model
         self.sampler = Sampler(max_slots, lm.config.vocab_size, self.device)  # row r samples for slot r
+        self.grammars = GrammarCompiler(lm.tokenizer, lm.config.vocab_size, self.stop_token_ids)
 
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | float | None]] = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -264,10 +275,11 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: EventSink, n: int = 1,
                logprobs: int | None = None, prompt_logprobs: int | None = None,
-               score_only: bool = False) -> EngineRequest:
+               score_only: bool = False, grammar: Grammar | None = None) -> EngineRequest:
         """Queue a request of n choices; raise ContextLengthExceeded, QueueFull or EngineDead at once rather than
         later. `logprobs` / `prompt_logprobs` (0..MAX_TOP_LOGPROBS alternatives) ask for the log-probabilities of
-        the sampled / prompt tokens; `score_only` samples nothing (params.max_new_tokens is then ignored)."""
+        the sampled / prompt tokens; `score_only` samples nothing (params.max_new_tokens is then ignored); a
+        `grammar` (compiled by `self.grammars`) constrains every choice's text."""
         if self.error is not None:
             raise EngineDead(f"the engine has stopped: {self.error}")
         if self.draining:
@@ -284,7 +296,7 @@ class Engine:
             raise SamplingParamError("logit_bias", f"logit_bias names the token id {max(params.logit_bias)}, "
                                                    f"outside the vocabulary [0, {self.config.vocab_size})")
         request = EngineRequest(next(self._ids), list(prompt_ids), params, n, sink, logprobs, prompt_logprobs,
-                                score_only, deque(range(n)))
+                                score_only, grammar, deque(range(n)))
         tokens = n * params.max_new_tokens
         with self._lock:
             free = self.max_slots - self._busy_slots
@@ -448,6 +460,8 @@ class Engine:
             # Choice i of a request seeded s draws as a generation seeded s + i (choice 0: as one seeded s).
             self.sampler.start(slot, params, None if params.seed is None else params.seed + index, request.prompt_ids)
             sequence = _Sequence(request, index, slot, StopRule(self.tokenizer, params, self.stop_token_ids))
+            if request.grammar is not None:
+                sequence.matcher = request.grammar.matcher()
             if request.prompt_logprobs is None:
                 sequence.cached = self._reuse_prefix(slot, request.prompt_ids)
             else:  # every prompt position's logits are needed, so nothing is copied from another slot
@@ -556,7 +570,8 @@ class Engine:
                 self._release(sequence)
         sequences = [rows[row][0] for row in finished]
         last = logits[finished, -1].float()
-        picks = self.sampler.sample(last, [sequence.slot for sequence in sequences]).tolist()
+        picks = self.sampler.sample(self._constrained(last, sequences), [sequence.slot for sequence in sequences])
+        picks = picks.tolist()
         for sequence, token, logprob in zip(sequences, picks, self._sampled_logprobs(last, sequences, picks),
                                             strict=True):
             if token == FAILED:
@@ -624,7 +639,7 @@ class Engine:
             logits = logits[slots]
         sequences = [self._decoding[slot] for slot in slots]
         logits = logits.float()
-        picks = self.sampler.sample(logits, slots).tolist()
+        picks = self.sampler.sample(self._constrained(logits, sequences), slots).tolist()
         for sequence, token, logprob in zip(sequences, picks, self._sampled_logprobs(logits, sequences, picks),
                                             strict=True):
             if token == FAILED:
@@ -634,10 +649,30 @@ class Engine:
             if not self._accept(sequence, token, logprob):
                 self._release(sequence)
 
+    def _constrained(self, logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
+        """The logits [rows, vocab] to sample from: a copy with each grammar's forbidden tokens at -inf in its row,
+        or the logits themselves when no row has a grammar."""
+        rows = [row for row, sequence in enumerate(sequences) if sequence.matcher is not None]
+        if not rows:
+            return logits
+        allowed = self.grammars.allowed_tokens([sequences[row].matcher for row in rows]).to(logits.device)
+        constrained = logits.clone()
+        constrained[rows] = logits[rows].masked_fill(~allowed, -math.inf)
+        return constrained
+
     def _accept(self, sequence: _Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record a sampled token and queue its text (and log-probabilities, where asked); False when the sequence
-        is finished (slot to free)."""
+        is finished (slot to free): by its stop rule, or by its grammar, which can go no further."""
         delta, reason = sequence.stop.push(token)
+        if reason is None and sequence.matcher is not None:
+            if not sequence.matcher.consume_token(token):  # the mask allowed it: a grammar engine's bug, not ours
+                self._outbox.setdefault(sequence.request, []).append(ChoiceEvent(
+                    sequence.index, error=f"the grammar refused a token it allowed: {sequence.matcher.get_error()}",
+                    completion_tokens=sequence.stop.generated, code="engine_error"))
+                return False
+            if sequence.matcher.is_stopped():  # the text is complete: held-back text is final, as at a stop
+                delta += sequence.stop.stream.finish()
+                reason = sequence.stop.finish_reason = "stop"
         if reason is None:
             sequence.next_token = token
         logprobs = [] if logprob is None else [logprob]

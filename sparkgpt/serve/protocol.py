@@ -7,10 +7,12 @@ the engine sees the request; the HTTP layer (`api.py`) only reads bodies and wri
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import re
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,16 @@ from tokenizers import decoders
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import SamplingParamError, SamplingParams, is_int, is_number
+from sparkgpt.lm import LM
+from sparkgpt.serve.constraints import (
+    Grammar,
+    GrammarError,
+    choice_grammar,
+    json_object_grammar,
+    json_schema_grammar,
+    lark_grammar,
+    regex_grammar,
+)
 from sparkgpt.serve.embeddings import Pooler
 from sparkgpt.serve.engine import MAX_TOP_LOGPROBS, ChoiceEvent, ContextLengthExceeded, Engine, TokenLogprob
 from sparkgpt.tokenizer import Tokenizer
@@ -31,8 +43,12 @@ CHAT_ROLES = {"system", "developer", "user", "assistant"}
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                  "user", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
                  "repetition_penalty"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
+# Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields (one at most).
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice")
+TOOL_FIELDS = {"tools", "tool_choice", "parallel_tool_calls"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", *STRUCTURED_FIELDS,
+                               *TOOL_FIELDS}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", *STRUCTURED_FIELDS}
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` at most (as OpenAI)
 LOGPROB_FLOOR = -9999.0      # reported for a token the model rules out (-inf is not JSON), as OpenAI and vLLM do
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
@@ -263,6 +279,8 @@ class Call:
     prompt_logprobs: int | None = None
     score_only: bool = False               # max_tokens 0 with echo: the prompt is scored, nothing generated
     echo_texts: list[str] | None = None    # /v1/completions' echo: each prompt's text, put before its choices'
+    grammar: Grammar | None = None         # what every choice's text must match (structured output, tool calls)
+    tool_call: bool = False                # the grammar is a tool call's: the reply carries it as tool_calls
 
 
 def prepare_call(
@@ -325,8 +343,9 @@ def prepare_call(
     except ContextLengthExceeded as error:
         raise invalid(prompt_param, str(error), code="context_length_exceeded") from None
     echo_texts = _prompt_texts(engine.lm.tokenizer, body.get("prompt"), prompts) if echo else None
+    grammar, tool_call = structured_grammar(engine, body)
     return Call(prompts, params, n, stream, include_usage, logprobs, logprobs if echo else None, score_only,
-                echo_texts)
+                echo_texts, grammar, tool_call)
 
 
 def parse_chat_logprobs(body: dict[str, Any]) -> tuple[int | None, bool]:
@@ -381,6 +400,208 @@ def parse_logit_bias(value: Any, vocab_size: int) -> dict[int, float] | None:
                           "number from -100 to 100.")
         bias[token] = float(number)
     return bias
+
+
+def structured_grammar(engine: Engine, body: dict[str, Any]) -> tuple[Grammar | None, bool]:
+    """The compiled grammar a request's structured-output field or forced tool call asks for (None: free text),
+    and whether it is a tool call's. Compiling runs the grammar engine: call it off the event loop. Anything the
+    grammar engine cannot enforce is a 400 naming the field, never free text."""
+    asked = [name for name in STRUCTURED_FIELDS if body.get(name) is not None]
+    if len(asked) > 1:
+        raise invalid(asked[1], f"Ask for one kind of structured output: {' and '.join(map(repr, asked))} were both "
+                      "given.")
+    tools, forced = parse_tools(body)
+    source = _structured_source(body, asked[0]) if asked else None
+    if source is not None and forced is not None:
+        raise invalid(asked[0], f"'{asked[0]}' cannot be combined with a tool_choice that forces a tool call.")
+    if forced is not None:
+        source = tool_call_source(tools, forced)
+    if source is None:
+        return None, False
+    build, param, what = source
+    try:
+        return engine.grammars.compile(build()), forced is not None
+    except GrammarError as error:
+        raise invalid(param, f"Invalid {what}: {error}", code="invalid_grammar") from None
+
+
+GrammarSource = tuple[Callable[[], str], str, str]  # (builds the grammar text, the field named on error, what it is)
+
+
+def _structured_source(body: dict[str, Any], field: str) -> GrammarSource | None:
+    """The grammar one structured-output field asks for; None for `response_format: {"type": "text"}`."""
+    value = body[field]
+    if field == "response_format":
+        return _response_format_source(value)
+    if field == "guided_json":
+        return _schema_source(value, field)
+    if field == "guided_regex":
+        return _regex_source(value, field)
+    if field == "guided_choice":
+        return _choice_source(value, field)
+    kinds = {"json", "regex", "choice", "grammar", "json_object"}
+    if not isinstance(value, dict) or len(value) != 1 or not set(value) <= kinds:
+        raise invalid(field, "'structured_outputs' must be an object with exactly one of 'json' (a JSON schema), "
+                      "'regex', 'choice' (an array of strings), 'grammar' (Lark or GBNF) or 'json_object' (true).")
+    (kind, spec), = value.items()
+    param = f"{field}.{kind}"
+    if kind == "json":
+        return _schema_source(spec, param)
+    if kind == "regex":
+        return _regex_source(spec, param)
+    if kind == "choice":
+        return _choice_source(spec, param)
+    if kind == "grammar":
+        if not isinstance(spec, str) or not spec.strip():
+            raise invalid(param, f"'{param}' must be a grammar in Lark or GBNF syntax, as a non-empty string.")
+        return functools.partial(lark_grammar, spec), param, f"grammar in '{param}'"
+    if spec is not True:
+        raise invalid(param, f"'{param}' must be true.")
+    return json_object_grammar, param, "JSON object constraint"
+
+
+def _response_format_source(value: Any) -> GrammarSource | None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict", "description"}}."""
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise invalid("response_format", "'response_format' must be an object with a 'type': 'text', 'json_object' "
+                      "or 'json_schema'.")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_grammar, "response_format", "JSON object constraint"
+    if kind != "json_schema":
+        raise invalid("response_format.type", f"Invalid value for 'response_format.type': {kind!r}; expected "
+                      "'text', 'json_object' or 'json_schema'.")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise invalid("response_format.json_schema", "'response_format.json_schema' must be an object holding the "
+                      "'schema' (and a 'name').")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise invalid("response_format.json_schema.name", "'response_format.json_schema.name' must be a string.")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise invalid("response_format.json_schema.strict", "'response_format.json_schema.strict' must be a boolean.")
+    build, param, _ = _schema_source(spec["schema"], "response_format.json_schema.schema")
+    return build, param, f"schema for response_format {name!r}" if name else "schema for response_format"
+
+
+def _schema_source(schema: Any, param: str) -> GrammarSource:
+    """A JSON schema, given as an object (or a boolean), or as a string holding one (vLLM accepts both)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise invalid(param, f"'{param}' is a string but not JSON: give the schema as an object.") from None
+    if not isinstance(schema, (dict, bool)):
+        raise invalid(param, f"'{param}' must be a JSON schema (an object).")
+    return functools.partial(json_schema_grammar, schema), param, f"schema in '{param}'"
+
+
+def _regex_source(pattern: Any, param: str) -> GrammarSource:
+    if not isinstance(pattern, str) or not pattern:
+        raise invalid(param, f"'{param}' must be a non-empty regular expression.")
+    return functools.partial(regex_grammar, pattern), param, f"regex in '{param}'"
+
+
+def _choice_source(choices: Any, param: str) -> GrammarSource:
+    if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+        raise invalid(param, f"'{param}' must be a non-empty array of non-empty strings.")
+    return functools.partial(choice_grammar, choices), param, f"choice in '{param}'"
+
+
+# ---- tools --------------------------------------------------------------------------------------------------------
+
+
+def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """Chat's `tools` (OpenAI's [{"type": "function", "function": {name, description, parameters}}]) and which
+    call `tool_choice` forces: None ("none", or "auto": the reply is free text), "" ("required": a call of any of
+    them), or a function's name."""
+    tools = body.get("tools")
+    if tools is None:
+        tools = []
+    elif not isinstance(tools, list):
+        raise invalid("tools", "'tools' must be an array of {\"type\": \"function\", \"function\": {...}} objects.")
+    names = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise invalid(f"tools[{i}]", f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                          "{\"name\": ..., \"parameters\": {...}}} with a non-empty name.")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid(f"tools[{i}].function.parameters", f"tools[{i}].function.parameters must be a JSON schema "
+                          "(an object).")
+        names.append(function["name"])
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise invalid("parallel_tool_calls", "'parallel_tool_calls' must be a boolean.")
+    choice = body.get("tool_choice")
+    if choice is None:
+        return tools, None
+    if not tools:
+        raise invalid("tool_choice", "'tool_choice' is only allowed when 'tools' are specified.")
+    if choice in ("none", "auto"):
+        return tools, None
+    if choice == "required":
+        return tools, ""
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)):
+        raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                      "\"function\": {\"name\": ...}}.")
+    if name not in names:
+        raise invalid("tool_choice", f"tool_choice names the function {name!r}, which is not among 'tools'.")
+    return tools, name
+
+
+def tool_call_source(tools: list[dict[str, Any]], forced: str) -> GrammarSource:
+    """The grammar of a call {"name": ..., "arguments": {...}} of the function `forced` ("": any of the tools),
+    its arguments matching the function's parameters. Each tool's `$defs` (and `definitions`) move to the root,
+    where its `#/$defs/...` references look for them."""
+    functions = [tool["function"] for tool in tools if forced in ("", tool["function"]["name"])]
+    calls, definitions = [], {}
+    for function in functions:
+        parameters = dict(function.get("parameters") or {"type": "object"})
+        for key in ("$defs", "definitions"):
+            for name, definition in (parameters.pop(key, None) or {}).items():
+                if definitions.setdefault(key, {}).setdefault(name, definition) != definition:
+                    raise invalid("tools", f"Two tools define {key}/{name} differently; give them distinct names.")
+        calls.append({"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), **definitions}
+    return functools.partial(json_schema_grammar, schema), "tools", "tool parameters schema"
+
+
+def tool_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with the tools described in its system message, for a chat template that knows no tools."""
+    described = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
+    text = ("You can call these functions (JSON schemas of their parameters):\n" + described + "\nTo call one, reply "
+            "with a JSON object only: {\"name\": <function name>, \"arguments\": <its arguments>}.")
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def chat_prompt_ids(lm: LM, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[int]:
+    """A conversation's prompt, with the tools offered: through the chat template's own `tools` where it has them,
+    else described in the system message."""
+    if not tools:
+        return lm.chat_prompt(messages)
+    tokenizer = lm.tokenizer
+    if "tools" in (tokenizer.chat_template or ""):
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, tools=tools), add_special_tokens=False)
+    return lm.chat_prompt(tool_messages(messages, tools))
+
+
+def tool_call_message(text: str) -> dict[str, Any]:
+    """A finished tool-call reply (the grammar made it {"name", "arguments"}) as OpenAI's assistant message."""
+    call = json.loads(text)
+    return {"role": "assistant", "content": None, "tool_calls": [tool_call_entry(call)]}
+
+
+def tool_call_entry(call: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
 
 
 def _optional(body: dict[str, Any], name: str, default: Any) -> Any:
