@@ -1,8 +1,20 @@
-"""GGUF export: a Llama-family model and its tokenizer as one llama.cpp file (llama.cpp, Ollama, LM Studio).
+"""GGUF export: a decoder and its tokenizer as one llama.cpp file (llama.cpp, Ollama, LM Studio).
 
-The file is what llama.cpp's convert_hf_to_gguf.py writes for a Llama model: GGUF v3, `general.*` and `llama.*`
-metadata, a byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2" with its merges) and chat template, and the
-tensors under GGUF's names with the Q/K rows permuted for ggml's rope (`gguf.permute_rope_rows`). Weight types:
+The file is what llama.cpp's convert_hf_to_gguf.py writes: GGUF v3, `general.*` and `<arch>.*` metadata, a
+byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2" with its merges) and chat template, and the tensors under
+GGUF's names (`gguf.llama_tensor_names`, the reader's table). The llama.cpp architecture follows the model's family,
+one row of `ARCHITECTURES` each:
+
+    llama    Llama, Phi-3 (its math is Llama's: written unfused), Mistral whose window covers its context; the
+             Q/K rows permuted for ggml's rope (`gguf.permute_rope_rows`)
+    qwen2    + q/k/v biases                    (rope "neox": rows as they are, here and below)
+    qwen3    + per-head q/k RMSNorms
+    gemma3   GeGLU, sandwich norms, q/k norms; llama.cpp stores Gemma's RMSNorm as 1 + w, which is our g as it is;
+             it fixes in code the embeddings' √d scale, one global layer in six, the local layers' rope base 10,000
+             and scores × head_dim^-½, so a model that differs in those is refused, as are soft-capped logits
+
+llama.cpp's llama, qwen2 and qwen3 have no sliding window: a model whose window is shorter than its context is
+refused, as is any other family (Gemma 2's soft-caps, mixtures of experts, GPT-2, ...) and rope scaling. Weight types:
 
     f32, f16   every matrix in that type
     q8_0       every matrix Q8_0, token embedding and output included (as the converter's --outtype q8_0)
@@ -18,7 +30,10 @@ tensor by tensor into a temporary file beside the target and renamed over it onl
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +42,9 @@ import torch
 
 from sparkgpt.checkpoint.families import family_for
 from sparkgpt.checkpoint.gguf import (
+    _GEMMA3_GLOBAL_EVERY,
+    _GEMMA3_LOCAL_ROPE_THETA,
+    _INTERLEAVED_ROPE,
     _SCALAR_TYPES,
     ARRAY,
     DEFAULT_ALIGNMENT,
@@ -121,40 +139,112 @@ def tensor_type(name: str, shape: tuple[int, ...], dtype: str, output_name: str)
 
 # ---- metadata ---------------------------------------------------------------------------------------------
 
-def _check_llama(config: ModelConfig) -> None:
+def _window_covers_context(config: ModelConfig, arch: str) -> str | None:
+    """llama.cpp's llama, qwen2 and qwen3 attend densely: a window shorter than the context cannot be written."""
+    if "local" in config.layer_patterns() and config.attention_window < config.max_seq_len:
+        return f"a sliding window ({config.attention_window}) shorter than its context ({config.max_seq_len}), " \
+            f"which llama.cpp's {arch} architecture does not have"
+    return None
+
+
+def _gemma3_pattern(n_layers: int) -> list[str]:
+    return ["dense" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "local" for i in range(n_layers)]
+
+
+def _gemma3_unsupported(config: ModelConfig, arch: str) -> str | None:
+    """What llama.cpp's gemma3 fixes in code rather than reading from the file, and this model has otherwise."""
+    if config.attn_logit_softcap is not None or config.final_logit_softcap is not None:
+        return "soft-capped attention scores or logits"
+    if not math.isclose(config.attention_scale, config.head_dim ** -0.5, rel_tol=1e-6):
+        return f"query_pre_attn_scalar {config.attention_scale ** -2:g}, not its head width {config.head_dim} " \
+            "(llama.cpp's gemma3 scales scores by head_dim^-1/2)"
+    if config.rope_local_theta != _GEMMA3_LOCAL_ROPE_THETA:
+        return f"a local rope base of {config.rope_local_theta:g} (llama.cpp's gemma3 uses " \
+            f"{_GEMMA3_LOCAL_ROPE_THETA:g})"
+    if config.layer_patterns() != _gemma3_pattern(config.n_layers):
+        return f"layer pattern {''.join(p[0] for p in config.layer_patterns())} (l local, d dense): llama.cpp's " \
+            f"gemma3 makes every {_GEMMA3_GLOBAL_EVERY}th layer global and the others local"
+    return None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One llama.cpp architecture as we write it: its name (general.architecture and the keys' prefix), what of a
+    model it cannot hold (a reason, or None), and its keys beyond the shared ones. The tensors are the reader's
+    table (`llama_tensor_names`), whose optional ones (biases, q/k norms, sandwich norms) the config selects."""
+
+    name: str
+    unsupported: Callable[[ModelConfig, str], str | None] = lambda config, arch: None
+    keys: dict[str, tuple[int, Callable[[ModelConfig], Any]]] = field(default_factory=dict)
+
+
+# Our family (`families.family_for`) -> the llama.cpp architecture it is written as.
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama"),
+    "mistral": Architecture("llama", _window_covers_context),
+    "qwen2": Architecture("qwen2", _window_covers_context),
+    "qwen3": Architecture("qwen3", _window_covers_context),
+    "gemma3_text": Architecture("gemma3", _gemma3_unsupported, {
+        "attention.sliding_window": (UINT32, lambda config: config.attention_window),
+    }),
+}
+# Families we know and do not write, and why (anything else is named by its shape).
+REFUSED = {
+    "gemma2": "Gemma 2 (soft-capped attention scores and logits, one global layer in two)",
+    "mixtral": "a mixture of experts (Mixtral)",
+    "gpt2": "GPT-2 (learned positions, LayerNorm, biases)",
+    "gpt_neo": "GPT-Neo (learned positions, LayerNorm, biases)",
+    "bert": "an encoder (BERT)",
+}
+SUPPORTED = "Llama-family models (Llama, Mistral, Phi-3: decoder, RoPE, RMSNorm, SwiGLU, no biases), Qwen2, " \
+    "Qwen3 and Gemma 3"
+
+
+def architecture_for(config: ModelConfig) -> Architecture:
+    """The llama.cpp architecture this model is written as, or a one-line error naming what it cannot hold."""
     family = family_for(config)
-    if family is None or family.model_type != "llama" or config.bias:
-        kind = family.model_type if family is not None else f"{config.architecture} ({config.positions} positions, " \
-            f"{config.norm}, {config.ffn})"
-        raise SparkGPTError(f"GGUF export supports Llama-family models (decoder, RoPE, RMSNorm, SwiGLU, no biases, "
-                            f"no experts); this model is {kind}")
+    if family is None or family.model_type not in ARCHITECTURES:
+        kind = REFUSED.get(family.model_type, family.model_type) if family is not None else \
+            f"{config.architecture} ({config.positions} positions, {config.norm}, {config.ffn})"
+        raise SparkGPTError(f"GGUF export supports {SUPPORTED}; this model is {kind}")
+    arch = ARCHITECTURES[family.model_type]
+    reason = "biases on every projection" if config.bias else arch.unsupported(config, arch.name)
+    if reason is not None:
+        raise SparkGPTError(f"GGUF export ({arch.name}): this {family.model_type} model has {reason}; "
+                            "export it as an HF checkpoint directory instead")
     if config.rope_scaling is not None:
         raise SparkGPTError(f"GGUF export does not write rope scaling ({config.rope_scaling['rope_type']}) yet; "
                             "export the model as an HF checkpoint directory instead")
+    return arch
 
 
 def model_metadata(config: ModelConfig, name: str, dtype: str) -> dict[str, tuple[int, Any]]:
-    """general.* and llama.* keys -> (GGUF value type, value), as llama.cpp's converter writes them."""
+    """general.* and <arch>.* keys -> (GGUF value type, value), as llama.cpp's converter writes them."""
     file_type = check_dtype(dtype)[1]
-    metadata: dict[str, tuple[int, Any]] = {
-        "general.architecture": (STRING, "llama"),
-        "general.type": (STRING, "model"),
-        "general.name": (STRING, name),
-        "llama.vocab_size": (UINT32, config.vocab_size),
-        "llama.context_length": (UINT32, config.max_seq_len),
-        "llama.embedding_length": (UINT32, config.d_model),
-        "llama.block_count": (UINT32, config.n_layers),
-        "llama.feed_forward_length": (UINT32, config.d_ff),
-        "llama.attention.head_count": (UINT32, config.n_heads),
-        "llama.attention.head_count_kv": (UINT32, config.n_kv_heads),
-        "llama.rope.freq_base": (FLOAT32, config.rope_theta),
-        "llama.attention.layer_norm_rms_epsilon": (FLOAT32, config.norm_eps),
-        "llama.rope.dimension_count": (UINT32, config.head_dim),
-        "general.file_type": (UINT32, file_type),
+    arch = architecture_for(config)
+    shared: dict[str, tuple[int, Any]] = {
+        "vocab_size": (UINT32, config.vocab_size),
+        "context_length": (UINT32, config.max_seq_len),
+        "embedding_length": (UINT32, config.d_model),
+        "block_count": (UINT32, config.n_layers),
+        "feed_forward_length": (UINT32, config.d_ff),
+        "attention.head_count": (UINT32, config.n_heads),
+        "attention.head_count_kv": (UINT32, config.n_kv_heads),
+        "rope.freq_base": (FLOAT32, config.rope_theta),
+        "attention.layer_norm_rms_epsilon": (FLOAT32, config.norm_eps),
+        "rope.dimension_count": (UINT32, config.head_dim),
     }
     if config.head_dim != config.d_model // config.n_heads:  # llama.cpp assumes d_model / n_heads otherwise
-        metadata["llama.attention.key_length"] = (UINT32, config.head_dim)
-        metadata["llama.attention.value_length"] = (UINT32, config.head_dim)
+        shared["attention.key_length"] = (UINT32, config.head_dim)
+        shared["attention.value_length"] = (UINT32, config.head_dim)
+    shared |= {key: (value_type, value(config)) for key, (value_type, value) in arch.keys.items()}
+    metadata: dict[str, tuple[int, Any]] = {
+        "general.architecture": (STRING, arch.name),
+        "general.type": (STRING, "model"),
+        "general.name": (STRING, name),
+        **{f"{arch.name}.{key}": value for key, value in shared.items()},
+        "general.file_type": (UINT32, file_type),
+    }
     if file_type not in (DTYPES["f32"][1], DTYPES["f16"][1]):
         metadata["general.quantization_version"] = (UINT32, QUANTIZATION_VERSION)
     return metadata
@@ -184,22 +274,34 @@ def _padding(position: int, alignment: int) -> bytes:
     return b"\x00" * (-position % alignment)
 
 
+# The tokens llama.cpp's vocabulary loader looks up (and fails without) when general.name contains "phi3" or "phi-3".
+_PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
 def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path, dtype: str = "f16",
                name: str | None = None) -> Path:
-    """Write a Llama-family GPT and its tokenizer as a GGUF v3 file (`dtype`: f32, f16, q8_0, q4_0)."""
+    """Write a GPT of a family llama.cpp reads (`ARCHITECTURES`) and its tokenizer as a GGUF v3 file (`dtype`: f32,
+    f16, q8_0, q4_0)."""
     check_dtype(dtype)
     path = Path(path)
     config: ModelConfig = model.config
-    _check_llama(config)
+    arch = architecture_for(config)
+    interleaved = arch.name in _INTERLEAVED_ROPE
     state = model.state_dict()
     names = llama_tensor_names(config)
     tied_head = {"lm_head.weight"} if config.tie_embeddings else set()  # the embedding again, under its own name
     mismatched = sorted(set(state).symmetric_difference(names) - tied_head)
     if mismatched:
-        raise SparkGPTError(f"GGUF export: the model's tensors {mismatched[:5]} do not match a Llama model's "
-                            "(a quantised model? export it before quantising)")
+        raise SparkGPTError(f"GGUF export: the model's tensors {mismatched[:5]} do not match a {arch.name} "
+                            "model's (a quantised model? export it before quantising)")
     output_name = names["lm_head.weight" if "lm_head.weight" in names else "token_embedding.weight"]
-    metadata = {**model_metadata(config, name or path.stem, dtype), **tokenizer_metadata(tokenizer, config)}
+    name = name or path.stem
+    metadata = {**model_metadata(config, name, dtype), **tokenizer_metadata(tokenizer, config)}
+    missing = [token for token in _PHI3_NAME_TOKENS if token not in metadata["tokenizer.ggml.tokens"][1]]
+    if any(part in name.lower() for part in ("phi3", "phi-3")) and missing:
+        raise SparkGPTError(f"GGUF export: llama.cpp treats a model named {name!r} as Phi-3 and looks up "
+                            f"{', '.join(missing)} in its vocabulary, which this tokenizer lacks; give the file "
+                            "another name")
 
     plan = []  # (our name, GGUF name, torch shape, ggml type, offset in the data section)
     offset = 0
@@ -222,9 +324,9 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | 
         file.write(header_bytes + _padding(len(header_bytes), DEFAULT_ALIGNMENT))
         for ours, _, _, ggml_type, _ in plan:
             weight = state[ours].detach().to(device="cpu", dtype=torch.float32)
-            if ours.endswith("attn.q_proj.weight"):
+            if interleaved and ours.endswith("attn.q_proj.weight"):
                 weight = permute_rope_rows(weight, config.n_heads)
-            elif ours.endswith("attn.k_proj.weight"):
+            elif interleaved and ours.endswith("attn.k_proj.weight"):
                 weight = permute_rope_rows(weight, config.n_kv_heads)
             values = weight.contiguous().numpy()
             if not np.isfinite(values).all() or (ggml_type == F16 and np.abs(values).max() > _F16_MAX):
