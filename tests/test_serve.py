@@ -46,6 +46,19 @@ def tiny_lm(tokenizer: Tokenizer, positions: str = "rope", max_seq_len: int = 51
     return LM(GPT(config).eval(), chat_tokenizer)
 
 
+def collect_texts(sinks: list[queue.SimpleQueue]) -> list[str]:
+    """Each engine sink's whole text, read until its finish event (an error event fails the test)."""
+    texts = []
+    for sink in sinks:
+        text, done = "", False
+        while not done:
+            for event in sink.get(timeout=60):
+                assert event.error is None
+                text, done = text + event.text, event.finish_reason is not None
+        texts.append(text)
+    return texts
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread() -> Iterator[None]:
     """A tiny model gains nothing from more threads, and on a busy 2-core machine idle OpenMP workers waiting
@@ -120,14 +133,7 @@ def test_newcomers_admitted_together_are_prefilled_in_one_forward_and_each_equal
         for prompt, n, sink in zip(prompts, lengths, events, strict=True):
             engine.submit(prompt, SamplingParams(max_new_tokens=n, temperature=0), sink.put)
         engine.start()
-        texts = []
-        for sink in events:
-            text, done = "", False
-            while not done:
-                for event in sink.get(timeout=60):
-                    assert event.error is None
-                    text, done = text + event.text, event.finish_reason is not None
-            texts.append(text)
+        texts = collect_texts(events)
         engine.stop()
         return texts
 

@@ -20,7 +20,15 @@ import pytest
 from sparkgpt import SamplingParams, Tokenizer
 from sparkgpt.serve.constraints import json_schema_grammar
 from sparkgpt.serve.engine import Engine
-from tests.test_serve import API_KEY, MODEL, USER, Server, one_torch_thread, tiny_lm  # noqa: F401 (a fixture)
+from tests.test_serve import (  # noqa: F401 (one_torch_thread: a fixture)
+    API_KEY,
+    MODEL,
+    USER,
+    Server,
+    collect_texts,
+    one_torch_thread,
+    tiny_lm,
+)
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -213,14 +221,7 @@ def test_a_constrained_row_leaves_its_batch_neighbours_text_as_it_is_alone(token
     engine.submit(free_prompt, params, sinks[1].put)
     engine.start()
     try:
-        texts = []
-        for sink in sinks:
-            text, done = "", False
-            while not done:
-                for event in sink.get(timeout=60):
-                    assert event.error is None
-                    text, done = text + event.text, event.finish_reason is not None
-            texts.append(text)
+        texts = collect_texts(sinks)
     finally:
         engine.stop()
     jsonschema.validate(json.loads(texts[0]), schema)
