@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import lm_eval.models  # noqa: F401 (lm-eval fills its registry with its own models only while it is empty)
 from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
 
