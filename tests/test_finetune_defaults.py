@@ -160,6 +160,6 @@ def test_lora_defaults_teach_smollm2_facts_from_30_chats_and_keep_its_general_an
     recalled, answers = knows(tuned)
     kept = general(tuned) & base_general
     print(f"recalled {recalled}/9, kept {len(kept)}/{len(base_general)} general answers")
-    # Measured: 4 of 9 here at the preset's lr (6 of 9 on the facts it was chosen on); issue 24 asks for more.
-    assert recalled >= 3, answers
+    # Measured: 7 of 9 here (7 of 9 on the facts the preset was chosen on), 8 of 10 general answers kept.
+    assert recalled >= 6, answers
     assert len(kept) >= 0.7 * len(base_general), sorted(base_general - kept)
