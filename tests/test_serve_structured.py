@@ -20,6 +20,7 @@ import pytest
 from sparkgpt import SamplingParams, Tokenizer
 from sparkgpt.serve.constraints import json_schema_grammar
 from sparkgpt.serve.engine import Engine
+from sparkgpt.serve.protocol import chat_prompt_ids, parse_messages
 from tests.test_serve import (  # noqa: F401 (one_torch_thread: a fixture)
     API_KEY,
     MODEL,
@@ -295,3 +296,28 @@ def test_bad_tools_are_a_400_naming_the_problem(server: Server, body: dict[str, 
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and named in error["message"], error
+
+
+def test_a_tool_round_trip_sends_the_call_and_its_result_back(server: Server, tokenizer):
+    client = server.client()
+    first = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required",
+                                           temperature=0, max_tokens=MAX_TOKENS)
+    call = first.choices[0].message.tool_calls[0]
+    history = [*USER, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "21 degrees and sunny"}]
+    second = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=5)
+    assert second.choices[0].finish_reason == "length" and second.choices[0].message.content
+
+    # A template without tools reads the call as the JSON the model was asked for, the result as a user turn.
+    messages = parse_messages(history)
+    prompt = tokenizer.decode(chat_prompt_ids(tiny_lm(tokenizer), messages, TOOLS))
+    arguments = json.loads(call.function.arguments)
+    assert json.dumps({"name": call.function.name, "arguments": arguments}, ensure_ascii=False) in prompt
+    assert f"<|im_start|>user\nResult of {call.function.name}: 21 degrees and sunny<|im_end|>" in prompt
+
+    for broken, param in (({"role": "tool", "content": "21"}, "messages[2].tool_call_id"),
+                          ({"role": "assistant", "content": None, "tool_calls": [
+                              {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{"}}]},
+                           "messages[2].tool_calls[0].function.arguments")):
+        response = post(server, {"messages": [*USER, {"role": "assistant", "content": "ok"}, broken]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

@@ -80,7 +80,9 @@ from sparkgpt.serve.protocol import (
     parse_messages,
     parse_prompts,
     parse_tools,
+    plain_tool_history,
     prepare_call,
+    templates_tools,
     tool_call_entry,
     tool_messages,
     usage,
@@ -404,8 +406,9 @@ def create_app(
                 query = grounding.query(messages)
                 hits = await state.run_blocking(grounding.search, query) if query is not None else []
                 room = max_tokens if is_int(max_tokens) and max_tokens > 0 else 1
+                plain = messages if templates_tools(engine.lm) else plain_tool_history(messages)
                 prompt_ids, sources = await state.run_text(grounding.prompt, engine.lm,
-                                                           tool_messages(messages, tools) if tools else messages,
+                                                           tool_messages(plain, tools) if tools else plain,
                                                            hits, room, engine.context)
         except SparkGPTError as error:
             raise invalid("messages", str(error)) from None

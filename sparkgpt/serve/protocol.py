@@ -38,7 +38,7 @@ from sparkgpt.tokenizer import Tokenizer
 MAX_CHOICES = 128           # n at most (as OpenAI)
 MAX_STOP_STRINGS = 4        # as OpenAI
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 # Fields each route accepts beyond its own. top_k and repetition_penalty are sparkgpt extensions (extra_body).
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                  "user", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
@@ -169,9 +169,41 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
                                   "{\"type\": \"text\", \"text\": \"...\"}")
                 texts.append(part["text"])
             content = "".join(texts)
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:  # an assistant turn that only called tools
+            content = ""
         if not isinstance(content, str):
             raise invalid(f"messages[{i}].content", f"messages[{i}].content must be a string.")
-        parsed.append({"role": "system" if role == "developer" else role, "content": content})
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if calls is not None:
+            entry["tool_calls"] = _parse_tool_calls(calls, f"messages[{i}].tool_calls")
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise invalid(f"messages[{i}].tool_call_id", f"messages[{i}] (a tool result) needs 'tool_call_id': "
+                              "the id of the call it answers.")
+            entry["tool_call_id"] = message["tool_call_id"]
+        parsed.append(entry)
+    return parsed
+
+
+def _parse_tool_calls(calls: Any, param: str) -> list[dict[str, Any]]:
+    """An assistant turn's earlier tool calls, their arguments parsed from OpenAI's JSON strings."""
+    if not isinstance(calls, list):
+        raise invalid(param, f"'{param}' must be an array of tool calls.")
+    parsed = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str)):
+            raise invalid(f"{param}[{j}]", f"{param}[{j}] must be {{\"id\", \"type\": \"function\", \"function\": "
+                          "{\"name\": str, \"arguments\": JSON string}}.")
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            raise invalid(f"{param}[{j}].function.arguments", f"{param}[{j}].function.arguments is not valid "
+                          "JSON.") from None
+        parsed.append({"id": call.get("id") if isinstance(call.get("id"), str) else "", "type": "function",
+                       "function": {"name": function["name"], "arguments": arguments}})
     return parsed
 
 
@@ -582,15 +614,39 @@ def tool_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -
     return [{"role": "system", "content": text}, *messages]
 
 
+def templates_tools(lm: LM) -> bool:
+    """The model's chat template renders tools, tool calls and tool results itself."""
+    return "tools" in (lm.tokenizer.chat_template or "")
+
+
+def plain_tool_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier tool calls and results as plain turns, for a chat template that knows no tools: a call reads as the
+    JSON object the model is asked to reply with, a result as a user turn naming its call."""
+    names = {call["id"]: call["function"]["name"] for m in messages for call in m.get("tool_calls", ())}
+    plain = []
+    for message in messages:
+        if message["role"] == "tool":
+            name = names.get(message["tool_call_id"], "a function")
+            plain.append({"role": "user", "content": f"Result of {name}: {message['content']}"})
+        elif message.get("tool_calls"):
+            calls = "\n".join(json.dumps({"name": call["function"]["name"], "arguments": call["function"]["arguments"]},
+                                         ensure_ascii=False) for call in message["tool_calls"])
+            plain.append({"role": "assistant", "content": "\n".join(filter(None, [message["content"], calls]))})
+        else:
+            plain.append(message)
+    return plain
+
+
 def chat_prompt_ids(lm: LM, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[int]:
-    """A conversation's prompt, with the tools offered: through the chat template's own `tools` where it has them,
-    else described in the system message."""
-    if not tools:
-        return lm.chat_prompt(messages)
+    """A conversation's prompt, with the tools offered and the earlier calls and results: through the chat
+    template's own `tools` where it has them, else described in the system message and written as plain turns."""
     tokenizer = lm.tokenizer
-    if "tools" in (tokenizer.chat_template or ""):
+    if templates_tools(lm):
+        if not tools:
+            return lm.chat_prompt(messages)
         return tokenizer.encode(tokenizer.apply_chat_template(messages, tools=tools), add_special_tokens=False)
-    return lm.chat_prompt(tool_messages(messages, tools))
+    messages = plain_tool_history(messages)
+    return lm.chat_prompt(tool_messages(messages, tools) if tools else messages)
 
 
 def tool_call_message(text: str) -> dict[str, Any]:
