@@ -31,7 +31,7 @@ class ModelConfig:
     # Width of one attention head; None means d_model // n_heads.
     head_dim: int | None = None
     max_seq_len: int = 1024
-    positions: Literal["learned", "rope", "sinusoidal"] = "learned"
+    positions: Literal["learned", "rope", "sinusoidal", "relative"] = "learned"
     rope_theta: float = 10000.0
     # A context extension of rope: {"rope_type": "linear" | "llama3" | "yarn" | "dynamic" | "longrope", "factor",
     # ...} as transformers writes it (model/attention.py `rope_frequencies`); None: plain rope.
@@ -82,6 +82,13 @@ class ModelConfig:
     expert_capacity_factor: float | None = None
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss the trainer adds (model.aux_loss)
     pad_token_id: int | None = None
+    # T5 ("relative" positions, encoder–decoder only): no position vectors; each stack adds to every score a learned
+    # per-head bias of the key-minus-query distance, in `relative_buckets` buckets (exact near, logarithmic up to
+    # `relative_max_distance`, model/attention.py `relative_position_buckets`).
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    scale_decoder_output: bool = False  # decoder output × d_model^-0.5 before the lm head (T5 with a tied head)
+    decoder_start_token_id: int | None = None  # the token an encoder–decoder's target starts from (T5: pad, 0)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -98,9 +105,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         choices = {
-            "positions": ("learned", "rope", "sinusoidal"),
+            "positions": ("learned", "rope", "sinusoidal", "relative"),
             "norm": ("layernorm", "rmsnorm"),
-            "ffn": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),
+            "ffn": ("gelu", "gelu_exact", "relu", "quick_gelu", "swiglu", "geglu"),
             "attention_backend": ("sdpa", "eager"),
             "architecture": ("decoder", "encoder", "encoder-decoder"),
             "norm_position": ("pre", "post"),
@@ -155,6 +162,14 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise SparkGPTError(f"config field {name!r} is {value!r}; expected a positive number or None")
+        if self.positions == "relative" and self.architecture != "encoder-decoder":
+            raise SparkGPTError("config field 'positions': 'relative' (T5) needs architecture 'encoder-decoder', not "
+                                f"{self.architecture!r}")
+        # A bidirectional stack halves the buckets twice (a sign, then exact and logarithmic): at least one of each.
+        for name in ("relative_buckets", "relative_max_distance"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 4:
+                raise SparkGPTError(f"config field {name!r} is {value!r}; expected an integer >= 4")
         if self.type_vocab_size < 0:
             raise SparkGPTError(f"config field 'type_vocab_size' is {self.type_vocab_size!r}; expected >= 0")
 
@@ -231,7 +246,7 @@ class ModelConfig:
         qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
         self_attention = d * (q_out + 2 * kv_out) + q_out * d + (q_out + 2 * kv_out) * qkv_bias + d * self.bias
         cross_attention = self_attention + norm_params if self.architecture == "encoder-decoder" else 0
-        gated = self.ffn == "swiglu"
+        gated = self.ffn in ("swiglu", "geglu")
         ffn = d * self.d_ff * (3 if gated else 2)
         if self.bias:
             ffn += self.d_ff * (2 if gated else 1) + d
@@ -240,6 +255,8 @@ class ModelConfig:
         block = self_attention + ffn + 2 * norm_params
         embeddings = self.vocab_size * d + (self.max_seq_len * d if self.positions == "learned" else 0)
         embeddings += self.type_vocab_size * d + (norm_params if self.embedding_norm else 0)
+        if self.positions == "relative":  # one bias table per stack
+            embeddings += 2 * self.relative_buckets * self.n_heads
         final = norm_params if self.final_norm else 0
         if self.architecture == "encoder":
             return embeddings + self.n_layers * block + final

@@ -666,6 +666,97 @@ def _bert_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
     return {}
 
 
+# ---- T5, Flan-T5 and mT5 (encoder–decoder with relative position biases) ---------------------------------------
+
+_T5_KEYS = {
+    "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon",
+    "initializer_factor", "feed_forward_proj", "dense_act_fn", "is_gated_act", "bos_token_id", "eos_token_id",
+    "tie_word_embeddings", "scale_decoder_outputs", "classifier_dropout", "is_decoder", "n_positions", "output_past",
+}
+_T5_FFN = {"relu": "relu", "gated-gelu": "geglu", "gated-silu": "swiglu"}  # feed_forward_proj -> our ffn
+# An unused bias table old checkpoints carry in the first cross-attention (transformers ignores it too).
+_T5_IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+
+def _t5_config_from_hf(hf: dict[str, Any], source: str, model_type: str) -> dict[str, Any]:
+    _take(hf, source, _T5_KEYS)
+    projection = hf.get("feed_forward_proj", "relu")
+    _require(source, "feed_forward_proj", projection, tuple(_T5_FFN))
+    _require(source, "is_decoder", hf.get("is_decoder", False), (False,))
+    # transformers 5 writes tie_word_embeddings true for every T5 and keeps the old flag's meaning (a head tied to
+    # the embeddings, reading the decoder output rescaled) in scale_decoder_outputs; mT5's head is its own, unscaled.
+    tied = model_type == "t5" and hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    encoder_layers = hf.get("num_layers", 6)
+    return dict(
+        architecture="encoder-decoder", vocab_size=hf.get("vocab_size", 32128), n_encoder_layers=encoder_layers,
+        n_layers=hf.get("num_decoder_layers") or encoder_layers, n_heads=hf.get("num_heads", 8),
+        d_model=hf.get("d_model", 512), head_dim=hf.get("d_kv", 64), d_ff=hf.get("d_ff", 2048),
+        max_seq_len=hf.get("n_positions", 512), positions="relative",
+        relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128), norm="rmsnorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), ffn=_T5_FFN[projection], bias=False, attention_scale=1.0,
+        tie_embeddings=tied, scale_decoder_output=tied, bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id", 1), pad_token_id=hf.get("pad_token_id", 0),
+        decoder_start_token_id=hf.get("decoder_start_token_id"),
+    )
+
+
+def _t5_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    projection = {ours: theirs for theirs, ours in _T5_FFN.items()}[config.ffn]
+    return dict(
+        vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.head_dim, d_ff=config.d_ff,
+        num_layers=config.n_encoder_layers, num_decoder_layers=config.n_layers, num_heads=config.n_heads,
+        relative_attention_num_buckets=config.relative_buckets,
+        relative_attention_max_distance=config.relative_max_distance, layer_norm_epsilon=config.norm_eps,
+        feed_forward_proj=projection, tie_word_embeddings=config.tie_embeddings,
+        scale_decoder_outputs=config.scale_decoder_output, n_positions=config.max_seq_len, is_encoder_decoder=True,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        decoder_start_token_id=config.decoder_start_token_id, dropout_rate=0.0, initializer_factor=1.0,
+    )
+
+
+def _t5_tensor_names(config: ModelConfig) -> dict[str, str]:
+    names = {
+        "embeddings.token_embedding.weight": "shared.weight",
+        "encoder_norm.weight": "encoder.final_layer_norm.weight",
+        "final_norm.weight": "decoder.final_layer_norm.weight",
+        # T5 keeps each stack's one bias table in its first layer's self-attention.
+        "encoder_position_bias.bias.weight": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "position_bias.bias.weight": "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    }
+    gated = config.ffn in ("geglu", "swiglu")
+    ffn = {"gate_proj": "wi_0", "up_proj": "wi_1", "down_proj": "wo"} if gated else {"up_proj": "wi", "down_proj": "wo"}
+    attention = [("attn", "attn_norm", "SelfAttention")]
+    for stack, ours, count, sublayers in (("encoder", "encoder_blocks", config.n_encoder_layers, attention),
+                                          ("decoder", "blocks", config.n_layers,
+                                           [*attention, ("cross_attn", "cross_norm", "EncDecAttention")])):
+        for i in range(count):
+            block, layer = f"{ours}.{i}.", f"{stack}.block.{i}.layer."
+            for index, (attn, norm, theirs) in enumerate(sublayers):
+                names[f"{block}{norm}.weight"] = f"{layer}{index}.layer_norm.weight"
+                for proj in "qkvo":
+                    names[f"{block}{attn}.{proj}_proj.weight"] = f"{layer}{index}.{theirs}.{proj}.weight"
+            last = len(sublayers)
+            names[f"{block}ffn_norm.weight"] = f"{layer}{last}.layer_norm.weight"
+            for our_proj, their_proj in ffn.items():
+                names[f"{block}ffn.{our_proj}.weight"] = f"{layer}{last}.DenseReluDense.{their_proj}.weight"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+def _t5_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Both stacks' embed_tokens are `shared` (some writers store them too); a head transformers 5 tied though the
+    config keeps it apart (no lm_head stored) is the embedding matrix."""
+    stacks = [state.pop(f"{stack}.embed_tokens.weight", None) for stack in ("encoder", "decoder")]
+    if "shared.weight" not in state and stacks[0] is not None:
+        state["shared.weight"] = stacks[0]
+    if not config.tie_embeddings and "lm_head.weight" not in state and "shared.weight" in state:
+        state["lm_head.weight"] = state["shared.weight"]
+    return {}
+
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "GPT2LMHeadModel", _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_tensor_names,
                    _gpt2_to_ours, _gpt2_to_theirs, ignored_tensors=(".attn.bias", ".attn.masked_bias"),
@@ -693,6 +784,11 @@ FAMILIES: dict[str, Family] = {
     "bert": Family("bert", "BertModel", _bert_config_from_hf, _bert_config_to_hf, _bert_tensor_names, _bert_to_ours,
                    ignored_tensors=("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids"),
                    base_prefix=""),
+    "t5": Family("t5", "T5ForConditionalGeneration", partial(_t5_config_from_hf, model_type="t5"), _t5_config_to_hf,
+                 _t5_tensor_names, _t5_to_ours, ignored_tensors=_T5_IGNORED, base_prefix=""),
+    # Read only: mT5 is T5's math with an untied, unscaled head, which a T5 config says as well.
+    "mt5": Family("mt5", "MT5ForConditionalGeneration", partial(_t5_config_from_hf, model_type="mt5"), None,
+                  _t5_tensor_names, _t5_to_ours, ignored_tensors=_T5_IGNORED, base_prefix=""),
 }
 
 
@@ -741,4 +837,11 @@ def family_for(config: ModelConfig) -> Family | None:
             and config.embedding_norm and gpt2_like and config.ffn in ("gelu", "gelu_exact", "relu") \
             and default_attention and config.n_experts == 0 and not config.scale_embeddings and uncapped:
         return FAMILIES["bert"]
+    if config.architecture == "encoder-decoder" and config.positions == "relative" and config.norm == "rmsnorm" \
+            and config.norm_position == "pre" and config.final_norm and not config.bias and not config.qkv_bias \
+            and config.attention_scale == 1.0 and config.ffn in _T5_FFN.values() and config.n_experts == 0 \
+            and config.n_kv_heads == config.n_heads and config.tie_embeddings == config.scale_decoder_output \
+            and not (config.scale_embeddings or config.embedding_norm or config.type_vocab_size or config.qk_norm
+                     or config.sandwich_norm) and uncapped:
+        return FAMILIES["t5"]
     return None

@@ -195,6 +195,7 @@ REFUSED = {
     "gpt2": "GPT-2 (learned positions, LayerNorm, biases)",
     "gpt_neo": "GPT-Neo (learned positions, LayerNorm, biases)",
     "bert": "an encoder (BERT)",
+    "t5": "an encoder–decoder (T5)",
 }
 SUPPORTED = "Llama-family models (Llama, Mistral, Phi-3: decoder, RoPE, RMSNorm, SwiGLU, no biases), Qwen2, " \
     "Qwen3 and Gemma 3"

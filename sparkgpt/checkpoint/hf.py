@@ -174,7 +174,8 @@ def write_checkpoint(directory: Path, config: ModelConfig, state: dict[str, torc
         tensors[SCORE_WEIGHT] = score
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "decoder_start_token_id": config.decoder_start_token_id}
     write_json(directory / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparkgpt.checkpoint import adapter as adapters
-from sparkgpt.checkpoint import dcp, gguf, gguf_tokenizer, hf, quantized, whisper
+from sparkgpt.checkpoint import dcp, gguf, gguf_tokenizer, hf, quantized, vision, whisper
 from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory
@@ -78,6 +78,8 @@ def _load_base(path: Path, dtype: torch.dtype, device: torch.device, quantize: s
         model = dcp.load_model(path, dtype=dtype, device=device)
     elif whisper.checkpoint_kind(path) is not None:  # transformers' Whisper, or CTranslate2's model.bin
         model = whisper.load_model(path, dtype=dtype, device=device)
+    elif vision.checkpoint_kind(path) is not None:  # transformers' ViT or CLIP
+        model = vision.load_model(path, dtype=dtype, device=device)
     elif quantized.is_quantized_checkpoint(path):
         model = quantized.load_model(path, dtype, device)
     else:
@@ -98,6 +100,8 @@ def save(out_dir: str | Path, model: nn.Module, tokenizer: Tokenizer | None) -> 
     with atomic_directory(out_dir) as staging:
         if quant.is_quantized(model):
             quantized.write_model(staging, model)
+        elif vision.is_vision_model(model):
+            vision.write_model(staging, model)
         else:
             hf.write_model(staging, model)
         if tokenizer is not None:

@@ -2,5 +2,6 @@
 
 from sparkgpt.model.attention import KVCache
 from sparkgpt.model.transformer import GPT, Block, Encoder, EncoderDecoder, build_model, model_class
+from sparkgpt.model.vision import CLIP, ViT
 
-__all__ = ["GPT", "Block", "Encoder", "EncoderDecoder", "KVCache", "build_model", "model_class"]
+__all__ = ["CLIP", "GPT", "Block", "Encoder", "EncoderDecoder", "KVCache", "ViT", "build_model", "model_class"]

@@ -1,4 +1,4 @@
-"""Attention: the math, its fast path, rotary positions and the KV cache.
+"""Attention: the math, its fast path, rotary positions, T5's relative position bias and the KV cache.
 
 Attention(Q, K, V) = softmax(Q Kᵀ / √d_k + M) V, where the mask M is 0 where a query may look and -∞ where
 it may not (the future, and padding). `eager_attention` is that formula line for line; `sdpa_attention` hands
@@ -40,7 +40,8 @@ def eager_attention(
     scale: float | None = None, cap: float | None = None,
 ) -> torch.Tensor:
     """The reference: softmax(Q Kᵀ / √d_k + M) V, written out (`scale` replaces 1/√d_k when given; with `cap` the
-    scores are soft-capped, cap · tanh(scores / cap), before the mask: Gemma 2)."""
+    scores are soft-capped, cap · tanh(scores / cap), before the mask: Gemma 2). A boolean mask says where a query
+    may look; a float mask is M itself, added to the scores (T5's position bias, -inf where a query may not look)."""
     group_size = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, group_size), repeat_kv(v, group_size)
     scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
@@ -48,7 +49,9 @@ def eager_attention(
         scores = softcap(scores, cap)
     if is_causal:
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
-    if mask is not None:
+    if mask is not None and mask.is_floating_point():
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
@@ -75,6 +78,8 @@ def sdpa_attention(
     if cpu_bf16 and torch.is_grad_enabled():
         # Training on a CPU without that kernel: torch's bf16 flash kernel's backward runs slower than its fp32
         # one (several times for small heads; RESULTS.md, "Figures behind choices in the code"), so we upcast.
+        if mask is not None and mask.is_floating_point():  # an additive mask (T5's bias) follows the queries' dtype
+            mask = mask.float()
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
@@ -170,6 +175,47 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None
     raise ValueError(f"rope scaling {kind!r} is not supported; supported: {', '.join(ROPE_SCALING)}")
 
 
+def relative_position_buckets(
+    relative: torch.Tensor, bidirectional: bool, n_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance (Raffel et al. 2020): bidirectional stacks give each sign half the
+    buckets, causal ones only look back. Of a direction's b buckets, distances below b/2 have one each; longer ones
+    share the rest logarithmically, everything from `max_distance` on falling into the last."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        n_buckets //= 2
+        buckets += (relative > 0).long() * n_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)
+    exact = n_buckets // 2
+    # At distance 0 the logarithm is -inf; torch.where keeps the exact bucket there.
+    logarithmic = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                           * (n_buckets - exact)).long()
+    return buckets + torch.where(distance < exact, distance, logarithmic.clamp(max=n_buckets - 1))
+
+
+class RelativePositionBias(nn.Module):
+    """T5's attention bias: a learned scalar per head for each bucket of key-minus-query distance, computed once per
+    forward and added to the scores of every layer of a stack (T5 computes it in the first layer and passes it on)."""
+
+    def __init__(self, config: ModelConfig, bidirectional: bool) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.n_buckets, self.max_distance = config.relative_buckets, config.relative_max_distance
+        self.bias = nn.Embedding(config.relative_buckets, config.n_heads)
+
+    def forward(self, q_len: int, kv_len: int, visible: torch.Tensor | None) -> torch.Tensor:
+        """The additive mask [1 or B, H, q_len, kv_len] for queries at the last q_len of kv_len positions: the bias,
+        and -inf where `visible` (booleans broadcasting to [B, 1, q_len, kv_len]) is False."""
+        device = self.bias.weight.device
+        keys = torch.arange(kv_len, device=device)
+        relative = keys[None, :] - torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        buckets = relative_position_buckets(relative, self.bidirectional, self.n_buckets, self.max_distance)
+        bias = self.bias(buckets).permute(2, 0, 1)[None]
+        return bias if visible is None else bias.masked_fill(~visible, float("-inf"))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if (fused := native.inference_ops(x)) is not None and cos.dtype == sin.dtype == x.dtype and \
             x.stride(-1) == 1 and cos.shape[0] in (1, x.shape[0]):
@@ -217,10 +263,11 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def write_columns(self, batch: int) -> tuple[torch.Tensor, int]:
-        """For a decode step of `batch` rows: the column [B] each row writes its key/value at, and how many
-        columns attention reads (the native decode kernel's view of `update`)."""
-        return torch.full((batch,), self.length, dtype=torch.long, device=self.keys.device), self.length + 1
+    def write_columns(self, batch: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """For a decode step of `batch` rows: the column [B] each row writes its key/value at, how many columns
+        attention reads, and each row's cache row [B] (None: row r is cache row r); the native decode kernel's
+        view of `update`."""
+        return torch.full((batch,), self.length, dtype=torch.long, device=self.keys.device), self.length + 1, None
 
     def advance(self, n_tokens: int) -> None:
         if self.sparse and self._new_positions is not None:

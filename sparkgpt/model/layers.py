@@ -46,7 +46,7 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 class GeluFFN(nn.Module):
     """FFN(x) = act(x W_1 + b_1) W_2 + b_2: GELU in GPT-2's tanh approximation ("gelu"), exact GELU ("gelu_exact":
-    BERT), or ReLU ("relu": the 2017 paper, torch.nn.Transformer)."""
+    BERT), ReLU ("relu": the 2017 paper, torch.nn.Transformer), or x · σ(1.702 x) ("quick_gelu": CLIP)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -58,7 +58,13 @@ class GeluFFN(nn.Module):
         return self.down_proj(self.activation(self.up_proj(x)))
 
 
-_ACTIVATIONS = {"gelu": partial(F.gelu, approximate="tanh"), "gelu_exact": F.gelu, "relu": F.relu}
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x · σ(1.702 x): the sigmoid approximation of GELU OpenAI trained CLIP with, so its checkpoints need it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"gelu": partial(F.gelu, approximate="tanh"), "gelu_exact": F.gelu, "relu": F.relu,
+                "quick_gelu": quick_gelu}
 
 
 class SwiGLUFFN(nn.Module):
@@ -85,6 +91,7 @@ class GeGLUFFN(SwiGLUFFN):
 
 
 FFN_VARIANTS: dict[str, type[nn.Module]] = {"gelu": GeluFFN, "gelu_exact": GeluFFN, "relu": GeluFFN,
+                                            "quick_gelu": GeluFFN,
                                             "swiglu": SwiGLUFFN, "geglu": GeGLUFFN}
 
 

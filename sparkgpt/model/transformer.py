@@ -10,7 +10,14 @@ from torch import nn
 
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.model.attention import CrossAttention, KVCache, MultiHeadAttention, causal_mask, rotary_cos_sin
+from sparkgpt.model.attention import (
+    CrossAttention,
+    KVCache,
+    MultiHeadAttention,
+    RelativePositionBias,
+    causal_mask,
+    rotary_cos_sin,
+)
 from sparkgpt.model.layers import MixtureOfExperts, make_ffn, make_norm, softcap
 from sparkgpt.model.sparse import position_mask
 
@@ -261,7 +268,8 @@ def embed(
         `embedding_norm` (BERT),
 
     with P learned (GPT-2, BERT), sinusoidal (the 2017 paper), or absent for rotary positions, which turn q and k
-    inside attention instead (the cos/sin returned here)."""
+    inside attention instead (the cos/sin returned here), and for T5's relative positions, a bias on the attention
+    scores (`RelativePositionBias`)."""
     config = module.config
     x = module.token_embedding(input_ids)
     if config.scale_embeddings:
@@ -271,7 +279,7 @@ def embed(
         x = x + module.position_embedding(positions)
     elif config.positions == "sinusoidal":
         x = x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
-    else:
+    elif config.positions == "rope":
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling)
         rotary = cos.to(x.dtype), sin.to(x.dtype)
     if config.type_vocab_size:
@@ -392,7 +400,8 @@ class EncoderDecoder(_StackModel):
     bidirectional blocks; each decoder block adds, between masked self-attention and the FFN, attention to the
     encoder's output (the memory). Post-norm or pre-norm is `norm_position`; like torch.nn.Transformer each stack
     ends with a norm when `final_norm`. Generation runs the encoder once, projects the memory's keys and values
-    once per layer (`memory_kv`), and decodes with the KV cache.
+    once per layer (`memory_kv`), and decodes with the KV cache. T5 (`positions="relative"`) has no position
+    vectors: each stack adds its learned bias of key-minus-query distance to the scores of all its layers.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -404,6 +413,9 @@ class EncoderDecoder(_StackModel):
         if config.final_norm:
             self.encoder_norm = make_norm(config)
             self.final_norm = make_norm(config)
+        if config.positions == "relative":  # T5: each stack's bias of key-minus-query distance, shared by its layers
+            self.encoder_position_bias = RelativePositionBias(config, bidirectional=True)
+            self.position_bias = RelativePositionBias(config, bidirectional=False)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embeddings.token_embedding.weight
@@ -413,7 +425,8 @@ class EncoderDecoder(_StackModel):
 
     def encoder_stack(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                       rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Source vectors [B, S, d] -> memory [B, S, d]; mask [B, 1, 1, S] booleans (True: a real token)."""
+        """Source vectors [B, S, d] -> memory [B, S, d]; mask [B, 1, 1, S] booleans (True: a real token), or the
+        float mask added to the scores (T5's position bias)."""
         for block in self.encoder_blocks:
             x = block(x, rotary, mask, False, None)
         return self.encoder_norm(x) if self.config.final_norm else x
@@ -434,6 +447,9 @@ class EncoderDecoder(_StackModel):
             mask, is_causal = None, length > 1
         else:
             mask, is_causal = (None if length == 1 else causal_mask(length, past + length, y.device)), False
+        if self.config.positions == "relative":  # T5: the bias on every score, the future at -inf
+            mask = self.position_bias(length, past + length, causal_mask(length, past + length, y.device))
+            is_causal = False
         for block, kv in zip(self.blocks, memory_kv, strict=True):
             y = block(y, rotary, mask, is_causal, cache, kv, memory_mask)
         return self.final_norm(y) if self.config.final_norm else y
@@ -446,7 +462,10 @@ class EncoderDecoder(_StackModel):
         _check_length(self.config, length)
         positions = torch.arange(length, device=source_ids.device).expand(batch, length)
         x, rotary = self.embeddings(source_ids, positions)
-        return self.encoder_stack(x, _padding_mask(source_mask), rotary)
+        mask = _padding_mask(source_mask)
+        if self.config.positions == "relative":
+            mask = self.encoder_position_bias(length, length, mask)
+        return self.encoder_stack(x, mask, rotary)
 
     def decode(
         self, target_ids: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -463,6 +482,8 @@ class EncoderDecoder(_StackModel):
             cache.advance(length)
         if last_only:
             y = y[:, -1:]
+        if self.config.scale_decoder_output:  # T5: its tied head reads the embedding matrix at a 1/√d_model scale
+            y = y * self.config.d_model ** -0.5
         return self.lm_head(y)
 
     def forward(
