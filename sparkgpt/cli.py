@@ -280,6 +280,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SparkGPTError("--max-body-bytes and --max-connections must be at least 1, --timeout-receive above 0")
     if not args.shutdown_timeout >= 0:
         raise SparkGPTError(f"--shutdown-timeout must be 0 or more seconds, got {args.shutdown_timeout}")
+    if args.prefix_cache_mb is not None and not args.prefix_cache_mb >= 0:
+        raise SparkGPTError(f"--prefix-cache-mb must be 0 or more, got {args.prefix_cache_mb}")
     path = resolve(args.ref)  # a bad reference fails here, before the port is bound
     index = Index.load(args.index) if args.index else None  # and so does a bad index
     model_name = args.model_name or (args.ref if not Path(args.ref).exists() else path.stem if path.is_file()
@@ -290,6 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_slots=args.max_concurrency, max_queue=args.max_queue, context=args.context,
           prefill_chunk=args.prefill_chunk, threads=args.threads, log_level=args.log_level, index=index, k=args.k,
           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+          prefix_cache_bytes=None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 2**20),
           limits=ConnectionLimits(max_connections=args.max_connections, receive_timeout=args.timeout_receive))
 
 
@@ -660,6 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per sequence, prompt + max_tokens (default: the model's, at most 4096)")
     serve.add_argument("--prefill-chunk", type=int, default=256,
                        help="prompt tokens prefilled between decode steps at most (256)")
+    serve.add_argument("--prefix-cache-mb", type=float, default=None,
+                       help="memory for the keys/values of finished requests, which later prompts that start the "
+                       "same way (a chat's earlier turns) copy instead of computing (default: a quarter of the "
+                       "slots' cache; 0: none)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--index", help="an index folder (sparkgpt index): chat replies are grounded in it and return "

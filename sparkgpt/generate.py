@@ -88,12 +88,36 @@ class SamplingParams:
                 raise SamplingParamError(name, f"sampling parameter {name!r} is {getattr(self, name)!r}; "
                                                f"expected {expected}")
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Each next token is the argmax of the raw logits (no penalty or bias changes them): what a guessed token
+        can be checked against, several at once, by speculative decoding."""
+        return ((self.temperature < SAMPLING_EPS or self.top_k == 1) and self.repetition_penalty == 1
+                and not self.presence_penalty and not self.frequency_penalty and not self.logit_bias
+                and self.num_beams == 1)
+
 
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # Below this temperature a row is decoded greedily, as vLLM does (its _SAMPLING_EPS): dividing logits by 1e-40
 # would make them inf, and NaN probabilities.
 SAMPLING_EPS = 1e-5
+
+
+def prompt_lookup_draft(tokens: Sequence[int], count: int, max_ngram: int = 3) -> list[int]:
+    """Up to `count` tokens guessed to come next by prompt lookup: those that followed the latest earlier
+    occurrence of the text's last n tokens (n = max_ngram, then shorter; [] where none recurs). A summary, a
+    correction or an edit repeats its input, so a verifier accepts many of these guesses in one forward."""
+    length = len(tokens)
+    if count < 1:
+        return []
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        tail = list(tokens[length - n:])
+        last = tail[-1]
+        for end in range(length - 2, n - 2, -1):  # `end`: where an earlier occurrence's last token is
+            if tokens[end] == last and list(tokens[end - n + 1:end + 1]) == tail:
+                return list(tokens[end + 1:end + 1 + count])
+    return []
 
 
 def is_int(value: object) -> bool:
@@ -566,9 +590,11 @@ class _DecoderOnly:
 
 def _start_token(model: EncoderDecoder) -> int:
     config = model.config
-    start = config.bos_token_id if config.bos_token_id is not None else config.pad_token_id
+    start = next((token for token in (config.decoder_start_token_id, config.bos_token_id, config.pad_token_id)
+                  if token is not None), None)
     if start is None:
-        raise SparkGPTError("this encoder–decoder model has no bos_token_id (or pad_token_id) to start decoding from")
+        raise SparkGPTError("this encoder–decoder model has no decoder_start_token_id, bos_token_id or pad_token_id "
+                            "to start decoding from")
     return start
 
 

@@ -341,19 +341,51 @@ def test_a_prompt_multiplies_in_the_dtype_timed_fastest_on_this_cpu(monkeypatch,
 
     def fake_fastest(decision, key, candidates, rounds=2):
         asked.append((key, sorted(candidates)))
-        return chosen
+        return "dequantise" if key.startswith("quant-kernel-rows") else chosen
 
     monkeypatch.setattr(quant.hardware, "fastest", fake_fastest)
     monkeypatch.setattr(quant, "_PREFILL_DTYPES", {})
+    monkeypatch.setattr(quant, "_KERNEL_ROWS", {})
     torch.manual_seed(0)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 48, bias=False), "int4", quantize_activations=False)
     x = torch.randn(1, 20, 64)
     dtype = getattr(torch, chosen)
     expected = torch.nn.functional.linear(x.to(dtype), layer.dequantize(dtype)).float()
     assert torch.equal(layer(x), expected)
-    assert asked == [("quant-prefill-48x64", ["bfloat16", "float32"])]  # timed once per shape
+    # timed once per shape: the integer kernel lost at 16 rows already, so prompts dequantise
+    assert asked == [("quant-prefill-48x64", ["bfloat16", "float32"]),
+                     ("quant-kernel-rows-int4-48x64-g32-16", ["dequantise", "kernel"])]
     layer(x)
-    assert len(asked) == 1
+    assert len(asked) == 2
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_prompt_takes_the_integer_kernel_up_to_the_rows_timed_faster_on_this_cpu(monkeypatch, method):
+    """Few prompt rows (a chat turn, a draft being checked) multiply faster through the integer kernel than by
+    dequantising the whole matrix first: up to the row count where timing found the kernel faster, a prompt takes
+    it, and each row then equals that row multiplied alone (the kernel never ties rows together)."""
+    from sparkgpt.model import quant
+
+    asked = []
+
+    def fake_fastest(decision, key, candidates, rounds=2):
+        asked.append(key)
+        return "kernel" if key.startswith("quant-kernel-rows") and int(key.rsplit("-", 1)[1]) <= 32 else "float32"
+
+    monkeypatch.setattr(quant.hardware, "fastest", fake_fastest)
+    monkeypatch.setattr(quant, "_PREFILL_DTYPES", {})
+    monkeypatch.setattr(quant, "_KERNEL_ROWS", {})
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 128, bias=False), method, quantize_activations=False)
+    assert quant.kernel_rows(layer) == 32
+    assert [key.rsplit("-", 1)[1] for key in asked if "kernel-rows" in key] == ["16", "32", "64"]  # stops at a loss
+    short = torch.randn(1, 30, 64)
+    out = layer(short)
+    assert torch.equal(out, layer.decode_kernel(short, 30))
+    assert all(torch.equal(out[:, i], layer(short[:, i:i + 1])[:, 0]) for i in range(30))
+    long = torch.randn(1, 40, 64)
+    torch.testing.assert_close(layer(long), torch.nn.functional.linear(long, layer.dequantize()), rtol=0, atol=0)
+    torch.testing.assert_close(out, torch.nn.functional.linear(short, layer.dequantize()), rtol=0.02, atol=0.05)
 
 
 def test_untimed_prompts_multiply_in_bfloat16(monkeypatch):

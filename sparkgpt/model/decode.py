@@ -240,12 +240,12 @@ class DecodeStep:
         """Every block through csrc/decode_layers.cpp: the loop above, with the same kernels, in one call."""
         op, tensors, bits, group_size, eps = self.native
         batch = x.shape[0]
-        columns, span = cache.write_columns(batch)
+        columns, span, slots = cache.write_columns(batch)
         visible = None if mask is None else mask.reshape(batch, span)
         if visible is not None and visible.stride(-1) != 1:
             visible = visible.contiguous()
         scale = self.head_dim ** -0.5 if self.scale is None else self.scale
-        x = op(x.contiguous(), cos, sin, cache.keys, cache.values, columns, span, visible, tensors, bits,
+        x = op(x.contiguous(), cos, sin, cache.keys, cache.values, columns, slots, span, visible, tensors, bits,
                self.n_heads, self.n_kv_heads, group_size, eps, scale)
         cache.advance(1)
         return x

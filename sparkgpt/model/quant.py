@@ -16,9 +16,10 @@ each, up to `DECODE_ROWS`) go through an integer kernel, `torch._weight_int8pack
 `torch._weight_int4pack_mm_for_cpu` for int4, both with bf16 activations, except the output head, which takes
 fbgemm's dynamic int8 linear (8-bit activations, one scale per call, called per row so that no row's scale depends
 on another's): 8-bit activations elsewhere blur the outliers of the o_proj and down_proj inputs and cost
-perplexity, while on the head they cost none and save most of its time. Many rows (prefill) dequantise the matrix
-and multiply in bf16 where this CPU's bf16 matmul is the faster (`prefill_dtype`, timed), else in float32: either
-beats every integer kernel there. Elsewhere (CUDA) every call
+perplexity, while on the head they cost none and save most of its time. A prompt's rows go through the same
+bf16-activation kernel while they are few enough that it beats dequantising (`kernel_rows`, timed per shape: a
+chat turn's few dozen tokens, a draft being checked); more rows dequantise the matrix and multiply in bf16 where
+this CPU's bf16 matmul is the faster (`prefill_dtype`, timed), else in float32. Elsewhere (CUDA) every call
 dequantises and multiplies in the activations' dtype.
 """
 
@@ -40,6 +41,7 @@ METHODS = ("int8", "int4")
 GROUP_SIZE = 32
 DECODE_ROWS = 16  # decode steps of at most this many rows use the integer kernels; prompts dequantise
 _PREFILL_DTYPES: dict[tuple[int, int], torch.dtype] = {}  # (in, out) -> the dtype prompts are multiplied in
+_KERNEL_ROWS: dict[tuple[str, int, int, int], int] = {}  # (method, in, out, group) -> prompt rows the kernel takes
 _INT4_INNER_K_TILES = 8  # torch's CPU int4 packing: inner k tiles of 2, 4 or 8 (8 measured fastest)
 
 
@@ -146,6 +148,29 @@ def prefill_dtype(in_features: int, out_features: int) -> torch.dtype:
     return _PREFILL_DTYPES[key]
 
 
+def kernel_rows(layer: QuantizedLinear) -> int:
+    """The most rows of a prompt this CPU multiplies faster through the layer's bf16-activation integer kernel than
+    by dequantising the weight and multiplying: the kernel reads 4 or 8 bits per weight, dequantising writes the
+    whole matrix in floats first, which pays off only over many rows. Timed once per method and shape at 16, 32,
+    ..., 512 rows until dequantising wins (`hardware.fastest`, cached); 0 when timing is off."""
+    key = (layer.method, layer.in_features, layer.out_features, layer.group_size)
+    if key not in _KERNEL_ROWS:
+        most = 0
+        for rows in (DECODE_ROWS, 32, 64, 128, 256, 512):
+            x = torch.randn(rows, layer.in_features)
+            compute = prefill_dtype(layer.in_features, layer.out_features)
+            candidates = {"dequantise": lambda x=x, compute=compute: F.linear(x.to(compute), layer.dequantize(compute)),
+                          "kernel": lambda x=x, rows=rows: layer.decode_kernel(x, rows)}
+            shape = f"{layer.method} {layer.out_features}×{layer.in_features}"
+            if hardware.fastest(f"a quantised {shape} layer's prompt of {rows} rows", f"quant-kernel-rows-"
+                                f"{layer.method}-{layer.out_features}x{layer.in_features}-g{layer.group_size}-{rows}",
+                                candidates) != "kernel":
+                break
+            most = rows
+        _KERNEL_ROWS[key] = most
+    return _KERNEL_ROWS[key]
+
+
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W quantised (`method` "int8" or "int4"); a drop-in replacement for nn.Linear.
 
@@ -211,11 +236,13 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // self.in_features
         if x.device.type != "cpu":
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        # Integer kernels for decode only (one token per row: [rows, in] or [B, 1, in]). A prompt, however short,
-        # takes the dequantised matmul, so a sequence's numbers never depend on what it was batched with (the
-        # serving engine prefills newcomers together; the kernels and the matmul round differently).
+        # Decode rows (one token per row: [rows, in] or [B, 1, in]) take the integer kernels; a prompt takes them
+        # while its rows are few enough (`kernel_rows`). The kernels compute each row alone, so a sequence's numbers
+        # depend on whether its forward had more rows than that, never on what the other rows hold.
         several_per_row = x.dim() > 2 and x.shape[-2] > 1
-        if several_per_row or rows > DECODE_ROWS or not (self.has_kernel or self.quantize_activations):
+        kernel = ((not several_per_row and rows <= DECODE_ROWS and (self.has_kernel or self.quantize_activations))
+                  or (self.has_kernel and not self.quantize_activations and rows <= kernel_rows(self)))
+        if not kernel:
             compute = prefill_dtype(self.in_features, self.out_features)
             out = F.linear(x.to(compute), self.dequantize(compute))
             out = out.to(x.dtype)

@@ -50,10 +50,20 @@ import torch
 
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.generate import FAILED, Completion, Sampler, SamplingParamError, SamplingParams, StopRule
+from sparkgpt.generate import (
+    FAILED,
+    Completion,
+    Sampler,
+    SamplingParamError,
+    SamplingParams,
+    StopRule,
+    prompt_lookup_draft,
+)
 from sparkgpt.lm import LM
 from sparkgpt.model.decode import batched_decode_layout, decode_step
+from sparkgpt.model.quant import DECODE_ROWS
 from sparkgpt.serve.constraints import Grammar, GrammarCompiler
+from sparkgpt.serve.prefix_cache import PrefixCache
 from sparkgpt.serve.slots import SlotKVCache
 
 
@@ -74,6 +84,11 @@ class ContextLengthExceeded(SparkGPTError):
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+# Tokens per prefix-cache block (vLLM's block size): prompts that part ways inside a block share its first tokens
+# by a copy, and a lookup walks one dict per block.
+PREFIX_BLOCK_TOKENS = 16
+# Draft tokens a greedy sequence may have checked per step (speculative decoding by prompt lookup).
+SPECULATIVE_TOKENS = 8
 
 
 @dataclass
@@ -100,6 +115,7 @@ class ChoiceEvent:
     # first event its prompt's tokens (the first None: nothing predicts it).
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    token_ids: list[int] | None = None  # with the finishing event: every token sampled (an end token included)
 
 
 EventSink = Callable[[list[ChoiceEvent]], None]
@@ -135,6 +151,7 @@ class _Sequence:
     stop: StopRule
     cached: int = 0                 # tokens whose keys/values are in the slot (columns 0..cached-1)
     next_token: int = -1            # sampled but not yet fed to the model
+    fed: list[int] = field(default_factory=list)  # the generated tokens fed back (their keys/values are cached)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled by the prefill, sent with the first event
     matcher: Any = None             # this choice's grammar state (an llguidance LLMatcher); None: unconstrained
 
@@ -159,7 +176,12 @@ class Engine:
     slot before `submit` refuses with QueueFull; max_queued_tokens: the queued work (n × max_tokens of every
     choice not yet in a slot) beyond which `submit` refuses too, unless nothing is queued (default: four times
     what all slots hold, max_slots × context × 4); context: cache columns per slot (prompt + max_tokens limit);
-    prefill_chunk: prompt tokens (padding included) prefilled per loop iteration at most.
+    prefill_chunk: prompt tokens (padding included) prefilled per loop iteration at most; prefix_cache_bytes: the
+    memory for keys/values kept after their sequences end (`PrefixCache`; default: a quarter of the slots' cache,
+    so serving holds at most 1.25 times the slots' memory; 0: none), which a prompt that starts the same way (a
+    conversation's earlier turns and replies, a shared system prompt) copies instead of computing again;
+    speculative_tokens: draft tokens a greedy choice may have checked per decode step (0: none), guessed by prompt
+    lookup, which a summary or a correction, repeating its input, mostly gets right: lossless, and fewer steps.
 
     Free slots go to the waiting request with the fewest choices running (the oldest among equals), one choice at
     a time: a request of n=48 takes the slots no one else waits for, and a small request behind it gets the next
@@ -177,7 +199,8 @@ class Engine:
 
     def __init__(
         self, lm: LM, max_slots: int = 8, max_queue: int = 64, context: int | None = None, prefill_chunk: int = 256,
-        max_queued_tokens: int | None = None,
+        max_queued_tokens: int | None = None, prefix_cache_bytes: int | None = None,
+        speculative_tokens: int = SPECULATIVE_TOKENS,
     ) -> None:
         if lm.tokenizer is None:
             raise SparkGPTError("this model has no tokenizer (its checkpoint lacks tokenizer.json); it cannot serve")
@@ -204,6 +227,11 @@ class Engine:
         weight = self.model.token_embedding.weight
         self.device = weight.device
         self.cache = SlotKVCache(lm.config, max_slots, self.context, weight.dtype, weight.device)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = 2 * self.cache.keys.numel() * self.cache.keys.element_size() // 4
+        if prefix_cache_bytes < 0:
+            raise SparkGPTError("prefix_cache_bytes must be >= 0")
+        self.prefixes = PrefixCache(PREFIX_BLOCK_TOKENS, prefix_cache_bytes)
         self.step = decode_step(self.model)  # the lean decode step generate uses, where it covers the model
         self.sampler = Sampler(max_slots, lm.config.vocab_size, self.device)  # row r samples for slot r
         self.grammars = GrammarCompiler(lm.tokenizer, lm.config.vocab_size, self.stop_token_ids)
@@ -223,11 +251,10 @@ class Engine:
         self._prefilling: deque[_Sequence] = deque()
         self._decoding: dict[int, _Sequence] = {}
         self._free_slots = list(range(max_slots))
-        # The prompt tokens whose keys/values fill columns 0.. of each slot, kept after the slot is freed, so a
-        # new prompt that starts the same way (a shared system prompt, a conversation's earlier turns) copies
-        # them instead of computing them again. Decode steps write only past the prompt, so these stay valid.
-        self._slot_prompts: list[list[int]] = [[] for _ in range(max_slots)]
-        self.reused_prompt_tokens = 0
+        self.reused_prompt_tokens = 0   # prompt tokens whose keys/values were copied from the prefix cache
+        self.speculative_tokens = speculative_tokens
+        self.drafted_tokens = 0         # draft tokens checked, and those accepted (speculative decoding)
+        self.accepted_tokens = 0
         self._outbox: dict[EngineRequest, list[ChoiceEvent]] = {}
         self._thread: threading.Thread | None = None
         self.steps = 0                  # decode steps run (for metrics and tests)
@@ -339,6 +366,11 @@ class Engine:
             return self._queued_tokens
 
     @property
+    def prefix_cache_bytes(self) -> int:
+        """Memory the prefix cache holds now."""
+        return self.prefixes.bytes
+
+    @property
     def active_sequences(self) -> int:
         with self._lock:
             return self._busy_slots
@@ -350,14 +382,16 @@ class Engine:
         self.submit(prompt_ids, params, events.put, n)
         texts: list[str] = [""] * n
         reasons: list[str | None] = [None] * n
+        tokens: list[list[int]] = [[] for _ in range(n)]
         while any(reason is None for reason in reasons):
             for event in events.get(timeout=timeout):
                 if event.error is not None:
                     raise SparkGPTError(event.error)
                 texts[event.index] += event.text
                 reasons[event.index] = event.finish_reason
-        return [Completion(text, [], len(prompt_ids), reason or "stop")
-                for text, reason in zip(texts, reasons, strict=True)]
+                tokens[event.index] = event.token_ids or tokens[event.index]
+        return [Completion(text, ids, len(prompt_ids), reason or "stop")
+                for text, ids, reason in zip(texts, tokens, reasons, strict=True)]
 
     # ---- the engine thread ------------------------------------------------------------------------------------
 
@@ -464,28 +498,28 @@ class Engine:
                 sequence.matcher = request.grammar.matcher()
             if request.prompt_logprobs is None:
                 sequence.cached = self._reuse_prefix(slot, request.prompt_ids)
-            else:  # every prompt position's logits are needed, so nothing is copied from another slot
-                self._slot_prompts[slot] = []
+            else:  # every prompt position's logits are needed, so nothing is copied
                 sequence.prompt_logprobs = [None]
             self._prefilling.append(sequence)
 
     def _reuse_prefix(self, slot: int, prompt: list[int]) -> int:
-        """Copy into `slot` the cached keys/values of the longest prefix of `prompt` that any slot holds (the
+        """Copy into `slot` the cached keys/values of the longest prefix of `prompt` the prefix cache holds (the
         last prompt token is always computed: its logits give the first new token); return its length."""
-        def common(cached: list[int]) -> int:
-            limit = min(len(cached), len(prompt) - 1)
-            n = 0
-            while n < limit and cached[n] == prompt[n]:
-                n += 1
-            return n
-
-        length, donor = max((common(cached), s) for s, cached in enumerate(self._slot_prompts))
-        if length and donor != slot:
-            self.cache.keys[:, slot, :, :length] = self.cache.keys[:, donor, :, :length]
-            self.cache.values[:, slot, :, :length] = self.cache.values[:, donor, :, :length]
-        self._slot_prompts[slot] = prompt[:length]
+        length, path = self.prefixes.longest(prompt, len(prompt) - 1)
+        self.prefixes.copy_into(path, self.cache.keys[:, slot], self.cache.values[:, slot])
         self.reused_prompt_tokens += length
         return length
+
+    def _keep(self, sequence: _Sequence) -> None:
+        """Put what the sequence's slot holds (its prompt and the tokens fed back so far) into the prefix cache."""
+        tokens = sequence.request.prompt_ids + sequence.fed
+        self.prefixes.insert(tokens[:sequence.cached], self.cache.keys[:, sequence.slot],
+                             self.cache.values[:, sequence.slot])
+
+    def _finish(self, sequence: _Sequence) -> None:
+        """The sequence ended normally: keep its keys/values for later prompts, and free its slot."""
+        self._keep(sequence)
+        self._release(sequence)
 
     def _release(self, sequence: _Sequence) -> None:
         if sequence in self._prefilling:
@@ -557,7 +591,6 @@ class Engine:
         finished: list[int] = []
         for row, (sequence, count) in enumerate(rows):
             sequence.cached += count
-            self._slot_prompts[sequence.slot] = sequence.request.prompt_ids[: sequence.cached]
             if sequence.cached < len(sequence.request.prompt_ids):
                 continue  # the rest of its prompt next iteration, after a decode step
             if any(math.isnan(entry.logprob) for entry in (sequence.prompt_logprobs or [])[1:]):
@@ -580,8 +613,10 @@ class Engine:
             self._prefilling.remove(sequence)
             if self._accept(sequence, token, logprob):
                 self._decoding[sequence.slot] = sequence
+                if sequence.index == 0:  # the prompt, for the request's other choices and later requests
+                    self._keep(sequence)
             else:
-                self._release(sequence)  # done at its first token (max_tokens 1, or an end token)
+                self._finish(sequence)  # done at its first token (max_tokens 1, or an end token)
 
     def _score_prompts(self, rows: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
         """Append to each row's prompt_logprobs its chunk's predictions of the prompt's next tokens: column j of
@@ -611,23 +646,42 @@ class Engine:
         return out
 
     def _decode_step(self) -> None:
-        """One token for every decoding slot, in one batched forward over rows 0..highest decoding slot."""
+        """One batched forward for every decoding slot: its next token, and where it is greedy and its text so far
+        suggests what follows (`prompt_lookup_draft`), a draft of several tokens checked at once.
+
+        Without drafts, row r of the forward is slot r (rows 0..highest decoding slot; the slots' caches are read in
+        place). With drafts, each sequence takes 1 + len(draft) rows, all in its slot: its fed-back token and its
+        draft at the next positions, each seeing its slot's columns up to itself. A drafted sequence keeps the
+        longest run of draft tokens that equal its own argmax and the argmax after the run: the text plain
+        decoding gives, in fewer forwards. The keys/values of rejected draft tokens lie past the sequence's cached
+        length, where nothing reads them."""
         if not self._decoding:
             return
         slots = sorted(self._decoding)
-        rows = slots[-1] + 1
-        tokens, positions, columns = [0] * rows, [0] * rows, [self.cache.scratch_column] * rows
-        for slot in slots:
-            sequence = self._decoding[slot]
-            tokens[slot] = sequence.next_token
-            positions[slot] = columns[slot] = sequence.cached
-        span = max(positions) + 1
-        # Row r sees its own columns 0..cached (the new token included); rows not decoding (position 0) see column
-        # 0 alone, which holds finite numbers, so their (unused) outputs stay finite and never poison the cache.
+        sequences = [self._decoding[slot] for slot in slots]
+        drafts = self._drafts(sequences)
         device = self.device
+        if not any(drafts):
+            rows = slots[-1] + 1
+            tokens, positions, columns = [0] * rows, [0] * rows, [self.cache.scratch_column] * rows
+            for slot, sequence in zip(slots, sequences, strict=True):
+                tokens[slot] = sequence.next_token
+                positions[slot] = columns[slot] = sequence.cached
+            row_slots = None
+        else:
+            tokens, positions, row_slots = [], [], []
+            for sequence, draft in zip(sequences, drafts, strict=True):
+                tokens += [sequence.next_token, *draft]
+                positions += range(sequence.cached, sequence.cached + 1 + len(draft))
+                row_slots += [sequence.slot] * (1 + len(draft))
+            columns = positions
+        span = max(positions) + 1
+        # Row r sees its own columns 0..position (the new token included); rows not decoding (position 0) see column
+        # 0 alone, which holds finite numbers, so their (unused) outputs stay finite and never poison the cache.
         positions_tensor = torch.tensor(positions, device=device)
         mask = torch.arange(span, device=device)[None, :] <= positions_tensor[:, None]
-        self.cache.begin(None, torch.tensor(columns, device=device)[:, None], span)
+        self.cache.begin(None if row_slots is None else torch.tensor(row_slots, device=device),
+                         torch.tensor(columns, device=device)[:, None], span)
         tokens_tensor, mask = torch.tensor(tokens, device=device), mask[:, None, None, :]
         if self.step is not None:
             logits = self.step(tokens_tensor, positions_tensor, self.cache, mask)
@@ -635,19 +689,64 @@ class Engine:
             logits = self.model(tokens_tensor[:, None], positions=positions_tensor[:, None], attention_mask=mask,
                                 cache=self.cache, last_only=True)[:, -1]
         self.steps += 1
-        if len(slots) < rows:
-            logits = logits[slots]
-        sequences = [self._decoding[slot] for slot in slots]
         logits = logits.float()
-        picks = self.sampler.sample(self._constrained(logits, sequences), slots).tolist()
-        for sequence, token, logprob in zip(sequences, picks, self._sampled_logprobs(logits, sequences, picks),
-                                            strict=True):
+        if row_slots is None:
+            first_rows = slots
+        else:
+            first_rows = list(itertools.accumulate([1 + len(draft) for draft in drafts[:-1]], initial=0))
+        sampled = [row for row, draft in enumerate(drafts) if not draft]
+        if sampled:
+            rows = [first_rows[row] for row in sampled]
+            chosen = [sequences[row] for row in sampled]
+            row_logits = logits[rows]
+            picks = self.sampler.sample(self._constrained(row_logits, chosen), [slots[row] for row in sampled])
+            picks = picks.tolist()
+            for sequence, token, logprob in zip(chosen, picks, self._sampled_logprobs(row_logits, chosen, picks),
+                                                strict=True):
+                self._advance(sequence, [sequence.next_token], [token], [logprob])
+        for sequence, draft, first in zip(sequences, drafts, first_rows, strict=True):
+            if draft:
+                block = logits[first:first + 1 + len(draft)]
+                best = block.argmax(dim=-1).masked_fill(~torch.isfinite(block).all(dim=-1), FAILED).tolist()
+                kept = next((i for i, (guess, token) in enumerate(zip(draft, best, strict=False)) if guess != token),
+                            len(draft))
+                self.drafted_tokens += len(draft)
+                self.accepted_tokens += kept
+                self._advance(sequence, [sequence.next_token, *draft[:kept]], best[:kept + 1], [None] * (kept + 1))
+
+    def _drafts(self, sequences: list[_Sequence]) -> list[list[int]]:
+        """Each decoding sequence's guessed continuation ([] for most): only a plain greedy choice (its tokens can
+        be checked by argmax) with no grammar and no log-probabilities asked, only while the step's rows stay
+        within what a decode step multiplies at about the cost of one row, and never past its max_tokens."""
+        drafts: list[list[int]] = [[] for _ in sequences]
+        if not self.speculative_tokens:
+            return drafts
+        rows = len(sequences)
+        for index, sequence in enumerate(sequences):
+            request = sequence.request
+            if (not request.params.plain_greedy or sequence.matcher is not None or request.logprobs is not None
+                    or rows >= DECODE_ROWS):
+                continue
+            room = min(self.speculative_tokens, DECODE_ROWS - rows,
+                       request.params.max_new_tokens - sequence.stop.generated - 1)
+            if room > 0:
+                drafts[index] = prompt_lookup_draft([*request.prompt_ids, *sequence.fed, sequence.next_token], room)
+                rows += len(drafts[index])
+        return drafts
+
+    def _advance(self, sequence: _Sequence, fed: list[int], picks: list[int],
+                 logprobs: list[TokenLogprob | None]) -> None:
+        """The sequence's forward took the tokens `fed` (its next token, then accepted draft tokens) and chose
+        `picks` after each: record them in order until one ends the sequence (its slot is then freed)."""
+        for token_fed, token, logprob in zip(fed, picks, logprobs, strict=True):
             if token == FAILED:
                 self._fail_numerically(sequence)
-                continue
+                return
             sequence.cached += 1
+            sequence.fed.append(token_fed)
             if not self._accept(sequence, token, logprob):
-                self._release(sequence)
+                self._finish(sequence)
+                return
 
     def _constrained(self, logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
         """The logits [rows, vocab] to sample from: a copy with each grammar's forbidden tokens at -inf in its row,
@@ -680,7 +779,8 @@ class Engine:
         if delta or reason is not None or logprobs or prompt_logprobs is not None:
             self._outbox.setdefault(sequence.request, []).append(
                 ChoiceEvent(sequence.index, delta, reason, sequence.stop.generated, logprobs=logprobs,
-                            prompt_logprobs=prompt_logprobs))
+                            prompt_logprobs=prompt_logprobs,
+                            token_ids=None if reason is None else [*sequence.fed, token]))
         return reason is None
 
     def _fail(self, sequence: _Sequence, message: str, code: str = "engine_error") -> None:
@@ -692,7 +792,6 @@ class Engine:
         """This choice's logits were NaN or infinite: it ends alone (the batch's other rows sampled as usual), and
         its slot's keys/values, which may hold NaN too, are zeroed and never reused as a prompt prefix."""
         self.cache.clear(sequence.slot)
-        self._slot_prompts[sequence.slot] = []
         self._fail(sequence, "the model's next-token scores for this request became NaN or infinite under its "
                              "sampling parameters, so no token could be sampled; generation stopped",
                    code="numerical_error")

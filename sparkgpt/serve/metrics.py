@@ -41,6 +41,9 @@ class Metrics:
         reused = Gauge("sparkgpt_prompt_tokens_reused", "Prompt tokens whose keys/values were copied from a "
                        "cached prefix instead of computed", registry=r)
         reused.set_function(lambda: _engine_value(engine, "reused_prompt_tokens"))
+        kept = Gauge("sparkgpt_prefix_cache_bytes", "Memory held by the keys/values kept for later prompts",
+                     registry=r)
+        kept.set_function(lambda: _engine_value(engine, "prefix_cache_bytes"))
         steps = Gauge("sparkgpt_decode_steps", "Batched decode steps run since start", registry=r)
         steps.set_function(lambda: _engine_value(engine, "steps"))
 

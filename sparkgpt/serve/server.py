@@ -147,7 +147,7 @@ def limited_protocol(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
 
 
 def start_serving(lm: LM, max_slots: int = 8, max_queue: int = 64, context: int | None = None,
-                  prefill_chunk: int = 256) -> Engine | Pooler | Transcriber:
+                  prefill_chunk: int = 256, prefix_cache_bytes: int | None = None) -> Engine | Pooler | Transcriber:
     """What serves `lm`: a running Engine for a model that generates (it also embeds, with the engine's model),
     for an encoder (minilm-l6), which cannot generate, a Pooler alone: /v1/embeddings only; for Whisper a
     Transcriber: /v1/audio/transcriptions only."""
@@ -156,7 +156,8 @@ def start_serving(lm: LM, max_slots: int = 8, max_queue: int = 64, context: int 
     if getattr(lm.config, "architecture", "decoder") == "encoder":
         return Pooler(lm)
     engine = Engine(lm, max_slots=max_slots, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                    context=context or min(lm.config.max_seq_len, DEFAULT_CONTEXT))
+                    context=context or min(lm.config.max_seq_len, DEFAULT_CONTEXT),
+                    prefix_cache_bytes=prefix_cache_bytes)
     return engine.start()
 
 
@@ -194,14 +195,15 @@ def serve(
     api_key: str | None = None, max_slots: int = 8, max_queue: int = 64, context: int | None = None,
     prefill_chunk: int = 256, threads: int | None = None, log_level: str = "info", index: Index | None = None,
     k: int = 4, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: ConnectionLimits | None = None,
-    shutdown_timeout: float = 30.0,
+    shutdown_timeout: float = 30.0, prefix_cache_bytes: int | None = None,
 ) -> None:
     """Serve the LM that `load_lm` returns, as `model_name`, over the OpenAI-compatible HTTP API (with the chat
     page at /) on http://host:port until interrupted.
 
     The port is bound at once: /health answers 503 while the model loads in a background thread, 200 once the
     engine runs. max_slots sequences are decoded together, max_queue requests may wait for a slot, each slot holds
-    `context` tokens (default: the model's context, at most 4096), `threads` sets torch's CPU threads. An encoder
+    `context` tokens (default: the model's context, at most 4096), `prefix_cache_bytes` keeps finished requests'
+    keys/values for later prompts (`Engine`), `threads` sets torch's CPU threads. An encoder
     model serves /v1/embeddings only. With an `index` (`Index.load`), chat replies are grounded in its `k` best
     chunks and return them as "sources". Raises SparkGPTError when the model fails to load (the server then shuts
     down) or the port cannot be bound.
@@ -222,7 +224,7 @@ def serve(
             raise SparkGPTError(f"--index grounds chat replies, and {model_name} is an encoder model, which cannot "
                                 "chat; serve a decoder model with --index")
         served = start_serving(lm, max_slots=max_slots, max_queue=max_queue, context=context,
-                               prefill_chunk=prefill_chunk)
+                               prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes)
         if isinstance(served, Engine):
             what = f"{max_slots} slots of {served.context} tokens, {served.device}"
             if index is not None:

@@ -50,10 +50,10 @@ class SlotKVCache(KVCache):
         self.keys[:, slot].zero_()
         self.values[:, slot].zero_()
 
-    def write_columns(self, batch: int) -> tuple[torch.Tensor, int]:
-        if self._slots is not None:
-            raise RuntimeError("a decode step's rows are slots 0..B-1 (begin(None, ...))")
-        return self._columns[:batch, 0].contiguous(), self._span
+    def write_columns(self, batch: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        if self._columns.shape[1] != 1:
+            raise RuntimeError("a decode step writes one column per row (begin(..., columns [B, 1], ...))")
+        return self._columns[:batch, 0].contiguous(), self._span, self._slots
 
     def advance(self, n_tokens: int) -> None:
         pass  # each slot's length is the engine's bookkeeping

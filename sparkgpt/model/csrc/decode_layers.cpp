@@ -71,18 +71,21 @@ struct Shape {
   int64_t batch, width, n_heads, n_kv_heads, head_dim, span;
 };
 
-// Attention of every (row, query head) over columns [0, span) of its key/value head, where `visible` allows.
+// Attention of every (row, query head) over columns [0, span) of its key/value head in the row's slot (`slot_of`:
+// the row's own index where null), where `visible` allows.
 template <typename T>
 void attend(const T* queries, const T* keys, const T* values, const bool* visible, int64_t visible_stride,
-            const Shape& s, int64_t slot_stride, int64_t head_stride, float scale, BFloat16* out) {
+            const int64_t* slot_of, const Shape& s, int64_t slot_stride, int64_t head_stride, float scale,
+            BFloat16* out) {
   const int64_t group = s.n_heads / s.n_kv_heads;
   at::parallel_for(0, s.batch * s.n_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(s.span), query(s.head_dim), mixed(s.head_dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / s.n_heads, head = task % s.n_heads;
       const T* q = queries + task * s.head_dim;
-      const T* k = keys + row * slot_stride + (head / group) * head_stride;
-      const T* v = values + row * slot_stride + (head / group) * head_stride;
+      const int64_t slot = slot_of == nullptr ? row : slot_of[row];
+      const T* k = keys + slot * slot_stride + (head / group) * head_stride;
+      const T* v = values + slot * slot_stride + (head / group) * head_stride;
       const bool* allowed = visible == nullptr ? nullptr : visible + row * visible_stride;
       for (int64_t i = 0; i < s.head_dim; ++i) query[i] = static_cast<float>(q[i]) * scale;
       for (int64_t j = 0; j < s.span; ++j)
@@ -101,7 +104,8 @@ void attend(const T* queries, const T* keys, const T* values, const bool* visibl
 
 template <typename T>
 void run_blocks(Tensor& x, const c10::optional<Tensor>& cos, const c10::optional<Tensor>& sin, Tensor& keys,
-                Tensor& values, const Tensor& columns, const c10::optional<Tensor>& visible,
+                Tensor& values, const Tensor& columns, const c10::optional<Tensor>& slots,
+                const c10::optional<Tensor>& visible,
                 const std::vector<Tensor>& tensors, const std::vector<int64_t>& bits, const Shape& s,
                 int64_t group_size, double eps, double scale) {
   const int64_t n_blocks = static_cast<int64_t>(tensors.size()) / kPerBlock;
@@ -115,6 +119,7 @@ void run_blocks(Tensor& x, const c10::optional<Tensor>& cos, const c10::optional
   Tensor queries = at::empty({s.batch, q_width}, x.options().dtype(keys.scalar_type()));
   float* residual = x.data_ptr<float>();
   const int64_t* column = columns.data_ptr<int64_t>();
+  const int64_t* slot_of = slots ? slots->data_ptr<int64_t>() : nullptr;
   const float* cos_rows = cos ? cos->data_ptr<float>() : nullptr;
   const float* sin_rows = sin ? sin->data_ptr<float>() : nullptr;
   const bool* visible_rows = visible ? visible->data_ptr<bool>() : nullptr;
@@ -137,12 +142,13 @@ void run_blocks(Tensor& x, const c10::optional<Tensor>& cos, const c10::optional
         rotate(in + head * s.head_dim, c, n, queries.data_ptr<T>() + row * q_width + head * s.head_dim,
                s.head_dim);
       for (int64_t head = 0; head < s.n_kv_heads; ++head) {
-        const int64_t at = row * slot_stride + head * head_stride + column[row] * s.head_dim;
+        const int64_t slot = slot_of == nullptr ? row : slot_of[row];
+        const int64_t at = slot * slot_stride + head * head_stride + column[row] * s.head_dim;
         rotate(in + q_width + head * s.head_dim, c, n, block_keys + at, s.head_dim);
         rotate<T>(in + q_width + kv_width + head * s.head_dim, nullptr, nullptr, block_values + at, s.head_dim);
       }
     }
-    attend(queries.data_ptr<T>(), block_keys, block_values, visible_rows, visible_stride, s, slot_stride,
+    attend(queries.data_ptr<T>(), block_keys, block_values, visible_rows, visible_stride, slot_of, s, slot_stride,
            head_stride, static_cast<float>(scale), mixed.data_ptr<BFloat16>());
     add_rows(residual, project(mixed, t[kOut], t[kOutScales], b[1], group_size).data_ptr<BFloat16>(),
              s.batch * s.width);
@@ -168,20 +174,25 @@ void run_blocks(Tensor& x, const c10::optional<Tensor>& cos, const c10::optional
 
 // x [B, d] float32 (updated in place and returned); cos, sin [B, head_dim] float32 or None (no rotary);
 // keys, values [blocks, slots, kv_heads, capacity, head_dim] (float32 or bfloat16); columns [B] int64: where each
-// row writes its key/value; span: columns attention reads; visible [B, span] bool or None (every column).
+// row writes its key/value; slots [B] int64 or None: the cache slot of each row (None: row r is slot r; several
+// rows may share a slot, as a draft's tokens do: every row's key/value is written before any row attends); span:
+// columns attention reads; visible [B, span] bool or None (every column).
 Tensor decode_layers(Tensor x, const c10::optional<Tensor>& cos, const c10::optional<Tensor>& sin, Tensor keys,
-                     Tensor values, const Tensor& columns, int64_t span, const c10::optional<Tensor>& visible,
+                     Tensor values, const Tensor& columns, const c10::optional<Tensor>& slots, int64_t span,
+                     const c10::optional<Tensor>& visible,
                      std::vector<Tensor> tensors, std::vector<int64_t> bits, int64_t n_heads, int64_t n_kv_heads,
                      int64_t group_size, double eps, double scale) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous float32 [B, d]");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 5, "keys/values: contiguous 5-d");
   TORCH_CHECK(static_cast<int64_t>(tensors.size()) % kPerBlock == 0 &&
                   bits.size() * kPerBlock == tensors.size() * 4, "tensors: ", kPerBlock, " per block");
+  TORCH_CHECK(!slots || (slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->numel() == x.size(0)),
+              "slots: contiguous int64 [B]");
   const Shape shape{x.size(0), x.size(1), n_heads, n_kv_heads, keys.size(4), span};
   if (keys.scalar_type() == at::kFloat)
-    run_blocks<float>(x, cos, sin, keys, values, columns, visible, tensors, bits, shape, group_size, eps, scale);
+    run_blocks<float>(x, cos, sin, keys, values, columns, slots, visible, tensors, bits, shape, group_size, eps, scale);
   else if (keys.scalar_type() == at::kBFloat16)
-    run_blocks<BFloat16>(x, cos, sin, keys, values, columns, visible, tensors, bits, shape, group_size, eps, scale);
+    run_blocks<BFloat16>(x, cos, sin, keys, values, columns, slots, visible, tensors, bits, shape, group_size, eps, scale);
   else
     TORCH_CHECK(false, "keys/values: float32 or bfloat16");
   return x;
@@ -191,7 +202,7 @@ Tensor decode_layers(Tensor x, const c10::optional<Tensor>& cos, const c10::opti
 
 TORCH_LIBRARY(sparkgpt, m) {
   m.def("decode_layers(Tensor(a!) x, Tensor? cos, Tensor? sin, Tensor(b!) keys, Tensor(c!) values, Tensor columns, "
-        "int span, "
+        "Tensor? slots, int span, "
         "Tensor? visible, Tensor[] tensors, int[] bits, int n_heads, int n_kv_heads, int group_size, float eps, "
         "float scale) -> Tensor(a!)", decode_layers);
 }
