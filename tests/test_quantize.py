@@ -414,3 +414,26 @@ def test_an_int4_model_with_int8_layers_saves_and_loads_them_as_int8(hf_llama, t
     ids = torch.randint(0, lm.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(ids), lm.model(ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["int_mm", "fbgemm"])
+def test_the_heads_8_bit_activations_give_each_row_what_it_gets_alone(monkeypatch, exact):
+    """The output head quantises each row's activations by its own scale: several rows in one call (a batch, a
+    draft being checked) give each row exactly its result alone, through torch._int_mm where this CPU multiplies
+    int8 exactly, else fbgemm row by row; either stays within 8-bit rounding of the float product."""
+    from sparkgpt.model import quant
+
+    if exact and not quant.exact_int8_matmul():
+        pytest.skip("torch._int_mm is not exact on this CPU (no VNNI): fbgemm's path is the one taken here")
+    if not exact and not quant._fbgemm_available():
+        pytest.skip("no fbgemm in this torch build")
+    monkeypatch.setattr(quant, "_EXACT_INT_MM", [exact])
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 256, bias=False)
+    head = QuantizedLinear.from_linear(linear, "int8", quantize_activations=True)
+    assert head.quantize_activations
+    x = torch.randn(9, 64) * torch.linspace(0.1, 10, 9)[:, None]  # rows of very different scales
+    out = head(x)
+    assert all(torch.equal(out[i], head(x[i:i + 1])[0]) for i in range(9))
+    reference = torch.nn.functional.linear(x, head.dequantize())
+    assert ((out - reference).abs().amax(dim=1) <= 0.03 * reference.abs().amax(dim=1)).all()

@@ -14,9 +14,10 @@ A weight matrix W [out, in] is stored as small integers and scales:
 Kernels (measurements per kernel and shape: benchmarks/RESULTS.md, "Quantised kernels"): decode rows (one token
 each, up to `DECODE_ROWS`) go through an integer kernel, `torch._weight_int8pack_mm` for int8 and
 `torch._weight_int4pack_mm_for_cpu` for int4, both with bf16 activations, except the output head, which takes
-fbgemm's dynamic int8 linear (8-bit activations, one scale per call, called per row so that no row's scale depends
-on another's): 8-bit activations elsewhere blur the outliers of the o_proj and down_proj inputs and cost
-perplexity, while on the head they cost none and save most of its time. A prompt's rows go through the same
+8-bit activations, one scale per row so that no row's result depends on another's: `torch._int_mm` over all rows
+at once where it multiplies exactly (`exact_int8_matmul`: VNNI CPUs), else fbgemm's dynamic int8 linear row by
+row. 8-bit activations elsewhere blur the outliers of the o_proj and down_proj inputs and cost perplexity, while on
+the head they cost none and save most of its time. A prompt's rows go through the same
 bf16-activation kernel while they are few enough that it beats dequantising (`kernel_rows`, timed per shape: a
 chat turn's few dozen tokens, a draft being checked); more rows dequantise the matrix and multiply in bf16 where
 this CPU's bf16 matmul is the faster (`prefill_dtype`, timed), else in float32. Elsewhere (CUDA) every call
@@ -112,16 +113,36 @@ def _fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+_EXACT_INT_MM: list[bool] = []  # [whether torch._int_mm is exact here], probed once
+
+
+def exact_int8_matmul() -> bool:
+    """Whether this CPU multiplies int8 rows by an int8 matrix exactly with `torch._int_mm` (oneDNN's VNNI path
+    does; its AVX2 path sums byte pairs in saturating 16-bit lanes and gets large products wrong), probed once on
+    full-range values. Exact integer products make each row's result independent of the rows beside it."""
+    if not _EXACT_INT_MM:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randint(-127, 128, (3, 64), dtype=torch.int8, generator=generator)
+        w = torch.randint(-127, 128, (64, 64), dtype=torch.int8, generator=generator)
+        try:
+            _EXACT_INT_MM.append(torch.equal(torch._int_mm(x, w.t()), x.int() @ w.int().t()))
+        except RuntimeError:
+            _EXACT_INT_MM.append(False)
+    return _EXACT_INT_MM[0]
+
+
 def note_kernels() -> None:
     """Record for `sparkgpt info` which kernels quantised layers take on this CPU (see the module docstring)."""
-    head = "fbgemm's dynamic int8 linear" if _fbgemm_available() else "torch._weight_int8pack_mm"
+    head = ("int8 activations per row through torch._int_mm" if exact_int8_matmul() else
+            "fbgemm's dynamic int8 linear, row by row" if _fbgemm_available() else "torch._weight_int8pack_mm")
     hardware.note("quantised decode (≤ 16 rows)", f"torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu "
                   f"(bf16 activations); output head: {head}", "integer kernels read 4× fewer bytes than bf16")
     dequantize = "native one-pass" if native.ops() is not None else "PyTorch"
     here = hardware.cpu()
     matmul = "AMX" if here.has("amx_bf16") else "AVX512-BF16" if here.native_bf16 else "bf16 emulated in float32"
-    hardware.note("quantised prefill", f"{dequantize} dequantisation to bf16, then oneDNN's bf16 matmul ({matmul})",
-                  "many rows: a dense bf16 matmul beats every integer kernel")
+    hardware.note("quantised prefill", f"the decode kernels up to the rows timed faster, then {dequantize} "
+                  f"dequantisation and a float32 or bf16 matmul ({matmul}), whichever was timed faster",
+                  "many rows: a dense matmul beats every integer kernel")
 
 
 def prefill_dtype(in_features: int, out_features: int) -> torch.dtype:
@@ -184,8 +205,9 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.method, self.group_size = check_method(method), group_size
-        # int8 decode kernel: 8-bit activations (fbgemm; the head) if True, else bfloat16 ones (module docstring)
-        self.quantize_activations = quantize_activations and method == "int8" and _fbgemm_available()
+        # int8 decode kernel: 8-bit activations (the head) if True, else bfloat16 ones (module docstring)
+        self.quantize_activations = quantize_activations and method == "int8" and (
+            _fbgemm_available() or exact_int8_matmul())
         if method == "int8":
             self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
@@ -286,10 +308,18 @@ class QuantizedLinear(nn.Module):
         return (self.qweight, packed[0]) if self.method == "int8" else packed
 
     def decode_kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The integer kernel for a few rows (CPU). fbgemm is called row by row: its one activation scale per call
-        would otherwise tie the rows of a batch together, and each row must compute what it would alone."""
-        packed = self._packed if self._packed_from is self.qweight else self._pack()
+        """The integer kernel for a few rows (CPU). 8-bit activations take one scale per row, so that each row
+        computes what it would alone: rows quantised each by its own absolute maximum and multiplied exactly in
+        integers by `torch._int_mm` (one pass over the weight for all rows) where that is exact, else fbgemm's
+        dynamic linear called row by row (its one scale per call would tie the rows of a batch together)."""
         shape = (*x.shape[:-1], self.out_features)
+        if self.quantize_activations and exact_int8_matmul() and self.in_features % 8 == self.out_features % 8 == 0:
+            flat = x.reshape(rows, self.in_features).float()
+            row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            levels = torch.round(flat / row_scales).to(torch.int8)
+            out = torch._int_mm(levels, self.qweight.t()) * row_scales * self.scales
+            return (out if self.bias is None else out + self.bias).to(x.dtype).view(shape)
+        packed = self._packed if self._packed_from is self.qweight else self._pack()
         if self.method == "int8":
             if self.quantize_activations:
                 if rows == 1:
