@@ -65,6 +65,15 @@ def messages(index: int) -> list[dict[str, str]]:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int) -> Result:
+    """One streamed chat request; sent again once if the server closed a kept-alive connection before answering
+    (llama-server does, now and then): that costs the server nothing and is not its failure."""
+    result = await _one_request(client, url, model, index, max_tokens)
+    if result.error and result.error.startswith("RemoteProtocolError") and result.first_token is None:
+        result = await _one_request(client, url, model, index, max_tokens)
+    return result
+
+
+async def _one_request(client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int) -> Result:
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
             "temperature": 0.7, "top_p": 0.95, "seed": index, "messages": messages(index)}
     start = time.perf_counter()
@@ -210,6 +219,27 @@ def main() -> None:
 CONTEXT = 1024  # tokens per slot, both servers
 
 
+def generate_alone(args: argparse.Namespace) -> float:
+    """Tokens/s of `lm.generate` in a fresh process on concurrency 1's requests (same prompts, sampling and
+    max_tokens, prefill included): what one stream through the server is measured against."""
+    script = f"""
+import sys, time, torch, sparkgpt
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from bench_serve import messages
+if {args.threads!r}: torch.set_num_threads({args.threads!r})
+lm = sparkgpt.load({args.ref!r}, dtype={args.dtype!r}, quantize={args.quantize!r})
+def one(index):
+    return len(lm.complete([lm.chat_prompt(messages(index))], max_new_tokens={args.max_tokens}, temperature=0.7,
+                           top_p=0.95, seed=index)[0].token_ids)
+one(10_000)
+start = time.perf_counter()
+tokens = sum(one(index) for index in range({args.requests_per_client}))
+print(tokens / (time.perf_counter() - start))
+"""
+    output = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
 @contextlib.contextmanager
 def server_process(command: list[str]) -> Iterator[str]:
     """Start a server (`command` + --port) on a free loopback port, wait until /health answers 200 (300 s at
@@ -263,7 +293,9 @@ def compare_with_llama_server(args: argparse.Namespace, ours: list[str], model: 
           f"{args.quantize or args.dtype}; max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95", flush=True)
     rows: dict[tuple[str, int], list[dict]] = {}
     servers = [("sparkgpt", ours), ("llama-server", theirs)]
+    alone = []
     for round_ in range(args.rounds):
+        alone.append(generate_alone(args))
         for name, command in servers if round_ % 2 == 0 else servers[::-1]:
             with server_process(command) as url:
                 run = level_runner(url, model)
@@ -272,6 +304,10 @@ def compare_with_llama_server(args: argparse.Namespace, ours: list[str], model: 
                     requests = args.requests_per_client * concurrency
                     wall, results = run(concurrency, requests, args.max_tokens, 0)
                     rows.setdefault((name, concurrency), []).append(summarise(name[:6], concurrency, wall, results))
+    for round_, rate in enumerate(alone):
+        served = rows[("sparkgpt", 1)][round_]["tokens_per_s"] if 1 in args.levels else float("nan")
+        print(f"round {round_ + 1}: one stream through our server {served:.1f} tok/s, lm.generate in-process "
+              f"{rate:.1f} tok/s: {served / rate:.2f}x")
     print("\n| concurrency | round | sparkgpt tok/s | llama-server tok/s | ratio | sparkgpt p50 first token s "
           "| llama-server p50 first token s |\n|---:|---:|---:|---:|---:|---:|---:|")
     for concurrency in args.levels:
