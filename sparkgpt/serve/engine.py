@@ -154,6 +154,9 @@ class _Sequence:
     fed: list[int] = field(default_factory=list)  # the generated tokens fed back (their keys/values are cached)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled by the prefill, sent with the first event
     matcher: Any = None             # this choice's grammar state (an llguidance LLMatcher); None: unconstrained
+    # Draft tokens its next step may check: two more than its last draft kept, so a text that copies its input
+    # drafts long and one that does not wastes few rows on guesses.
+    draft_limit: int = 4
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
@@ -712,6 +715,7 @@ class Engine:
                             len(draft))
                 self.drafted_tokens += len(draft)
                 self.accepted_tokens += kept
+                sequence.draft_limit = kept + 2
                 self._advance(sequence, [sequence.next_token, *draft[:kept]], best[:kept + 1], [None] * (kept + 1))
 
     def _drafts(self, sequences: list[_Sequence]) -> list[list[int]]:
@@ -727,7 +731,7 @@ class Engine:
             if (not request.params.plain_greedy or sequence.matcher is not None or request.logprobs is not None
                     or rows >= DECODE_ROWS):
                 continue
-            room = min(self.speculative_tokens, DECODE_ROWS - rows,
+            room = min(self.speculative_tokens, sequence.draft_limit, DECODE_ROWS - rows,
                        request.params.max_new_tokens - sequence.stop.generated - 1)
             if room > 0:
                 drafts[index] = prompt_lookup_draft([*request.prompt_ids, *sequence.fed, sequence.next_token], room)
