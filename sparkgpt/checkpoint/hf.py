@@ -93,14 +93,20 @@ def state_dict_from_hf(
     tensors = {(name if name.startswith(base_prefix) or name == "lm_head.weight" else base_prefix + name): t
                for name, t in tensors.items() if not name.endswith(family.ignored_tensors)}
     ours = family.to_ours(tensors, config) if family.to_ours else {}
-    missing = []
-    for our_name, their_name in family.tensor_names(config).items():
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # a tied head some writers store anyway; it is the embedding
+    return ours | take_tensors(tensors, family.tensor_names(config), source)
+
+
+def take_tensors(tensors: dict[str, torch.Tensor], names: dict[str, str], source: str) -> dict[str, torch.Tensor]:
+    """The tensors `names` maps (our name -> theirs) moved out of `tensors` under our names; a missing tensor, or
+    one left over, is a one-line error naming it and `source`."""
+    ours, missing = {}, []
+    for our_name, their_name in names.items():
         if their_name in tensors:
             ours[our_name] = tensors.pop(their_name)
         else:
             missing.append(their_name)
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # a tied head some writers store anyway; it is the embedding
     if missing:
         raise SparkGPTError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if tensors:

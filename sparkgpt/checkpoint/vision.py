@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparkgpt.checkpoint.families import GENERIC_KEYS
-from sparkgpt.checkpoint.hf import CONFIG_FILE, WEIGHTS_FILE, check_shapes, read_tensors, weight_files
+from sparkgpt.checkpoint.hf import CONFIG_FILE, WEIGHTS_FILE, check_shapes, read_tensors, take_tensors, weight_files
 from sparkgpt.config import ModelConfig
 from sparkgpt.data.images import CLIP_PREPROCESSING, VIT_PREPROCESSING, ImagePreprocessing
 from sparkgpt.errors import SparkGPTError
@@ -248,18 +248,6 @@ def clip_tensor_names(config: CLIPConfig) -> dict[str, str]:
 
 # ---- both ------------------------------------------------------------------------------------------------------
 
-def _rename(tensors: dict[str, torch.Tensor], names: dict[str, str], source: str) -> dict[str, torch.Tensor]:
-    state, missing = {}, []
-    for ours, theirs in names.items():
-        if theirs in tensors:
-            state[ours] = tensors.pop(theirs)
-        else:
-            missing.append(theirs)
-    if missing:
-        raise SparkGPTError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if tensors:
-        raise SparkGPTError(f"{source}: unexpected tensor(s) {', '.join(sorted(tensors)[:5])}")
-    return state
 
 
 def read_checkpoint(directory: Path) -> tuple[VisionConfig | CLIPConfig, dict[str, torch.Tensor], str]:
@@ -272,13 +260,13 @@ def read_checkpoint(directory: Path) -> tuple[VisionConfig | CLIPConfig, dict[st
     tensors = {name: t for name, t in read_tensors(files).items() if not name.endswith(".position_ids")}
     if hf.get("model_type") == "clip":
         config = clip_config_from_hf(hf, str(config_path))
-        return config, _rename(tensors, clip_tensor_names(config), source), source
+        return config, take_tensors(tensors, clip_tensor_names(config), source), source
     if hf.get("model_type") != "vit":
         raise SparkGPTError(f"{config_path}: model_type {hf.get('model_type')!r} is not a vision model; expected "
                             f"one of {', '.join(MODEL_TYPES)}")
     tensors = {name.removeprefix("vit."): t for name, t in tensors.items()}  # a task model's encoder
     config = vit_config_from_hf(hf, str(config_path), pooler="pooler.dense.weight" in tensors)
-    state = _rename(tensors, vit_tensor_names(config), source)
+    state = take_tensors(tensors, vit_tensor_names(config), source)
     for name in ("embeddings.cls_token", "embeddings.position_embedding.weight"):
         if state[name].dim() == 3 and state[name].shape[0] == 1:
             state[name] = state[name].squeeze(0).squeeze(0) if name.endswith("cls_token") else state[name][0]

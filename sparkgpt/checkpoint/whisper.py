@@ -9,7 +9,14 @@ from typing import Any
 import torch
 
 from sparkgpt.checkpoint import ctranslate2
-from sparkgpt.checkpoint.hf import CONFIG_FILE, GENERATION_CONFIG_FILE, check_shapes, read_tensors, weight_files
+from sparkgpt.checkpoint.hf import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    check_shapes,
+    read_tensors,
+    take_tensors,
+    weight_files,
+)
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import read_json_object
 from sparkgpt.model.whisper import Whisper, WhisperConfig, whisper_config
@@ -138,16 +145,7 @@ def read_transformers(directory: Path) -> tuple[WhisperConfig, dict[str, torch.T
     if projection is not None and embedding is not None and not torch.equal(projection, embedding):
         raise SparkGPTError(f"{source}: proj_out.weight differs from decoder.embed_tokens.weight; sparkgpt's Whisper "
                             "ties them")
-    state, missing = {}, []
-    for ours, theirs in whisper_hf_tensor_names(config).items():
-        if theirs in tensors:
-            state[ours] = tensors.pop(theirs)
-        else:
-            missing.append(theirs)
-    if missing:
-        raise SparkGPTError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if tensors:
-        raise SparkGPTError(f"{source}: unexpected tensor(s) {', '.join(sorted(tensors)[:5])}")
+    state = take_tensors(tensors, whisper_hf_tensor_names(config), source)
     for name in [n for n in state if n.endswith("k_proj.weight")]:
         weight = state[name]
         state[name.removesuffix("weight") + "bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
