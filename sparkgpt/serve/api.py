@@ -87,6 +87,7 @@ from sparkgpt.serve.protocol import (
     tool_messages,
     usage,
 )
+from sparkgpt.serve.tool_calls import ToolCallReply, parse_tool_calls, streamable
 from sparkgpt.serve.transcription import TRANSCRIPTIONS_PATH, Transcriber, read_form, transcription_response
 from sparkgpt.tasks.grounded import cite
 
@@ -583,16 +584,18 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
     completion_tokens = sum(tokens)
     state.metrics.prompt_tokens.inc(prompt_tokens)
     state.metrics.generation_tokens.inc(completion_tokens)
-    if sources is not None:  # citations of sources it was not shown go; one that uses a source's words cites it
-        texts = [cite(text, sources) for text in texts]
     tokenizer = engine_call.engine.lm.tokenizer
     if chat:
         choices = []
         for i in range(count):
             message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
-            tool_call = finished_tool_call(call, texts[i], reasons[i])
-            if tool_call is not None:
-                message, reasons[i] = {"role": "assistant", "content": None, "tool_calls": [tool_call]}, "tool_calls"
+            reply = tool_call_reply(call, texts[i], reasons[i])
+            if reply is not None:
+                message, reasons[i] = {"role": "assistant", "content": reply.content,
+                                       "tool_calls": [tool_call_entry(c) for c in reply.calls]}, "tool_calls"
+            if sources is not None and message["content"] is not None:
+                # citations of sources it was not shown go; one that uses a source's words cites it
+                message["content"] = cite(message["content"], sources)
             choices.append({"index": i, "message": message, "finish_reason": reasons[i],
                             "logprobs": None if call.logprobs is None else chat_logprobs(tokenizer, sampled[i])})
     else:
@@ -614,15 +617,13 @@ async def collect(request: Request, state: ServeState, engine_call: EngineCall, 
     })
 
 
-def finished_tool_call(call: Call, text: str, reason: str | None) -> dict[str, Any] | None:
-    """A choice's tool call (OpenAI's tool_calls entry) when its grammar was a tool call's and it ran to the end;
-    None for free text, or a call cut short (by max_tokens or a stop string), which stays text."""
-    if not call.tool_call or reason != "stop":
+def tool_call_reply(call: Call, text: str, reason: str | None) -> ToolCallReply | None:
+    """The tool calls a chat choice's reply makes, read when the request lets it call tools (tool_choice "auto",
+    "required" or a named function) and the reply ran to its end; None for text, or a reply cut short by
+    max_tokens, which stays text."""
+    if not call.tools or reason != "stop":
         return None
-    try:
-        return tool_call_entry(json.loads(text))
-    except (ValueError, KeyError, TypeError):
-        return None
+    return parse_tool_calls(text, call.tools)
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -632,25 +633,34 @@ def sse(data: dict[str, Any] | str) -> str:
 async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: str, chat: bool,
                      started: float, sources: list[Hit] | None = None) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending in `data: [DONE]`; a grounded chat's sources ride on
-    the first chunk (a "sources" field beside "choices")."""
+    the first chunk (a "sources" field beside "choices").
+
+    A chat that may call tools streams its text until a call may begin (`tool_calls.streamable`) and holds the rest
+    to the end: then the calls it makes go out as one `tool_calls` delta (after any text around them), or, if it
+    makes none, the held text goes out as content."""
     call = engine_call.call
     count = len(call.prompts) * call.n
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     usage_field = {"usage": None} if call.include_usage else {}
+    tokenizer = engine_call.engine.lm.tokenizer
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         return sse({"id": response_id, "object": obj, "created": created, "model": state.model_name,
                     "system_fingerprint": None, "choices": choices, **extra, **usage_field})
+
+    def delta_chunk(index: int, delta: dict[str, Any], entries: list[TokenLogprob]) -> str:
+        logprobs = None if call.logprobs is None else chat_logprobs(tokenizer, entries)
+        return chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
 
     if chat:
         grounded = {} if sources is None else {"sources": [hit.to_json() for hit in sources]}
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(count)], **grounded)
     tokens = [0] * count
-    tokenizer = engine_call.engine.lm.tokenizer
-    held = [""] * count  # a tool call's text, sent whole as tool_calls once it is complete
-    held_logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
+    texts = [""] * count  # each chat choice's reply so far
+    sent = [0] * count    # how much of it has gone out as content; the rest may be a tool call
+    held_logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]  # they go out with their tokens' last text
     offsets = [0] * count  # each completion choice's text offset so far (legacy logprobs' text_offset)
     echoed = [call.echo_texts is None] * count
     first_token = True
@@ -666,26 +676,31 @@ async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: st
             if first_token and event.text:
                 state.metrics.time_to_first_token.observe(time.perf_counter() - started)
                 first_token = False
-            if chat and call.tool_call:
-                held[index] += event.text
+            if chat:
+                reply_text = texts[index] = texts[index] + event.text
                 held_logprobs[index] += event.logprobs
                 if event.finish_reason is None:
+                    ready = streamable(reply_text) if call.tools else len(reply_text)
+                    whole = ready == len(reply_text)
+                    if ready > sent[index] or (whole and held_logprobs[index]):
+                        yield delta_chunk(index, {"content": reply_text[sent[index]:ready]},
+                                          held_logprobs[index] if whole else [])
+                        sent[index] = ready
+                        if whole:
+                            held_logprobs[index] = []
                     continue
-                tool_call = finished_tool_call(call, held[index], event.finish_reason)
-                delta = {"content": held[index]} if tool_call is None else {"tool_calls": [{"index": 0, **tool_call}]}
-                logprobs = None if call.logprobs is None else chat_logprobs(tokenizer, held_logprobs[index])
-                yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
-                yield chunk([{"index": index, "delta": {}, "logprobs": None,
-                              "finish_reason": event.finish_reason if tool_call is None else "tool_calls"}])
-                continue
-            if chat:
-                if event.text or event.logprobs:
-                    logprobs = None if call.logprobs is None else chat_logprobs(tokenizer, event.logprobs)
-                    yield chunk([{"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
-                                  "finish_reason": None}])
-                if event.finish_reason is not None:
-                    yield chunk([{"index": index, "delta": {}, "logprobs": None,
-                                  "finish_reason": event.finish_reason}])
+                rest, reason = reply_text[sent[index]:], event.finish_reason
+                reply = tool_call_reply(call, rest, reason)  # what went out holds no call: the rest has all
+                if reply is None:
+                    if rest or held_logprobs[index]:
+                        yield delta_chunk(index, {"content": rest}, held_logprobs[index])
+                else:
+                    if reply.content is not None:
+                        yield delta_chunk(index, {"content": reply.content}, [])
+                    calls = [{"index": i, **tool_call_entry(c)} for i, c in enumerate(reply.calls)]
+                    yield delta_chunk(index, {"tool_calls": calls}, held_logprobs[index])
+                    reason = "tool_calls"
+                yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
                 continue
             text, entries, ids = event.text, event.logprobs, [entry.token for entry in event.logprobs]
             if not echoed[index]:  # a choice's first chunk starts with its prompt (and its prompt's logprobs)

@@ -312,7 +312,7 @@ class Call:
     score_only: bool = False               # max_tokens 0 with echo: the prompt is scored, nothing generated
     echo_texts: list[str] | None = None    # /v1/completions' echo: each prompt's text, put before its choices'
     grammar: Grammar | None = None         # what every choice's text must match (structured output, tool calls)
-    tool_call: bool = False                # the grammar is a tool call's: the reply carries it as tool_calls
+    tools: Sequence[dict[str, Any]] = ()   # the tools whose calls a chat reply may carry (`tool_calls.py` reads them)
 
 
 def prepare_call(
@@ -375,9 +375,10 @@ def prepare_call(
     except ContextLengthExceeded as error:
         raise invalid(prompt_param, str(error), code="context_length_exceeded") from None
     echo_texts = _prompt_texts(engine.lm.tokenizer, body.get("prompt"), prompts) if echo else None
-    grammar, tool_call = structured_grammar(engine, body)
+    grammar = structured_grammar(engine, body)
+    tools, _ = parse_tools(body)
     return Call(prompts, params, n, stream, include_usage, logprobs, logprobs if echo else None, score_only,
-                echo_texts, grammar, tool_call)
+                echo_texts, grammar, () if body.get("tool_choice") == "none" else tools)
 
 
 def parse_chat_logprobs(body: dict[str, Any]) -> tuple[int | None, bool]:
@@ -434,10 +435,10 @@ def parse_logit_bias(value: Any, vocab_size: int) -> dict[int, float] | None:
     return bias
 
 
-def structured_grammar(engine: Engine, body: dict[str, Any]) -> tuple[Grammar | None, bool]:
-    """The compiled grammar a request's structured-output field or forced tool call asks for (None: free text),
-    and whether it is a tool call's. Compiling runs the grammar engine: call it off the event loop. Anything the
-    grammar engine cannot enforce is a 400 naming the field, never free text."""
+def structured_grammar(engine: Engine, body: dict[str, Any]) -> Grammar | None:
+    """The compiled grammar a request's structured-output field or forced tool call asks for (None: free text).
+    Compiling runs the grammar engine: call it off the event loop. Anything the grammar engine cannot enforce is a
+    400 naming the field, never free text."""
     asked = [name for name in STRUCTURED_FIELDS if body.get(name) is not None]
     if len(asked) > 1:
         raise invalid(asked[1], f"Ask for one kind of structured output: {' and '.join(map(repr, asked))} were both "
@@ -449,10 +450,10 @@ def structured_grammar(engine: Engine, body: dict[str, Any]) -> tuple[Grammar | 
     if forced is not None:
         source = tool_call_source(tools, forced)
     if source is None:
-        return None, False
+        return None
     build, param, what = source
     try:
-        return engine.grammars.compile(build()), forced is not None
+        return engine.grammars.compile(build())
     except GrammarError as error:
         raise invalid(param, f"Invalid {what}: {error}", code="invalid_grammar") from None
 
@@ -548,8 +549,8 @@ def _choice_source(choices: Any, param: str) -> GrammarSource:
 
 def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     """Chat's `tools` (OpenAI's [{"type": "function", "function": {name, description, parameters}}]) and which
-    call `tool_choice` forces: None ("none", or "auto": the reply is free text), "" ("required": a call of any of
-    them), or a function's name."""
+    call `tool_choice` forces: None ("none", or "auto": the reply is free, and under "auto" the calls it makes are
+    read out of it afterwards), "" ("required": a call of any of them), or a function's name."""
     tools = body.get("tools")
     if tools is None:
         tools = []
@@ -649,13 +650,8 @@ def chat_prompt_ids(lm: LM, messages: list[dict[str, Any]], tools: list[dict[str
     return lm.chat_prompt(tool_messages(messages, tools) if tools else messages)
 
 
-def tool_call_message(text: str) -> dict[str, Any]:
-    """A finished tool-call reply (the grammar made it {"name", "arguments"}) as OpenAI's assistant message."""
-    call = json.loads(text)
-    return {"role": "assistant", "content": None, "tool_calls": [tool_call_entry(call)]}
-
-
 def tool_call_entry(call: dict[str, Any]) -> dict[str, Any]:
+    """A call {"name", "arguments"} as OpenAI's tool_calls entry, its arguments a JSON string."""
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
 
