@@ -199,8 +199,9 @@ def test_gemma_models_llama_cpp_would_run_differently_are_refused(hf_gemma3, exp
         "soft-capped attention scores or logits": dict(final_logit_softcap=30.0),
         "a local rope base of 20000": dict(rope_local_theta=20_000.0),
         "layer pattern lldlld": dict(attention_patterns=["local", "local", "dense"]),
-        r"Gemma 2 \(soft-capped": dict(qk_norm=False, rope_local_theta=None, attn_logit_softcap=50.0,
-                                       final_logit_softcap=30.0, attention_patterns=["local", "dense"]),
+        "gemma2 model has layer pattern lldlld": dict(qk_norm=False, rope_local_theta=None, attn_logit_softcap=50.0,
+                                                      final_logit_softcap=30.0,
+                                                      attention_patterns=["local", "local", "dense"]),
         r"rope scaling \(linear\)": dict(rope_scaling={"rope_type": "linear", "factor": 8.0}),
     }
     for message, change in cases.items():

@@ -525,9 +525,10 @@ def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torc
 
 # ---- the llama architecture -------------------------------------------------------------------------------
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 # ggml rotates adjacent pairs for these (rope type "norm"), so llama.cpp's converter reorders their Q/K rows; the
-# others (Qwen2, Qwen3, Gemma 3: rope type "neox") rotate halves, as transformers does, and are stored as they are.
+# others (Qwen2, Qwen3, Gemma 2 and 3: rope type "neox") rotate halves, as transformers does, and are stored
+# as they are.
 _INTERLEAVED_ROPE = ("llama",)
 
 # Inside blk.N (GGUF) -> inside blocks.N (ours).
@@ -542,13 +543,25 @@ _LLAMA_BLOCK_TENSORS = {
     "ffn_up.weight": "ffn.up_proj.weight",
     "ffn_down.weight": "ffn.down_proj.weight",
 }
-# Gemma 3's sandwich norms. llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w: our g as it is.
-_GEMMA3_BLOCK_TENSORS = {"post_attention_norm.weight": "attn_post_norm.weight",
+# Gemma 2 and 3's sandwich norms. llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w: our g as it is.
+_GEMMA_BLOCK_TENSORS = {"post_attention_norm.weight": "attn_post_norm.weight",
                          "post_ffw_norm.weight": "ffn_post_norm.weight"}
 # What llama.cpp fixes in code for gemma3 files rather than in metadata: one global layer in six, and the rope base
 # of the sliding-window layers.
 _GEMMA3_GLOBAL_EVERY = 6
 _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
+# What llama.cpp's gemma2 assumes when a file omits it (in the order gguf_model_config unpacks them): one global
+# layer in two, Gemma 2's window and its caps of attention scores and of logits.
+GEMMA2_DEFAULTS = {"attention.sliding_window_pattern": 2, "attention.sliding_window": 4096,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+# llama.cpp's gemma2 scales scores by head_dim^-1/2, except in the 46-layer 27B, whose query_pre_attn_scalar
+# is d_model / n_heads (it reads no such key, so the layer count is what tells them apart).
+GEMMA2_27B_LAYERS = 46
+
+
+def gemma2_query_pre_attn_scalar(n_layers: int, d_model: int, n_heads: int, head_dim: int) -> float:
+    """The query_pre_attn_scalar llama.cpp's gemma2 applies (scores × its ^-1/2) for a model of this shape."""
+    return d_model / n_heads if n_layers == GEMMA2_27B_LAYERS else float(head_dim)
 
 
 def _architecture(gguf: GGUFFile) -> str:
@@ -578,8 +591,8 @@ def _metadata_number(gguf: GGUFFile, key: str, kind: type, default: Any = _REQUI
 
 
 def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
-    """Our ModelConfig from a `llama`, `qwen2` or `qwen3` GGUF file's metadata (and whether it stores a separate output
-    matrix)."""
+    """Our ModelConfig from a `llama`, `qwen2`, `qwen3`, `gemma2` or `gemma3` GGUF file's metadata (and whether it
+    stores a separate output matrix)."""
     arch = _architecture(gguf)
 
     def number(key: str, kind: type = int, default: Any = _REQUIRED) -> Any:
@@ -612,6 +625,16 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
         family = dict(ffn="geglu", sandwich_norm=True, scale_embeddings=True, attention_scale=head_dim ** -0.5,
                       rope_local_theta=_GEMMA3_LOCAL_ROPE_THETA, attention_window=number("attention.sliding_window"),
                       attention_patterns=["dense" if (i + 1) % every == 0 else "local" for i in range(n_layers)])
+    elif arch == "gemma2":
+        n_layers, rope_theta = number("block_count"), number("rope.freq_base", float, default=10000.0)
+        local_theta = number("rope.freq_base_swa", float, default=rope_theta)
+        every, window, attn_cap, final_cap = (number(key, type(default), default)
+                                              for key, default in GEMMA2_DEFAULTS.items())
+        scalar = gemma2_query_pre_attn_scalar(n_layers, d_model, n_heads, head_dim)
+        family = dict(ffn="geglu", sandwich_norm=True, scale_embeddings=True, attention_scale=scalar ** -0.5,
+                      rope_local_theta=local_theta if local_theta != rope_theta else None, attention_window=window,
+                      attention_patterns=["dense" if (i + 1) % every == 0 else "local" for i in range(n_layers)],
+                      attn_logit_softcap=attn_cap, final_logit_softcap=final_cap)
     try:
         return ModelConfig(
             **family,
@@ -640,7 +663,7 @@ def llama_tensor_names(config: ModelConfig) -> dict[str, str]:
             for short in ("q", "k"):
                 names[f"blocks.{i}.attn.{short}_norm.weight"] = f"blk.{i}.attn_{short}_norm.weight"
         if config.sandwich_norm:
-            for theirs, ours in _GEMMA3_BLOCK_TENSORS.items():
+            for theirs, ours in _GEMMA_BLOCK_TENSORS.items():
                 names[f"blocks.{i}.{ours}"] = f"blk.{i}.{theirs}"
     if not config.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
@@ -721,8 +744,8 @@ def load_gguf_model(
     source: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     quantize: str | None = None,
 ):
-    """Build our GPT from a llama-, qwen2-, qwen3- or gemma3-architecture GGUF file, every tensor dequantised and
-    cast to `dtype`; or, with `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4,
+    """Build our GPT from a llama-, qwen2-, qwen3-, gemma2- or gemma3-architecture GGUF file, every tensor dequantised
+    and cast to `dtype`; or, with `quantize` ("int8"/"int4"), quantised (`sparkgpt.model.quant`): under int4,
     Q4_0/Q4_1/Q4_K matrices keep their own 4-bit levels and groups (no float round trip), those stored with more
     bits become int8 (`_INT8_UNDER_INT4`), everything else is dequantised, then quantised."""
     gguf = source if isinstance(source, GGUFFile) else read_gguf(source)

@@ -1,9 +1,9 @@
 """GGUF export: a decoder and its tokenizer as one llama.cpp file (llama.cpp, Ollama, LM Studio).
 
-The file is what llama.cpp's convert_hf_to_gguf.py writes: GGUF v3, `general.*` and `<arch>.*` metadata, a
-byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2" with its merges) and chat template, and the tensors under
-GGUF's names (`gguf.llama_tensor_names`, the reader's table). The llama.cpp architecture follows the model's family,
-one row of `ARCHITECTURES` each:
+The file is what llama.cpp's convert_hf_to_gguf.py writes: GGUF v3, `general.*` and `<arch>.*` metadata, the
+tokenizer (`tokenizer.ggml.model` "gpt2" with its merges, or SentencePiece's "llama" with scores) and chat template,
+and the tensors under GGUF's names (`gguf.llama_tensor_names`, the reader's table). The llama.cpp architecture
+follows the model's family, one row of `ARCHITECTURES` each:
 
     llama    Llama, Phi-3 (its math is Llama's: written unfused), Mistral whose window covers its context; the
              Q/K rows permuted for ggml's rope (`gguf.permute_rope_rows`)
@@ -12,9 +12,14 @@ one row of `ARCHITECTURES` each:
     gemma3   GeGLU, sandwich norms, q/k norms; llama.cpp stores Gemma's RMSNorm as 1 + w, which is our g as it is;
              it fixes in code the embeddings' √d scale, one global layer in six, the local layers' rope base 10,000
              and scores × head_dim^-½, so a model that differs in those is refused, as are soft-capped logits
+    gemma2   Gemma 3 less the q/k norms, plus the soft-caps of scores and logits (which llama.cpp always applies);
+             it fixes one global layer in two, one rope base, the embedding as output matrix and scores ×
+             head_dim^-½ (d_model / n_heads in the 46-layer 27B): a model that differs in those is refused
 
 llama.cpp's llama, qwen2 and qwen3 have no sliding window: a model whose window is shorter than its context is
-refused, as is any other family (Gemma 2's soft-caps, mixtures of experts, GPT-2, ...) and rope scaling. Weight types:
+refused, as is any other family (mixtures of experts, GPT-2, ...) and rope scaling. The tokenizer goes out as
+`gguf_tokenizer.tokenizer_metadata` writes it: byte-level BPE as "gpt2", SentencePiece-style BPE as "llama".
+Weight types:
 
     f32, f16   every matrix in that type
     q8_0       every matrix Q8_0, token embedding and output included (as the converter's --outtype q8_0)
@@ -51,12 +56,14 @@ from sparkgpt.checkpoint.gguf import (
     F16,
     F32,
     FLOAT32,
+    GEMMA2_DEFAULTS,
     GGML_TYPES,
     MAGIC,
     Q4_0,
     Q8_0,
     STRING,
     UINT32,
+    gemma2_query_pre_attn_scalar,
     llama_tensor_names,
     permute_rope_rows,
 )
@@ -167,6 +174,24 @@ def _gemma3_unsupported(config: ModelConfig, arch: str) -> str | None:
     return None
 
 
+def _gemma2_unsupported(config: ModelConfig, arch: str) -> str | None:
+    """What llama.cpp's gemma2 fixes in code rather than reading from the file, and this model has otherwise."""
+    if config.attn_logit_softcap is None or config.final_logit_softcap is None:
+        return "no soft-cap on its attention scores or logits (llama.cpp's gemma2 always caps both)"
+    if not config.tie_embeddings:
+        return "an output matrix of its own (llama.cpp's gemma2 reuses the token embedding)"
+    scalar = gemma2_query_pre_attn_scalar(config.n_layers, config.d_model, config.n_heads, config.head_dim)
+    if not math.isclose(config.attention_scale, scalar ** -0.5, rel_tol=1e-6):
+        return f"query_pre_attn_scalar {config.attention_scale ** -2:g}, not the {scalar:g} llama.cpp's gemma2 " \
+            "assumes for its shape (head_dim; d_model / n_heads in 46 layers)"
+    every = GEMMA2_DEFAULTS["attention.sliding_window_pattern"]
+    expected = ["dense" if (i + 1) % every == 0 else "local" for i in range(config.n_layers)]
+    if config.layer_patterns() != expected:
+        return f"layer pattern {''.join(p[0] for p in config.layer_patterns())} (l local, d dense): llama.cpp's " \
+            "gemma2 alternates local and global layers, local first"
+    return None
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One llama.cpp architecture as we write it: its name (general.architecture and the keys' prefix), what of a
@@ -187,10 +212,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3_text": Architecture("gemma3", _gemma3_unsupported, {
         "attention.sliding_window": (UINT32, lambda config: config.attention_window),
     }),
+    "gemma2": Architecture("gemma2", _gemma2_unsupported, {
+        "attention.sliding_window": (UINT32, lambda config: config.attention_window),
+        "attn_logit_softcapping": (FLOAT32, lambda config: config.attn_logit_softcap),
+        "final_logit_softcapping": (FLOAT32, lambda config: config.final_logit_softcap),
+    }),
 }
 # Families we know and do not write, and why (anything else is named by its shape).
 REFUSED = {
-    "gemma2": "Gemma 2 (soft-capped attention scores and logits, one global layer in two)",
     "mixtral": "a mixture of experts (Mixtral)",
     "gpt2": "GPT-2 (learned positions, LayerNorm, biases)",
     "gpt_neo": "GPT-Neo (learned positions, LayerNorm, biases)",
@@ -198,7 +227,7 @@ REFUSED = {
     "t5": "an encoder–decoder (T5)",
 }
 SUPPORTED = "Llama-family models (Llama, Mistral, Phi-3: decoder, RoPE, RMSNorm, SwiGLU, no biases), Qwen2, " \
-    "Qwen3 and Gemma 3"
+    "Qwen3, Gemma 2 and Gemma 3"
 
 
 def architecture_for(config: ModelConfig) -> Architecture:

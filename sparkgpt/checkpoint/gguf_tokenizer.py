@@ -1,21 +1,24 @@
 """A tokenizer in GGUF metadata, both ways: the `tokenizer.ggml.*` keys llama.cpp writes (a GGUF file carries no
-tokenizer.json) read into our Tokenizer, and our byte-level BPE tokenizer written as those keys."""
+tokenizer.json) read into our Tokenizer, and our BPE tokenizers written as those keys: byte-level ones as "gpt2"
+(with merges), SentencePiece-style ones (▁ for spaces, <0xNN> byte fallback: Llama 2, Gemma) as "llama" (with
+scores, which is all llama.cpp's SentencePiece tokenizer reads)."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from sparkgpt.checkpoint.gguf import ARRAY, BOOL, INT32, STRING, UINT32
+from sparkgpt.checkpoint.gguf import ARRAY, BOOL, FLOAT32, INT32, STRING, UINT32
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN = 1, 3, 4, 5
+NORMAL_TOKEN, UNKNOWN_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN, BYTE_TOKEN = 1, 2, 3, 4, 5, 6
 
 # How text is split into words before byte-level BPE, by llama.cpp's `tokenizer.ggml.pre` name. The merges were
 # learned on words split this way, so another split gives other (worse) ids.
@@ -97,54 +100,106 @@ def read_tokenizer(metadata: dict[str, Any], source: str = "GGUF file") -> Token
     return Tokenizer(backend, bos_token=bos, eos_token=eos, chat_template=metadata.get("tokenizer.chat_template"))
 
 
-def _pre_tokenizer_name(tokenizer: Tokenizer) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for this tokenizer's word split: the name whose split our GGUF reader
-    builds identically, so a file we write reads back with the same split."""
-    split = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer")
+def _pre_tokenizer_name(split: dict[str, Any] | None) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for this word split (a tokenizer.json pre_tokenizer): the name whose split
+    our GGUF reader builds identically, so a file we write reads back with the same split."""
     for name in ("gpt-2", "smollm", *REGEX_SPLITS):
         if json.loads(_byte_level_splitter(name).__getstate__()) == split:
             return name
     raise SparkGPTError(f"GGUF export supports byte-level BPE tokenizers (GPT-2's, SmolLM's or Llama 3's word "
-                        f"split); this tokenizer's pre-tokenizer is {json.dumps(split)[:120]}")
+                        f"split) and SentencePiece-style BPE (▁ for spaces, byte fallback); this tokenizer's "
+                        f"pre-tokenizer is {json.dumps(split)[:120]}")
 
 
-def _merges(tokenizer: Tokenizer) -> list[str]:
-    """The BPE merges as GGUF spells them: "left right" (tokenizer.json has "left right" or [left, right])."""
-    model = json.loads(tokenizer.backend.to_str())["model"]
-    if model.get("type") != "BPE":
-        raise SparkGPTError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')}")
-    return [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+def _component(component: Any) -> Any:
+    return json.loads(component.__getstate__())
+
+
+# How a SentencePiece-style tokenizer.json marks spaces (normalizer, pre-tokenizer) -> whether it puts a ▁ before
+# the text (llama.cpp's add_space_prefix): Gemma's, old and new Llama 2 files', and what our reader builds.
+_SENTENCEPIECE_SPACES = [
+    ((_component(normalizers.Replace(" ", "▁")), None), False),
+    ((_component(normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])), None), True),
+    ((None, _component(pre_tokenizers.Metaspace("▁", "first", split=False))), True),
+    ((None, _component(pre_tokenizers.Metaspace("▁", "never", split=False))), False),
+]
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _sentencepiece_space_prefix(state: dict[str, Any]) -> bool | None:
+    """For a SentencePiece-style BPE tokenizer.json (byte fallback, spaces as ▁), whether it puts a ▁ before the
+    text; None for any other tokenizer."""
+    if not state["model"].get("byte_fallback"):
+        return None
+    spaces = (state.get("normalizer"), state.get("pre_tokenizer"))
+    return next((prefix for form, prefix in _SENTENCEPIECE_SPACES if form == spaces), None)
+
+
+def _scores_from_merges(tokens: list[str], merges: list[tuple[str, str]]) -> list[float]:
+    """SentencePiece (and llama.cpp) merge the adjacent pair whose union scores highest: each piece scores minus the
+    rank of the first merge that makes it, and a piece no merge makes (characters, bytes, specials) the least."""
+    first_made: dict[str, int] = {}
+    for left, right in merges:
+        first_made.setdefault(left + right, len(first_made))
+    return [-float(first_made.get(token, len(tokens))) for token in tokens]
 
 
 def tokenizer_metadata(tokenizer: Tokenizer | None, config: ModelConfig) -> dict[str, tuple[int, Any]]:
     """tokenizer.* keys: the vocabulary in id order (padded with unused [PADn] tokens up to the model's
-    vocabulary, as llama.cpp's converter pads), token types, merges, special ids, add_bos, chat template."""
+    vocabulary, as llama.cpp's converter pads), token types, merges (byte-level BPE) or scores and the space prefix
+    (SentencePiece-style BPE), special ids, add_bos, chat template."""
     if tokenizer is None:
         raise SparkGPTError("GGUF export needs the model's tokenizer (a GGUF file carries it); this model has none")
-    pre = _pre_tokenizer_name(tokenizer)
-    merges = _merges(tokenizer)
+    state = json.loads(tokenizer.backend.to_str())
+    model = state["model"]
+    if model.get("type") != "BPE":
+        why = " (llama.cpp's SentencePiece tokenizer merges pieces by score, which gives other ids than a Unigram " \
+            "model's most likely split)" if model.get("type") == "Unigram" else ""
+        raise SparkGPTError(f"GGUF export supports byte-level BPE and SentencePiece-style BPE tokenizers; this one is "
+                            f"{model.get('type')}{why}")
+    merges = [tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= config.vocab_size:
         raise SparkGPTError(f"the tokenizer has token id {max(vocab.values())} but the model's vocabulary has only "
                             f"{config.vocab_size} rows")
+    space_prefix = _sentencepiece_space_prefix(state)
+    unknown = tokenizer.token_to_id(model.get("unk_token"))
     tokens = [f"[PAD{i}]" for i in range(config.vocab_size)]
     token_types = [UNUSED_TOKEN] * config.vocab_size
     for token, index in vocab.items():
         tokens[index], token_types[index] = token, NORMAL_TOKEN
+        if space_prefix is not None and _BYTE_TOKEN.fullmatch(token):
+            token_types[index] = BYTE_TOKEN  # llama.cpp spells a piece missing from the vocabulary with these
+    if space_prefix is not None and unknown is not None:
+        token_types[unknown] = UNKNOWN_TOKEN  # unless it is an added token, as llama.cpp's converter decides
     for index, added in tokenizer.backend.get_added_tokens_decoder().items():
         token_types[index] = CONTROL_TOKEN if added.special else USER_DEFINED_TOKEN
-    metadata: dict[str, tuple[int, Any]] = {
-        "tokenizer.ggml.model": (STRING, "gpt2"),
-        "tokenizer.ggml.pre": (STRING, pre),
-        "tokenizer.ggml.tokens": ((ARRAY, STRING), tokens),
-        "tokenizer.ggml.token_type": ((ARRAY, INT32), token_types),
-        "tokenizer.ggml.merges": ((ARRAY, STRING), merges),
-    }
+    if space_prefix is None:
+        metadata: dict[str, tuple[int, Any]] = {
+            "tokenizer.ggml.model": (STRING, "gpt2"),
+            "tokenizer.ggml.pre": (STRING, _pre_tokenizer_name(state.get("pre_tokenizer"))),
+            "tokenizer.ggml.tokens": ((ARRAY, STRING), tokens),
+            "tokenizer.ggml.token_type": ((ARRAY, INT32), token_types),
+            "tokenizer.ggml.merges": ((ARRAY, STRING), [" ".join(merge) for merge in merges]),
+        }
+    else:
+        missing = [f"<0x{byte:02X}>" for byte in range(256) if f"<0x{byte:02X}>" not in vocab]
+        if missing:
+            raise SparkGPTError(f"GGUF export: this SentencePiece-style tokenizer falls back to bytes but lacks "
+                                f"{len(missing)} byte token(s) ({', '.join(missing[:3])}, ...), which llama.cpp needs")
+        metadata = {
+            "tokenizer.ggml.model": (STRING, "llama"),
+            "tokenizer.ggml.pre": (STRING, "default"),
+            "tokenizer.ggml.tokens": ((ARRAY, STRING), tokens),
+            "tokenizer.ggml.scores": ((ARRAY, FLOAT32), _scores_from_merges(tokens, merges)),
+            "tokenizer.ggml.token_type": ((ARRAY, INT32), token_types),
+            "tokenizer.ggml.add_space_prefix": (BOOL, space_prefix),
+        }
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     special_ids = {
         "bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id,
         "eos": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos,
-        "unknown": tokenizer.token_to_id(json.loads(tokenizer.backend.to_str())["model"].get("unk_token")),
+        "unknown": unknown,
         "padding": config.pad_token_id,
     }
     for key, index in special_ids.items():
