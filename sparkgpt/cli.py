@@ -491,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", cmd_evaluate)
     _add_model_options(evaluate)
     evaluate.add_argument("--task", required=True, help="a bundled task (sentiment, topic, intent, reading_qa, "
-                          "translation_en_fr, summarization, keywords, correction) or a .yaml/.jsonl/.txt file")
+                          "translation_en_fr|en_es|en_de|en_zh|fr_en, summarization, keywords, correction) or a "
+                          ".yaml/.jsonl/.txt file")
     evaluate.add_argument("--shots", type=int, default=0, help="solved examples shown before each item (0)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     evaluate.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples (1234)")

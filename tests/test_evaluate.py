@@ -92,6 +92,20 @@ def test_generation_metrics_equal_sacrebleu_and_rouge_score():
         assert math.isclose(metrics.GENERATION_METRICS[kind](predictions, references), expected)
 
 
+def test_a_task_names_its_bleu_tokenizer_and_chinese_splits_characters_as_sacrebleu_zh(tiny, monkeypatch):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    prediction, reference = "我把伞落在公交车上了。", "我在公交车上把伞弄丢了。"
+    assert metrics.bleu([prediction], [[reference]]) == 0.0  # 13a: a sentence without spaces is one word
+    by_character = metrics.bleu([prediction], [[reference]], tokenize="zh")
+    assert by_character == sacrebleu.corpus_bleu([prediction], [[reference]], tokenize="zh").score > 40
+    assert (load_task("translation_en_zh").bleu_tokenize, load_task("translation_en_es").bleu_tokenize) == ("zh",
+                                                                                                          "13a")
+    seen = []
+    monkeypatch.setitem(metrics.GENERATION_METRICS, "bleu", lambda p, r, **options: seen.append(options) or 0.0)
+    evaluate(tiny[1], "translation_en_zh", limit=1, progress=False)
+    assert seen == [{"tokenize": "zh"}]
+
+
 def test_squad_normalisation_and_scores():
     assert metrics.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
     assert metrics.normalize_answer("an apple, a pear & THE plum.") == "apple pear plum"
@@ -121,6 +135,8 @@ def write(path, text):
     ({"t.yaml": "promt: x\n"}, "t.yaml: unknown task field(s) promt"),
     ({"t.yaml": "kind: generation\nmetrics: [bleurt]\nitems: [{prompt: x, answer: y}]\n"},
      "t.yaml: unknown metric(s) bleurt"),
+    ({"t.yaml": "kind: generation\nbleu_tokenize: moses\nitems: [{prompt: x, answer: y}]\n"},
+     "t.yaml: bleu_tokenize 'moses' is not one of 13a, intl, zh"),
     ({"t.yaml": "kind: generation\nitems: [{prompt: x, answer: 3}]\n"},
      "t.yaml: item 1: answer must be a string or a non-empty list of strings"),
     ({"t.yaml": "a: [unclosed\n"}, "t.yaml: not readable YAML"),
@@ -135,7 +151,9 @@ def test_malformed_task_files_name_the_file_and_item(tmp_path, files, message):
 
 def test_every_bundled_task_loads_with_few_shot_examples():
     assert set(bundled_tasks()) == {"sentiment", "topic", "intent", "reading_qa", "translation_en_fr",
-                                    "summarization", "keywords", "correction", "open_domain_qa", "kg_qa"}
+                                    "translation_en_es", "translation_en_de", "translation_en_zh",
+                                    "translation_fr_en", "summarization", "keywords", "correction",
+                                    "open_domain_qa", "kg_qa"}
     for name in bundled_tasks():
         task = load_task(name)
         assert len(task.items) >= 50 and len(task.fewshot_items) >= 3, name

@@ -160,7 +160,9 @@ def _generation(lm, task, items, contexts, batch_size, bar) -> tuple[dict[str, f
         predictions += [c.text.strip() for c in completions]
         bar.update(len(batch))
     references = [task.gold_answers(item) for item in items]
-    metrics = {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
+    options = {"bleu": {"tokenize": task.bleu_tokenize}}
+    metrics = {name: GENERATION_METRICS[name](predictions, references, **options.get(name, {}))
+               for name in task.metrics}
     samples = [{"where": item.where, "gold": refs, "predicted": p}
                for item, refs, p in zip(items, references, predictions, strict=True)]
     return metrics, samples

@@ -54,10 +54,11 @@ def contains(predictions: Sequence[str], references: References) -> float:
     return 100.0 * sum(hits) / len(hits)
 
 
-def bleu(predictions: Sequence[str], references: References) -> float:
+def bleu(predictions: Sequence[str], references: References, tokenize: str = "13a") -> float:
+    """`tokenize` is sacrebleu's word splitter: its default 13a, or "zh" for Chinese (one word per character)."""
     import sacrebleu
 
-    return sacrebleu.corpus_bleu(list(predictions), _reference_streams(references)).score
+    return sacrebleu.corpus_bleu(list(predictions), _reference_streams(references), tokenize=tokenize).score
 
 
 def chrf(predictions: Sequence[str], references: References) -> float:

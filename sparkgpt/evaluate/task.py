@@ -9,6 +9,7 @@
     answer_join: ", "                # generation: a list answer is one reference, joined (e.g. keywords)
     data: data/sentiment.jsonl       # relative to this file (or `items:` inline); each item may have "split"
     metrics: [exact_match, f1]       # generation only: exact_match f1 contains bleu chrf rouge1 rouge2 rougeL
+    bleu_tokenize: zh                # sacrebleu's BLEU tokenizer, when the target language needs another than 13a
 
 Grounded question answering: `kind: open_domain_qa` with `corpus: FOLDER` (indexed on first use; each item names
 its gold document in `source`) and `k`, scored closed-book and with retrieval; `kind: kg_qa` with `graph: FILE`
@@ -35,7 +36,8 @@ BUNDLED_DIR = Path(__file__).parent / "tasks"
 KINDS = ("multiple_choice", "generation", "perplexity", "open_domain_qa", "kg_qa")
 _FIELDS = {"name", "kind", "description", "prompt", "choices", "choices_field", "answer", "data", "items",
            "metrics", "target_prefix", "separator", "max_new_tokens", "stop", "fewshot_split", "eval_split", "text",
-           "answer_join", "corpus", "graph", "k"}
+           "answer_join", "corpus", "graph", "k", "bleu_tokenize"}
+BLEU_TOKENIZERS = ("13a", "intl", "zh", "char", "none")  # sacrebleu's, less those that download a model
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Task:
     corpus: Path | None = None  # open_domain_qa: the documents to retrieve from
     graph: Path | None = None   # kg_qa: the triples
     k: int = 4
+    bleu_tokenize: str = "13a"
 
     def item_choices(self, item: Item) -> list[str]:
         return self.choices if self.choices is not None else item.fields[self.choices_field]
@@ -156,7 +159,10 @@ def _yaml_task(path: Path) -> Task:
                                                                                                       "f1"]),
         corpus=path.parent / spec["corpus"] if "corpus" in spec else None,
         graph=path.parent / spec["graph"] if "graph" in spec else None, k=spec.get("k", 4),
+        bleu_tokenize=spec.get("bleu_tokenize", "13a"),
     )
+    if task.bleu_tokenize not in BLEU_TOKENIZERS:
+        raise SparkGPTError(f"{path}: bleu_tokenize {task.bleu_tokenize!r} is not one of {', '.join(BLEU_TOKENIZERS)}")
     if kind == "open_domain_qa" and (task.corpus is None or not task.corpus.exists()):
         raise SparkGPTError(f"{path}: an open_domain_qa task needs `corpus:` naming an existing folder or file")
     if kind == "kg_qa" and (task.graph is None or not task.graph.is_file()):
