@@ -49,19 +49,26 @@ def check_both_ways(directory: Path, tmp_path: Path, lengths: list[int], prompts
     return lm
 
 
-def test_gemma2_softcaps_sandwich_norms_and_alternating_windows_equal_transformers_both_ways(tokenizer, tmp_path):
+def tiny_gemma2(vocab_size: int, query_pre_attn_scalar: int, sliding_window: int) -> torch.nn.Module:
+    """A tiny random transformers Gemma 2 whose soft caps (2 and 3) bite, its norms made to count."""
     torch.manual_seed(0)
     config = transformers.Gemma2Config(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
-        max_position_embeddings=256, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-        initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=query_pre_attn_scalar,
+        max_position_embeddings=256, sliding_window=sliding_window, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     reference = transformers.Gemma2ForCausalLM(config).eval()
     with torch.no_grad():  # Gemma's norms start at w = 0 (a scale of 1): make them count
         for name, param in reference.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(-0.5, 0.5)
+    return reference
+
+
+def test_gemma2_softcaps_sandwich_norms_and_alternating_windows_equal_transformers_both_ways(tokenizer, tmp_path):
+    reference = tiny_gemma2(tokenizer.vocab_size, query_pre_attn_scalar=24, sliding_window=6)
+    config = reference.config
     reference.save_pretrained(tmp_path / "gemma2")
     tokenizer.save(tmp_path / "gemma2")
     ids = batch(config.vocab_size, 24)

@@ -33,6 +33,8 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 from conftest import CORPUS, save_hf_model  # noqa: E402
 
+from tests.test_families_more import tiny_gemma2  # noqa: E402
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Le théâtre, naïve café — Ærøskøbing, Ünïcödé ÀÉÎÕÜ",
@@ -49,19 +51,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def gemma2(tokenizer, tmp_path_factory):
-    """A tiny random transformers Gemma 2 whose caps (2 and 3) and window (8) all bite, and its saved folder."""
-    torch.manual_seed(0)
-    config = transformers.Gemma2Config(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
-        max_position_embeddings=256, sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-        initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    reference = transformers.Gemma2ForCausalLM(config).eval()
-    with torch.no_grad():  # Gemma's norms start at w = 0 (a scale of 1): make them count
-        for name, param in reference.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(-0.5, 0.5)
+    """A tiny random transformers Gemma 2 whose caps (2 and 3) and window (8) all bite, and its saved folder; its
+    query scale is llama.cpp's (head_dim), which a GGUF file cannot change."""
+    reference = tiny_gemma2(tokenizer.vocab_size, query_pre_attn_scalar=32, sliding_window=8)
     return reference, save_hf_model(reference, tokenizer, tmp_path_factory.mktemp("hf-gemma2"))
 
 
