@@ -12,11 +12,20 @@ from sparkgpt.lm import LM
 HELP = "/reset clears the conversation, /exit quits; Ctrl-C stops a reply, Ctrl-D quits."
 
 
+def user_turn(text: str, image_url: str | None = None) -> dict[str, Any]:
+    """A user message: its text, with an image (a data URL, `images.image_data_url`) as OpenAI content parts."""
+    if image_url is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                        {"type": "text", "text": text}]}
+
+
 def chat_session(
     lm: LM, system: str | None = None, read_line: Callable[[str], str] = input, out: TextIO = sys.stdout,
-    **sampling: Any,
-) -> list[dict[str, str]]:
-    """Run the read-reply loop until /exit or end of input; returns the conversation as it stood."""
+    image_url: str | None = None, **sampling: Any,
+) -> list[dict[str, Any]]:
+    """Run the read-reply loop until /exit or end of input; returns the conversation as it stood. With
+    `image_url` the conversation's first user turn carries that image (every question is then about it)."""
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     print(HELP, file=out)
@@ -37,7 +46,8 @@ def chat_session(
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]}; {HELP}", file=out)
             continue
-        history.append({"role": "user", "content": line})
+        first = not any(message["role"] == "user" for message in history)
+        history.append(user_turn(line, image_url if first else None))
         reply = stream_reply(lm, history, out, **sampling)
         if reply is None:
             history.pop()  # the turn could not be answered (e.g. the conversation outgrew the context)
@@ -45,7 +55,7 @@ def chat_session(
             history.append({"role": "assistant", "content": reply})
 
 
-def stream_reply(lm: LM, messages: list[dict[str, str]], out: TextIO, **sampling: Any) -> str | None:
+def stream_reply(lm: LM, messages: list[dict[str, Any]], out: TextIO, **sampling: Any) -> str | None:
     """Print the assistant's reply as it is generated; Ctrl-C stops it early and keeps what was said."""
     pieces: list[str] = []
     try:

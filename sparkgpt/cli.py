@@ -17,11 +17,12 @@ from sparkgpt.errors import SparkGPTError
 def cmd_models(args: argparse.Namespace) -> None:
     """List the named model presets with their shapes and parameter counts."""
     from sparkgpt.checkpoint.families import family_for
-    from sparkgpt.config import PRESETS, preset
+    from sparkgpt.config import PRESETS
+    from sparkgpt.model import preset_config
 
     print(f"{'preset':<20}{'family':<10}{'layers':>7}{'d_model':>9}{'heads':>7}{'kv':>5}{'context':>9}{'params':>10}")
     for name in PRESETS:
-        config = preset(name)
+        config = preset_config(name)
         known = family_for(config)  # the transformers family it saves as, else our own
         family = known.model_type if known else "sparkgpt"
         print(f"{name:<20}{family:<10}{config.n_layers:>7}{config.d_model:>9}{config.n_heads:>7}{config.n_kv_heads:>5}"
@@ -97,15 +98,18 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Chat with a model in the terminal (streaming replies), or send one --message and print the reply."""
-    from sparkgpt.chat import chat_session, stream_reply
+    from sparkgpt.chat import chat_session, stream_reply, user_turn
+    from sparkgpt.data.images import image_data_url
 
+    image_url = image_data_url(args.image) if args.image else None  # a bad file fails before the model loads
     lm = _load(args)
     sampling = _sampling(args)
     if args.message is not None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        stream_reply(lm, [*messages, {"role": "user", "content": args.message}], sys.stdout, **sampling)
+        if stream_reply(lm, [*messages, user_turn(args.message, image_url)], sys.stdout, **sampling) is None:
+            sys.exit(1)
     else:
-        chat_session(lm, system=args.system, **sampling)
+        chat_session(lm, system=args.system, image_url=image_url, **sampling)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -139,6 +143,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     train/val token shards."""
     from sparkgpt.data import prepare
     from sparkgpt.data.clean import CleanConfig
+    from sparkgpt.data.vqa import prepare_easy_vqa
+
+    if args.inputs == ["easy-vqa"]:  # images with questions, not text: an image question folder
+        counts = prepare_easy_vqa(args.out)
+        print(f"wrote {args.out}: easy-VQA, {counts['train']:,} train, {counts['val']:,} val and {counts['test']:,} "
+              "test questions with their images")
+        return
 
     dedup = {part.strip() for part in args.dedup.split(",") if part.strip()}
     if not dedup <= {"exact", "near", "none"} or ("none" in dedup and len(dedup) > 1):
@@ -298,17 +309,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _add_config_overrides(parser: argparse.ArgumentParser, own: tuple[str, ...] = ("data",)) -> None:
     """--KEY=VALUE for every TrainConfig key but the command's `own` options, --model.FIELD=VALUE for every model
-    field (values parsed later)."""
+    field, an image front end's included (values parsed later)."""
     import dataclasses
 
-    from sparkgpt.config import ModelConfig
+    from sparkgpt.model.vision import ImageTextConfig
     from sparkgpt.train.config import TrainConfig
 
     group = parser.add_argument_group("config overrides (on top of --config; see sparkgpt/train/config.py)")
     for field in dataclasses.fields(TrainConfig):
         if field.name not in (*own, "model_overrides"):
             group.add_argument(f"--{field.name}", dest=f"override:{field.name}", metavar="V", default=argparse.SUPPRESS)
-    for field in dataclasses.fields(ModelConfig):
+    for field in dataclasses.fields(ImageTextConfig):
         group.add_argument(f"--model.{field.name}", dest=f"override:model.{field.name}", metavar="V",
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -558,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(chat)
     chat.add_argument("--system", help="system prompt that starts the conversation")
     chat.add_argument("--message", help="send one message, print the reply and exit (for scripts)")
+    chat.add_argument("--image", metavar="PATH", help="an image the conversation is about (a model that reads images, "
+                      "e.g. one trained with --config easy-vqa)")
     # Small chat models answer best near-greedy: SmolLM2's card suggests temperature 0.2, top-p 0.9.
     _add_sampling_options(chat, max_new_tokens=512, temperature=0.2, top_p=0.9)
 
@@ -576,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = command("prepare", cmd_prepare)
     prepare.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="files or folders (recursive): text, .jsonl[.gz|.zst], .parquet, MediaWiki .xml[.bz2], "
-                              "Common Crawl .warc.wet.gz, .warc[.gz]; or a built-in corpus: shakespeare")
+                              "Common Crawl .warc.wet.gz, .warc[.gz]; or a built-in corpus: shakespeare; or "
+                              "easy-vqa (images with questions, for --config easy-vqa)")
     prepare.add_argument("--out", required=True, help="output folder (token shards, meta.json, tokenizer.json)")
     prepare.add_argument("--tokenizer", default="char",
                          help="char, bpe:VOCAB (train a byte-level BPE), or a model reference (use its tokenizer)")

@@ -325,14 +325,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # compute per token of the dense model, 4× its FFN weights).
     "shakespeare-moe": dict(_TRAINABLE, vocab_size=96, n_layers=4, n_heads=4, d_model=128, d_ff=352,
                             max_seq_len=256, n_experts=4, experts_per_token=2),
+    # An image question answerer (sparkgpt.model.vision.ImageText: transformers' VisionEncoderDecoderModel with a
+    # ViT encoder and a GPT-2 decoder): 64 × 64 images in 8 × 8 patches, four ViT blocks, two decoder blocks.
+    "easy-vqa": dict(_GPT2, vocab_size=512, n_layers=2, n_encoder_layers=4, n_heads=4, d_model=128, d_ff=512,
+                     max_seq_len=64, architecture="encoder-decoder", image_size=64, patch_size=8, num_channels=3),
 }
 
 
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named preset, optionally with some fields changed: ``preset("gpt2", n_layers=6)``."""
+def preset(name: str, config_type: type[ModelConfig] = ModelConfig, **overrides: Any) -> ModelConfig:
+    """A named preset, optionally with some fields changed: ``preset("gpt2", n_layers=6)``, built as `config_type`
+    (a subclass for a preset with its fields: `sparkgpt.model.preset_config` picks it)."""
     if name not in PRESETS:
         raise SparkGPTError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return ModelConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
+    return config_type.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
 
 
 __all__ = ["PRESETS", "ModelConfig", "preset"]

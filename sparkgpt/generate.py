@@ -22,6 +22,7 @@ from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT, EncoderDecoder, KVCache
 from sparkgpt.model.decode import decode_step
+from sparkgpt.model.vision import ImageText
 from sparkgpt.model.whisper import Whisper
 from sparkgpt.tokenizer import Tokenizer
 
@@ -509,15 +510,17 @@ class StopRule:
 
 def stream_completions(
     model: GPT | EncoderDecoder, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-    stop_token_ids: Sequence[int] = (),
+    stop_token_ids: Sequence[int] = (), images: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield (row, text delta, Completion once that row is done) as generation proceeds over a batch. Every row
-    with a seed draws from a generator of its own seeded with it: a prompt's text is the same alone or batched."""
+    with a seed draws from a generator of its own seeded with it: a prompt's text is the same alone or batched.
+    `images` (pixel values, one per prompt) are what an image-to-text model's prompts ask about."""
     if params.num_beams > 1:
-        yield from beam_completions(model, tokenizer, prompts, params, set(params.stop_token_ids) | set(stop_token_ids))
+        stop_ids = set(params.stop_token_ids) | set(stop_token_ids)
+        yield from beam_completions(model, tokenizer, prompts, params, stop_ids, images)
         return
     rules = [StopRule(tokenizer, params, stop_token_ids) for _ in prompts]
-    steps = token_steps(model, prompts, params)
+    steps = token_steps(model, prompts, params, images)
     for tokens in steps:
         for row, token in enumerate(tokens.tolist()):
             rule = rules[row]
@@ -644,28 +647,47 @@ class _EncoderDecoder:
         return self.model.decode(tokens[:, None], memory_kv, source_mask, self.cache)[:, -1].float()
 
 
-class _Whisper(_EncoderDecoder):
-    """Whisper as the decode loops drive it: log-mel windows [B, n_mels, frames] encoded once, the special-token
-    `prompt` (the same for every row) run through the cache, and Whisper's token rules on every step's logits
-    (`suppress_tokens` never, `begin_suppress_tokens` not first): -inf before the log-softmax, as CTranslate2
-    and OpenAI's decoder apply them, so beam scores are over the tokens allowed."""
+class _Prompted(_EncoderDecoder):
+    """An encoder–decoder whose source is not tokens (Whisper's log-mel windows, an image-to-text model's pixels)
+    as the decode loops drive it: the inputs [B, ...] encoded once, then each row's decoder prompt (its start token
+    first; every row's of one length) run through the cache."""
 
-    def __init__(self, model: Whisper, features: torch.Tensor, prompt: Sequence[int], max_new_tokens: int) -> None:
+    def __init__(self, model: EncoderDecoder, inputs: torch.Tensor, prompts: Sequence[Sequence[int]],
+                 max_new_tokens: int) -> None:
         config, weight = model.config, model.lm_head.weight
-        if not prompt or max_new_tokens < 1 or len(prompt) + max_new_tokens > config.max_seq_len:
-            raise SparkGPTError(f"a prompt of {len(prompt)} tokens and max_new_tokens {max_new_tokens}: expected "
+        lengths = {len(prompt) for prompt in prompts}
+        if len(lengths) != 1 or len(prompts) != len(inputs):
+            raise SparkGPTError(f"{len(prompts)} decoder prompts of lengths {sorted(lengths)} for {len(inputs)} "
+                                "inputs: expected one prompt per input, all of one length")
+        length = lengths.pop()
+        if not length or max_new_tokens < 1 or length + max_new_tokens > config.max_seq_len:
+            raise SparkGPTError(f"a prompt of {length} tokens and max_new_tokens {max_new_tokens}: expected "
                                 f"at least one of each, within the decoder's {config.max_seq_len} positions")
-        self.model, self.sources, self.prompt, self.device = model, features, list(prompt), weight.device
-        self.cache = KVCache(config, len(features), len(prompt) + max_new_tokens, weight.dtype, weight.device)
+        self.model, self.sources, self.device = model, inputs, weight.device
+        self.prompts = [list(prompt) for prompt in prompts]
+        self.cache = KVCache(config, len(inputs), length + max_new_tokens, weight.dtype, weight.device)
         self.rows = None
-        self.suppress = torch.tensor(config.suppress_tokens, dtype=torch.long, device=weight.device)
 
     def first(self) -> torch.Tensor:
         model = self.model
         self.source_mask, self.memory_kv = None, model.memory_kv(model.encode(self.sources.to(self.device)))
-        prompt = torch.tensor([self.prompt] * len(self.sources), dtype=torch.long, device=self.device)
-        logits = model.decode(prompt, self.memory_kv, cache=self.cache, last_only=True)[:, -1].float()
-        logits[:, model.config.begin_suppress_tokens] = float("-inf")
+        prompt = torch.tensor(self.prompts, dtype=torch.long, device=self.device)
+        return model.decode(prompt, self.memory_kv, cache=self.cache, last_only=True)[:, -1].float()
+
+
+class _Whisper(_Prompted):
+    """Whisper as the decode loops drive it: log-mel windows [B, n_mels, frames], the special-token `prompt` (the
+    same for every row), and Whisper's token rules on every step's logits (`suppress_tokens` never,
+    `begin_suppress_tokens` not first): -inf before the log-softmax, as CTranslate2 and OpenAI's decoder apply
+    them, so beam scores are over the tokens allowed."""
+
+    def __init__(self, model: Whisper, features: torch.Tensor, prompt: Sequence[int], max_new_tokens: int) -> None:
+        super().__init__(model, features, [prompt] * len(features), max_new_tokens)
+        self.suppress = torch.tensor(model.config.suppress_tokens, dtype=torch.long, device=self.device)
+
+    def first(self) -> torch.Tensor:
+        logits = super().first()
+        logits[:, self.model.config.begin_suppress_tokens] = float("-inf")
         return self._allowed(logits)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -676,8 +698,16 @@ class _Whisper(_EncoderDecoder):
         return logits
 
 
-def _decode_model(model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-    """The model as the decode loops drive it, whatever its kind."""
+def _decode_model(model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  images: torch.Tensor | None = None):
+    """The model as the decode loops drive it, whatever its kind. With `images` (pixel values [B, C, H, W], one per
+    prompt) the model is an image-to-text one and each prompt follows the start token in its decoder."""
+    if images is not None:
+        if not isinstance(model, ImageText):
+            raise SparkGPTError(f"this model does not read images: it is {type(model).__name__}, not an "
+                                "image-to-text model")
+        start = _start_token(model)
+        return _Prompted(model, images, [[start, *prompt] for prompt in prompts], max_new_tokens)
     kind = _EncoderDecoder if isinstance(model, EncoderDecoder) else _DecoderOnly
     return kind(model, prompts, max_new_tokens)
 
@@ -685,13 +715,15 @@ def _decode_model(model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]],
 @torch.inference_mode()
 def token_steps(
     model: GPT | EncoderDecoder, prompts: Sequence[Sequence[int]], params: SamplingParams,
+    images: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token [B] of every prompt (a decoder-only model's) or source (an encoder–decoder's), step by
-    step, up to max_new_tokens; stop iterating to stop. Every row's draws are seeded with params.seed from a
-    generator of its own, so a row's tokens do not depend on the rest of the batch."""
-    runner = _decode_model(model, prompts, params.max_new_tokens)
+    """Yield the next token [B] of every prompt (a decoder-only model's, or an image-to-text model's about each of
+    `images`) or source (an encoder–decoder's), step by step, up to max_new_tokens; stop iterating to stop. Every
+    row's draws are seeded with params.seed from a generator of its own, so a row's tokens do not depend on the
+    rest of the batch."""
+    runner = _decode_model(model, prompts, params.max_new_tokens, images)
     # The repetition penalty counts a prompt's tokens, not a source's.
-    contexts = prompts if isinstance(runner, _DecoderOnly) else [()] * len(prompts)
+    contexts = prompts if isinstance(runner, (_DecoderOnly, _Prompted)) else [()] * len(prompts)
     yield from _steps(runner, contexts, params, model.config.vocab_size)
 
 
@@ -717,12 +749,15 @@ def _steps(runner, contexts: Sequence[Sequence[int]], params: SamplingParams, vo
 
 @torch.inference_mode()
 def beam_search(
-    model: GPT | EncoderDecoder, prompt: Sequence[int], params: SamplingParams, stop_ids: set[int]
+    model: GPT | EncoderDecoder, prompt: Sequence[int], params: SamplingParams, stop_ids: set[int],
+    image: torch.Tensor | None = None,
 ) -> tuple[list[int], bool]:
     """The best continuation of one prompt (decoder-only) or source (encoder–decoder) found with `num_beams`
     beams, and whether it ended with a stop token (left out of the ids). Hypotheses are scored as transformers
     scores them: the stop token counts in the length (`_beam`)."""
-    return _beam(_decode_model(model, [prompt], params.max_new_tokens), params, stop_ids, stop_in_length=True)
+    images = None if image is None else image[None]
+    return _beam(_decode_model(model, [prompt], params.max_new_tokens, images), params, stop_ids,
+                 stop_in_length=True)
 
 
 def _beam(runner, params: SamplingParams, stop_ids: set[int], stop_in_length: bool) -> tuple[list[int], bool]:
@@ -775,11 +810,11 @@ def _beam(runner, params: SamplingParams, stop_ids: set[int], stop_in_length: bo
 
 def beam_completions(
     model: GPT | EncoderDecoder, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-    stop_ids: set[int],
+    stop_ids: set[int], images: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, str, Completion | None]]:
     """Beam search over each prompt in turn; each yields its whole text at once (beams cannot stream)."""
     for row, prompt in enumerate(prompts):
-        ids, stopped = beam_search(model, prompt, params, stop_ids)
+        ids, stopped = beam_search(model, prompt, params, stop_ids, None if images is None else images[row])
         text, cut = cut_at_stop(tokenizer.decode(ids), params.stop)
         reason = "stop" if stopped or cut else "length"
         yield row, text, Completion(text, ids, len(prompt), reason)

@@ -7,14 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from sparkgpt.checkpoint import load as checkpoint_load
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.data.examples import ClassifyBatch
+from sparkgpt.data.images import image_from_url, preprocess_images
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import Completion, SamplingParams, stream_completions
 from sparkgpt.model.heads import SequenceClassifier
 from sparkgpt.model.transformer import GPT, Encoder, EncoderDecoder
+from sparkgpt.model.vision import ImageText
 from sparkgpt.tokenizer import Tokenizer
 
 
@@ -51,22 +54,35 @@ class LM:
         return sorted(ids)
 
     def stream_batch(
-        self, prompts: Sequence[str | list[int]], **sampling: Any
+        self, prompts: Sequence[str | list[int]], images: Sequence[Image.Image | str | Path] | None = None,
+        **sampling: Any,
     ) -> Iterator[tuple[int, str, Completion | None]]:
         """(prompt index, text delta, Completion when that prompt is done) as tokens are generated.
 
-        A prompt is text, or token ids already encoded (as `chat` does with its rendered template)."""
+        A prompt is text, or token ids already encoded (as `chat` does with its rendered template). An image-to-text
+        model takes `images` (PIL images or files), one per prompt, each prompt a question about its image; every
+        prompt of one call must then have the same number of tokens."""
         if not isinstance(self.model, (GPT, EncoderDecoder)):
             raise SparkGPTError(f"this model cannot generate text: it is {type(self.model).__name__} "
                                 f"({self.config.architecture!r}), not a decoder with a language-model head")
+        pixels = None
+        if isinstance(self.model, ImageText) != (images is not None):
+            raise SparkGPTError("an image-to-text model answers about images: pass images, one per prompt"
+                                if images is None else "this model does not read images (it has no image encoder)")
+        if images is not None:
+            if len(images) != len(prompts):
+                raise SparkGPTError(f"{len(images)} images for {len(prompts)} prompts; expected one per prompt")
+            device = self.model.lm_head.weight.device
+            pixels = preprocess_images(list(images), self.model.preprocessing).to(device)
         params = SamplingParams(**sampling)
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        return stream_completions(self.model, self._require_tokenizer(), ids, params, self.stop_token_ids())
+        return stream_completions(self.model, self._require_tokenizer(), ids, params, self.stop_token_ids(), pixels)
 
-    def complete(self, prompts: Sequence[str | list[int]], **sampling: Any) -> list[Completion]:
+    def complete(self, prompts: Sequence[str | list[int]], images: Sequence[Image.Image | str | Path] | None = None,
+                 **sampling: Any) -> list[Completion]:
         """Completions for a batch of prompts (text, new token ids, finish reason), generated together."""
         done: dict[int, Completion] = {}
-        for row, _, completion in self.stream_batch(prompts, **sampling):
+        for row, _, completion in self.stream_batch(prompts, images, **sampling):
             if completion is not None:
                 done[row] = completion
         return [done[row] for row in range(len(prompts))]
@@ -82,6 +98,39 @@ class LM:
         for _, delta, _ in self.stream_batch([prompt], **sampling):
             if delta:
                 yield delta
+
+    def chat_inputs(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[Image.Image] | None]:
+        """A conversation as the model reads it: the prompt ids (`chat_prompt`) and, for an image-to-text model,
+        the image its question is about (the conversation's last). Content may be OpenAI's content parts:
+        {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}};
+        a model without an image encoder refuses images, naming the part."""
+        plain, images = [], []
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                plain.append(message)
+                continue
+            texts = []
+            for j, part in enumerate(content):
+                field = f"messages[{i}].content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind == "image_url":
+                    if not isinstance(self.model, ImageText):
+                        raise SparkGPTError(f"{field}: this model does not read images (it has no image encoder)")
+                    url = part.get("image_url")
+                    images.append(image_from_url(url.get("url") if isinstance(url, dict) else url, field))
+                else:
+                    raise SparkGPTError(f"{field}: expected a content part of type 'text' (with 'text') or "
+                                        "'image_url'")
+            plain.append({**message, "content": "".join(texts)})
+        if isinstance(self.model, ImageText):
+            if not images:
+                raise SparkGPTError("messages: an image-to-text model answers about an image; add an image_url "
+                                    "content part")
+            return self.chat_prompt(plain), images[-1:]
+        return self.chat_prompt(plain), None
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """A conversation rendered with the model's chat template, ready for the assistant's turn, as token ids."""
@@ -102,13 +151,16 @@ class LM:
             return text
         return self._require_tokenizer().apply_chat_template([{"role": "user", "content": text}])
 
-    def chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> str:
-        """The assistant's reply to a conversation: [{"role": "system"|"user"|"assistant", "content": ...}, ...]."""
-        return self.complete([self.chat_prompt(messages)], **sampling)[0].text
+    def chat(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> str:
+        """The assistant's reply to a conversation: [{"role": "system"|"user"|"assistant", "content": ...}, ...];
+        content is text, or content parts with images for an image-to-text model (`chat_inputs`)."""
+        prompt, images = self.chat_inputs(messages)
+        return self.complete([prompt], images, **sampling)[0].text
 
-    def chat_stream(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Iterator[str]:
+    def chat_stream(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> Iterator[str]:
         """The assistant's reply as text deltas."""
-        for _, delta, _ in self.stream_batch([self.chat_prompt(messages)], **sampling):
+        prompt, images = self.chat_inputs(messages)
+        for _, delta, _ in self.stream_batch([prompt], images, **sampling):
             if delta:
                 yield delta
 

@@ -153,10 +153,12 @@ def test_every_bundled_task_loads_with_few_shot_examples():
     assert set(bundled_tasks()) == {"sentiment", "topic", "intent", "reading_qa", "translation_en_fr",
                                     "translation_en_es", "translation_en_de", "translation_en_zh",
                                     "translation_fr_en", "summarization", "keywords", "correction",
-                                    "open_domain_qa", "kg_qa"}
+                                    "open_domain_qa", "kg_qa", "easy-vqa"}
     for name in bundled_tasks():
         task = load_task(name)
-        assert len(task.items) >= 50 and len(task.fewshot_items) >= 3, name
+        assert len(task.items) >= 50, name
+        if task.kind != "image_qa":  # questions about images are answered zero-shot
+            assert len(task.fewshot_items) >= 3, name
 
 
 def test_evaluate_command_prints_a_table_and_writes_a_report(hf_llama, tmp_path, capsys):

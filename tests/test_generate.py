@@ -157,7 +157,7 @@ REFERENCE_TEXT = "Emoji 🙂🚀👩‍💻 and Chinese 机器学习和语言模
 
 def replay(token_ids: list[int]):
     """Stand-in for the decode loop that 'generates' exactly these tokens, to pin down the text layer."""
-    def steps(model, prompts, params):
+    def steps(model, prompts, params, images=None):
         for token in token_ids[: params.max_new_tokens]:
             yield torch.tensor([token])
     return steps

@@ -17,8 +17,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from sparkgpt.checkpoint import hf
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.model import build_model
 from sparkgpt.model.memory import allocate
-from sparkgpt.model.transformer import build_model
 
 MODEL_DIR = "model"
 

@@ -78,7 +78,7 @@ def _load_base(path: Path, dtype: torch.dtype, device: torch.device, quantize: s
         model = dcp.load_model(path, dtype=dtype, device=device)
     elif whisper.checkpoint_kind(path) is not None:  # transformers' Whisper, or CTranslate2's model.bin
         model = whisper.load_model(path, dtype=dtype, device=device)
-    elif vision.checkpoint_kind(path) is not None:  # transformers' ViT or CLIP
+    elif vision.checkpoint_kind(path) is not None:  # transformers' ViT, CLIP or VisionEncoderDecoderModel
         model = vision.load_model(path, dtype=dtype, device=device)
     elif quantized.is_quantized_checkpoint(path):
         model = quantized.load_model(path, dtype, device)
@@ -98,12 +98,19 @@ def save(out_dir: str | Path, model: nn.Module, tokenizer: Tokenizer | None) -> 
     models in our quantised format, LoRA layers kept separate saved merged into the weights."""
     model = merge_lora(copy.deepcopy(model)) if has_lora(model) else model
     with atomic_directory(out_dir) as staging:
-        if quant.is_quantized(model):
-            quantized.write_model(staging, model)
-        elif vision.is_vision_model(model):
-            vision.write_model(staging, model)
-        else:
-            hf.write_model(staging, model)
+        write_model(staging, model)
         if tokenizer is not None:
             tokenizer.save(staging)
     return Path(out_dir)
+
+
+def write_model(directory: Path, model: nn.Module) -> None:
+    """A model's weights and config into `directory` (already staged), in the format its kind is read back from:
+    our quantised format, transformers' vision formats (ViT, CLIP, VisionEncoderDecoderModel), or a transformers
+    family / our own config."""
+    if quant.is_quantized(model):
+        quantized.write_model(directory, model)
+    elif vision.is_vision_model(model):
+        vision.write_model(directory, model)
+    else:
+        hf.write_model(directory, model)

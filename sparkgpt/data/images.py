@@ -9,6 +9,9 @@ image processors (`ViTImageProcessor`, `CLIPImageProcessor`, their PIL backend) 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # rather than clipped to 8 bits without a word.
 EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 MAX_PIXELS = 100_000_000  # a larger image is refused before it is decoded (a small file can claim any size)
+MAX_IMAGE_BYTES = 20 << 20  # an image sent in a message (OpenAI's limit for one image is 20 MB)
 
 
 @dataclass(frozen=True)
@@ -105,13 +109,54 @@ def open_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise SparkGPTError(f"{path}: no such image file")
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SparkGPTError(f"{path}: not readable ({error})") from None
+    return decode_image(data, str(path))
+
+
+def decode_image(data: bytes, source: str) -> Image.Image:
+    """An image file's bytes, decoded (any format Pillow reads); `source` names it in errors (a file, a field)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PIXELS:
-                raise SparkGPTError(f"{path}: {image.width} × {image.height} pixels exceed the limit of {MAX_PIXELS}")
+                raise SparkGPTError(f"{source}: {image.width} × {image.height} pixels exceed the limit of {MAX_PIXELS}")
             image.load()
             return image.copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise SparkGPTError(f"{path}: not a readable image ({error})") from None
+        raise SparkGPTError(f"{source}: not a readable image ({error})") from None
+
+
+def image_from_url(url: str, source: str, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
+    """The image of an OpenAI `image_url` content part: a `data:image/...;base64,` URL (nothing is ever fetched
+    from the network), at most `max_bytes` decoded."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise SparkGPTError(f"{source}: expected a data URL (data:image/png;base64,...); images are never fetched "
+                            "from a URL")
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64") or not header[5:].startswith("image/"):
+        raise SparkGPTError(f"{source}: expected a base64 image data URL (data:image/png;base64,...), got "
+                            f"{header[:40]!r}")
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+        raise SparkGPTError(f"{source}: the image is over the limit of {max_bytes} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise SparkGPTError(f"{source}: the data URL is not valid base64") from None
+    return decode_image(data, source)
+
+
+def image_data_url(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES) -> str:
+    """An image file as the data URL an `image_url` content part carries (checked to be a readable image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SparkGPTError(f"{path}: no such image file")
+    data = path.read_bytes()
+    if len(data) > max_bytes:
+        raise SparkGPTError(f"{path}: {len(data)} bytes exceed the limit of {max_bytes} for an image")
+    image = decode_image(data, str(path))
+    kind = (image.format or "png").lower()
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +77,8 @@ def evaluate(
     start = time.perf_counter()
     if task.kind == "perplexity":
         return _perplexity(lm, task, start)
+    if task.kind == "image_qa":
+        return _image_qa(lm, task, task.items[:limit] if limit else task.items, batch_size, progress, start)
     if shots > len(task.fewshot_items):
         raise SparkGPTError(f"{task.source}: {shots} shots asked, but the few-shot split has "
                             f"{len(task.fewshot_items)} items")
@@ -227,6 +230,34 @@ def _kg_qa(lm, task, items, use_chat, batch_size, bar, progress) -> tuple[dict[s
         chosen = [s["correct"] for s in samples if s["hops"] == hops]
         metrics[f"accuracy_{names.get(hops, f'{hops}_hops')}"] = 100.0 * sum(chosen) / len(chosen)
     return metrics, samples
+
+
+def _image_qa(lm: LM, task: Task, items: list[Item], batch_size: int, progress: bool, start: float) -> Report:
+    """Each question answered greedily about its image (the chat template's prompt), scored by the task's
+    metrics; `majority_answer` is the share of the most common gold answer, what a model blind to the images
+    reaches at best by always giving it. Questions go in batches of one prompt length (the decoder's rows
+    start together)."""
+    prompts = [lm.chat_prompt([{"role": "user", "content": item.fields["question"]}]) for item in items]
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    predictions = [""] * len(items)
+    bar = tqdm(total=len(items), desc=task.name, disable=not progress, unit="item")
+    for indices in by_length.values():
+        for batch in _chunks(indices, batch_size):
+            completions = lm.complete([prompts[i] for i in batch], [items[i].fields["image"] for i in batch],
+                                      max_new_tokens=task.max_new_tokens, temperature=0, stop=task.stop or ())
+            for i, completion in zip(batch, completions, strict=True):
+                predictions[i] = completion.text.strip()
+            bar.update(len(batch))
+    bar.close()
+    references = [task.gold_answers(item) for item in items]
+    metrics = {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
+    majority = Counter(refs[0] for refs in references).most_common(1)[0][1]
+    metrics["majority_answer"] = 100.0 * majority / len(items)
+    samples = [{"where": item.where, "image": item.fields["image"], "question": item.fields["question"],
+                "gold": refs, "predicted": p} for item, refs, p in zip(items, references, predictions, strict=True)]
+    return Report(task.name, task.kind, 0, len(items), metrics, time.perf_counter() - start, True, samples)
 
 
 def _perplexity(lm: LM, task: Task, start: float) -> Report:

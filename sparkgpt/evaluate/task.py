@@ -11,6 +11,10 @@
     metrics: [exact_match, f1]       # generation only: exact_match f1 contains bleu chrf rouge1 rouge2 rougeL
     bleu_tokenize: zh                # sacrebleu's BLEU tokenizer, when the target language needs another than 13a
 
+Image question answering: `kind: image_qa`, items {"image", "question", "answer"} from `data: FILE.jsonl` (image
+paths relative to the file) or `dataset: easy-vqa` (the `easy-vqa` package's test split), answered by an
+image-to-text model and scored by exact match beside the majority answer's share.
+
 Grounded question answering: `kind: open_domain_qa` with `corpus: FOLDER` (indexed on first use; each item names
 its gold document in `source`) and `k`, scored closed-book and with retrieval; `kind: kg_qa` with `graph: FILE`
 (items may carry `hops` to be scored per number of hops).
@@ -28,15 +32,17 @@ from typing import Any
 
 import yaml
 
+from sparkgpt.data.vqa import easy_vqa_records, read_records
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.evaluate.metrics import GENERATION_METRICS
 from sparkgpt.files import read_jsonl
 
 BUNDLED_DIR = Path(__file__).parent / "tasks"
-KINDS = ("multiple_choice", "generation", "perplexity", "open_domain_qa", "kg_qa")
+KINDS = ("multiple_choice", "generation", "perplexity", "open_domain_qa", "kg_qa", "image_qa")
 _FIELDS = {"name", "kind", "description", "prompt", "choices", "choices_field", "answer", "data", "items",
            "metrics", "target_prefix", "separator", "max_new_tokens", "stop", "fewshot_split", "eval_split", "text",
-           "answer_join", "corpus", "graph", "k", "bleu_tokenize"}
+           "answer_join", "corpus", "graph", "k", "bleu_tokenize", "dataset"}
+DATASETS = ("easy-vqa",)  # image_qa sets read from an installed package
 BLEU_TOKENIZERS = ("13a", "intl", "zh", "char", "none")  # sacrebleu's, less those that download a model
 
 
@@ -143,6 +149,8 @@ def _yaml_task(path: Path) -> Task:
         if "text" not in spec:
             raise SparkGPTError(f"{path}: a perplexity task needs `text: FILE`")
         return Task(name=spec.get("name", path.stem), kind=kind, source=str(path), text_file=path.parent / spec["text"])
+    if kind == "image_qa":
+        return _image_qa_task(path, spec)
     if "data" in spec:
         items = _read_jsonl(path.parent / spec["data"])
     elif isinstance(spec.get("items"), list):
@@ -168,6 +176,25 @@ def _yaml_task(path: Path) -> Task:
     if kind == "kg_qa" and (task.graph is None or not task.graph.is_file()):
         raise SparkGPTError(f"{path}: a kg_qa task needs `graph:` naming an existing triples file")
     return _split_and_check(task, items, spec.get("fewshot_split", "train"), spec.get("eval_split", "test"))
+
+
+def _image_qa_task(path: Path, spec: dict[str, Any]) -> Task:
+    """An image_qa task: its records from a JSONL file or a named dataset, items {"image", "question", "answer"}."""
+    dataset = spec.get("dataset")
+    if dataset is not None and dataset not in DATASETS:
+        raise SparkGPTError(f"{path}: dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    if (dataset is None) == ("data" not in spec):
+        raise SparkGPTError(f"{path}: an image_qa task needs either `data: FILE.jsonl` or `dataset: easy-vqa`")
+    records = easy_vqa_records("test") if dataset else read_records(path.parent / spec["data"])
+    items = [Item({"image": str(r.image), "question": r.question, "answer": r.answer}, f"{path}: item {i + 1}")
+             for i, r in enumerate(records)]
+    task = Task(name=spec.get("name", path.stem), kind="image_qa", source=str(path), prompt="{question}",
+                description=spec.get("description", ""), max_new_tokens=spec.get("max_new_tokens", 8),
+                metrics=spec.get("metrics", ["exact_match"]), items=items)
+    unknown = sorted(set(task.metrics) - set(GENERATION_METRICS))
+    if unknown:
+        raise SparkGPTError(f"{path}: unknown metric(s) {', '.join(unknown)}; known: {', '.join(GENERATION_METRICS)}")
+    return task
 
 
 def _jsonl_task(path: Path) -> Task:

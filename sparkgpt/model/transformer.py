@@ -497,6 +497,3 @@ def model_class(config: ModelConfig) -> type[nn.Module]:
     """The model an architecture builds: GPT, Encoder or EncoderDecoder."""
     return {"decoder": GPT, "encoder": Encoder, "encoder-decoder": EncoderDecoder}[config.architecture]
 
-
-def build_model(config: ModelConfig) -> nn.Module:
-    return model_class(config)(config)

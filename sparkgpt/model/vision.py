@@ -12,6 +12,13 @@ end-of-text token; both towers' vectors are projected (no bias) into one space, 
 
     logits = exp(s) · cos(image, text)        s: the learned `logit_scale`
 
+An image-to-text model (transformers' VisionEncoderDecoderModel with a ViT encoder and a GPT-2 decoder) answers or
+captions an image: the ViT's vectors are the memory a decoder with cross-attention reads,
+
+    memory = Norm(Blocks(PatchEmbed(image)))      logits = Decoder(E[prompt; answer] + P, memory) Eᵀ
+
+which is the existing EncoderDecoder with the patch embedding in place of the source tokens.
+
 The blocks are the shared `Block`s of `transformer.py` (pre-LayerNorm, biases, exact GELU for ViT, quick GELU for
 CLIP); only the patch embedding and the poolings are new here.
 """
@@ -27,15 +34,27 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparkgpt.config import ModelConfig
+from sparkgpt.data.images import ImagePreprocessing
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model.layers import make_norm
-from sparkgpt.model.transformer import GPT, Block, Embeddings, _StackModel
+from sparkgpt.model.transformer import GPT, Block, Embeddings, EncoderDecoder, _StackModel
 
 # What every vision tower shares; the sizes, and the few choices ViT and CLIP differ in, come from the checkpoint.
 VISION_FIXED: dict[str, Any] = dict(
     architecture="encoder", positions="learned", norm="layernorm", bias=True, norm_position="pre",
     type_vocab_size=0, tie_embeddings=False, vocab_size=1,  # no tokens: patches are embedded by a convolution
 )
+
+
+def _check_image_fields(config: Any) -> None:
+    """The image front end's fields (image_size, patch_size, num_channels) of a vision or image-to-text config."""
+    for name in ("image_size", "patch_size", "num_channels"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SparkGPTError(f"config field {name!r} is {value!r}; expected a positive integer")
+    if config.patch_size > config.image_size:
+        raise SparkGPTError(f"config field 'patch_size' ({config.patch_size}) exceeds 'image_size' "
+                            f"({config.image_size})")
 
 
 @dataclass
@@ -56,13 +75,7 @@ class VisionConfig(ModelConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        for name in ("image_size", "patch_size", "num_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SparkGPTError(f"config field {name!r} is {value!r}; expected a positive integer")
-        if self.patch_size > self.image_size:
-            raise SparkGPTError(f"config field 'patch_size' ({self.patch_size}) exceeds 'image_size' "
-                                f"({self.image_size})")
+        _check_image_fields(self)
         super().validate()
         if self.architecture != "encoder" or self.norm_position != "pre":
             raise SparkGPTError("a vision config needs architecture 'encoder' with norm_position 'pre', not "
@@ -88,24 +101,27 @@ class VisionOutput(NamedTuple):
 class PatchEmbeddings(nn.Module):
     """Pixels [B, C, H, W] -> [class token; one vector per patch] + positions: [B, 1 + patches, d]."""
 
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, d_model: int, image_size: int, patch_size: int, num_channels: int, bias: bool,
+                 initializer_range: float) -> None:
         super().__init__()
-        self.config = config
-        self.patch_proj = nn.Conv2d(config.num_channels, config.d_model, kernel_size=config.patch_size,
-                                    stride=config.patch_size, bias=config.patch_bias)
-        self.cls_token = nn.Parameter(torch.empty(config.d_model))
-        self.position_embedding = nn.Embedding(config.max_seq_len, config.d_model)
-        nn.init.normal_(self.cls_token, std=config.initializer_range)
+        self.expected = [num_channels, image_size, image_size]
+        self.patch_proj = nn.Conv2d(num_channels, d_model, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.cls_token = nn.Parameter(torch.empty(d_model))
+        self.position_embedding = nn.Embedding((image_size // patch_size) ** 2 + 1, d_model)
+        nn.init.normal_(self.cls_token, std=initializer_range)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        config = self.config
-        expected = [config.num_channels, config.image_size, config.image_size]
-        if pixel_values.dim() != 4 or list(pixel_values.shape[1:]) != expected:
-            raise SparkGPTError(f"expected pixel values [batch, {', '.join(map(str, expected))}], got "
+        if pixel_values.dim() != 4 or list(pixel_values.shape[1:]) != self.expected:
+            raise SparkGPTError(f"expected pixel values [batch, {', '.join(map(str, self.expected))}], got "
                                 f"{list(pixel_values.shape)}")
         patches = self.patch_proj(pixel_values.to(self.patch_proj.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+def patch_embeddings(config: VisionConfig) -> PatchEmbeddings:
+    return PatchEmbeddings(config.d_model, config.image_size, config.patch_size, config.num_channels,
+                           config.patch_bias, config.initializer_range)
 
 
 class ViT(_StackModel):
@@ -117,7 +133,7 @@ class ViT(_StackModel):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = PatchEmbeddings(config)
+        self.embeddings = patch_embeddings(config)
         if config.embedding_norm:
             self.embedding_norm = make_norm(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
@@ -274,11 +290,93 @@ class CLIP(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D positions [grid², dim] of a grid × grid patch grid (row-major): sines and cosines of the column
+    then of the row, dim / 4 frequencies each (dim a multiple of 4), geometric from 1 to 1/10,000 (as MAE and
+    "Better plain ViT baselines")."""
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                   indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    x, y = columns.flatten()[:, None] * omega, rows.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+# ---- image-to-text ----------------------------------------------------------------------------------------
+
+@dataclass
+class ImageTextConfig(ModelConfig):
+    """A ModelConfig of an encoder–decoder (the decoder's shape; `n_encoder_layers` ViT blocks of the same width)
+    with the image front end of a ViT."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+
+    def validate(self) -> None:
+        _check_image_fields(self)
+        super().validate()
+        if self.architecture != "encoder-decoder" or self.positions == "relative":
+            raise SparkGPTError("an image-to-text config needs architecture 'encoder-decoder' with token positions "
+                                f"(not relative), not {self.architecture!r} with {self.positions!r}")
+
+    def replace(self, **changes: Any) -> ImageTextConfig:
+        return ImageTextConfig.from_dict({**self.to_dict(), **changes})
+
+    def num_parameters(self) -> int:
+        """The encoder–decoder's count plus the patch embedding's (convolution, class token, positions)."""
+        patches = (self.image_size // self.patch_size) ** 2
+        patch_embedding = (self.num_channels * self.patch_size ** 2 + 1) * self.d_model + (patches + 2) * self.d_model
+        return super().num_parameters() + patch_embedding
+
+
+IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(ImageTextConfig) if f.name not in
+                     {g.name for g in dataclasses.fields(ModelConfig)})
+
+
+class ImageText(EncoderDecoder):
+    """Pixels [B, C, image_size, image_size] and target ids [B, T] -> next-token logits [B, T, vocab]: a ViT
+    encoder (patch embedding, `n_encoder_layers` blocks, a final norm) whose vectors the decoder attends to."""
+
+    config: ImageTextConfig
+
+    def __init__(self, config: ImageTextConfig) -> None:
+        super().__init__(config)
+        self.patch_embeddings = PatchEmbeddings(config.d_model, config.image_size, config.patch_size,
+                                                config.num_channels, True, config.initializer_range)
+        self.patch_embeddings.apply(self._init_weights)
+        # Beyer et al. 2022 ("Better plain ViT baselines"): 2-D sine-cosine positions help a ViT trained from
+        # scratch on little data; they start learnable here, so the checkpoint stays a ViT's.
+        if config.d_model % 4 == 0:
+            with torch.no_grad():
+                positions = self.patch_embeddings.position_embedding.weight
+                positions[0] = 0.0
+                positions[1:] = sincos_2d(config.image_size // config.patch_size, config.d_model)
+        # How an image becomes pixels for this model (a checkpoint's preprocessor_config.json replaces it): ViT's
+        # defaults at this model's size.
+        self.preprocessing = ImagePreprocessing(size=(config.image_size, config.image_size))
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Pixels [B, C, H, W] -> memory [B, 1 + patches, d_model] (every position is real: no mask)."""
+        return self.encoder_stack(self.patch_embeddings(pixel_values))
+
+    def forward(self, pixel_values: torch.Tensor, target_ids: torch.Tensor,  # type: ignore[override]
+                image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits [B, T, vocab] for every target position at once. `image_rows` [B] gives each
+        target row's image among `pixel_values` (several questions about one image encode it once)."""
+        memory = self.encode(pixel_values)
+        if image_rows is not None:
+            memory = memory[image_rows]
+        return self.decode(target_ids, self.memory_kv(memory))
+
+
 __all__ = [
     "CLIP",
+    "IMAGE_FIELDS",
     "VISION_FIXED",
     "CLIPConfig",
     "CLIPOutput",
+    "ImageText",
+    "ImageTextConfig",
     "PatchEmbeddings",
     "TextTransformer",
     "ViT",

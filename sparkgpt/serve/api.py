@@ -5,9 +5,10 @@ This layer only translates: a request's JSON body becomes a prompt and SamplingP
 OpenAI's shape, checked before the first byte of a stream is sent. `server.py` runs it.
 
 /v1/embeddings pools the served model's vectors (`embeddings.py`), and with an index chat replies are grounded in
-it (`grounding.py`); a served Whisper model answers /v1/audio/transcriptions alone (`transcription.py`). These
-block on a model's forward, so they run in a worker thread, one call at a time, never on the event loop nor in the
-engine's thread: generations in flight go on meanwhile. Chat templates and tokenisation run in a second worker
+it (`grounding.py`); a served Whisper model answers /v1/audio/transcriptions alone (`transcription.py`), and a
+served image-to-text model chat completions about images alone (`images.py`). These block on a model's forward,
+so they run in a worker thread, one call at a time, never on the event loop nor in the engine's thread:
+generations in flight go on meanwhile. Chat templates and tokenisation run in a second worker
 thread, so that they neither stall the loop nor wait behind a forward.
 
 `RequestGuard` stands before every route: a body over `max_body_bytes` is a 413 (a larger Content-Length at once,
@@ -58,6 +59,7 @@ from sparkgpt.serve.engine import (
     TokenLogprob,
 )
 from sparkgpt.serve.grounding import Grounding
+from sparkgpt.serve.images import ImageChat, ImageChatCall, chat_chunk, chat_completion, usage_chunk
 from sparkgpt.serve.metrics import Metrics, MetricsMiddleware
 from sparkgpt.serve.protocol import (
     CHAT_FIELDS,
@@ -206,6 +208,7 @@ class ServeState:
     engine: Engine | None = None    # None while loading, and for a model that cannot generate (an encoder)
     pooler: Pooler | None = None    # set once the model is loaded: every served text model embeds
     transcriber: Transcriber | None = None  # set instead of both for a Whisper model
+    images: ImageChat | None = None  # set instead of all three for an image-to-text model
     grounding: Grounding | None = None
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -225,10 +228,17 @@ class ServeState:
                        f"(POST {TRANSCRIPTIONS_PATH}) but neither generates nor embeds text.",
                        code="model_cannot_generate")
 
+    def _images_only(self, code: str) -> APIError:
+        return invalid("model", f"The model '{self.model_name}' is an image-to-text model: it answers chat "
+                       "completions about images (POST /v1/chat/completions with an image_url content part) but "
+                       "neither completes prompts nor embeds text.", code=code)
+
     def ready_engine(self) -> Engine:
         if self.engine is None:
             if self.transcriber is not None:
                 raise self._speech_only()
+            if self.images is not None:
+                raise self._images_only("model_cannot_generate")
             if self.pooler is not None:
                 raise invalid("model", f"The model '{self.model_name}' is an encoder: it embeds text "
                               "(POST /v1/embeddings) but cannot generate it. Serve a decoder model for chat and "
@@ -240,12 +250,14 @@ class ServeState:
 
     def ready_pooler(self) -> Pooler:
         if self.pooler is None:
+            if self.images is not None:
+                raise self._images_only("model_cannot_embed")
             raise self._speech_only() if self.transcriber is not None else self._not_ready()
         return self.pooler
 
     def ready_transcriber(self) -> Transcriber:
         if self.transcriber is None:
-            if self.pooler is not None:
+            if self.pooler is not None or self.images is not None:
                 raise invalid("model", f"The model '{self.model_name}' is not a speech recognition model: "
                               f"{TRANSCRIPTIONS_PATH} needs a Whisper model (e.g. whisper-base).",
                               code="model_cannot_transcribe")
@@ -269,7 +281,7 @@ class ServeState:
 
 
 def create_app(
-    model_name: str, load_engine: Callable[[], Engine | Pooler | Transcriber], api_key: str | None = None,
+    model_name: str, load_engine: Callable[[], Engine | Pooler | Transcriber | ImageChat], api_key: str | None = None,
     on_load_error: Callable[[str], None] | None = None, index: Index | None = None, k: int = 4,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str | None = None, port: int | None = None,
 ) -> FastAPI:
@@ -278,7 +290,8 @@ def create_app(
 
     `load_engine` gives a running Engine, or for a model that cannot generate (an encoder) a Pooler alone: that
     server embeds, and answers chat and completions with 400; for a Whisper model a Transcriber: that server
-    answers /v1/audio/transcriptions alone. With an `index`, chat replies are grounded in its
+    answers /v1/audio/transcriptions alone; for an image-to-text model an ImageChat: that server answers chat
+    completions about images alone. With an `index`, chat replies are grounded in its
     `k` best chunks for the last user message (its query embedder is loaded with the model).
 
     A body over `max_body_bytes` is a 413. `host` and `port` are the address served: bound to loopback without
@@ -299,6 +312,8 @@ def create_app(
                 state.engine = served
             elif isinstance(served, Transcriber):
                 state.transcriber = served
+            elif isinstance(served, ImageChat):
+                state.images = served
             else:
                 state.pooler = served
         except Exception as error:
@@ -354,7 +369,7 @@ def create_app(
             return JSONResponse({"status": "error", "error": error}, status_code=503)
         if state.engine is not None and state.engine.draining:  # a load balancer takes it out of rotation
             return JSONResponse({"status": "draining", "error": "the server is shutting down"}, status_code=503)
-        if state.pooler is not None or state.transcriber is not None:
+        if state.pooler is not None or state.transcriber is not None or state.images is not None:
             return JSONResponse({"status": "ok", "model": state.model_name})
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
@@ -388,6 +403,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
+        if state.images is not None:
+            return await image_chat(state, state.images, parse_body(await request.body()))
         engine = state.ready_engine()
         body = parse_body(await request.body())
         check_fields(body, CHAT_FIELDS)
@@ -720,3 +737,63 @@ async def sse_stream(state: ServeState, engine_call: EngineCall, response_id: st
         yield sse({"id": response_id, "object": obj, "created": created, "model": state.model_name,
                    "system_fingerprint": None, "choices": [], "usage": usage(prompt_tokens, sum(tokens))})
     yield sse("[DONE]")
+
+
+# ---- chat about images ------------------------------------------------------------------------------------------
+
+
+async def image_chat(state: ServeState, images: ImageChat, body: dict[str, Any]) -> Response:
+    """A chat completion of an image-to-text model: checked and decoded, then generated, in the worker thread."""
+    check_fields(body, CHAT_FIELDS)
+    check_model(body, state.model_name)
+    call = await state.run_blocking(images.prepare, body)
+    response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if call.stream:
+        return StreamingResponse(image_chat_stream(state, call, response_id, created), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    completion = await state.run_blocking(images.complete, call)
+    state.metrics.prompt_tokens.inc(completion.prompt_tokens)
+    state.metrics.generation_tokens.inc(len(completion.token_ids))
+    return JSONResponse(chat_completion(response_id, created, state.model_name, completion))
+
+
+async def image_chat_stream(state: ServeState, call: ImageChatCall, response_id: str,
+                            created: int) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending in `data: [DONE]`, as the worker thread generates; a
+    client that leaves stops the generation (the worker looks before each token)."""
+    events: asyncio.Queue[tuple[str, Any] | Exception] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    cancelled = threading.Event()
+
+    def worker_ended(task: asyncio.Task) -> None:  # a worker that never ran (shutdown) must not leave us waiting
+        if task.cancelled():
+            events.put_nowait(APIError(503, "the server is shutting down", error_type="service_unavailable"))
+        elif task.exception() is not None:
+            events.put_nowait(task.exception())
+
+    worker = asyncio.ensure_future(state.run_blocking(
+        ImageChat.stream, call, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), cancelled))
+    worker.add_done_callback(worker_ended)
+    name = state.model_name
+    try:
+        yield sse(chat_chunk(response_id, created, name, call, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if isinstance(event, Exception):
+                error = event if isinstance(event, APIError) else APIError(
+                    500, f"generation failed: {type(event).__name__}: {event}", error_type="server_error")
+                yield sse(error.body())
+                break
+            delta, completion = event
+            if delta:
+                yield sse(chat_chunk(response_id, created, name, call, {"content": delta}))
+            if completion is not None:
+                state.metrics.prompt_tokens.inc(completion.prompt_tokens)
+                state.metrics.generation_tokens.inc(len(completion.token_ids))
+                yield sse(chat_chunk(response_id, created, name, call, {}, completion.finish_reason))
+                if call.include_usage:
+                    yield sse(usage_chunk(response_id, created, name, completion))
+                break
+        yield sse("[DONE]")
+    finally:
+        cancelled.set()

@@ -147,7 +147,9 @@ def check_model(body: dict[str, Any], served: str) -> None:
                        param="model", code="model_not_found")
 
 
-def parse_messages(messages: Any) -> list[dict[str, str]]:
+def parse_messages(messages: Any, reads_images: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's messages, checked. Content parts become one string for a text model; for a model that reads
+    images (`reads_images`) they stay as sent, for `LM.chat_inputs` to decode their images."""
     if messages is None:
         raise invalid("messages", "Missing required parameter: 'messages'.")
     if not isinstance(messages, list) or not messages:
@@ -161,18 +163,13 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
             raise invalid(f"messages[{i}].role", f"Invalid value for messages[{i}].role: {role!r}; expected one of "
                           f"{', '.join(sorted(CHAT_ROLES))}.")
         content = message.get("content")
-        if isinstance(content, list):  # content parts: only text here
-            texts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise invalid(f"messages[{i}].content[{j}]", "only text content parts are supported: "
-                                  "{\"type\": \"text\", \"text\": \"...\"}")
-                texts.append(part["text"])
-            content = "".join(texts)
+        parts = isinstance(content, list)
+        if parts:
+            content = _content_parts(content, f"messages[{i}].content", reads_images)
         calls = message.get("tool_calls") if role == "assistant" else None
         if content is None and calls:  # an assistant turn that only called tools
             content = ""
-        if not isinstance(content, str):
+        if not (parts or isinstance(content, str)):
             raise invalid(f"messages[{i}].content", f"messages[{i}].content must be a string.")
         entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
         if calls is not None:
@@ -184,6 +181,25 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
             entry["tool_call_id"] = message["tool_call_id"]
         parsed.append(entry)
     return parsed
+
+
+def _content_parts(parts: list[Any], param: str, reads_images: bool) -> str | list[Any]:
+    """A message's content parts: their text joined, or for a model that reads images the parts themselves
+    (text and image_url). An image part for a text model is refused by name, as any other kind of part."""
+    texts = []
+    for j, part in enumerate(parts):
+        field = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url" and not reads_images:
+            raise invalid(field, f"{field}: this model does not read images (it has no image encoder); send text "
+                          "content parts only.", code="image_input_unsupported")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind != "image_url":
+            accepted = " or {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:...\"}}" if reads_images else ""
+            raise invalid(field, f"only text content parts are supported: {{\"type\": \"text\", \"text\": "
+                          f"\"...\"}}{accepted}")
+    return list(parts) if reads_images else "".join(texts)
 
 
 def _parse_tool_calls(calls: Any, param: str) -> list[dict[str, Any]]:
@@ -329,6 +345,24 @@ def prepare_call(
     n = _optional(body, "n", 1)
     if not is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise invalid("n", f"Invalid value for 'n': {n!r}; expected an integer from 1 to {MAX_CHOICES}.")
+    stream, include_usage = parse_stream(body)
+    longest = max(len(p) for p in prompts)
+    if max_tokens is None:
+        max_tokens = default_max_tokens or max(1, engine.context - longest)
+    params = sampling_params(body, max_tokens, max_tokens_param, engine.lm.config.vocab_size)
+    try:
+        engine.check_fits(longest, 0 if score_only else params.max_new_tokens)
+    except ContextLengthExceeded as error:
+        raise invalid(prompt_param, str(error), code="context_length_exceeded") from None
+    echo_texts = _prompt_texts(engine.lm.tokenizer, body.get("prompt"), prompts) if echo else None
+    grammar = structured_grammar(engine, body)
+    tools, _ = parse_tools(body)
+    return Call(prompts, params, n, stream, include_usage, logprobs, logprobs if echo else None, score_only,
+                echo_texts, grammar, () if body.get("tool_choice") == "none" else tools)
+
+
+def parse_stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream`, and whether the stream ends with a usage chunk (`stream_options.include_usage`)."""
     stream = _optional(body, "stream", False)
     if not isinstance(stream, bool):
         raise invalid("stream", "'stream' must be a boolean.")
@@ -342,6 +376,11 @@ def prepare_call(
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise invalid("stream_options.include_usage", "'stream_options.include_usage' must be a boolean.")
+    return stream, include_usage
+
+
+def sampling_params(body: dict[str, Any], max_tokens: Any, max_tokens_param: str, vocab_size: int) -> SamplingParams:
+    """The sampling fields against OpenAI's ranges, then SamplingParams' own checks; each error names its field."""
     temperature = _optional(body, "temperature", 1.0)
     if not (is_number(temperature) and 0 <= temperature <= 2):
         raise invalid("temperature", f"Invalid value for 'temperature': {temperature!r}; expected a number from 0 "
@@ -355,30 +394,18 @@ def prepare_call(
     seed = body.get("seed")
     if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**63 - MAX_CHOICES):
         raise invalid("seed", "'seed' must be a 64-bit integer.")
-    longest = max(len(p) for p in prompts)
-    if max_tokens is None:
-        max_tokens = default_max_tokens or max(1, engine.context - longest)
     try:
-        params = SamplingParams(
+        return SamplingParams(
             max_new_tokens=max_tokens, temperature=temperature, top_p=_optional(body, "top_p", 1.0),
             top_k=body.get("top_k"), repetition_penalty=_optional(body, "repetition_penalty", 1.0),
             presence_penalty=_optional(body, "presence_penalty", 0.0),
             frequency_penalty=_optional(body, "frequency_penalty", 0.0),
-            logit_bias=parse_logit_bias(body.get("logit_bias"), engine.lm.config.vocab_size),
+            logit_bias=parse_logit_bias(body.get("logit_bias"), vocab_size),
             min_p=_optional(body, "min_p", 0.0), stop=tuple(stop), seed=seed,
         )
     except SamplingParamError as error:
         param = max_tokens_param if error.field == "max_new_tokens" else PARAM_NAMES.get(error.field, error.field)
         raise invalid(param, f"Invalid value for '{param}': {error}") from None
-    try:
-        engine.check_fits(longest, 0 if score_only else params.max_new_tokens)
-    except ContextLengthExceeded as error:
-        raise invalid(prompt_param, str(error), code="context_length_exceeded") from None
-    echo_texts = _prompt_texts(engine.lm.tokenizer, body.get("prompt"), prompts) if echo else None
-    grammar = structured_grammar(engine, body)
-    tools, _ = parse_tools(body)
-    return Call(prompts, params, n, stream, include_usage, logprobs, logprobs if echo else None, score_only,
-                echo_texts, grammar, () if body.get("tool_choice") == "none" else tools)
 
 
 def parse_chat_logprobs(body: dict[str, Any]) -> tuple[int | None, bool]:

@@ -20,11 +20,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.lm import LM
+from sparkgpt.model.vision import ImageText
 from sparkgpt.model.whisper import Whisper
 from sparkgpt.rag.index import Index
 from sparkgpt.serve.api import DEFAULT_MAX_BODY_BYTES, create_app
 from sparkgpt.serve.embeddings import Pooler
 from sparkgpt.serve.engine import Engine
+from sparkgpt.serve.images import ImageChat
 from sparkgpt.serve.transcription import Transcriber
 
 DEFAULT_CONTEXT = 4096  # tokens per slot at most by default (each slot holds a whole sequence): bounds memory
@@ -147,12 +149,15 @@ def limited_protocol(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
 
 
 def start_serving(lm: LM, max_slots: int = 8, max_queue: int = 64, context: int | None = None,
-                  prefill_chunk: int = 256, prefix_cache_bytes: int | None = None) -> Engine | Pooler | Transcriber:
+                  prefill_chunk: int = 256, prefix_cache_bytes: int | None = None,
+                  ) -> Engine | Pooler | Transcriber | ImageChat:
     """What serves `lm`: a running Engine for a model that generates (it also embeds, with the engine's model),
     for an encoder (minilm-l6), which cannot generate, a Pooler alone: /v1/embeddings only; for Whisper a
-    Transcriber: /v1/audio/transcriptions only."""
+    Transcriber: /v1/audio/transcriptions only; for an image-to-text model an ImageChat: chat about images only."""
     if isinstance(lm.model, Whisper):
         return Transcriber(lm)
+    if isinstance(lm.model, ImageText):
+        return ImageChat(lm)
     if getattr(lm.config, "architecture", "decoder") == "encoder":
         return Pooler(lm)
     engine = Engine(lm, max_slots=max_slots, max_queue=max_queue, prefill_chunk=prefill_chunk,
@@ -216,13 +221,16 @@ def serve(
     for up to `shutdown_timeout` seconds; any still running then end with a `server_shutting_down` error (a stream
     with its error event and [DONE]); then the server exits. A second signal exits at once."""
 
-    def load_engine() -> Engine | Pooler | Transcriber:
+    def load_engine() -> Engine | Pooler | Transcriber | ImageChat:
         if threads is not None:
             torch.set_num_threads(threads)
         lm = load_lm()
         if index is not None and getattr(lm.config, "architecture", "decoder") == "encoder":
             raise SparkGPTError(f"--index grounds chat replies, and {model_name} is an encoder model, which cannot "
                                 "chat; serve a decoder model with --index")
+        if index is not None and isinstance(lm.model, ImageText):  # it answers about images, not from documents
+            raise SparkGPTError(f"--index grounds chat replies in text, and {model_name} is an image-to-text model; "
+                                "serve a decoder model with --index")
         served = start_serving(lm, max_slots=max_slots, max_queue=max_queue, context=context,
                                prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes)
         if isinstance(served, Engine):
@@ -231,6 +239,8 @@ def serve(
                 what += f", grounded in {index.directory} ({len(index)} chunks, k={k})"
         elif isinstance(served, Transcriber):
             what = f"speech to text only: Whisper, {served.device}"
+        elif isinstance(served, ImageChat):
+            what = f"chat about images only: an image-to-text model, {served.device}"
         else:
             what = f"embeddings only: an encoder, {served.device}"
         print(f"sparkgpt: serving {model_name} on http://{host}:{port} ({what})", file=sys.stderr, flush=True)

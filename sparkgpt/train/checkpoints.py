@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparkgpt.checkpoint import adapter, hf
+from sparkgpt.checkpoint import adapter, hf, load, vision
 from sparkgpt.config import ModelConfig
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_directory, read_json_object, write_json
@@ -132,7 +132,7 @@ def save_checkpoint(
             extra = {"labels": model.labels} if hasattr(model, "labels") else {}
             adapter.save_adapter(staging, model, config.lora_config(), config.init_from, config.task, extra)
         else:
-            hf.write_model(staging, model)
+            load.write_model(staging, model)
         if tokenizer is not None:
             tokenizer.save(staging)
         write_trainer_state(staging / TRAINER_STATE_DIR, optimizer, config, state)
@@ -161,7 +161,10 @@ def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Opti
     if adapter.is_adapter(path):
         adapter.load_adapter_weights(model, path)
     else:
-        config, tensors, labels, _ = hf.read_model_state(path)
+        if vision.checkpoint_kind(path) is not None:  # an image-to-text model, in transformers' own layout
+            (config, tensors, _), labels = vision.read_checkpoint(path), None
+        else:
+            config, tensors, labels, _ = hf.read_model_state(path)
         check_same_model(path, config, model.config)
         if labels is not None:  # a classifier: the decoder's tensors sit under `backbone.`
             tensors = {name if name == hf.SCORE_WEIGHT else f"backbone.{name}": t for name, t in tensors.items()}

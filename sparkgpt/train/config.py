@@ -17,11 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
-from sparkgpt.config import PRESETS, ModelConfig, preset
+from sparkgpt.config import PRESETS, ModelConfig
 from sparkgpt.data.seq2seq import is_seq2seq
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_write_text
+from sparkgpt.model import preset_config
 from sparkgpt.model.lora import LoRAConfig
+from sparkgpt.model.vision import ImageTextConfig
 
 
 @dataclass
@@ -187,7 +189,7 @@ class TrainConfig:
             overrides.setdefault("vocab_size", vocab_size)
         overrides.setdefault("max_seq_len", max(self.block_size, PRESETS[self.model].get("max_seq_len", 0)))
         try:
-            return preset(self.model, **overrides)
+            return preset_config(self.model, **overrides)
         except SparkGPTError as error:
             raise SparkGPTError(f"config key 'model_overrides': {error}") from None
 
@@ -229,6 +231,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "seq2seq-small": dict(model="seq2seq-small", block_size=64, batch_size=32, max_steps=2000, lr=1e-3,
                           min_lr=1e-4, warmup_steps=100, eval_every=250, eval_batches=4, log_every=10,
                           save_every=1000, dtype="float32"),
+    # An image question answerer on a prepared image question folder (`sparkgpt prepare easy-vqa`): each step 16
+    # images with every question about them (~150 questions), AdamW at a transformer-from-scratch lr.
+    "easy-vqa": dict(model="easy-vqa", block_size=64, batch_size=16, max_steps=3000, lr=1e-3, min_lr=1e-4,
+                     warmup_steps=50, beta2=0.99, eval_every=250, eval_batches=8, log_every=25, save_every=500),
     # nanoGPT's CPU recipe shape (4 layers, 4 heads, 128 wide, block 64, batch 12) with sparkgpt's choices:
     # a Llama-style block (RoPE, RMSNorm, SwiGLU), the dtype measured fastest here, the fused AdamW, a higher peak
     # lr, and torch.compile (such a small model's step is mostly per-op overhead, which compiling removes).
@@ -319,10 +325,10 @@ def _apply(values: dict[str, Any], changes: dict[str, Any], source: str) -> None
     for name, value in changes.items():
         if name.startswith("model."):  # model.n_layers=6 on the command line
             model_field = name.removeprefix("model.")
-            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            known = {f.name for f in dataclasses.fields(ImageTextConfig)}  # an image front end's too
             if model_field not in known:
                 raise SparkGPTError(f"{source}: unknown model field {model_field!r}; known: {', '.join(sorted(known))}")
-            kind = typing.get_type_hints(ModelConfig)[model_field]
+            kind = typing.get_type_hints(ImageTextConfig)[model_field]
             parsed = yaml.safe_load(value) if isinstance(value, str) else value
             if typing.get_origin(kind) in (typing.Union, types.UnionType) or kind in (int, float, bool, str):
                 parsed = _convert(name, value, kind, source)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparkgpt.config import PRESETS, ModelConfig, preset
+from sparkgpt.config import PRESETS, ModelConfig
 from sparkgpt.errors import SparkGPTError
+from sparkgpt.model import preset_config
 from sparkgpt.train.config import TRAIN_PRESETS, load_train_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -158,7 +159,8 @@ def plan_config(
     if dtype is not None and dtype not in _BYTES:
         raise SparkGPTError(f"--dtype is {dtype!r}; expected one of {', '.join(_BYTES)}")
     if config in PRESETS and config not in TRAIN_PRESETS:
-        model, defaults = preset(config), {"parallel": "ddp", "activation_checkpointing": False, "dtype": "bfloat16"}
+        model = preset_config(config)
+        defaults = {"parallel": "ddp", "activation_checkpointing": False, "dtype": "bfloat16"}
         default_block = model.max_seq_len
     else:
         train = load_train_config(config)

@@ -32,13 +32,16 @@ from sparkgpt.checkpoint.dcp import is_dcp_checkpoint
 from sparkgpt.checkpoint.load import load
 from sparkgpt.checkpoint.registry import resolve
 from sparkgpt.data.examples import IGNORE, FinetuneData, micro_batch_rows
+from sparkgpt.data.images import ImagePreprocessing
 from sparkgpt.data.seq2seq import Seq2SeqData, is_seq2seq
 from sparkgpt.data.tokens import TokenData, eval_offsets, gather, step_offsets
+from sparkgpt.data.vqa import ImageQAData, is_image_text
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_file, atomic_write_text
 from sparkgpt.model import GPT
 from sparkgpt.model.heads import SequenceClassifier
 from sparkgpt.model.lora import apply_lora
+from sparkgpt.model.vision import ImageText
 from sparkgpt.tokenizer import TOKENIZER_FILE, Tokenizer
 from sparkgpt.train.config import TrainConfig, auto_epochs, load_train_config, save_train_config
 from sparkgpt.train.distributed import Distributed
@@ -88,14 +91,18 @@ def compute_loss(model: torch.nn.Module, inputs: Any, targets: torch.Tensor) -> 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
     """Training FLOPs per token (PaLM's estimate, as nanoGPT): 2 per weight forward, 2 backward for the
     activations' gradients, 2 more for the weight's own gradient when it trains (not for frozen LoRA bases), plus
-    attention."""
+    attention. An image-to-text model counts its decoder's weights only: its tokens are the text's, and the image
+    encoder's work per image is left out (an underestimate, never an inflated utilisation)."""
     config = model.config
-    params = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    image_encoder = ("patch_embeddings.", "encoder_blocks.", "encoder_norm.") if isinstance(model, ImageText) else ()
+    weights = [p for name, p in model.named_parameters() if not name.startswith(image_encoder)]
+    params = sum(p.numel() for p in weights)
+    trained = sum(p.numel() for p in weights if p.requires_grad)
     decoder = getattr(model, "backbone", model)
     if config.positions == "learned":
-        params -= decoder.position_embedding.weight.numel()  # a lookup, not a matmul
-        trained -= decoder.position_embedding.weight.numel() if decoder.position_embedding.weight.requires_grad else 0
+        positions = getattr(decoder, "embeddings", decoder).position_embedding.weight  # a lookup, not a matmul
+        params -= positions.numel()
+        trained -= positions.numel() if positions.requires_grad else 0
     return 4 * params + 2 * trained + 12 * config.n_layers * config.n_heads * config.head_dim * block_size
 
 
@@ -263,18 +270,22 @@ class Trainer:
     # ---- the model and its data ------------------------------------------------------------------------------
 
     def _from_scratch(self) -> tuple[torch.nn.Module, Tokenizer | None, Any]:
-        """A randomly initialised `model` preset, sized to a prepared data folder (or seq2seq pairs)."""
+        """A randomly initialised `model` preset, sized to a prepared data folder (or seq2seq pairs, or image
+        questions)."""
         config = self.config
-        data_type = Seq2SeqData if is_seq2seq(config.model) else TokenData  # encoder–decoder: source/target pairs
-        data = data_type(config.data)
+        if is_image_text(config.model):  # images read at the model's size, before the vocabulary sizes the model
+            size = config.model_config().image_size
+            data = ImageQAData(config.data, ImagePreprocessing(size=(size, size)))
+        else:  # an encoder–decoder reads source/target pairs
+            data = (Seq2SeqData if is_seq2seq(config.model) else TokenData)(config.data)
         data.check_block_size(config.block_size)
         model_config = config.model_config(vocab_size=data.vocab_size)
-        if isinstance(data, Seq2SeqData):
+        if isinstance(data, (Seq2SeqData, ImageQAData)):
             model_config = model_config.replace(**data.model_fields)
         self._check_fits(model_config, data)
         tokenizer_path = data.directory / TOKENIZER_FILE
         tokenizer = Tokenizer.from_dir(data.directory) if tokenizer_path.is_file() else None
-        if isinstance(data, Seq2SeqData):
+        if isinstance(data, (Seq2SeqData, ImageQAData)):
             tokenizer = data.tokenizer
         return parallel.new_model(model_config, config, self.dist, self.device), tokenizer, data
 
@@ -430,7 +441,8 @@ class Trainer:
         total = sum(counts) * self.dist.world_size if isinstance(self.data, TokenData) else \
             self.dist.sum(torch.tensor(float(sum(counts)), device=self.device)).item()  # ranks' counts differ
         for micro, (inputs, targets) in enumerate(batches):
-            tokens += (inputs if isinstance(inputs, torch.Tensor) else inputs.model_args()[0]).numel()
+            tokens += inputs.tokens() if hasattr(inputs, "tokens") else \
+                (inputs if isinstance(inputs, torch.Tensor) else inputs.model_args()[0]).numel()
             with self.dist.gradient_sync(self.train_model, sync=micro == config.grad_accum - 1), self._autocast():
                 objective, loss = self.objective(inputs, targets)
                 if moe_coef:  # mixture of experts: the model's load-balancing loss joins the objective

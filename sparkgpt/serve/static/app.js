@@ -1,11 +1,13 @@
 // The chat page: plain JavaScript, no build step. It talks to the same server's OpenAI-compatible API and
 // renders the reply as server-sent events arrive. A server with an index (`sparkgpt serve REF --index DIR`)
 // sends the reply's sources in its first chunk; they are listed under the reply, numbered as the reply cites them.
+// An attached image goes with the next message as an image_url content part (a data URL); a model that does not
+// read images answers it with a 400, shown as any other error.
 "use strict";
 
 const KEY_STORAGE = "sparkgpt.apiKey";
 const $ = (id) => document.getElementById(id);
-const state = { model: null, history: [], controller: null };
+const state = { model: null, history: [], controller: null, image: null };
 
 function apiKey() { return localStorage.getItem(KEY_STORAGE) || ""; }
 
@@ -87,11 +89,18 @@ function renderMarkdown(text) {
   return html;
 }
 
-function addMessage(role, text) {
+function addMessage(role, text, image = null) {
   const element = document.createElement("div");
   element.className = `message ${role}`;
   if (role === "user") element.textContent = text;
   else element.innerHTML = renderMarkdown(text);
+  if (image) {
+    const thumbnail = document.createElement("img");
+    thumbnail.className = "thumbnail";
+    thumbnail.alt = "attached image";
+    thumbnail.src = image;
+    element.prepend(thumbnail);
+  }
   $("messages").appendChild(element);
   element.scrollIntoView({ block: "end" });
   return element;
@@ -150,18 +159,35 @@ function parseEvents(buffer, onData) {
   return buffer;
 }
 
+// ---- an image attached to the next message ----
+
+function setAttachment(dataUrl) {
+  state.image = dataUrl;
+  $("attachment-preview").src = dataUrl || "";
+  $("attachment").hidden = !dataUrl;
+  if (!dataUrl) $("attach").value = "";
+}
+
+function userContent(text, image) {
+  // OpenAI's content parts when an image goes along; plain text otherwise.
+  if (!image) return text;
+  return [{ type: "text", text }, { type: "image_url", image_url: { url: image } }];
+}
+
 async function send(text) {
   if (!state.model) {
     await loadModel();
     if (!state.model) return;
   }
+  const image = state.image;
+  setAttachment(null);
   const system = $("system-prompt").value.trim();
-  const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history,
-    { role: "user", content: text }];
+  const turn = { role: "user", content: userContent(text, image) };
+  const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history, turn];
   const temperature = parseFloat($("temperature").value);
   const maxTokens = parseInt($("max-tokens").value, 10);
-  addMessage("user", text);
-  state.history.push({ role: "user", content: text });
+  addMessage("user", text, image);
+  state.history.push(turn);
   const reply = addMessage("assistant", "");
   reply.dataset.state = "streaming";
   let replyText = "";
@@ -230,7 +256,7 @@ async function send(text) {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("input").value.trim();
-  if (!text || state.controller) return;
+  if ((!text && !state.image) || state.controller) return;
   $("input").value = "";
   send(text);
 });
@@ -242,11 +268,23 @@ $("input").addEventListener("keydown", (event) => {
   }
 });
 
+$("attach").addEventListener("change", () => {
+  const file = $("attach").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.addEventListener("load", () => setAttachment(reader.result));
+  reader.addEventListener("error", () => setStatus(`Cannot read ${file.name}.`));
+  reader.readAsDataURL(file);
+});
+
+$("remove-attachment").addEventListener("click", () => setAttachment(null));
+
 $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
 
 $("new-chat").addEventListener("click", () => {
   if (state.controller) state.controller.abort();
   state.history = [];
+  setAttachment(null);
   $("messages").replaceChildren();
   setStatus("New chat.");
   $("input").focus();
