@@ -636,14 +636,9 @@ class _EncoderDecoder:
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         memory_kv, source_mask = self.memory_kv, self.source_mask
-        if self.rows is not None:
-            if len(self.sources) == 1:  # one source (beam search): every row reads it through views, no copies
-                n = len(tokens)
-                memory_kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in memory_kv]
-                source_mask = None if source_mask is None else source_mask.expand(n, -1)
-            else:
-                memory_kv = [(k[self.rows], v[self.rows]) for k, v in memory_kv]
-                source_mask = None if source_mask is None else source_mask[self.rows]
+        if self.rows is not None and len(self.sources) > 1:  # one source's memory serves every row as it is
+            memory_kv = [(k[self.rows], v[self.rows]) for k, v in memory_kv]
+            source_mask = None if source_mask is None else source_mask[self.rows]
         return self.model.decode(tokens[:, None], memory_kv, source_mask, self.cache)[:, -1].float()
 
 

@@ -154,3 +154,34 @@ def test_trained_with_the_trainer_reverses_digit_strings(tmp_path):
         torch.set_num_threads(threads)
     assert main(["generate", str(tmp_path / "run"), "--prompt", "12345", "--temperature", "0",
                  "--max-new-tokens", "12", "--device", "cpu"]) == 0
+
+
+def test_one_sources_memory_serves_every_beam_as_its_expanded_copy_would():
+    """Cross-attention to a memory of batch 1 from several rows (beams of one source, the rows folded into query
+    positions) equals attending to the memory repeated for each row."""
+    torch.manual_seed(0)
+    model = EncoderDecoder(sparkgpt.preset("tiny-seq2seq")).eval()
+    attention = model.blocks[0].cross_attn
+    memory = torch.randn(1, 7, model.config.d_model)
+    queries = torch.randn(3, 2, model.config.d_model)
+    shared = attention(queries, attention.project_memory(memory), None)
+    repeated = attention(queries, attention.project_memory(memory.expand(3, -1, -1)), None)
+    torch.testing.assert_close(shared, repeated, atol=1e-6, rtol=0)
+
+
+def test_reordering_the_cache_moves_each_rows_filled_columns():
+    from sparkgpt.model import KVCache
+
+    config = sparkgpt.preset("tiny-seq2seq")
+    cache = KVCache(config, 3, 10, torch.float32, torch.device("cpu"))
+    for layer in range(config.n_layers):
+        cache.update(layer, torch.randn(3, config.n_kv_heads, 4, config.head_dim),
+                     torch.randn(3, config.n_kv_heads, 4, config.head_dim))
+    cache.advance(4)
+    before_keys, before_values = cache.keys[:, :, :, :4].clone(), cache.values[:, :, :, :4].clone()
+    rows = torch.tensor([2, 2, 0])
+    cache.reorder(rows)
+    assert torch.equal(cache.keys[:, :, :, :4], before_keys[:, rows])
+    assert torch.equal(cache.values[:, :, :, :4], before_values[:, rows])
+    cache.reorder(torch.tensor([1]))  # fewer rows: the cache shrinks to them (row 1 now holds the old row 2)
+    assert cache.keys.shape[1] == 1 and torch.equal(cache.keys[:, 0, :, :4], before_keys[:, 2])

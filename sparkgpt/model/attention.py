@@ -321,7 +321,13 @@ class KVCache:
         return ring.index_copy(dim, slots, new.narrow(dim, new.shape[dim] - count, count))
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (in that order), as beam search does when beams are extended or dropped."""
+        """Keep batch rows `rows` (in that order), as beam search does when beams are extended or dropped. With as
+        many rows as before only the filled columns move (a step's copy is the text so far, not the capacity)."""
+        if len(rows) == self.keys.shape[1] and not self.sparse:
+            end = self.length
+            self.keys[:, :, :, :end] = self.keys[:, rows, :, :end]
+            self.values[:, :, :, :end] = self.values[:, rows, :, :end]
+            return
         self.keys, self.values = self.keys[:, rows], self.values[:, rows]
         if self.sparse:
             self.window_keys, self.window_values = self.window_keys[:, rows], self.window_values[:, rows]
@@ -426,7 +432,17 @@ class CrossAttention(MultiHeadAttention):
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """memory_mask: [B, 1, 1, S] booleans, True for real source tokens (None: no padding)."""
+        """memory_mask: [B, 1, 1, S] booleans, True for real source tokens (None: no padding). Memory keys and
+        values of batch 1 serve every row (beams of one source): the rows become query positions of one batch, so
+        the memory is read once, not once per row (queries attend independently: the same result)."""
         batch, seq_len, _ = x.shape
-        heads = self.attend(self.queries(x), *memory_kv, memory_mask, False)
+        q = self.queries(x)
+        shared = memory_kv[0].shape[0] == 1 and batch > 1
+        if shared:
+            if memory_mask is not None:
+                memory_mask = memory_mask[:1]
+            q = q.transpose(0, 1).reshape(1, self.n_heads, batch * seq_len, self.head_dim)
+        heads = self.attend(q, *memory_kv, memory_mask, False)
+        if shared:
+            heads = heads.reshape(self.n_heads, batch, seq_len, self.head_dim).transpose(0, 1)
         return self.o_proj(heads.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
