@@ -152,7 +152,8 @@ def test_malformed_task_files_name_the_file_and_item(tmp_path, files, message):
 def test_every_bundled_task_loads_with_few_shot_examples():
     assert set(bundled_tasks()) == {"sentiment", "topic", "intent", "reading_qa", "translation_en_fr",
                                     "translation_en_es", "translation_en_de", "translation_en_zh",
-                                    "translation_fr_en", "summarization", "keywords", "correction",
+                                    "translation_fr_en", "translation_es_en", "translation_de_en",
+                                    "translation_zh_en", "summarization", "keywords", "correction",
                                     "open_domain_qa", "kg_qa", "easy-vqa"}
     for name in bundled_tasks():
         task = load_task(name)
@@ -287,3 +288,13 @@ def test_multiple_choice_batch_equals_each_choice_scored_alone(patterns):
     context, continuations = requests[2]  # the one-item path agrees too
     for continuation, score in zip(continuations, score_continuations(model, context, continuations), strict=True):
         assert math.isclose(score.logprob, full_forward_logprob(model, context, continuation), abs_tol=1e-4)
+
+
+def test_the_reverse_translation_tasks_read_the_same_pairs_the_other_way():
+    for code, name in (("es", "Spanish"), ("de", "German"), ("zh", "Chinese")):
+        forward, reverse = load_task(f"translation_en_{code}"), load_task(f"translation_{code}_en")
+        assert len(reverse.items) == len(forward.items) >= 50 and len(reverse.fewshot_items) >= 3
+        item = reverse.items[0]
+        assert reverse.render(item) == f"{name}: {forward.gold_answers(item)[0]}\nEnglish:"
+        assert reverse.gold_answers(item) == [item.fields["source"]]
+        assert reverse.bleu_tokenize == "13a"  # the output is English
