@@ -2,12 +2,11 @@
 
 from typing import Any
 
-from sparkgpt.config import PRESETS, ModelConfig
+from sparkgpt.config import PRESETS, ModelConfig, preset
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import Completion, SamplingParams
 from sparkgpt.lm import LM, load
 from sparkgpt.model import GPT
-from sparkgpt.model import preset_config as preset
 from sparkgpt.tokenizer import Tokenizer
 
 __version__ = "0.1.0"

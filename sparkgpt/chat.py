@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.lm import LM
 
+DEFAULT_REPLY_TOKENS = 512  # a terminal reply's length when none is asked for
 HELP = "/reset clears the conversation, /exit quits; Ctrl-C stops a reply, Ctrl-D quits."
 
 
@@ -56,9 +57,13 @@ def chat_session(
 
 
 def stream_reply(lm: LM, messages: list[dict[str, Any]], out: TextIO, **sampling: Any) -> str | None:
-    """Print the assistant's reply as it is generated; Ctrl-C stops it early and keeps what was said."""
+    """Print the assistant's reply as it is generated; Ctrl-C stops it early and keeps what was said. Without
+    `max_new_tokens` the reply may take DEFAULT_REPLY_TOKENS, or what the context has left when that is less."""
     pieces: list[str] = []
     try:
+        if sampling.get("max_new_tokens") is None:
+            room = lm.reply_room(lm.chat_inputs(messages)[0])
+            sampling = {**sampling, "max_new_tokens": max(1, min(DEFAULT_REPLY_TOKENS, room))}
         for delta in lm.chat_stream(messages, **sampling):
             pieces.append(delta)
             out.write(delta)

@@ -17,12 +17,11 @@ from sparkgpt.errors import SparkGPTError
 def cmd_models(args: argparse.Namespace) -> None:
     """List the named model presets with their shapes and parameter counts."""
     from sparkgpt.checkpoint.families import family_for
-    from sparkgpt.config import PRESETS
-    from sparkgpt.model import preset_config
+    from sparkgpt.config import PRESETS, preset
 
     print(f"{'preset':<20}{'family':<10}{'layers':>7}{'d_model':>9}{'heads':>7}{'kv':>5}{'context':>9}{'params':>10}")
     for name in PRESETS:
-        config = preset_config(name)
+        config = preset(name)
         known = family_for(config)  # the transformers family it saves as, else our own
         family = known.model_type if known else "sparkgpt"
         print(f"{name:<20}{family:<10}{config.n_layers:>7}{config.d_model:>9}{config.n_heads:>7}{config.n_kv_heads:>5}"
@@ -312,7 +311,7 @@ def _add_config_overrides(parser: argparse.ArgumentParser, own: tuple[str, ...] 
     field, an image front end's included (values parsed later)."""
     import dataclasses
 
-    from sparkgpt.model.vision import ImageTextConfig
+    from sparkgpt.config import ImageTextConfig
     from sparkgpt.train.config import TrainConfig
 
     group = parser.add_argument_group("config overrides (on top of --config; see sparkgpt/train/config.py)")
@@ -469,10 +468,11 @@ def _load(args: argparse.Namespace):
 
 
 def _add_sampling_options(
-    parser: argparse.ArgumentParser, max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 1.0
+    parser: argparse.ArgumentParser, max_new_tokens: int | None = 64, temperature: float = 0.8, top_p: float = 1.0
 ) -> None:
+    """None for `max_new_tokens`: the command decides (chat: 512, or what the model's context leaves)."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                        help=f"tokens to generate at most ({max_new_tokens})")
+                        help=f"tokens to generate at most ({max_new_tokens or '512, within the context'})")
     parser.add_argument("--temperature", type=float, default=temperature,
                         help=f"0 is greedy; higher is more varied ({temperature})")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens")
@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", metavar="PATH", help="an image the conversation is about (a model that reads images, "
                       "e.g. one trained with --config easy-vqa)")
     # Small chat models answer best near-greedy: SmolLM2's card suggests temperature 0.2, top-p 0.9.
-    _add_sampling_options(chat, max_new_tokens=512, temperature=0.2, top_p=0.9)
+    _add_sampling_options(chat, max_new_tokens=None, temperature=0.2, top_p=0.9)
 
     convert = command("convert", cmd_convert)
     convert.add_argument("src", help="model reference to read (directory, .gguf file, alias or hub id)")

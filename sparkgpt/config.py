@@ -332,12 +332,60 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, config_type: type[ModelConfig] = ModelConfig, **overrides: Any) -> ModelConfig:
-    """A named preset, optionally with some fields changed: ``preset("gpt2", n_layers=6)``, built as `config_type`
-    (a subclass for a preset with its fields: `sparkgpt.model.preset_config` picks it)."""
+def check_image_fields(config: Any) -> None:
+    """The image front end's fields (image_size, patch_size, num_channels) of a vision or image-to-text config."""
+    for name in ("image_size", "patch_size", "num_channels"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SparkGPTError(f"config field {name!r} is {value!r}; expected a positive integer")
+    if config.patch_size > config.image_size:
+        raise SparkGPTError(f"config field 'patch_size' ({config.patch_size}) exceeds 'image_size' "
+                            f"({config.image_size})")
+
+
+@dataclass
+class ImageTextConfig(ModelConfig):
+    """An image-to-text model's config (`sparkgpt.model.vision.ImageText`): an encoder–decoder's (the decoder's
+    shape; `n_encoder_layers` ViT blocks of the same width) with the image front end of a ViT."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+
+    def validate(self) -> None:
+        check_image_fields(self)
+        super().validate()
+        if self.architecture != "encoder-decoder" or self.positions == "relative":
+            raise SparkGPTError("an image-to-text config needs architecture 'encoder-decoder' with token positions "
+                                f"(not relative), not {self.architecture!r} with {self.positions!r}")
+
+    def replace(self, **changes: Any) -> ImageTextConfig:
+        return ImageTextConfig.from_dict({**self.to_dict(), **changes})
+
+    def num_parameters(self) -> int:
+        """The encoder–decoder's count plus the patch embedding's (convolution, class token, positions)."""
+        patches = (self.image_size // self.patch_size) ** 2
+        patch_embedding = (self.num_channels * self.patch_size ** 2 + 1) * self.d_model + (patches + 2) * self.d_model
+        return super().num_parameters() + patch_embedding
+
+
+IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(ImageTextConfig) if f.name not in
+                     {g.name for g in dataclasses.fields(ModelConfig)})
+
+
+def is_image_text(name: str) -> bool:
+    """Whether a model preset is an image-to-text model (it has an image front end)."""
+    return any(field in PRESETS.get(name, {}) for field in IMAGE_FIELDS)
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset, optionally with some fields changed: ``preset("gpt2", n_layers=6)``; an ImageTextConfig for a
+    preset with an image front end."""
     if name not in PRESETS:
         raise SparkGPTError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    config_type = ImageTextConfig if is_image_text(name) else ModelConfig
     return config_type.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
 
 
-__all__ = ["PRESETS", "ModelConfig", "preset"]
+__all__ = ["IMAGE_FIELDS", "PRESETS", "ImageTextConfig", "ModelConfig", "check_image_fields", "is_image_text",
+           "preset"]

@@ -612,7 +612,8 @@ def _encode_sources(model: EncoderDecoder, sources: Sequence[Sequence[int]]):
 class _EncoderDecoder:
     """An encoder–decoder as the decode loops drive it (`first`, `next`, as `_DecoderOnly`): the sources are
     encoded once, then the target is decoded from the start token with the KV cache (cross-attention keys/values
-    computed once per layer)."""
+    computed once per layer). Beam search (`parents`) runs over one source: its memory, of batch 1, serves every
+    beam as it is (CrossAttention reads it once for all of them)."""
 
     def __init__(self, model: EncoderDecoder, sources: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         config, weight = model.config, model.embeddings.token_embedding.weight
@@ -621,7 +622,6 @@ class _EncoderDecoder:
                                 f"{config.max_seq_len} tokens")
         self.model, self.sources, self.device = model, sources, weight.device
         self.cache = KVCache(config, len(sources), max_new_tokens + 1, weight.dtype, weight.device)
-        self.rows: torch.Tensor | None = None  # each row's source, once beam search has reordered them
 
     def first(self) -> torch.Tensor:
         self.source_mask, self.memory_kv = _encode_sources(self.model, self.sources)
@@ -630,16 +630,13 @@ class _EncoderDecoder:
 
     def next(self, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
         if parents is not None:
+            if len(self.sources) != 1:
+                raise SparkGPTError("beam search decodes one source at a time")
             self.cache.reorder(parents)
-            self.rows = parents if self.rows is None else self.rows[parents]
         return self._decode(tokens)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        memory_kv, source_mask = self.memory_kv, self.source_mask
-        if self.rows is not None and len(self.sources) > 1:  # one source's memory serves every row as it is
-            memory_kv = [(k[self.rows], v[self.rows]) for k, v in memory_kv]
-            source_mask = None if source_mask is None else source_mask[self.rows]
-        return self.model.decode(tokens[:, None], memory_kv, source_mask, self.cache)[:, -1].float()
+        return self.model.decode(tokens[:, None], self.memory_kv, self.source_mask, self.cache)[:, -1].float()
 
 
 class _Prompted(_EncoderDecoder):
@@ -661,7 +658,6 @@ class _Prompted(_EncoderDecoder):
         self.model, self.sources, self.device = model, inputs, weight.device
         self.prompts = [list(prompt) for prompt in prompts]
         self.cache = KVCache(config, len(inputs), length + max_new_tokens, weight.dtype, weight.device)
-        self.rows = None
 
     def first(self) -> torch.Tensor:
         model = self.model

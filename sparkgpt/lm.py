@@ -13,7 +13,7 @@ from sparkgpt.checkpoint import load as checkpoint_load
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.data.examples import ClassifyBatch
 from sparkgpt.data.images import image_from_url, preprocess_images
-from sparkgpt.errors import SparkGPTError
+from sparkgpt.errors import FieldError, SparkGPTError
 from sparkgpt.generate import Completion, SamplingParams, stream_completions
 from sparkgpt.model.heads import SequenceClassifier
 from sparkgpt.model.transformer import GPT, Encoder, EncoderDecoder
@@ -74,6 +74,9 @@ class LM:
                 raise SparkGPTError(f"{len(images)} images for {len(prompts)} prompts; expected one per prompt")
             device = self.model.lm_head.weight.device
             pixels = preprocess_images(list(images), self.model.preprocessing).to(device)
+            if list(pixels.shape[1:]) != self.model.patch_embeddings.expected:
+                raise SparkGPTError(f"the model's preprocessing makes images of {list(pixels.shape[1:])}; it reads "
+                                    f"{self.model.patch_embeddings.expected}")
         params = SamplingParams(**sampling)
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         return stream_completions(self.model, self._require_tokenizer(), ids, params, self.stop_token_ids(), pixels)
@@ -118,12 +121,15 @@ class LM:
                     texts.append(part["text"])
                 elif kind == "image_url":
                     if not isinstance(self.model, ImageText):
-                        raise SparkGPTError(f"{field}: this model does not read images (it has no image encoder)")
+                        raise FieldError(field, f"{field}: this model does not read images (it has no image encoder)")
                     url = part.get("image_url")
-                    images.append(image_from_url(url.get("url") if isinstance(url, dict) else url, field))
+                    try:
+                        images.append(image_from_url(url.get("url") if isinstance(url, dict) else url, field))
+                    except SparkGPTError as error:
+                        raise FieldError(field, str(error)) from None
                 else:
-                    raise SparkGPTError(f"{field}: expected a content part of type 'text' (with 'text') or "
-                                        "'image_url'")
+                    raise FieldError(field, f"{field}: expected a content part of type 'text' (with 'text') or "
+                                     "'image_url'")
             plain.append({**message, "content": "".join(texts)})
         if isinstance(self.model, ImageText):
             if not images:
@@ -150,6 +156,12 @@ class LM:
         if not self.uses_chat_template(chat):
             return text
         return self._require_tokenizer().apply_chat_template([{"role": "user", "content": text}])
+
+    def reply_room(self, prompt: Sequence[int]) -> int:
+        """How many tokens may follow `prompt` within the model's context (an encoder–decoder's decoder also holds
+        its start token)."""
+        start = 1 if isinstance(self.model, EncoderDecoder) else 0
+        return self.config.max_seq_len - len(prompt) - start
 
     def chat(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> str:
         """The assistant's reply to a conversation: [{"role": "system"|"user"|"assistant", "content": ...}, ...];

@@ -15,7 +15,14 @@ class ScriptedLM:
         self.replies = list(replies)
         self.seen = []
 
+    def chat_inputs(self, messages):
+        return [0] * len(messages), None
+
+    def reply_room(self, prompt):
+        return 1000 - len(prompt)
+
     def chat_stream(self, messages, **sampling):
+        self.sampling = sampling
         self.seen.append([dict(m) for m in messages])
         reply = self.replies.pop(0)
         if isinstance(reply, BaseException):
@@ -70,3 +77,12 @@ def test_unknown_command_and_ctrl_d_end_cleanly():
     out = io.StringIO()
     assert chat_session(ScriptedLM([]), None, lines("/frobnicate"), out) == []
     assert "unknown command /frobnicate" in out.getvalue()
+
+
+def test_a_reply_without_max_new_tokens_takes_512_or_what_the_context_leaves():
+    lm = ScriptedLM([["a"], ["b"]])
+    chat_session(lm, None, lines("hi"), io.StringIO())
+    assert lm.sampling["max_new_tokens"] == 512
+    lm.reply_room = lambda prompt: 7
+    chat_session(lm, None, lines("hi"), io.StringIO())
+    assert lm.sampling["max_new_tokens"] == 7

@@ -14,12 +14,14 @@ from PIL import Image
 
 import sparkgpt
 from sparkgpt.cli import main
+from sparkgpt.config import ImageTextConfig
 from sparkgpt.data.images import ImagePreprocessing, image_data_url, preprocess_images
 from sparkgpt.data.vqa import IGNORE, ImageQAData, prompt_text
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.evaluate.harness import evaluate
 from sparkgpt.lm import LM
-from sparkgpt.model.vision import ImageText, ImageTextConfig
+from sparkgpt.model.vision import ImageText
+from sparkgpt.train.config import load_train_config
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40)}
 TINY = dict(architecture="encoder-decoder", positions="learned", norm="layernorm", ffn="gelu", bias=True,
@@ -159,9 +161,10 @@ def test_bad_records_are_errors_naming_the_file_and_line(tmp_path):
         ImageQAData(tmp_path, ImagePreprocessing(size=(16, 16)))
 
 
-def test_trained_with_the_preset_it_answers_colours_and_evaluates(tmp_path):
+def test_trained_with_the_preset_it_answers_colours_and_evaluates(tmp_path, capsys):
     """`sparkgpt train --config easy-vqa` (a tiny model on plain colour squares) learns the colours; the run loads
-    with sparkgpt.load, answers in chat, and an image_qa task scores it beside the majority answer."""
+    with sparkgpt.load, answers in chat (and `sparkgpt chat RUN --image` with its default reply length, within the
+    model's 48 positions), and an image_qa task scores it beside the majority answer."""
     data = tmp_path / "data"
     write_colour_set(data)
     assert main(["train", "--config", "easy-vqa", "--data", str(data), "--out", str(tmp_path / "run"),
@@ -172,6 +175,11 @@ def test_trained_with_the_preset_it_answers_colours_and_evaluates(tmp_path):
     reply = lm.chat([image_turn("what color is the shape?", Image.new("RGB", (30, 30), COLOURS["green"]), tmp_path)],
                     temperature=0, max_new_tokens=6)
     assert reply.strip() == "green"
+    Image.new("RGB", (30, 30), COLOURS["blue"]).save(tmp_path / "blue.png")
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "run"), "--image", str(tmp_path / "blue.png"), "--message",
+                 "what color is the shape?", "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == "blue"
     task = tmp_path / "colours.yaml"
     task.write_text(yaml.safe_dump({"name": "colours", "kind": "image_qa", "data": "data/test.jsonl"}))
     report = evaluate(lm, task, progress=False)
@@ -225,3 +233,30 @@ def test_the_easy_vqa_preset_builds_an_image_to_text_model_of_its_counted_size()
     config = sparkgpt.preset("easy-vqa")
     assert isinstance(config, ImageTextConfig)
     assert build_model(config).num_parameters() == config.num_parameters()
+
+
+def test_an_image_to_text_preset_refuses_sharded_training(tmp_path):
+    with pytest.raises(SparkGPTError, match=r"config key 'parallel' is 'fsdp'.*use parallel: ddp"):
+        load_train_config("easy-vqa", {"parallel": "fsdp", "data": str(tmp_path)})
+
+
+def test_preprocessing_that_misses_the_models_size_is_an_error_before_decoding(tmp_path):
+    lm = tiny_lm()
+    lm.model.preprocessing = ImagePreprocessing(size=(8, 8))
+    with pytest.raises(SparkGPTError, match=r"makes images of \[3, 8, 8\]; it reads \[3, 16, 16\]"):
+        lm.complete([[5]], [Image.new("RGB", (16, 16))], max_new_tokens=2)
+
+
+def test_an_image_files_data_url_names_its_format(tmp_path):
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.jpg")
+    assert image_data_url(tmp_path / "a.jpg").startswith("data:image/jpeg;base64,")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    assert image_data_url(tmp_path / "b.png").startswith("data:image/png;base64,")
+
+
+def test_an_image_qa_task_is_answered_zero_shot(tmp_path):
+    write_colour_set(tmp_path / "data", per_colour=2)
+    task = tmp_path / "colours.yaml"
+    task.write_text(yaml.safe_dump({"name": "colours", "kind": "image_qa", "data": "data/test.jsonl"}))
+    with pytest.raises(SparkGPTError, match="answered zero-shot"):
+        evaluate(tiny_lm(), task, shots=3, progress=False)

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from sparkgpt.checkpoint import load as checkpoint_load
 from sparkgpt.checkpoint import vision
+from sparkgpt.config import ImageTextConfig
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.model.vision import ImageText, ImageTextConfig
+from sparkgpt.model.vision import ImageText
 
 transformers = pytest.importorskip("transformers")
 

@@ -164,9 +164,12 @@ def test_one_sources_memory_serves_every_beam_as_its_expanded_copy_would():
     attention = model.blocks[0].cross_attn
     memory = torch.randn(1, 7, model.config.d_model)
     queries = torch.randn(3, 2, model.config.d_model)
-    shared = attention(queries, attention.project_memory(memory), None)
-    repeated = attention(queries, attention.project_memory(memory.expand(3, -1, -1)), None)
-    torch.testing.assert_close(shared, repeated, atol=1e-6, rtol=0)
+    padding = torch.tensor([True] * 5 + [False] * 2)[None, None, None, :]  # the source's last two are padding
+    for mask in (None, padding):
+        shared = attention(queries, attention.project_memory(memory), mask)
+        repeated = attention(queries, attention.project_memory(memory.expand(3, -1, -1)),
+                             None if mask is None else mask.expand(3, -1, -1, -1))
+        torch.testing.assert_close(shared, repeated, atol=1e-6, rtol=0)
 
 
 def test_reordering_the_cache_moves_each_rows_filled_columns():

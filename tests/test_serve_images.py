@@ -163,3 +163,11 @@ def test_an_image_chat_fills_the_context_without_max_tokens_and_refuses_past_it(
     with pytest.raises(openai.BadRequestError) as caught:
         api.chat.completions.create(model=MODEL, messages=RED, max_tokens=image_lm.config.max_seq_len)
     assert caught.value.body["code"] == "context_length_exceeded"
+
+
+def test_clients_no_op_defaults_are_not_refused(image_client: TestClient):
+    """tools: [], tool_choice "none", parallel_tool_calls and a text response_format ask for nothing."""
+    reply = image_client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": RED, "max_tokens": 2, "tools": [], "tool_choice": "none",
+        "parallel_tool_calls": True, "response_format": {"type": "text"}, "logprobs": False})
+    assert reply.status_code == 200, reply.text

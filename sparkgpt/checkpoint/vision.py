@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from sparkgpt.checkpoint.families import FAMILIES, GENERIC_KEYS
 from sparkgpt.checkpoint.hf import CONFIG_FILE, WEIGHTS_FILE, check_shapes, read_tensors, take_tensors, weight_files
-from sparkgpt.config import ModelConfig
-from sparkgpt.data.images import CLIP_PREPROCESSING, VIT_PREPROCESSING, ImagePreprocessing
+from sparkgpt.config import ImageTextConfig, ModelConfig
+from sparkgpt.data.images import CLIP_PREPROCESSING, VIT_PREPROCESSING, ImagePreprocessing, vit_preprocessing
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import read_json_object, write_json
-from sparkgpt.model.vision import CLIP, CLIPConfig, ImageText, ImageTextConfig, VisionConfig, ViT, vision_config
+from sparkgpt.model.vision import CLIP, CLIPConfig, ImageText, VisionConfig, ViT, vision_config
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_TEXT_TYPE = "vision-encoder-decoder"
@@ -402,15 +402,18 @@ def _read_image_text(hf: dict[str, Any], config_path: Path, tensors: dict[str, t
 
 
 def _check_size(preprocessing: ImagePreprocessing, config: ImageTextConfig, source: str) -> None:
+    """The settings must make every image the model's image_size square: by a crop, or by a resize without one."""
     square = (config.image_size, config.image_size)
-    if preprocessing.size is not None and preprocessing.size != square:
-        raise SparkGPTError(f"{source}: field 'size' is {preprocessing.size}; the model reads {square[0]} × "
+    made = preprocessing.crop if preprocessing.crop is not None else preprocessing.size
+    if made != square:
+        field = "crop_size" if preprocessing.crop is not None else "size"
+        raise SparkGPTError(f"{source}: field {field!r} makes images of {made}; the model reads {square[0]} × "
                             f"{square[1]} images (its image_size)")
 
 
 def _image_text_preprocessing(directory: Path, config: ImageTextConfig) -> ImagePreprocessing:
     """The checkpoint's preprocessor_config.json, or ViT's defaults at the model's image size."""
-    path, defaults = directory / PREPROCESSOR_FILE, ImagePreprocessing(size=(config.image_size, config.image_size))
+    path, defaults = directory / PREPROCESSOR_FILE, vit_preprocessing(config.image_size)
     if not path.is_file():
         return defaults
     preprocessing = ImagePreprocessing.from_hf(read_json_object(path), str(path), defaults)

@@ -80,6 +80,12 @@ CLIP_PREPROCESSING = ImagePreprocessing(size=224, resample=Image.Resampling.BICU
                                         mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
 
 
+def vit_preprocessing(size: int) -> ImagePreprocessing:
+    """ViT's image processor defaults at size × size: what an image-to-text model reads unless its checkpoint says
+    otherwise (the trainer, the model and its checkpoints agree through this)."""
+    return ImagePreprocessing(size=(size, size))
+
+
 def _size(value: Any, source: str, name: str, square: bool) -> tuple[int, int] | int:
     if isinstance(value, dict) and set(value) == {"height", "width"}:
         value = (value["height"], value["width"])
@@ -151,11 +157,15 @@ def image_data_url(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES) -> str:
     path = Path(path)
     if not path.is_file():
         raise SparkGPTError(f"{path}: no such image file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SparkGPTError(f"{path}: not readable ({error})") from None
     if len(data) > max_bytes:
         raise SparkGPTError(f"{path}: {len(data)} bytes exceed the limit of {max_bytes} for an image")
-    image = decode_image(data, str(path))
-    kind = (image.format or "png").lower()
+    decode_image(data, str(path))  # a readable image, within the pixel limit
+    with Image.open(io.BytesIO(data)) as image:  # its format, which a decoded copy no longer carries
+        kind = (image.format or "png").lower()
     return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 

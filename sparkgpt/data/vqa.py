@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparkgpt.config import PRESETS
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.data.images import ImagePreprocessing, preprocess_image
 from sparkgpt.data.seq2seq import BOS, EOS, IGNORE, PAD
@@ -183,11 +182,6 @@ class ImageQAData:
         return ImageQABatch(pixels, decoder_in, torch.tensor(image_rows)), targets
 
 
-def is_image_text(model_preset: str) -> bool:
-    """Whether a model preset is an image-to-text model (it has an image front end)."""
-    return "image_size" in PRESETS.get(model_preset, {})
-
-
 # ---- easy-VQA ---------------------------------------------------------------------------------------------------
 
 def _easy_vqa_split(split: str) -> tuple[tuple[list[str], list[str], list[int]], dict[int, str]]:
@@ -239,5 +233,5 @@ def prepare_easy_vqa(out_dir: str | Path, val_images: int = 400) -> dict[str, in
     return counts
 
 
-__all__ = ["CHAT_TEMPLATE", "ImageQABatch", "ImageQAData", "QARecord", "easy_vqa_records", "is_image_text",
+__all__ = ["CHAT_TEMPLATE", "ImageQABatch", "ImageQAData", "QARecord", "easy_vqa_records",
            "prepare_easy_vqa", "prompt_text", "read_records"]

@@ -78,6 +78,9 @@ def evaluate(
     if task.kind == "perplexity":
         return _perplexity(lm, task, start)
     if task.kind == "image_qa":
+        if shots:
+            raise SparkGPTError(f"{task.source}: an image_qa task is answered zero-shot (one image per question); "
+                                f"got {shots} shots")
         return _image_qa(lm, task, task.items[:limit] if limit else task.items, batch_size, progress, start)
     if shots > len(task.fewshot_items):
         raise SparkGPTError(f"{task.source}: {shots} shots asked, but the few-shot split has "

@@ -1,20 +1,11 @@
 """The Transformer: attention, layers and the models built from them."""
 
-from typing import Any
-
 from torch import nn
 
-from sparkgpt.config import PRESETS, ModelConfig, preset
+from sparkgpt.config import ImageTextConfig, ModelConfig
 from sparkgpt.model.attention import KVCache
 from sparkgpt.model.transformer import GPT, Block, Encoder, EncoderDecoder, model_class
-from sparkgpt.model.vision import CLIP, IMAGE_FIELDS, ImageText, ImageTextConfig, ViT
-
-
-def preset_config(name: str, **overrides: Any) -> ModelConfig:
-    """A named preset (`sparkgpt.config.PRESETS`) with some fields changed, as its config class: an ImageTextConfig
-    for a preset with an image front end, else a ModelConfig."""
-    image = any(field in PRESETS.get(name, {}) for field in IMAGE_FIELDS)
-    return preset(name, ImageTextConfig if image else ModelConfig, **overrides)
+from sparkgpt.model.vision import CLIP, ImageText, ViT
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -26,4 +17,4 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 __all__ = ["CLIP", "GPT", "Block", "Encoder", "EncoderDecoder", "ImageText", "KVCache", "ViT", "build_model",
-           "model_class", "preset_config"]
+           "model_class"]

@@ -437,10 +437,8 @@ class CrossAttention(MultiHeadAttention):
         the memory is read once, not once per row (queries attend independently: the same result)."""
         batch, seq_len, _ = x.shape
         q = self.queries(x)
-        shared = memory_kv[0].shape[0] == 1 and batch > 1
+        shared = memory_kv[0].shape[0] == 1 and batch > 1 and (memory_mask is None or memory_mask.shape[0] == 1)
         if shared:
-            if memory_mask is not None:
-                memory_mask = memory_mask[:1]
             q = q.transpose(0, 1).reshape(1, self.n_heads, batch * seq_len, self.head_dim)
         heads = self.attend(q, *memory_kv, memory_mask, False)
         if shared:

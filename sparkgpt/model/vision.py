@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparkgpt.config import ModelConfig
-from sparkgpt.data.images import ImagePreprocessing
+from sparkgpt.config import ImageTextConfig, ModelConfig, check_image_fields
+from sparkgpt.data.images import vit_preprocessing
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model.layers import make_norm
 from sparkgpt.model.transformer import GPT, Block, Embeddings, EncoderDecoder, _StackModel
@@ -44,17 +44,6 @@ VISION_FIXED: dict[str, Any] = dict(
     architecture="encoder", positions="learned", norm="layernorm", bias=True, norm_position="pre",
     type_vocab_size=0, tie_embeddings=False, vocab_size=1,  # no tokens: patches are embedded by a convolution
 )
-
-
-def _check_image_fields(config: Any) -> None:
-    """The image front end's fields (image_size, patch_size, num_channels) of a vision or image-to-text config."""
-    for name in ("image_size", "patch_size", "num_channels"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise SparkGPTError(f"config field {name!r} is {value!r}; expected a positive integer")
-    if config.patch_size > config.image_size:
-        raise SparkGPTError(f"config field 'patch_size' ({config.patch_size}) exceeds 'image_size' "
-                            f"({config.image_size})")
 
 
 @dataclass
@@ -75,7 +64,7 @@ class VisionConfig(ModelConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        _check_image_fields(self)
+        check_image_fields(self)
         super().validate()
         if self.architecture != "encoder" or self.norm_position != "pre":
             raise SparkGPTError("a vision config needs architecture 'encoder' with norm_position 'pre', not "
@@ -303,36 +292,6 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 
 # ---- image-to-text ----------------------------------------------------------------------------------------
 
-@dataclass
-class ImageTextConfig(ModelConfig):
-    """A ModelConfig of an encoder–decoder (the decoder's shape; `n_encoder_layers` ViT blocks of the same width)
-    with the image front end of a ViT."""
-
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-
-    def validate(self) -> None:
-        _check_image_fields(self)
-        super().validate()
-        if self.architecture != "encoder-decoder" or self.positions == "relative":
-            raise SparkGPTError("an image-to-text config needs architecture 'encoder-decoder' with token positions "
-                                f"(not relative), not {self.architecture!r} with {self.positions!r}")
-
-    def replace(self, **changes: Any) -> ImageTextConfig:
-        return ImageTextConfig.from_dict({**self.to_dict(), **changes})
-
-    def num_parameters(self) -> int:
-        """The encoder–decoder's count plus the patch embedding's (convolution, class token, positions)."""
-        patches = (self.image_size // self.patch_size) ** 2
-        patch_embedding = (self.num_channels * self.patch_size ** 2 + 1) * self.d_model + (patches + 2) * self.d_model
-        return super().num_parameters() + patch_embedding
-
-
-IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(ImageTextConfig) if f.name not in
-                     {g.name for g in dataclasses.fields(ModelConfig)})
-
-
 class ImageText(EncoderDecoder):
     """Pixels [B, C, image_size, image_size] and target ids [B, T] -> next-token logits [B, T, vocab]: a ViT
     encoder (patch embedding, `n_encoder_layers` blocks, a final norm) whose vectors the decoder attends to."""
@@ -353,7 +312,7 @@ class ImageText(EncoderDecoder):
                 positions[1:] = sincos_2d(config.image_size // config.patch_size, config.d_model)
         # How an image becomes pixels for this model (a checkpoint's preprocessor_config.json replaces it): ViT's
         # defaults at this model's size.
-        self.preprocessing = ImagePreprocessing(size=(config.image_size, config.image_size))
+        self.preprocessing = vit_preprocessing(config.image_size)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Pixels [B, C, H, W] -> memory [B, 1 + patches, d_model] (every position is real: no mask)."""
@@ -371,12 +330,10 @@ class ImageText(EncoderDecoder):
 
 __all__ = [
     "CLIP",
-    "IMAGE_FIELDS",
     "VISION_FIXED",
     "CLIPConfig",
     "CLIPOutput",
     "ImageText",
-    "ImageTextConfig",
     "PatchEmbeddings",
     "TextTransformer",
     "ViT",

@@ -10,13 +10,12 @@ with its usage (the prompt's text tokens; the image's patches are not tokens) an
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from sparkgpt.errors import SparkGPTError
+from sparkgpt.errors import FieldError, SparkGPTError
 from sparkgpt.generate import Completion, is_int
 from sparkgpt.lm import LM
 from sparkgpt.model.vision import ImageText
@@ -32,7 +31,8 @@ from sparkgpt.serve.protocol import (
 
 # Chat fields an image-to-text model cannot honour: refused by name rather than ignored.
 UNSUPPORTED_FIELDS = (*sorted(TOOL_FIELDS), *STRUCTURED_FIELDS, "logprobs", "top_logprobs")
-_FIELD_PREFIX = re.compile(r"^(messages\[\d+\]\.content\[\d+\]): ")  # how `LM.chat_inputs` names a bad part
+# Values clients send by default that ask for nothing (parallel_tool_calls means nothing without tools).
+NO_OPS = (None, False, [], {"type": "text"}, "none")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ImageChat:
         """The request's fields checked and its image decoded; every bad input is a 400 naming its field. Decodes
         and tokenises, so it runs off the event loop."""
         for name in UNSUPPORTED_FIELDS:
-            if body.get(name) not in (None, False):
+            if name != "parallel_tool_calls" and body.get(name) not in NO_OPS:
                 raise invalid(name, f"'{name}' is not supported by this model: an image-to-text model answers in "
                               "free text only.", code="model_cannot_call_tools" if name in TOOL_FIELDS else None)
         n = body.get("n")
@@ -67,9 +67,8 @@ class ImageChat:
         messages = parse_messages(body.get("messages"), reads_images=True)
         try:
             prompt, images = self.lm.chat_inputs(messages)
-        except SparkGPTError as error:
-            match = _FIELD_PREFIX.match(str(error))
-            raise invalid(match[1] if match else "messages", str(error)) from None
+        except SparkGPTError as error:  # a bad content part names itself; the rest is about the messages
+            raise invalid(error.field if isinstance(error, FieldError) else "messages", str(error)) from None
         max_tokens, param = body.get("max_completion_tokens"), "max_completion_tokens"
         if max_tokens is None:
             max_tokens, param = body.get("max_tokens"), "max_tokens"

@@ -55,5 +55,9 @@ class SlotKVCache(KVCache):
             raise RuntimeError("a decode step writes one column per row (begin(..., columns [B, 1], ...))")
         return self._columns[:batch, 0].contiguous(), self._span, self._slots
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Slots are sequences of their own: beam search's reordering of rows has no meaning here."""
+        raise NotImplementedError("a slot cache is not reordered (beam search runs on a KVCache of its own)")
+
     def advance(self, n_tokens: int) -> None:
         pass  # each slot's length is the engine's bookkeeping

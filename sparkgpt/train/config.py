@@ -17,13 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
-from sparkgpt.config import PRESETS, ModelConfig
+from sparkgpt.config import PRESETS, ImageTextConfig, ModelConfig, is_image_text, preset
 from sparkgpt.data.seq2seq import is_seq2seq
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_write_text
-from sparkgpt.model import preset_config
 from sparkgpt.model.lora import LoRAConfig
-from sparkgpt.model.vision import ImageTextConfig
 
 
 @dataclass
@@ -129,6 +127,9 @@ class TrainConfig:
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise SparkGPTError("config key 'optimizer' is 'muon': it orthogonalises whole matrices, which fsdp "
                                 "shards; use parallel: ddp")
+        if self.parallel == "fsdp" and is_image_text(self.model) and not self.init_from:
+            raise SparkGPTError(f"config key 'parallel' is 'fsdp': its sharded checkpoints hold text models only, and "
+                                f"{self.model!r} reads images; use parallel: ddp")
         if not 0 <= self.decay_fraction <= 1:
             raise SparkGPTError(f"config key 'decay_fraction' is {self.decay_fraction!r}; expected a number in [0, 1]")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -189,7 +190,7 @@ class TrainConfig:
             overrides.setdefault("vocab_size", vocab_size)
         overrides.setdefault("max_seq_len", max(self.block_size, PRESETS[self.model].get("max_seq_len", 0)))
         try:
-            return preset_config(self.model, **overrides)
+            return preset(self.model, **overrides)
         except SparkGPTError as error:
             raise SparkGPTError(f"config key 'model_overrides': {error}") from None
 

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparkgpt.config import PRESETS, ModelConfig
+from sparkgpt.config import PRESETS, ModelConfig, preset
 from sparkgpt.errors import SparkGPTError
-from sparkgpt.model import preset_config
 from sparkgpt.train.config import TRAIN_PRESETS, load_train_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -159,7 +158,7 @@ def plan_config(
     if dtype is not None and dtype not in _BYTES:
         raise SparkGPTError(f"--dtype is {dtype!r}; expected one of {', '.join(_BYTES)}")
     if config in PRESETS and config not in TRAIN_PRESETS:
-        model = preset_config(config)
+        model = preset(config)
         defaults = {"parallel": "ddp", "activation_checkpointing": False, "dtype": "bfloat16"}
         default_block = model.max_seq_len
     else:

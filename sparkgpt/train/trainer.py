@@ -31,11 +31,12 @@ from sparkgpt.checkpoint.adapter import is_adapter
 from sparkgpt.checkpoint.dcp import is_dcp_checkpoint
 from sparkgpt.checkpoint.load import load
 from sparkgpt.checkpoint.registry import resolve
+from sparkgpt.config import is_image_text
 from sparkgpt.data.examples import IGNORE, FinetuneData, micro_batch_rows
-from sparkgpt.data.images import ImagePreprocessing
+from sparkgpt.data.images import vit_preprocessing
 from sparkgpt.data.seq2seq import Seq2SeqData, is_seq2seq
 from sparkgpt.data.tokens import TokenData, eval_offsets, gather, step_offsets
-from sparkgpt.data.vqa import ImageQAData, is_image_text
+from sparkgpt.data.vqa import ImageQAData
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.files import atomic_file, atomic_write_text
 from sparkgpt.model import GPT
@@ -275,7 +276,7 @@ class Trainer:
         config = self.config
         if is_image_text(config.model):  # images read at the model's size, before the vocabulary sizes the model
             size = config.model_config().image_size
-            data = ImageQAData(config.data, ImagePreprocessing(size=(size, size)))
+            data = ImageQAData(config.data, vit_preprocessing(size))
         else:  # an encoder–decoder reads source/target pairs
             data = (Seq2SeqData if is_seq2seq(config.model) else TokenData)(config.data)
         data.check_block_size(config.block_size)
