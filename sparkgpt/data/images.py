@@ -109,16 +109,18 @@ def _triple(value: Any, source: str, name: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """An image file (any format Pillow reads), decoded; a missing, unreadable or huge file is a one-line error."""
-    path = Path(path)
+def _image_file_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise SparkGPTError(f"{path}: no such image file")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as error:
         raise SparkGPTError(f"{path}: not readable ({error})") from None
-    return decode_image(data, str(path))
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An image file (any format Pillow reads), decoded; a missing, unreadable or huge file is a one-line error."""
+    return decode_image(_image_file_bytes(Path(path)), str(path))
 
 
 def decode_image(data: bytes, source: str) -> Image.Image:
@@ -155,12 +157,7 @@ def image_from_url(url: str, source: str, max_bytes: int = MAX_IMAGE_BYTES) -> I
 def image_data_url(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES) -> str:
     """An image file as the data URL an `image_url` content part carries (checked to be a readable image)."""
     path = Path(path)
-    if not path.is_file():
-        raise SparkGPTError(f"{path}: no such image file")
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise SparkGPTError(f"{path}: not readable ({error})") from None
+    data = _image_file_bytes(path)
     if len(data) > max_bytes:
         raise SparkGPTError(f"{path}: {len(data)} bytes exceed the limit of {max_bytes} for an image")
     decode_image(data, str(path))  # a readable image, within the pixel limit
