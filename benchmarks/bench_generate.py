@@ -6,7 +6,8 @@ dequantised, handed to both) or a random-init model of the same shape (`--weight
 Decode: new tokens per second at batch 1, 128 tokens after a 16-token prompt (total time minus that prefill).
 Quantised rows (`sparkgpt.model.quant`, int8 and int4 from the same float weights; float32 activations, and
 bfloat16 ones marked /bf16) are compared with transformers fp32 for decode and transformers bf16 for prefill (the
-issue's goals), beside their perplexity on a fixed text.
+issue's goals), beside their perplexity on a fixed text. For a GGUF file, `int4-file` is what loading it with
+`quantize="int4"` gives: its 4-bit blocks as int4, the matrices it keeps at more bits as int8.
 Where `make test` has installed it (tools/llama_cpp), llama.cpp itself runs the same prompts on the GGUF file.
 
     python benchmarks/bench_generate.py [--weights smollm2-135m-instruct|random] [--threads 2] [--repeats 3]
@@ -112,6 +113,10 @@ def main() -> None:
     # float32 activations (the default) and bfloat16 ones (dtype="bfloat16": the faster prefill) for each method
     quantized = {f"{method}{suffix}": quantize_model(copy.deepcopy(model).to(dtype), method)
                  for method in ("int8", "int4") for suffix, dtype in (("", torch.float32), ("/bf16", torch.bfloat16))}
+    gguf_file = resolve(args.weights) if args.weights != "random" else None
+    if gguf_file and gguf_file.suffix == ".gguf":
+        # What a user loading the file gets: its 4-bit blocks as int4, the matrices it keeps at more bits as int8.
+        quantized["int4-file"] = sparkgpt.load(args.weights, device="cpu", quantize="int4").model
     text = torch.tensor([text_ids])
     quality = {name: perplexity(m, text) for name, m in (("float32", model), *quantized.items())}
 
@@ -138,7 +143,6 @@ def main() -> None:
         print(f"{method:<11}{'sparkgpt':<14}{prefill:>14.0f}{decode:>14.1f}{quality[method]:>12.3f}")
         print(f"{'':<11}{'ratio':<14}{prefill / prefill_reference:>13.2f}x{decode / decode_reference:>13.2f}x"
               "   (prefill vs transformers bf16, decode vs fp32)")
-    gguf_file = resolve(args.weights) if args.weights != "random" else None
     figures = llama_cpp(gguf_file, args.threads, args.repeats) if gguf_file and gguf_file.suffix == ".gguf" else None
     if figures:  # the file's own weights (Q4_1 for the default), not re-quantised
         print(f"{'gguf':<11}{'llama.cpp':<14}{figures[0]:>14.0f}{figures[1]:>14.1f}")
@@ -153,6 +157,9 @@ def main() -> None:
               "   (llama.cpp built here with -march=native: pp512, tg128)")
         print(f"{'':<11}{'int4 / it':<14}{int4[0] / native['prefill_tok_s']:>13.2f}x"
               f"{int4[1] / native['decode_tok_s']:>13.2f}x   (sparkgpt int4, float32 activations)")
+        own = measured["int4-file sparkgpt"]
+        print(f"{'':<11}{'file / it':<14}{own[0] / native['prefill_tok_s']:>13.2f}x"
+              f"{own[1] / native['decode_tok_s']:>13.2f}x   (sparkgpt int4 keeping the file's choices)")
 
 
 def llama_cpp(gguf_file: Path, threads: int, repeats: int) -> tuple[float, float] | None:

@@ -49,15 +49,26 @@ def test_native_dequantization_equals_the_float32_matrix_rounded_once(ops, metho
     assert torch.equal(quant.dequantize(method, tensors, torch.bfloat16), expected)  # the path prompts take
 
 
-def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None) -> torch.nn.Module:
+GEMMA_LIKE = dict(qk_norm=True, sandwich_norm=True, ffn="geglu", scale_embeddings=True, rope_local_theta=10_000.0,
+                  attention_patterns=["local", "dense"], attention_window=4, attention_scale=24 ** -0.5)
+
+
+def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None, gemma: bool = False) -> torch.nn.Module:
     """A quantised Llama-shaped model whose every projection has an integer kernel (int8's needs multiples of 64).
     Under int4 the down projections are int8 (re-quantised from their int4 values), so blocks mix both kernels.
-    `head_dim` 64 makes the heads 256 wide in all against d_model 128."""
+    `head_dim` 64 makes the heads 256 wide in all against d_model 128. `gemma` adds Gemma 3's parts: q/k and
+    sandwich norms (gains drawn at random, so that no two are interchangeable), GeGLU, embeddings × √d, a query
+    scale of its own, and a sliding-window first layer (window 4) turning at its own rope base."""
     torch.manual_seed(0)
-    config = sparkgpt.ModelConfig(vocab_size=320, n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, d_ff=192,
-                                  head_dim=head_dim, max_seq_len=64, positions="rope", norm="rmsnorm",
-                                  ffn="swiglu", bias=False, initializer_range=0.2)
-    model = quantize_model(sparkgpt.GPT(config).eval().to(dtype), method)
+    config = sparkgpt.ModelConfig(**{**dict(
+        vocab_size=320, n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, d_ff=192, head_dim=head_dim,
+        max_seq_len=64, positions="rope", norm="rmsnorm", ffn="swiglu", bias=False, initializer_range=0.2),
+        **(GEMMA_LIKE if gemma else {})})
+    model = sparkgpt.GPT(config).eval()
+    for module in model.modules():
+        if isinstance(module, sparkgpt.model.layers.RMSNorm):
+            module.weight.data.uniform_(0.5, 1.5)
+    model = quantize_model(model.to(dtype), method)
     if method == "int4":
         for block in model.blocks:
             linear = torch.nn.Linear(192, 128, bias=False)
@@ -66,15 +77,16 @@ def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None) -> 
     return model
 
 
-@pytest.mark.parametrize(("method", "dtype", "head_dim"), [
-    ("int8", torch.float32, None), ("int8", torch.bfloat16, None), ("int4", torch.float32, None),
-    ("int4", torch.bfloat16, None), ("int8", torch.float32, 64)])
+@pytest.mark.parametrize(("method", "dtype", "head_dim", "gemma"), [
+    ("int8", torch.float32, None, False), ("int8", torch.bfloat16, None, False), ("int4", torch.float32, None, False),
+    ("int4", torch.bfloat16, None, False), ("int8", torch.float32, 64, False), ("int4", torch.float32, None, True),
+    ("int8", torch.bfloat16, None, True)])
 @torch.inference_mode()
-def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, method, dtype, head_dim):
+def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, method, dtype, head_dim, gemma):
     """A ragged batch (left padding, a mask) decoded 7 tokens after a 5-token prefill: at each step, from the same
     cache, the native step's logits and cache writes equal the Python step's to rounding, and both follow the
-    whole-sequence forward as closely."""
-    model = tiny_llama(method, dtype, head_dim)
+    whole-sequence forward as closely. The Gemma-like model's sliding-window layer fills and wraps its ring."""
+    model = tiny_llama(method, dtype, head_dim, gemma)
     fast = DecodeStep(model)
     assert fast.native is not None
     slow = DecodeStep(model)
@@ -101,8 +113,14 @@ def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, 
         assert relative_error(ours, reference) < same
         assert relative_error(cache.keys[:, :, :, t], python_cache.keys[:, :, :, t]) < same
         assert relative_error(cache.values[:, :, :, t], python_cache.values[:, :, :, t]) < same
+        if gemma:
+            ring = t % model.config.attention_window
+            assert relative_error(cache.window_keys[:, :, :, ring], python_cache.window_keys[:, :, :, ring]) < same
+            assert relative_error(cache.window_values[:, :, :, ring],
+                                  python_cache.window_values[:, :, :, ring]) < same
+            assert torch.equal(cache.window_positions, python_cache.window_positions)
         for row in range(2):
-            assert relative_error(ours[row], full[row, t]) < 1.5 * relative_error(reference[row], full[row, t]) + 1e-3
+            assert relative_error(ours[row], full[row, t]) < 2 * relative_error(reference[row], full[row, t]) + 1e-3
 
 
 def test_native_kernels_can_be_turned_off():

@@ -94,16 +94,19 @@ def test_fused_rows_compute_what_the_separate_layers_do():
 
 # ---- the lean decode step against transformers ------------------------------------------------------------------
 
-@pytest.fixture(params=["hf_gpt2", "hf_llama"])
+@pytest.fixture(params=["hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_gemma3"])
 def lean_reference(request: pytest.FixtureRequest):
-    """The reference families the lean decode step covers (the others take the model's forward)."""
+    """The reference families the lean decode step covers: dense and sliding-window layers (windows of 8, so the
+    decoded positions below pass them), q/k biases and norms, Gemma's sandwich norms, GeGLU and two rope bases."""
     return request.getfixturevalue(request.param)
 
 
-@pytest.mark.parametrize("family", ["hf_mistral", "hf_qwen2", "hf_qwen3", "hf_gemma3"])
-def test_the_lean_decode_step_leaves_windows_and_extra_norms_to_the_forward(request, family):
-    lm = sparkgpt.load(request.getfixturevalue(family)[1], device="cpu")
-    assert decode_step(lm.model) is None
+@pytest.mark.parametrize("change", [{"attn_logit_softcap": 50.0}, {"final_logit_softcap": 30.0},
+                                    {"attention_patterns": ["dense", "strided"], "attention_window": 4},
+                                    {"norm_position": "post"}])
+def test_the_lean_decode_step_leaves_soft_caps_other_patterns_and_post_norms_to_the_forward(change):
+    config = sparkgpt.ModelConfig(vocab_size=64, n_layers=2, n_heads=2, d_model=32, max_seq_len=32, **change)
+    assert decode_step(sparkgpt.GPT(config)) is None
 
 
 @torch.inference_mode()
@@ -328,7 +331,7 @@ def test_decode_step_follows_a_dtype_change(hf_llama):
     lm.generate("To be", max_new_tokens=3, temperature=0)
     lm.model.to(torch.bfloat16)
     text = lm.generate("To be", max_new_tokens=3, temperature=0)
-    assert isinstance(text, str) and decode_step(lm.model)._cos.dtype == torch.bfloat16
+    assert isinstance(text, str) and decode_step(lm.model)._tables["global"][0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("chosen", ["bfloat16", "float32"])

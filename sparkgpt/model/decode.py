@@ -16,14 +16,19 @@ per model, spends about 20:
 Every row feeds one token at its own position; `mask` ([B, 1, 1, S] booleans, True where a row may look) covers
 left padding and the serving engine's per-row slots, or is None when every row sees the whole prefix.
 
+Gemma's additions ride along as per-layer options: embeddings × √d_model, q/k norms, sandwich norms (each
+sub-layer's output normalised before it joins the stream), GeGLU, and sliding-window layers, which keep their keys
+in the cache's ring (`KVCache.update_window`) and turn at their own rope base.
+
 Even 20 operations a layer leave a quantised model's step spending as long in dispatch as in its integer kernels.
-So where every block is a quantised Llama-family block on the CPU, the loop below runs as one native call
+So where every block is a quantised Llama- or Gemma-family block on the CPU, the loop below runs as one native call
 (csrc/decode_layers.cpp, built on first use; see `native`): the same kernels, with norms, rotary, cache writes and
 attention as plain loops. This loop stays the reference (tests/test_native.py) and the path for everything else.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -32,7 +37,7 @@ from torch.nn import functional as F
 
 from sparkgpt.model import native
 from sparkgpt.model.attention import KVCache, rope_depends_on_length, rotary_cos_sin
-from sparkgpt.model.layers import RMSNorm, SwiGLUFFN
+from sparkgpt.model.layers import GeGLUFFN, RMSNorm, SwiGLUFFN
 from sparkgpt.model.quant import DECODE_ROWS, QuantizedLinear, fuse_rows, is_quantized
 
 
@@ -77,32 +82,47 @@ def _linear(module: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] 
     return module
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 class _Layer:
     """One block's projections (fused where possible) and norms, as the step calls them on rows [B, d]."""
 
-    def __init__(self, block: nn.Module, residual_dtype: torch.dtype) -> None:
+    def __init__(self, block: nn.Module, residual_dtype: torch.dtype, local_base: bool) -> None:
         attn, ffn = block.attn, block.ffn
         self.attn_norm, self.ffn_norm = _norm(block.attn_norm, residual_dtype), _norm(block.ffn_norm, residual_dtype)
-        self.cache_index = attn.cache_index
+        # sandwich norms (Gemma): each sub-layer's output is normalised before it joins the stream
+        self.attn_post_norm, self.ffn_post_norm = (
+            (_norm(block.attn_post_norm, residual_dtype), _norm(block.ffn_post_norm, residual_dtype))
+            if block.sandwich else (None, None))
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.windowed, self.cache_index = attn.windowed, attn.cache_index
+        self.rotation = "local" if attn.windowed and local_base else "global"  # which rope base turns q and k
         fused_qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.qkv = _linear(fused_qkv)
         self.q_proj, self.k_proj, self.v_proj = (_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         self.o_proj = _linear(attn.o_proj)
-        self.swiglu = isinstance(ffn, SwiGLUFFN)
-        fused_gate_up = _fused([ffn.gate_proj, ffn.up_proj]) if self.swiglu else None
+        self.gated = isinstance(ffn, SwiGLUFFN)  # SwiGLU, or GeGLU (its subclass)
+        self.activation = _gelu_tanh if isinstance(ffn, GeGLUFFN) else F.silu
+        fused_gate_up = _fused([ffn.gate_proj, ffn.up_proj]) if self.gated else None
         self.gate_up = _linear(fused_gate_up)
-        self.gate_proj, self.up_proj = (_linear(ffn.gate_proj), _linear(ffn.up_proj)) if self.swiglu else (None, None)
-        self.down_proj = _linear(ffn.down_proj) if self.swiglu else None
+        self.gate_proj, self.up_proj = (_linear(ffn.gate_proj), _linear(ffn.up_proj)) if self.gated else (None, None)
+        self.down_proj = _linear(ffn.down_proj) if self.gated else None
         self.ffn = ffn
         self.native = self._native_operands(block, [fused_qkv, attn.o_proj, fused_gate_up,
-                                                    ffn.down_proj if self.swiglu else None])
+                                                    ffn.down_proj if self.gated else None])
 
     @staticmethod
     def _native_operands(block: nn.Module, projections: list[nn.Module | None]) -> tuple[list, list, int] | None:
-        """What the native kernel takes for this block: its tensors in csrc/decode_layers.cpp's order, the bits of
-        each projection and the int4 group size; None unless the block is RMSNorm, SwiGLU and four plain
-        bias-free quantised projections with bf16-activation kernels."""
-        norms = (block.attn_norm, block.ffn_norm)
+        """What the native kernel takes for this block: its tensors in csrc/decode_layers.cpp's order (an empty
+        tensor for a norm the block does not have), the bits of each projection and the int4 group size; None
+        unless every norm is an RMSNorm of one eps, the FFN is gated and the four projections are plain bias-free
+        quantised ones with bf16-activation kernels."""
+        attn = block.attn
+        optional = [attn.q_norm, attn.k_norm, *((block.attn_post_norm, block.ffn_post_norm) if block.sandwich
+                                                else (None, None))]
+        norms = [block.attn_norm, block.ffn_norm, *(n for n in optional if n is not None)]
         if not all(type(norm) is RMSNorm for norm in norms) or not all(
                 type(p) is QuantizedLinear and p.bias is None for p in projections):
             return None
@@ -110,9 +130,11 @@ class _Layer:
         group_sizes = {p.group_size for p in projections if p.method == "int4"}
         if any(o is None for o in operands) or len(group_sizes) > 1 or len({n.eps for n in norms}) > 1:
             return None
-        attn_norm, ffn_norm = (norm.weight.float().contiguous() for norm in norms)
+        attn_norm, ffn_norm, *extra = (torch.empty(0) if norm is None else norm.weight.float().contiguous()
+                                       for norm in (block.attn_norm, block.ffn_norm, *optional))
         (qkv, qkv_scales), (out, out_scales), (gate_up, gate_up_scales), (down, down_scales) = operands
-        tensors = [attn_norm, qkv, qkv_scales, out, out_scales, ffn_norm, gate_up, gate_up_scales, down, down_scales]
+        tensors = [attn_norm, qkv, qkv_scales, out, out_scales, ffn_norm, gate_up, gate_up_scales, down, down_scales,
+                   *extra]
         return tensors, [4 if p.method == "int4" else 8 for p in projections], next(iter(group_sizes), 0)
 
 
@@ -124,24 +146,32 @@ class DecodeStep:
         self.model = model
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.scale = config.attention_scale
+        self.embedding_scale = math.sqrt(config.d_model) if config.scale_embeddings else None
         # A quantised model's integer kernels take and give bf16 rows whatever its float dtype; its residual stream
         # stays float32 here (a bf16 model's too: its norms, q/k/v and KV cache stay bf16): converting each
         # kernel's input costs no more than converting its output would, and the rows keep their precision.
         self.residual_dtype = torch.float32 if is_quantized(model) else model.final_norm.weight.dtype
-        self.layers = [_Layer(block, self.residual_dtype) for block in model.blocks]
+        local_base = config.rope_local_theta is not None
+        self.layers = [_Layer(block, self.residual_dtype, local_base) for block in model.blocks]
         self.final_norm = _norm(model.final_norm, self.residual_dtype)
         # a quantised head keeps its forward (float32 logits); a float one may take the native matrix–vector product
         self.head = model.lm_head if type(model.lm_head) is QuantizedLinear else _linear(model.lm_head)
         self.rope = config.positions == "rope"
+        # The rope bases: (theta, scaling) of every layer, and the sliding-window layers' own, unscaled (Gemma 3).
+        self.bases = {"global": (config.rope_theta, config.rope_scaling)}
+        if local_base:
+            self.bases["local"] = (config.rope_local_theta, None)
         # dynamic / longrope: a position's angles depend on how far the step reaches, so no table of them
         self.rope_per_step = self.rope and rope_depends_on_length(config.rope_scaling)
-        self._cos = self._sin = None
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.windowed = any(layer.windowed for layer in self.layers)
         self.signature = parameter_signature(model)
         self.native = self._native_kernel()
 
     def _native_kernel(self) -> tuple | None:
-        """(op, tensors, bits, group size, eps) for csrc/decode_layers.cpp where every block qualifies (a
-        quantised Llama-family model on the CPU, float32 residual) and the kernel builds; else None."""
+        """(op, tensors, bits, group size, eps, windowed layers, activation) for csrc/decode_layers.cpp where every
+        block qualifies (a quantised Llama- or Gemma-family model on the CPU, float32 residual) and the kernel
+        builds; else None."""
         blocks = [layer.native for layer in self.layers]
         if (self.residual_dtype != torch.float32 or not self.rope or not all(blocks)
                 or len({group for *_, group in blocks if group}) > 1
@@ -154,58 +184,82 @@ class DecodeStep:
         group_size = max(group for *_, group in blocks)
         tensors = [t for block_tensors, _, _ in blocks for t in block_tensors]
         bits = [b for _, block_bits, _ in blocks for b in block_bits]
-        return ops.decode_layers, tensors, bits, group_size, self.model.blocks[0].attn_norm.eps
+        windowed = [int(layer.windowed) for layer in self.layers]
+        return (ops.decode_layers, tensors, bits, group_size, self.model.blocks[0].attn_norm.eps, windowed,
+                int(self.config.ffn == "geglu"))
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Decoder-only, pre-norm, with dense attention in every layer and GPT-2's or Llama's embedding and final
-        norm: what the loop below computes. The rest (sparse patterns, post-norm blocks, sinusoidal positions,
-        scaled, typed or normalised embeddings, no final norm, q/k or sandwich norms, GeGLU, a second rope base,
-        soft-capped scores or logits) takes the general forward, which `embed` serves."""
+        """Decoder-only, pre-norm, with dense or sliding-window attention in every layer and GPT-2's, Llama's or
+        Gemma's embedding and final norm: what the loop below computes. The rest (other sparse patterns, post-norm
+        blocks, sinusoidal positions, typed or normalised embeddings, no final norm, soft-capped scores or logits)
+        takes the general forward, which `embed` serves."""
         config = getattr(model, "config", None)
         return (config is not None and config.architecture == "decoder" and hasattr(model, "lm_head")
-                and all(p == "dense" for p in config.layer_patterns()) and config.norm_position == "pre"
-                and config.positions in ("learned", "rope") and config.final_norm and not config.scale_embeddings
-                and not config.embedding_norm and not config.type_vocab_size and not config.qk_norm
-                and not config.sandwich_norm and config.rope_local_theta is None and config.ffn != "geglu"
+                and all(p in ("dense", "local") for p in config.layer_patterns()) and config.norm_position == "pre"
+                and config.positions in ("learned", "rope") and config.final_norm
+                and not config.embedding_norm and not config.type_vocab_size
                 and config.attn_logit_softcap is None and config.final_logit_softcap is None)
 
-    def _rotary_table(self, length: int, device: torch.device, dtype: torch.dtype) -> None:
-        """cos and signed sin [positions, d] for every position up to `length` (grown by doubling)."""
-        size = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
-        size = min(size, max(self.config.max_seq_len, length))
-        self._cos, self._sin = self._angles(torch.arange(size, device=device), dtype)
+    def _rotations(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos and signed sin [B, d] at each row's position, per rope base, from tables built once (grown by
+        doubling); a length-dependent rope's computed each step."""
+        rotations, furthest = {}, int(positions.max())
+        for kind, (theta, scaling) in self.bases.items():
+            if self.rope_per_step and kind == "global":
+                rotations[kind] = self._angles(positions, dtype, theta, scaling)
+                continue
+            table = self._tables.get(kind)
+            if table is None or table[0].shape[0] <= furthest or table[0].device != positions.device \
+                    or table[0].dtype != dtype:
+                size = max(furthest + 1, 2 * (0 if table is None else table[0].shape[0]), 256)
+                size = min(size, max(self.config.max_seq_len, furthest + 1))
+                table = self._tables[kind] = self._angles(torch.arange(size, device=positions.device), dtype,
+                                                          theta, scaling)
+            rotations[kind] = table[0][positions], table[1][positions]
+        return rotations
 
-    def _angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _angles(self, positions: torch.Tensor, dtype: torch.dtype, theta: float,
+                scaling: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [N, d] at positions [N] (a length-dependent rope reaches the furthest of them)."""
-        cos, sin = rotary_cos_sin(positions[None], self.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        cos, sin = rotary_cos_sin(positions[None], self.head_dim, theta, scaling)
         cos, sin = cos[0, 0], sin[0, 0]
         half = self.head_dim // 2
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # rotate_half's sign, folded in
         return cos.to(dtype), sin.to(dtype)
 
+    def _ring(self, cache: KVCache, positions: torch.Tensor, ragged: bool) -> tuple[int, torch.Tensor | None]:
+        """Record this step's positions in the cache (its sliding-window layers' masks are built from them) and
+        give the ring columns this step's window reads, [0, min(filled + 1, w)), with which of them each row may
+        see ([B, span] booleans, or None when every one holds a real token: no row has padding)."""
+        cache.record_positions(positions[:, None])  # a decode token is never padding
+        span = min(cache.length + 1, cache.window)
+        if not ragged:
+            return span, None
+        ring_positions, _ = cache.window_key_positions()
+        return span, ring_positions[:, :span] >= 0
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
         model, batch = self.model, tokens.shape[0]
         n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        x = model.token_embedding(tokens).to(self.residual_dtype)  # [B, d]: one row per sequence throughout
+        x = model.token_embedding(tokens)
+        if self.embedding_scale is not None:
+            x = x * self.embedding_scale
+        x = x.to(self.residual_dtype)  # [B, d]: one row per sequence throughout
         heads_dtype = cache.keys.dtype  # q, k, v and attention: the cache's dtype
         native_cache = self.native is not None and heads_dtype in (torch.float32, torch.bfloat16)
-        cos = sin = None
+        rotations = {}
         if self.rope:
             table_dtype = torch.float32 if native_cache else heads_dtype  # the native kernel rotates in float32
-            if self.rope_per_step:
-                cos, sin = self._angles(positions, table_dtype)
-            else:
-                if (self._cos is None or self._cos.shape[0] <= int(positions.max()) or self._cos.device != x.device
-                        or self._cos.dtype != table_dtype):
-                    self._rotary_table(int(positions.max()) + 1, x.device, table_dtype)
-                cos, sin = self._cos[positions], self._sin[positions]
-            cos, sin = cos[:, None, :], sin[:, None, :]  # [B, 1, d_k]
+            rotations = self._rotations(positions, table_dtype)
         else:
             x = x + model.position_embedding(positions)
+        ring_span, ring_visible = self._ring(cache, positions, mask is not None) if cache.sparse else (0, None)
         if native_cache:
-            return self.head(self.final_norm(self._native_layers(x, cos[:, 0], sin[:, 0], cache, mask)))
+            x = self._native_layers(x, rotations, cache, mask, ring_span, ring_visible)
+            return self.head(self.final_norm(x))
+        ring_mask = None if ring_visible is None else ring_visible[:, None, None, :]
         group = n_heads // n_kv
         for layer in self.layers:
             h = layer.attn_norm(x)
@@ -216,37 +270,52 @@ class DecodeStep:
                 qk = torch.cat([layer.q_proj(h), layer.k_proj(h)], dim=-1).to(heads_dtype).view(
                     batch, n_heads + n_kv, head_dim)
                 v = layer.v_proj(h).to(heads_dtype).view(batch, n_kv, head_dim)
-            if cos is not None:
+            if layer.q_norm is not None:
+                qk = torch.cat([layer.q_norm(qk[:, :n_heads]), layer.k_norm(qk[:, n_heads:])], dim=1)
+            if self.rope:
+                cos, sin = (t[:, None, :] for t in rotations[layer.rotation])  # [B, 1, d_k]
                 flipped = qk.view(batch, n_heads + n_kv, 2, head_dim // 2).flip(2).view(qk.shape)
                 qk = torch.addcmul(qk * cos, flipped, sin)
             q, k = qk[:, :n_heads], qk[:, n_heads:]
-            keys, values = cache.update(layer.cache_index, k[:, :, None], v[:, :, None])
+            if layer.windowed:
+                keys, values = cache.update_window(layer.cache_index, k[:, :, None], v[:, :, None])
+                keys, values, layer_mask = keys[:, :, :ring_span], values[:, :, :ring_span], ring_mask
+            else:
+                (keys, values), layer_mask = cache.update(layer.cache_index, k[:, :, None], v[:, :, None]), mask
             # The query heads of one key/value head ride along SDPA's query axis: [B, H_kv, group, d].
             heads = F.scaled_dot_product_attention(q.reshape(batch, n_kv, group, head_dim), keys, values,
-                                                   attn_mask=mask, scale=self.scale)
-            x = x + layer.o_proj(heads.view(batch, n_heads * head_dim))
+                                                   attn_mask=layer_mask, scale=self.scale)
+            attended = layer.o_proj(heads.view(batch, n_heads * head_dim))
+            x = x + (attended if layer.attn_post_norm is None else
+                     layer.attn_post_norm(attended.to(self.residual_dtype)))
             h = layer.ffn_norm(x)
-            if layer.swiglu:
+            if layer.gated:
                 gate, up = layer.gate_up(h).chunk(2, dim=-1) if layer.gate_up is not None else (
                     layer.gate_proj(h), layer.up_proj(h))
-                x = x + layer.down_proj(F.silu(gate) * up)
+                fed = layer.down_proj(layer.activation(gate) * up)
             else:
-                x = x + layer.ffn(h)
+                fed = layer.ffn(h)
+            x = x + (fed if layer.ffn_post_norm is None else layer.ffn_post_norm(fed.to(self.residual_dtype)))
         cache.advance(1)
         return self.head(self.final_norm(x))
 
-    def _native_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                       mask: torch.Tensor | None) -> torch.Tensor:
+    def _native_layers(self, x: torch.Tensor, rotations: dict, cache: KVCache, mask: torch.Tensor | None,
+                       ring_span: int, ring_visible: torch.Tensor | None) -> torch.Tensor:
         """Every block through csrc/decode_layers.cpp: the loop above, with the same kernels, in one call."""
-        op, tensors, bits, group_size, eps = self.native
+        op, tensors, bits, group_size, eps, windowed, activation = self.native
         batch = x.shape[0]
         columns, span, slots = cache.write_columns(batch)
         visible = None if mask is None else mask.reshape(batch, span)
         if visible is not None and visible.stride(-1) != 1:
             visible = visible.contiguous()
         scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+        cos, sin = rotations["global"]
+        local_cos, local_sin = rotations.get("local", (None, None))
+        ring_keys, ring_values = (cache.window_keys, cache.window_values) if self.windowed else (None, None)
+        ring_column = cache.length % cache.window if self.windowed else 0
         x = op(x.contiguous(), cos, sin, cache.keys, cache.values, columns, slots, span, visible, tensors, bits,
-               self.n_heads, self.n_kv_heads, group_size, eps, scale)
+               self.n_heads, self.n_kv_heads, group_size, eps, scale, local_cos, local_sin, ring_keys, ring_values,
+               ring_column, ring_span, ring_visible, windowed, activation)
         cache.advance(1)
         return x
 
