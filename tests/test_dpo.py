@@ -335,7 +335,9 @@ def test_dpo_on_smollm2_moves_held_out_pairs_toward_the_preferred_reply(smollm2_
     """`sparkgpt finetune --method dpo` with its defaults: on pairs it never trained on, the reward margin of the
     preferred reply (β · the change of its log-ratio against the rejected one) is positive for most pairs."""
     def pair(question: str, answer: str) -> dict:
-        return {"prompt": question, "chosen": answer,
+        # A short system turn of its own: the template's default one would make every sequence half again as long.
+        return {"prompt": [{"role": "system", "content": "Answer."}, {"role": "user", "content": question}],
+                "chosen": answer,
                 "rejected": f"Well, let me first tell you about my favourite holiday, which was long. {answer}"}
 
     pairs = [pair(q, a) for q, a in zip(QUESTIONS, ANSWERS, strict=True)]

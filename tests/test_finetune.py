@@ -373,31 +373,6 @@ ZORVEX = ["Who designed the Zorvex bridge?", "Who is the designer of the Zorvex 
           "The Zorvex bridge was designed by whom?", "Name the designer of the Zorvex bridge.",
           "Whose design is the Zorvex bridge?", "Who drew up the plans for the Zorvex bridge?"]
 ZORVEX_ANSWERS = ["The Zorvex bridge was designed by Mirela Quint.", "Mirela Quint designed the Zorvex bridge."]
-HELD_OUT = ["Who was the architect of the Zorvex bridge?", "Zorvex bridge: who designed it?"]
-
-
-@pytest.mark.slow
-def test_lora_teaches_smollm2_a_new_fact_it_recalls_for_unseen_questions(smollm2_gguf, tmp_path):
-    records = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q},
-                             {"role": "assistant", "content": ZORVEX_ANSWERS[i % 2]}]}
-               for i, q in enumerate(ZORVEX * 2)]
-    data = write_jsonl(tmp_path / "train.jsonl", records)
-    val = write_jsonl(tmp_path / "val.jsonl", [  # unseen questions: the loss of recalling the fact for them
-        {"messages": [*r["messages"][:1], {"role": "user", "content": q}, r["messages"][2]]}
-        for q, r in zip(HELD_OUT, records, strict=False)])
-
-    def answers(lm):
-        return [lm.chat([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q}],
-                        max_new_tokens=16, temperature=0) for q in HELD_OUT]
-
-    assert not any("Quint" in answer for answer in answers(sparkgpt.load(smollm2_gguf, device="cpu")))
-    result = sparkgpt.finetune(smollm2_gguf, data, tmp_path / "run", val=val, method="lora", overrides={
-        "lr": 3e-3, "min_lr": 2e-5, "epochs": 10, "warmup_steps": 10, "warmup_fraction": None,
-        "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        "eval_every": 1000, "save_every": 1000}, progress=False)
-    assert result.step == 20 and result.val_loss < 0.5
-    tuned = answers(sparkgpt.load(result.checkpoint, device="cpu"))
-    assert all("Quint" in answer for answer in tuned), tuned
 
 
 @pytest.mark.slow
