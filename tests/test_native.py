@@ -49,8 +49,9 @@ def test_native_dequantization_equals_the_float32_matrix_rounded_once(ops, metho
     assert torch.equal(quant.dequantize(method, tensors, torch.bfloat16), expected)  # the path prompts take
 
 
-GEMMA_LIKE = dict(qk_norm=True, sandwich_norm=True, ffn="geglu", scale_embeddings=True, rope_local_theta=10_000.0,
-                  attention_patterns=["local", "dense"], attention_window=4, attention_scale=24 ** -0.5)
+GEMMA_LIKE = dict(qk_norm=True, sandwich_norm=True, ffn="geglu", scale_embeddings=True, rope_theta=1e6,
+                  rope_local_theta=10_000.0, attention_patterns=["local", "dense"], attention_window=8,
+                  attention_scale=24 ** -0.5)
 
 
 def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None, gemma: bool = False) -> torch.nn.Module:
@@ -58,7 +59,7 @@ def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None, gem
     Under int4 the down projections are int8 (re-quantised from their int4 values), so blocks mix both kernels.
     `head_dim` 64 makes the heads 256 wide in all against d_model 128. `gemma` adds Gemma 3's parts: q/k and
     sandwich norms (gains drawn at random, so that no two are interchangeable), GeGLU, embeddings × √d, a query
-    scale of its own, and a sliding-window first layer (window 4) turning at its own rope base."""
+    scale of its own, and a sliding-window first layer (window 8) turning at its own rope base."""
     torch.manual_seed(0)
     config = sparkgpt.ModelConfig(**{**dict(
         vocab_size=320, n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, d_ff=192, head_dim=head_dim,
@@ -85,7 +86,8 @@ def tiny_llama(method: str, dtype: torch.dtype, head_dim: int | None = None, gem
 def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, method, dtype, head_dim, gemma):
     """A ragged batch (left padding, a mask) decoded 7 tokens after a 5-token prefill: at each step, from the same
     cache, the native step's logits and cache writes equal the Python step's to rounding, and both follow the
-    whole-sequence forward as closely. The Gemma-like model's sliding-window layer fills and wraps its ring."""
+    whole-sequence forward as closely. The Gemma-like model's sliding-window layer fills its ring (8 columns)
+    and wraps it."""
     model = tiny_llama(method, dtype, head_dim, gemma)
     fast = DecodeStep(model)
     assert fast.native is not None

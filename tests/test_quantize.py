@@ -103,8 +103,10 @@ def lean_reference(request: pytest.FixtureRequest):
 
 @pytest.mark.parametrize("change", [{"attn_logit_softcap": 50.0}, {"final_logit_softcap": 30.0},
                                     {"attention_patterns": ["dense", "strided"], "attention_window": 4},
-                                    {"norm_position": "post"}])
+                                    {"norm_position": "post"},
+                                    {"attention_patterns": ["dense", "local"], "rope_local_theta": 1e4}])
 def test_the_lean_decode_step_leaves_soft_caps_other_patterns_and_post_norms_to_the_forward(change):
+    """(The last: learned positions, yet a rope base for the local layers, which the forward applies.)"""
     config = sparkgpt.ModelConfig(vocab_size=64, n_layers=2, n_heads=2, d_model=32, max_seq_len=32, **change)
     assert decode_step(sparkgpt.GPT(config)) is None
 

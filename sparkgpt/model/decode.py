@@ -198,6 +198,7 @@ class DecodeStep:
         return (config is not None and config.architecture == "decoder" and hasattr(model, "lm_head")
                 and all(p in ("dense", "local") for p in config.layer_patterns()) and config.norm_position == "pre"
                 and config.positions in ("learned", "rope") and config.final_norm
+                and (config.rope_local_theta is None or config.positions == "rope")
                 and not config.embedding_norm and not config.type_vocab_size
                 and config.attn_logit_softcap is None and config.final_logit_softcap is None)
 

@@ -23,6 +23,7 @@
 
 #include "vector_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -268,24 +269,31 @@ Tensor decode_layers(Tensor x, const c10::optional<Tensor>& cos, const c10::opti
               "slots: contiguous int64 [B]");
   TORCH_CHECK(activation == kSilu || activation == kGeluTanh, "activation: 0 (SiLU) or 1 (GELU tanh)");
   Ring ring{nullptr, nullptr, ring_column, ring_span, nullptr, 0};
-  for (int64_t local : windowed) {
-    if (local == 0) continue;
+  const int64_t n_windowed = std::count_if(windowed.begin(), windowed.end(), [](int64_t w) { return w != 0; });
+  if (n_windowed > 0) {
     TORCH_CHECK(ring_keys && ring_values && ring_keys->is_contiguous() && ring_values->is_contiguous() &&
-                    ring_keys->dim() == 5 && ring_keys->scalar_type() == keys.scalar_type() && !slots &&
-                    ring_keys->size(1) == x.size(0) && ring_column >= 0 && ring_column < ring_keys->size(3) &&
-                    ring_span > ring_column && ring_span <= ring_keys->size(3),
-                "ring_keys/ring_values: contiguous [blocks, B, kv_heads, window, d] of the cache's dtype, "
-                "ring_column < ring_span <= window, no slots");
+                    ring_keys->dim() == 5 && ring_keys->sizes() == ring_values->sizes() &&
+                    ring_keys->scalar_type() == keys.scalar_type() &&
+                    ring_values->scalar_type() == keys.scalar_type() && !slots &&
+                    ring_keys->size(0) == n_windowed && ring_keys->size(1) == x.size(0) &&
+                    ring_keys->size(2) == n_kv_heads && ring_keys->size(4) == keys.size(4) && ring_column >= 0 &&
+                    ring_column < ring_keys->size(3) && ring_span > ring_column && ring_span <= ring_keys->size(3),
+                "ring_keys/ring_values: contiguous [windowed blocks, B, kv_heads, window, head_dim] of the cache's "
+                "dtype, ring_column < ring_span <= window, no slots");
     ring.keys = &*ring_keys;
     ring.values = &*ring_values;
     if (ring_visible) {
-      TORCH_CHECK(ring_visible->scalar_type() == at::kBool && ring_visible->stride(1) == 1 &&
+      TORCH_CHECK(ring_visible->scalar_type() == at::kBool && ring_visible->dim() == 2 &&
+                      ring_visible->size(0) == x.size(0) && ring_visible->stride(1) == 1 &&
                       ring_visible->size(1) >= ring_span, "ring_visible: bool [B, ring_span]");
       ring.visible = ring_visible->data_ptr<bool>();
       ring.visible_stride = ring_visible->stride(0);
     }
-    break;
   }
+  TORCH_CHECK(keys.size(0) == n_blocks - n_windowed && keys.size(2) == n_kv_heads && values.sizes() == keys.sizes(),
+              "keys/values: [full-history blocks, slots, kv_heads, capacity, head_dim]");
+  TORCH_CHECK(span <= keys.size(3) && (!visible || (visible->size(0) == x.size(0) && visible->size(1) >= span)),
+              "span within the cache's capacity; visible: [B, span]");
   const Shape shape{x.size(0), x.size(1), n_heads, n_kv_heads, keys.size(4)};
   const float *c = rows_of(cos), *n = rows_of(sin), *lc = rows_of(local_cos), *ln = rows_of(local_sin);
   if (keys.scalar_type() == at::kFloat)
