@@ -271,8 +271,10 @@ def poison(engine: Engine, victim) -> None:
     picks (a model whose numbers blew up for one sequence)."""
     step = engine.step
 
-    def poisoned(tokens, positions, cache, mask):
-        logits = step(tokens, positions, cache, mask).clone()
+    def poisoned(tokens, positions, cache, mask, logit_rows=None):
+        logits = step(tokens, positions, cache, mask, logit_rows=logit_rows).clone()
+        if logit_rows is not None:  # a prompt's chunk, whose rows are not slots: the decode steps poison
+            return logits
         for slot, sequence in engine._decoding.items():
             if victim(sequence.request):
                 logits[slot] = float("nan")

@@ -241,7 +241,9 @@ class DecodeStep:
         return span, ring_positions[:, :span] >= 0
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, logit_rows: list[int] | None = None) -> torch.Tensor:
+        """`logit_rows`: the rows whose logits are wanted (default all): a prompt's chunk fed as rows needs only
+        its last row's, and the head is a step's largest matrix."""
         model, batch = self.model, tokens.shape[0]
         n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         x = model.token_embedding(tokens)
@@ -259,7 +261,7 @@ class DecodeStep:
         ring_span, ring_visible = self._ring(cache, positions, mask is not None) if cache.sparse else (0, None)
         if native_cache:
             x = self._native_layers(x, rotations, cache, mask, ring_span, ring_visible)
-            return self.head(self.final_norm(x))
+            return self.head(self.final_norm(x if logit_rows is None else x[logit_rows]))
         ring_mask = None if ring_visible is None else ring_visible[:, None, None, :]
         group = n_heads // n_kv
         for layer in self.layers:
@@ -298,7 +300,7 @@ class DecodeStep:
                 fed = layer.ffn(h)
             x = x + (fed if layer.ffn_post_norm is None else layer.ffn_post_norm(fed.to(self.residual_dtype)))
         cache.advance(1)
-        return self.head(self.final_norm(x))
+        return self.head(self.final_norm(x if logit_rows is None else x[logit_rows]))
 
     def _native_layers(self, x: torch.Tensor, rotations: dict, cache: KVCache, mask: torch.Tensor | None,
                        ring_span: int, ring_visible: torch.Tensor | None) -> torch.Tensor:
