@@ -556,11 +556,11 @@ class Engine:
         return rows
 
     def _prefill(self) -> None:
-        """Prefill this iteration's newcomers together, in one forward: row r's chunk is left-padded, its tokens
-        take positions cached_r, cached_r + 1, ... and write their keys/values into its own slot at those
-        columns; each token sees its own slot's columns up to itself. Padding writes the scratch column and
-        sees column 0 alone (finite numbers: its unused output stays finite). Each newcomer whose prompt is then
-        complete samples its first token."""
+        """Prefill this iteration's newcomers together, in one forward (or, for up to DECODE_ROWS tokens in all,
+        one lean decode step): row r's chunk is left-padded, its tokens take positions cached_r, cached_r + 1, ...
+        and write their keys/values into its own slot at those columns; each token sees its own slot's columns up
+        to itself. Padding writes the scratch column and sees column 0 alone (finite numbers: its unused output
+        stays finite). Each newcomer whose prompt is then complete samples its first token."""
         rows = self._prefill_rows()
         if not rows:
             return
