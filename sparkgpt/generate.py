@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparkgpt import hardware
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.model import GPT, EncoderDecoder, KVCache
@@ -715,7 +716,10 @@ def token_steps(
     runner = _decode_model(model, prompts, params.max_new_tokens, images)
     # The repetition penalty counts a prompt's tokens, not a source's.
     contexts = prompts if isinstance(runner, (_DecoderOnly, _Prompted)) else [()] * len(prompts)
-    yield from _steps(runner, contexts, params, model.config.vocab_size)
+    try:
+        yield from _steps(runner, contexts, params, model.config.vocab_size)
+    finally:  # so that the next thread to generate is the only one holding OpenMP workers
+        hardware.release_idle_threads()
 
 
 def _steps(runner, contexts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: int

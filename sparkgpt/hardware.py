@@ -219,3 +219,44 @@ def gpus() -> list[str]:
         found.append(f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB, compute capability "
                      f"{properties.major}.{properties.minor}{', bf16' if properties.major >= 8 else ''})")
     return found
+
+
+# ---- OpenMP worker threads -----------------------------------------------------------------------------------
+
+@functools.cache
+def _gnu_openmp() -> Any:
+    """torch's GNU OpenMP runtime as loaded in this process (its pip wheels for Linux carry their own copy), or
+    None where torch runs on another (LLVM's on macOS, Intel's in some builds) or the platform has no
+    /proc/self/maps. Only GNU's releases the calling thread's pool alone, which is what `release_idle_threads`
+    needs; LLVM's pause stops every thread's at once, in the middle of another thread's work."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            library = ctypes.CDLL(path)  # the copy already loaded: dlopen returns its handle
+            library.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            return library
+        except (OSError, AttributeError):  # a libgomp older than GCC 9 has no pause
+            continue
+    return None
+
+
+def release_idle_threads() -> bool:
+    """Let the calling thread's OpenMP workers go, at the end of its parallel work (a model loaded, a reply
+    generated, a serving engine gone idle). Returns whether GNU OpenMP released them.
+
+    Why: GNU OpenMP keeps each thread's pool of workers after its parallel regions, and once the pools of all
+    threads together hold more threads than the machine has CPUs, every worker sleeps at the end of each region
+    instead of spinning. A decode step runs a hundred small regions, each then waiting for its workers to wake:
+    a model run from a second thread (a serving engine, a web framework's worker) while the thread that loaded it
+    kept its pool decoded at a third of its speed (benchmarks/RESULTS.md, "Serving"). The next parallel work of
+    this thread starts a worker again (microseconds). Does nothing inside a parallel region or on other runtimes."""
+    library = _gnu_openmp()
+    if library is None or torch.get_num_threads() < 2:
+        return False
+    return library.omp_pause_resource_all(1) == 0  # omp_pause_soft: the calling thread's pool only (GNU)

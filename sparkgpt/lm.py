@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sparkgpt import hardware
 from sparkgpt.checkpoint import load as checkpoint_load
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.data.examples import ClassifyBatch
@@ -242,4 +243,6 @@ def load(
     it was saved; GGUF 4-bit blocks become int4 directly. Its activations are `dtype`: bfloat16 prefills a
     quantised model about 1.4x faster on a CPU (the decode kernels take bf16 rows either way), float32 keeps each
     served request's text exactly what it would be alone."""
-    return LM(*checkpoint_load.load(ref, dtype, device, adapter, merge, quantize))
+    lm = LM(*checkpoint_load.load(ref, dtype, device, adapter, merge, quantize))
+    hardware.release_idle_threads()  # the thread that generates with it may be another (a server's engine)
+    return lm

@@ -4,12 +4,17 @@ torch, the training dtype that `auto` picks that way, and `sparkgpt info`."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 import torch
 from test_train import build_char_data, metric_rows, tiny
 
+import sparkgpt
 from sparkgpt import hardware
 from sparkgpt.cli import main
 from sparkgpt.model import native
@@ -165,3 +170,90 @@ def test_the_cxx_compiler_is_the_one_inductor_would_use(monkeypatch):
     monkeypatch.delenv("CXX")
     expected = "clang++" if hardware.sys.platform == "darwin" else "g++"
     assert hardware.cxx_compiler() == hardware.shutil.which(expected)
+
+
+OPENMP_POOLS = """
+import os, sys, threading, time
+import torch
+from sparkgpt import hardware
+
+torch.set_num_threads(2)
+def threads(expected=None):
+    # a thread joined may stay listed for a moment after: wait for the count expected, a second at most
+    deadline = time.monotonic() + 1
+    while expected is not None and len(os.listdir("/proc/self/task")) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(os.listdir("/proc/self/task"))
+def parallel_work():
+    x = torch.randn(1024, 1024)
+    x @ x
+
+base = threads()
+parallel_work()  # the main thread's pool: one worker beside it
+if threads() != base + 1:
+    sys.exit(3)  # another runtime or pool policy: nothing to test here
+other_done, release_other = threading.Event(), threading.Event()
+def other():
+    parallel_work()
+    other_done.set()
+    release_other.wait()
+    assert hardware.release_idle_threads()
+worker = threading.Thread(target=other)
+worker.start()
+other_done.wait()
+assert threads() == base + 3, threads()  # the other thread and its worker
+assert hardware.release_idle_threads()
+assert threads(base + 2) == base + 2, threads()  # main's worker gone, the other thread's kept
+release_other.set()
+worker.join()
+assert threads(base) == base, threads()
+parallel_work()  # a released pool comes back when needed
+assert threads() == base + 1
+print("ok")
+"""
+
+
+def test_releasing_idle_openmp_workers_frees_the_calling_threads_pool_and_no_other(tmp_path):
+    """GNU OpenMP sleeps every worker between parallel regions once all threads' pools together outnumber the CPUs,
+    so a thread that generates must not share the machine with another's idle pool (RESULTS.md, "Serving")."""
+    if hardware._gnu_openmp() is None:
+        assert not hardware.release_idle_threads()  # other runtimes: nothing is released, nothing fails
+        pytest.skip("torch does not run on GNU OpenMP here")
+    script = tmp_path / "pools.py"
+    script.write_text(OPENMP_POOLS)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if result.returncode == 3:
+        pytest.skip("torch's OpenMP did not keep one worker per pool here")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_loading_generating_and_an_idle_engine_let_their_threads_openmp_workers_go(monkeypatch, tokenizer, tmp_path):
+    from sparkgpt import SamplingParams
+    from sparkgpt.generate import token_steps
+    from sparkgpt.serve.engine import Engine
+    from tests.test_serve import tiny_lm
+
+    callers = []
+    monkeypatch.setattr(hardware, "release_idle_threads", lambda: callers.append(threading.current_thread().name))
+    saved = tiny_lm(tokenizer)
+    saved.save(tmp_path / "model")
+    lm = sparkgpt.load(tmp_path / "model")
+    assert callers == ["MainThread"]
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    generating = threading.Thread(target=lambda: list(token_steps(lm.model, [[1, 2, 3]], params)), name="worker")
+    generating.start()
+    generating.join()
+    assert callers == ["MainThread", "worker"]
+    callers.clear()
+    engine = Engine(lm, max_slots=1).start()
+    try:
+        assert "MainThread" in callers  # the caller hands the computing to the engine thread
+        callers.clear()
+        engine.generate([1, 2, 3], params)
+        deadline = time.monotonic() + 10
+        while "sparkgpt-engine" not in callers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "sparkgpt-engine" in callers  # idle again after the request
+    finally:
+        engine.stop()

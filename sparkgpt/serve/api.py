@@ -45,6 +45,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from sparkgpt import hardware
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import is_int
 from sparkgpt.rag.index import Hit, Index
@@ -268,13 +269,24 @@ class ServeState:
         """`function(*args)` in the worker thread, the event loop free meanwhile."""
         if self.blocking is None:
             raise APIError(503, "the server is shutting down", error_type="service_unavailable")
-        return await asyncio.get_running_loop().run_in_executor(self.blocking, functools.partial(function, *args))
+        call = functools.partial(_releasing, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.blocking, call)
 
     async def run_text(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` in the text thread (templates, tokenisation): off the loop, never behind a forward."""
         if self.text is None:
             raise APIError(503, "the server is shutting down", error_type="service_unavailable")
-        return await asyncio.get_running_loop().run_in_executor(self.text, functools.partial(function, *args))
+        call = functools.partial(_releasing, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.text, call)
+
+
+def _releasing(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)`, then this worker thread's OpenMP workers let go: while they idle, the engine thread's
+    would sleep between its parallel regions (`hardware.release_idle_threads`)."""
+    try:
+        return function(*args)
+    finally:
+        hardware.release_idle_threads()
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------

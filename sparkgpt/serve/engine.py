@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from sparkgpt import hardware
 from sparkgpt.data.batch import pad_rows
 from sparkgpt.errors import SparkGPTError
 from sparkgpt.generate import (
@@ -270,6 +271,7 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sparkgpt-engine", daemon=True)
             self._thread.start()
+            hardware.release_idle_threads()  # the engine thread computes from now on, not the caller
         return self
 
     @property
@@ -403,6 +405,8 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     idle = not (self._waiting or self._prefilling or self._decoding)
+                    if idle:  # another thread may compute while this one waits (hardware.release_idle_threads)
+                        hardware.release_idle_threads()
                     if not self._take_commands(block=idle):
                         return
                     if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
