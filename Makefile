@@ -33,7 +33,7 @@ demo: setup
 
 test: setup $(LLAMA_CPP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 lint: setup
 	$(BIN)/ruff check .

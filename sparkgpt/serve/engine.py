@@ -645,14 +645,26 @@ class Engine:
             positions += range(sequence.cached, sequence.cached + count)
             row_slots += [sequence.slot] * count
             last_rows.append(len(tokens) - 1)
+        return self._step_rows(tokens, positions, positions, row_slots, last_rows)[:, None]
+
+    def _step_rows(self, tokens: list[int], positions: list[int], columns: list[int], row_slots: list[int] | None,
+                   logit_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits [rows (or len(logit_rows)), vocab] of one pass where row r feeds tokens[r] at positions[r],
+        writes its key/value at columns[r] of slot row_slots[r] (None: slot r) and sees its slot's columns up to
+        its position: through the lean decode step, or the model's own forward where the step does not cover it
+        (sinusoidal positions, no final norm, ...)."""
         device = self.device
         span = max(positions) + 1
         positions_tensor = torch.tensor(positions, device=device)
-        mask = torch.arange(span, device=device)[None, :] <= positions_tensor[:, None]
-        self.cache.begin(torch.tensor(row_slots, device=device), positions_tensor[:, None], span)
-        logits = self.step(torch.tensor(tokens, device=device), positions_tensor, self.cache, mask[:, None, None, :],
-                           logit_rows=last_rows)
-        return logits[:, None]
+        mask = (torch.arange(span, device=device)[None, :] <= positions_tensor[:, None])[:, None, None, :]
+        self.cache.begin(None if row_slots is None else torch.tensor(row_slots, device=device),
+                         torch.tensor(columns, device=device)[:, None], span)
+        tokens_tensor = torch.tensor(tokens, device=device)
+        if self.step is not None:
+            return self.step(tokens_tensor, positions_tensor, self.cache, mask, logit_rows=logit_rows)
+        logits = self.model(tokens_tensor[:, None], positions=positions_tensor[:, None], attention_mask=mask,
+                            cache=self.cache, last_only=True)[:, -1]
+        return logits if logit_rows is None else logits[logit_rows]
 
     def _score_prompts(self, rows: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
         """Append to each row's prompt_logprobs its chunk's predictions of the prompt's next tokens: column j of
@@ -696,7 +708,6 @@ class Engine:
         slots = sorted(self._decoding)
         sequences = [self._decoding[slot] for slot in slots]
         drafts = self._drafts(sequences)
-        device = self.device
         if not any(drafts):
             rows = slots[-1] + 1
             tokens, positions, columns = [0] * rows, [0] * rows, [self.cache.scratch_column] * rows
@@ -711,21 +722,10 @@ class Engine:
                 positions += range(sequence.cached, sequence.cached + 1 + len(draft))
                 row_slots += [sequence.slot] * (1 + len(draft))
             columns = positions
-        span = max(positions) + 1
-        # Row r sees its own columns 0..position (the new token included); rows not decoding (position 0) see column
-        # 0 alone, which holds finite numbers, so their (unused) outputs stay finite and never poison the cache.
-        positions_tensor = torch.tensor(positions, device=device)
-        mask = torch.arange(span, device=device)[None, :] <= positions_tensor[:, None]
-        self.cache.begin(None if row_slots is None else torch.tensor(row_slots, device=device),
-                         torch.tensor(columns, device=device)[:, None], span)
-        tokens_tensor, mask = torch.tensor(tokens, device=device), mask[:, None, None, :]
-        if self.step is not None:
-            logits = self.step(tokens_tensor, positions_tensor, self.cache, mask)
-        else:  # a decoder the lean step does not cover (sinusoidal positions, no final norm, ...): its own forward
-            logits = self.model(tokens_tensor[:, None], positions=positions_tensor[:, None], attention_mask=mask,
-                                cache=self.cache, last_only=True)[:, -1]
+        # Rows not decoding (position 0) see column 0 alone, which holds finite numbers, so their (unused) outputs
+        # stay finite and never poison the cache.
+        logits = self._step_rows(tokens, positions, columns, row_slots).float()
         self.steps += 1
-        logits = logits.float()
         if row_slots is None:
             first_rows = slots
         else:
