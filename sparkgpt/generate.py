@@ -713,10 +713,10 @@ def token_steps(
     `images`) or source (an encoder–decoder's), step by step, up to max_new_tokens; stop iterating to stop. Every
     row's draws are seeded with params.seed from a generator of its own, so a row's tokens do not depend on the
     rest of the batch."""
-    runner = _decode_model(model, prompts, params.max_new_tokens, images)
-    # The repetition penalty counts a prompt's tokens, not a source's.
-    contexts = prompts if isinstance(runner, (_DecoderOnly, _Prompted)) else [()] * len(prompts)
     try:
+        runner = _decode_model(model, prompts, params.max_new_tokens, images)
+        # The repetition penalty counts a prompt's tokens, not a source's.
+        contexts = prompts if isinstance(runner, (_DecoderOnly, _Prompted)) else [()] * len(prompts)
         yield from _steps(runner, contexts, params, model.config.vocab_size)
     finally:  # so that the next thread to generate is the only one holding OpenMP workers
         hardware.release_idle_threads()

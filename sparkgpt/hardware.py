@@ -14,6 +14,7 @@ chosen and why:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
@@ -223,27 +224,33 @@ def gpus() -> list[str]:
 
 # ---- OpenMP worker threads -----------------------------------------------------------------------------------
 
+class _SymbolInfo(ctypes.Structure):
+    """dladdr's Dl_info: which loaded file holds an address."""
+    _fields_ = [("file", ctypes.c_char_p), ("base", ctypes.c_void_p), ("symbol", ctypes.c_char_p),
+                ("address", ctypes.c_void_p)]
+
+
 @functools.cache
 def _gnu_openmp() -> Any:
-    """torch's GNU OpenMP runtime as loaded in this process (its pip wheels for Linux carry their own copy), or
-    None where torch runs on another (LLVM's on macOS, Intel's in some builds) or the platform has no
-    /proc/self/maps. Only GNU's releases the calling thread's pool alone, which is what `release_idle_threads`
-    needs; LLVM's pause stops every thread's at once, in the middle of another thread's work."""
-    import ctypes
+    """`omp_pause_resource_all` of the OpenMP runtime torch itself runs on, where that is GNU's; else None.
 
+    Found through torch's own extension (a lookup through its handle searches the libraries it depends on), since
+    other packages load their own copies of libgomp (scikit-learn, faiss, ctranslate2), and pausing one of those
+    would leave torch's workers in place. Only GNU's pause releases the calling thread's pool alone; LLVM's and
+    Intel's (macOS, some builds, or a libomp installed under libgomp's name: they export `__kmpc_fork_call`) stop
+    every thread's, in the middle of another thread's work, so they are left alone."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
-    except OSError:
+        pause = ctypes.CDLL(torch._C.__file__).omp_pause_resource_all
+        info = _SymbolInfo()
+        if not ctypes.CDLL(None).dladdr(ctypes.cast(pause, ctypes.c_void_p), ctypes.byref(info)) or not info.file:
+            return None
+        path = info.file.decode()
+        if not os.path.basename(path).startswith("libgomp") or hasattr(ctypes.CDLL(path), "__kmpc_fork_call"):
+            return None
+    except (OSError, AttributeError):  # no such runtime, no dladdr (not glibc), or a libgomp older than GCC 9
         return None
-    for path in sorted(paths):
-        try:
-            library = ctypes.CDLL(path)  # the copy already loaded: dlopen returns its handle
-            library.omp_pause_resource_all.argtypes = [ctypes.c_int]
-            return library
-        except (OSError, AttributeError):  # a libgomp older than GCC 9 has no pause
-            continue
-    return None
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause
 
 
 def release_idle_threads() -> bool:
@@ -256,7 +263,7 @@ def release_idle_threads() -> bool:
     a model run from a second thread (a serving engine, a web framework's worker) while the thread that loaded it
     kept its pool decoded at a third of its speed (benchmarks/RESULTS.md, "Serving"). The next parallel work of
     this thread starts a worker again (microseconds). Does nothing inside a parallel region or on other runtimes."""
-    library = _gnu_openmp()
-    if library is None or torch.get_num_threads() < 2:
+    pause = _gnu_openmp()
+    if pause is None or torch.get_num_threads() < 2:
         return False
-    return library.omp_pause_resource_all(1) == 0  # omp_pause_soft: the calling thread's pool only (GNU)
+    return pause(1) == 0  # omp_pause_soft: the calling thread's pool only (GNU)
