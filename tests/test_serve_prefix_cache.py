@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparkgpt import SamplingParams, Tokenizer
+from sparkgpt.model.quant import DECODE_ROWS
 from sparkgpt.serve.engine import Engine
 from sparkgpt.serve.prefix_cache import PrefixCache
 from tests.test_serve import tiny_lm
@@ -119,5 +120,35 @@ def test_the_prefix_cache_stays_within_its_budget_and_forgets_the_least_recent_c
         before = engine.reused_prompt_tokens
         engine.generate([*old, 5], greedy)
         assert engine.reused_prompt_tokens - before < len(old) // 2
+    finally:
+        engine.stop()
+
+
+def test_a_short_chunk_after_a_cached_prefix_takes_the_lean_step_and_a_fresh_prompt_the_forward(
+        tokenizer: Tokenizer, monkeypatch):
+    """Which way a chunk is prefilled depends on its own request alone, so its text never depends on who else
+    arrived: a fresh prompt through the forward, as generating it alone does; a chat turn's few new tokens after
+    its cached prefix through the lean decode step."""
+    stepped: list[list[int]] = []
+    original = Engine._prefill_through_step
+
+    def spy(self, rows):
+        stepped.append([count for _, count in rows])
+        return original(self, rows)
+
+    monkeypatch.setattr(Engine, "_prefill_through_step", spy)
+    lm = tiny_lm(tokenizer, max_seq_len=256)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    first = lm.encode("Once upon a time there was a castle by the sea, and in it lived")
+    short = lm.encode("A dragon")
+    engine = Engine(lm, max_slots=4, context=256, prefix_cache_bytes=2**24).start()
+    try:
+        solo = [lm.complete([prompt], max_new_tokens=8, temperature=0)[0].text for prompt in (first, short)]
+        assert [engine.generate(prompt, greedy)[0].text for prompt in (first, short)] == solo
+        assert stepped == []  # nothing cached: through the forward, as alone
+        before = engine.reused_prompt_tokens
+        engine.generate([*first, *lm.encode(" Then the tide came in.")], greedy)
+        assert engine.reused_prompt_tokens - before >= 16
+        assert stepped and all(0 < count <= DECODE_ROWS for counts in stepped for count in counts)
     finally:
         engine.stop()

@@ -560,20 +560,17 @@ class Engine:
         return rows
 
     def _prefill(self) -> None:
-        """Prefill this iteration's newcomers together, in one forward (or, for up to DECODE_ROWS tokens in all,
-        one lean decode step): row r's chunk is left-padded, its tokens take positions cached_r, cached_r + 1, ...
-        and write their keys/values into its own slot at those columns; each token sees its own slot's columns up
-        to itself. Padding writes the scratch column and sees column 0 alone (finite numbers: its unused output
-        stays finite). Each newcomer whose prompt is then complete samples its first token."""
+        """Prefill this iteration's newcomers together, in one forward: row r's chunk is left-padded, its tokens
+        take positions cached_r, cached_r + 1, ... and write their keys/values into its own slot at those columns;
+        each token sees its own slot's columns up to itself. Padding writes the scratch column and sees column 0
+        alone (finite numbers: its unused output stays finite). A short chunk that continues a cached prefix (a
+        chat turn's new tokens) goes through the lean decode step instead (`_prefill_through_step`). Each newcomer
+        whose prompt is then complete samples its first token."""
         rows = self._prefill_rows()
         if not rows:
             return
-        scoring = [row for row, (sequence, _) in enumerate(rows) if sequence.prompt_logprobs is not None]
         try:
-            if self.step is not None and not scoring and sum(count for _, count in rows) <= DECODE_ROWS:
-                logits = self._prefill_through_step(rows)
-            else:
-                logits = self._prefill_through_forward(rows, scoring)
+            logits = self._prefill_logits(rows)
         except Exception as error:
             for sequence, _ in rows:
                 self._fail(sequence, f"prefill failed: {type(error).__name__}: {error}")
@@ -608,6 +605,32 @@ class Engine:
                     self._keep(sequence)
             else:
                 self._finish(sequence)  # done at its first token (max_tokens 1, or an end token)
+
+    def _prefill_logits(self, rows: list[tuple[_Sequence, int]]) -> torch.Tensor:
+        """Logits [rows, 1, vocab] after each row's chunk. Which way a row goes depends on its own request alone,
+        never on who else arrived with it, so that its text does not depend on other traffic: a chunk of up to
+        DECODE_ROWS tokens after a cached prefix, unscored, through the lean step (in passes of at most DECODE_ROWS
+        rows); the rest through one forward. A prompt with nothing cached always takes the forward, as generating
+        it alone does (`generate.token_steps`), so each request's text at temperature 0 equals its solo text."""
+        stepped = [row for row, (sequence, count) in enumerate(rows)
+                   if self.step is not None and sequence.cached > 0 and count <= DECODE_ROWS
+                   and sequence.prompt_logprobs is None]
+        logits: list[torch.Tensor | None] = [None] * len(rows)
+        passes: list[list[int]] = []
+        for row in stepped:
+            if not passes or sum(rows[r][1] for r in passes[-1]) + rows[row][1] > DECODE_ROWS:
+                passes.append([])
+            passes[-1].append(row)
+        for chosen in passes:
+            for row, row_logits in zip(chosen, self._prefill_through_step([rows[r] for r in chosen]), strict=True):
+                logits[row] = row_logits
+        forward = [row for row in range(len(rows)) if logits[row] is None]
+        if forward:
+            subset = [rows[row] for row in forward]
+            scoring = [index for index, (sequence, _) in enumerate(subset) if sequence.prompt_logprobs is not None]
+            for row, row_logits in zip(forward, self._prefill_through_forward(subset, scoring), strict=True):
+                logits[row] = row_logits
+        return torch.stack([row_logits.float() for row_logits in logits])
 
     def _prefill_through_forward(self, rows: list[tuple[_Sequence, int]], scoring: list[int]) -> torch.Tensor:
         """Logits [rows, 1, vocab] after each row's chunk (every position's, [rows, width, vocab], where prompts are
