@@ -247,7 +247,7 @@ def _gnu_openmp() -> Any:
         path = info.file.decode()
         if not os.path.basename(path).startswith("libgomp") or hasattr(ctypes.CDLL(path), "__kmpc_fork_call"):
             return None
-    except (OSError, AttributeError):  # no such runtime, no dladdr (not glibc), or a libgomp older than GCC 9
+    except (OSError, AttributeError, TypeError):  # no such runtime, no dladdr (Windows), a libgomp before GCC 9
         return None
     pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
     return pause
