@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +179,19 @@ class LM:
             if delta:
                 yield delta
 
-    def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32, dtype: str | None = None) -> torch.Tensor:
         """Sentence embeddings of an encoder model (BERT, MiniLM): the mean of each text's token vectors,
         L2-normalised, as float32 [N, d_model] (a single str gives [d_model]). Texts longer than the model's
-        context keep their first tokens and their final special token."""
+        context keep their first tokens and their final special token.
+
+        dtype: what the encoder computes in. None or "float32": the weights' own dtype (float32 weights give the
+        reference's vectors); "bfloat16": a bf16 copy of float32 weights, made once (2 bytes a parameter); "auto":
+        whichever of the two was timed faster on this CPU for this model (`embedding_dtype`), as indexing uses."""
         if not isinstance(self.model, Encoder):
             raise SparkGPTError(f"embed needs an encoder model (architecture 'encoder', e.g. minilm-l6); this one is "
                                 f"{self.config.architecture!r}")
+        if dtype not in (None, "auto", "float32", "bfloat16"):
+            raise SparkGPTError(f"embed: dtype {dtype!r} is not one of None, 'auto', 'float32', 'bfloat16'")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not texts:
@@ -191,7 +199,9 @@ class LM:
         tokenizer, limit = self._require_tokenizer(), self.config.max_seq_len
         encoded = [tokenizer.encode(text) for text in texts]
         encoded = [ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:] for ids in encoded]
-        device = self.model.embeddings.token_embedding.weight.device
+        bf16 = (self.embedding_dtype if dtype == "auto" else dtype) == "bfloat16" and _all_float32(self.model)
+        model = self._bf16_encoder() if bf16 else self.model
+        device = model.embeddings.token_embedding.weight.device
         # Batches of similar lengths waste little compute on padding; the rows go back to the texts' order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         embeddings = torch.empty(len(encoded), self.config.d_model)
@@ -199,8 +209,47 @@ class LM:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
                 ids, mask = pad_rows([encoded[i] for i in rows], self.config.pad_token_id or 0)
-                embeddings[rows] = self.model.sentence_embeddings(ids.to(device), mask.to(device)).cpu()
+                embeddings[rows] = model.sentence_embeddings(ids.to(device), mask.to(device)).cpu()
         return embeddings[0] if single else embeddings
+
+    @cached_property
+    def embedding_dtype(self) -> str:
+        """The dtype `embed(..., dtype="auto")` computes in: "bfloat16" where the encoder in bf16, timed once on this
+        CPU against float32 (and cached), runs faster, else "float32" (or the weights' own, when they are not
+        float32). bf16 moves MiniLM's vectors by a cosine of about 1e-4 (RESULTS.md), far below what changes a
+        ranking, and runs several times faster on AMX tiles; CPUs whose bf16 is emulated or no faster keep
+        float32."""
+        if not _all_float32(self.model):
+            return str(self.model.embeddings.token_embedding.weight.dtype).removeprefix("torch.")
+        device = self.model.embeddings.token_embedding.weight.device
+        if device.type != "cpu":
+            return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        if not hardware.cpu().native_bf16:
+            return hardware.note("sentence embeddings' dtype", "float32", "this CPU has no bf16 instructions")
+        config = self.config
+        ids = torch.randint(0, config.vocab_size, (32, min(128, config.max_seq_len)),
+                            generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+
+        def run(model: Callable[[], Encoder]) -> Callable[[], None]:
+            def embed_batch() -> None:
+                with torch.inference_mode():
+                    model().sentence_embeddings(ids, mask)
+            return embed_batch
+
+        shape = f"{config.n_layers}×{config.d_model}×{config.d_ff or 4 * config.d_model}"
+        chosen = hardware.fastest(f"sentence embeddings' dtype ({shape} encoder)", f"embedding dtype {shape}",
+                                  {"float32": run(lambda: self.model), "bfloat16": run(self._bf16_encoder)})
+        if chosen == "float32":
+            self._bf16_copy = None  # timed slower here: its memory goes back
+        return chosen
+
+    def _bf16_encoder(self) -> Encoder:
+        """A bfloat16 copy of the float32 encoder, made on first use. bf16 weights ran faster than bf16 autocast
+        over the float32 ones, which casts every activation at each norm (RESULTS.md, retrieval)."""
+        if getattr(self, "_bf16_copy", None) is None:
+            self._bf16_copy = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+        return self._bf16_copy
 
     def classify(self, texts: str | Sequence[str], batch_size: int = 16) -> dict[str, float] | list[dict[str, float]]:
         """Label probabilities from a trained classification head (`sparkgpt finetune --task classify`):
@@ -246,3 +295,9 @@ def load(
     lm = LM(*checkpoint_load.load(ref, dtype, device, adapter, merge, quantize))
     hardware.release_idle_threads()  # the thread that generates with it may be another (a server's engine)
     return lm
+
+
+
+def _all_float32(model: torch.nn.Module) -> bool:
+    """Whether every weight and buffer of `model` is float32 (none already bf16 or half)."""
+    return all(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers()))

@@ -84,3 +84,43 @@ def test_embed_needs_an_encoder(capsys):
     lm = sparkgpt.LM(sparkgpt.GPT(sparkgpt.preset("tiny-gpt2")), None)
     with pytest.raises(sparkgpt.SparkGPTError, match="encoder"):
         lm.embed("text")
+
+
+@pytest.mark.slow
+def test_bfloat16_embeddings_stay_within_a_cosine_of_1e_3_and_leave_the_float32_weights_exact(minilm):
+    exact = minilm.embed(SENTENCES)
+    halved = minilm.embed(SENTENCES, dtype="bfloat16")
+    assert not torch.equal(halved, exact)  # computed in bf16, not the float32 path again
+    assert (halved * exact).sum(-1).min() >= 0.999
+    torch.testing.assert_close(halved.norm(dim=-1), torch.ones(len(SENTENCES)))
+    assert all(p.dtype == torch.float32 for p in minilm.model.parameters())  # bf16 ran on a copy
+    assert torch.equal(minilm.embed(SENTENCES), exact)
+    with pytest.raises(sparkgpt.SparkGPTError, match="dtype 'float16'"):
+        minilm.embed("text", dtype="float16")
+
+
+def test_auto_embedding_dtype_is_timed_where_the_cpu_has_bf16_and_float32_where_it_does_not(monkeypatch, tmp_path):
+    from sparkgpt import hardware
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    model = sparkgpt.load(tmp_path, device="cpu").model
+    asked = []
+
+    def fastest(decision, key, candidates, rounds=2):
+        for run in candidates.values():
+            run()  # each candidate runs as timing would run it
+        asked.append(list(candidates))
+        return "bfloat16"
+
+    monkeypatch.setattr(hardware, "fastest", fastest)
+    for flags, expected, timed in ((frozenset({"avx2", "fma"}), "float32", []),
+                                   (frozenset({"avx512_bf16"}), "bfloat16", [["float32", "bfloat16"]]),
+                                   (frozenset({"amx_bf16"}), "bfloat16", [["float32", "bfloat16"]])):
+        monkeypatch.setattr(hardware, "cpu", lambda flags=flags: hardware.CPU(
+            "test CPU", "x86_64", flags, "AVX2", 2, 2))
+        asked.clear()
+        lm = sparkgpt.LM(model, None)
+        assert lm.embedding_dtype == expected and asked == timed

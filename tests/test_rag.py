@@ -203,9 +203,13 @@ def recall(index: Index, questions: list[dict], k: int, mode: str) -> float:
                for q in questions) / len(questions)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("corpus, questions", [(CORPUS, ODQA), (HELDOUT, HELDOUT_QUESTIONS)],
                          ids=["bundled", "held-out"])
-def test_hybrid_recall_at_4_is_at_least_that_of_bm25_and_of_dense_alone(corpus, questions, tmp_path, embedder):
+def test_hybrid_recall_at_4_is_at_least_that_of_bm25_and_of_dense_alone(corpus, questions, dtype, tmp_path, embedder,
+                                                                      monkeypatch):
+    # Each dtype indexing may choose (`LM.embedding_dtype`, timed per CPU) must retrieve as well.
+    monkeypatch.setitem(embedder.lm.__dict__, "embedding_dtype", dtype)
     index = Index.build([corpus], tmp_path / "index", embedder=embedder, progress=False)
     items = [json.loads(line) for line in questions.read_text().splitlines()]
     scores = {mode: recall(index, items, 4, mode) for mode in ("bm25", "dense", "hybrid")}
