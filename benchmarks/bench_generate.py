@@ -154,7 +154,8 @@ def main() -> None:
         native = bench(gguf_file, args.threads, args.repeats)
         int4 = measured["int4 sparkgpt"]
         print(f"{'gguf':<11}{'llama-bench':<14}{native['prefill_tok_s']:>14.0f}{native['decode_tok_s']:>14.1f}"
-              "   (llama.cpp built here with -march=native: pp512, tg128)")
+              f"   (llama.cpp built here with -march=native: pp512, tg128"
+              f"{'' if native['repack'] else '; --repack 0, its AMX repacking crashed here'})")
         print(f"{'':<11}{'int4 / it':<14}{int4[0] / native['prefill_tok_s']:>13.2f}x"
               f"{int4[1] / native['decode_tok_s']:>13.2f}x   (sparkgpt int4, float32 activations)")
         own = measured["int4-file sparkgpt"]

@@ -61,14 +61,14 @@ def bench_indexing(embedder: Embedder, rounds: int) -> None:
     theirs_vectors = reference.encode(texts, batch_size=32, normalize_embeddings=True)
     exact = float((embedder.lm.embed(texts).numpy() * theirs_vectors).sum(axis=1).min())
     chosen = embedder.lm.embedding_dtype
-    agreement = float((embedder.embed(texts) * theirs_vectors).sum(axis=1).min())
+    agreement = float((embedder.embed(texts, dtype="auto") * theirs_vectors).sum(axis=1).min())
     print(f"indexing: {len(texts)} chunks; sparkgpt embeds in {chosen} here (timed); lowest cosine to "
           f"sentence-transformers' float32 vector of a chunk: {exact:.6f} in float32, {agreement:.6f} in {chosen}")
     assert exact >= 0.9999, "the two embedders disagree: not the same model"
     assert agreement >= 0.999, f"{chosen} moved a vector too far"
     timings: dict[str, list[float]] = {f"sparkgpt embed ({chosen})": [], "sentence-transformers float32": [],
                                        "sentence-transformers bfloat16": []}
-    runs = [lambda: embedder.embed(texts),
+    runs = [lambda: embedder.embed(texts, dtype="auto"),
             lambda: reference.encode(texts, batch_size=32, normalize_embeddings=True),
             lambda: reference_bf16.encode(texts, batch_size=32, normalize_embeddings=True)]
     for _ in range(rounds):

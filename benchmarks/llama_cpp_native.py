@@ -53,20 +53,24 @@ def build(target: str = "llama-bench") -> Path:
     return binary
 
 
-def bench(gguf: Path, threads: int, repeats: int) -> dict[str, float]:
-    """{"prefill_tok_s": pp512, "decode_tok_s": tg128} from llama-bench, each the mean of `repeats` runs. Where
-    llama.cpp's weight repacking (its AMX kernels) dies on this machine, as it did on a 2-core Intel Xeon with AMX
-    (SIGSEGV at `ldtilecfg`), it is measured again with `--repack 0`, its other kernels, and says so."""
+def bench(gguf: Path, threads: int, repeats: int) -> dict[str, float | bool]:
+    """{"prefill_tok_s": pp512, "decode_tok_s": tg128, "repack": bool} from llama-bench, each the mean of `repeats`
+    runs. Where llama.cpp's weight repacking (its AMX kernels) crashes on this machine (RESULTS.md), it is
+    measured again with `--repack 0`, its other kernels, and "repack" says so."""
     command = [str(build()), "-m", str(gguf), "-t", str(threads), "-p", "512", "-n", "128", "-r", str(repeats),
                "-o", "json"]
     run = subprocess.run(command, capture_output=True, text=True)
+    repack = True
+    if run.returncode < 0:  # killed by a signal (SIGSEGV, SIGILL): a crash, not a bad argument
+        print(f"llama-bench crashed (signal {-run.returncode}): {run.stderr.strip()[-300:]}\n"
+              "measuring it again with --repack 0", file=sys.stderr)
+        run, repack = subprocess.run([*command, "--repack", "0"], capture_output=True, text=True), False
     if run.returncode != 0:
-        print(f"llama-bench died (exit {run.returncode}); measuring it again with --repack 0", file=sys.stderr)
-        run = subprocess.run([*command, "--repack", "0"], check=True, capture_output=True, text=True)
+        raise SystemExit(f"llama-bench failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
     rows = json.loads(run.stdout)
     prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
     decode = next(r["avg_ts"] for r in rows if r["n_gen"] == 128 and r["n_prompt"] == 0)
-    return {"prefill_tok_s": prefill, "decode_tok_s": decode}
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "repack": repack}
 
 
 def main() -> None:

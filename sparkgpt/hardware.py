@@ -210,6 +210,12 @@ def cached_choices() -> dict[str, dict[str, Any]]:
     return {key: value for key, value in _read_cache(choices_file()).items() if isinstance(value, dict)}
 
 
+def cuda_bf16(device: torch.device | int | None = None) -> bool:
+    """Whether a CUDA device multiplies bf16 in hardware (compute capability 8.0 and later: Ampere, Hopper, ...);
+    torch's `is_bf16_supported()` also says yes where it is emulated, slowly (T4, V100)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_properties(device).major >= 8
+
+
 def gpus() -> list[str]:
     """The CUDA devices torch sees, as "name (N GiB, compute capability X.Y, bf16)", or []."""
     if not torch.cuda.is_available():
@@ -218,7 +224,7 @@ def gpus() -> list[str]:
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
         found.append(f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB, compute capability "
-                     f"{properties.major}.{properties.minor}{', bf16' if properties.major >= 8 else ''})")
+                     f"{properties.major}.{properties.minor}{', bf16' if cuda_bf16(index) else ''})")
     return found
 
 

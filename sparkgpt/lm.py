@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,10 @@ class LM:
     def __init__(self, model: GPT, tokenizer: Tokenizer | None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # embed's bf16 copy and its timed choice (`embedding_dtype`), each with what it was made from
+        self._bf16_copy: tuple[Any, Encoder] | None = None
+        self._embedding_choice: tuple[Any, str] | None = None
+        self._copy_lock, self._embedding_lock = threading.RLock(), threading.Lock()
 
     @property
     def config(self):
@@ -184,14 +188,14 @@ class LM:
         L2-normalised, as float32 [N, d_model] (a single str gives [d_model]). Texts longer than the model's
         context keep their first tokens and their final special token.
 
-        dtype: what the encoder computes in. None or "float32": the weights' own dtype (float32 weights give the
-        reference's vectors); "bfloat16": a bf16 copy of float32 weights, made once (2 bytes a parameter); "auto":
-        whichever of the two was timed faster on this CPU for this model (`embedding_dtype`), as indexing uses."""
+        dtype: what the encoder computes in. None: the weights' own (float32 weights give the reference's vectors);
+        "bfloat16": a bf16 copy of the weights, made on first use and again whenever the weights change
+        (2 bytes a parameter); "auto": whichever of the two `embedding_dtype` timed faster here, as indexing uses."""
         if not isinstance(self.model, Encoder):
             raise SparkGPTError(f"embed needs an encoder model (architecture 'encoder', e.g. minilm-l6); this one is "
                                 f"{self.config.architecture!r}")
-        if dtype not in (None, "auto", "float32", "bfloat16"):
-            raise SparkGPTError(f"embed: dtype {dtype!r} is not one of None, 'auto', 'float32', 'bfloat16'")
+        if dtype not in (None, "auto", "bfloat16"):
+            raise SparkGPTError(f"embed: dtype {dtype!r} is not one of None, 'auto', 'bfloat16'")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not texts:
@@ -199,7 +203,7 @@ class LM:
         tokenizer, limit = self._require_tokenizer(), self.config.max_seq_len
         encoded = [tokenizer.encode(text) for text in texts]
         encoded = [ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:] for ids in encoded]
-        bf16 = (self.embedding_dtype if dtype == "auto" else dtype) == "bfloat16" and _all_float32(self.model)
+        bf16 = (self.embedding_dtype if dtype == "auto" else dtype) == "bfloat16"
         model = self._bf16_encoder() if bf16 else self.model
         device = model.embeddings.token_embedding.weight.device
         # Batches of similar lengths waste little compute on padding; the rows go back to the texts' order.
@@ -212,24 +216,35 @@ class LM:
                 embeddings[rows] = model.sentence_embeddings(ids.to(device), mask.to(device)).cpu()
         return embeddings[0] if single else embeddings
 
-    @cached_property
+    @property
     def embedding_dtype(self) -> str:
-        """The dtype `embed(..., dtype="auto")` computes in: "bfloat16" where the encoder in bf16, timed once on this
-        CPU against float32 (and cached), runs faster, else "float32" (or the weights' own, when they are not
-        float32). bf16 moves MiniLM's vectors by a cosine of about 1e-4 (RESULTS.md), far below what changes a
-        ranking, and runs several times faster on AMX tiles; CPUs whose bf16 is emulated or no faster keep
-        float32."""
-        if not _all_float32(self.model):
-            return str(self.model.embeddings.token_embedding.weight.dtype).removeprefix("torch.")
-        device = self.model.embeddings.token_embedding.weight.device
-        if device.type != "cpu":
-            return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        if not hardware.cpu().native_bf16:
-            return hardware.note("sentence embeddings' dtype", "float32", "this CPU has no bf16 instructions")
+        """What `embed(..., dtype="auto")` computes in: "bfloat16" where the encoder as a bf16 copy, timed once
+        against float32 on this CPU (and cached beside the native builds), runs faster; else "float32". bf16 moves
+        the vectors slightly (RESULTS.md, retrieval), so it is taken only where it pays. Weights already in a lower
+        precision are used as they are; a CUDA GPU takes bf16 where it multiplies it natively."""
+        weights = self.model.embeddings.token_embedding.weight
+        key = (id(self.model), weights.device, weights.dtype)
+        with self._embedding_lock:
+            if self._embedding_choice is None or self._embedding_choice[0] != key:
+                self._embedding_choice = key, self._choose_embedding_dtype()
+            return self._embedding_choice[1]
+
+    def _choose_embedding_dtype(self) -> str:
+        weights = self.model.embeddings.token_embedding.weight
+        decision = "sentence embeddings' dtype"
+        if weights.dtype != torch.float32:
+            return hardware.note(decision, str(weights.dtype).removeprefix("torch."), "the weights' own dtype")
+        if weights.device.type == "cuda":
+            bf16 = hardware.cuda_bf16(weights.device)
+            return hardware.note(decision, "bfloat16" if bf16 else "float32",
+                                 "the GPU multiplies bf16 natively" if bf16 else "the GPU has no native bf16")
+        if weights.device.type != "cpu" or not hardware.cpu().native_bf16:
+            return hardware.note(decision, "float32", "no bf16 instructions here")
         config = self.config
         ids = torch.randint(0, config.vocab_size, (32, min(128, config.max_seq_len)),
                             generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
+        mask[16:, ids.shape[1] // 2:] = 0  # padded rows, as real batches have: they take the masked attention
 
         def run(model: Callable[[], Encoder]) -> Callable[[], None]:
             def embed_batch() -> None:
@@ -237,19 +252,28 @@ class LM:
                     model().sentence_embeddings(ids, mask)
             return embed_batch
 
-        shape = f"{config.n_layers}×{config.d_model}×{config.d_ff or 4 * config.d_model}"
-        chosen = hardware.fastest(f"sentence embeddings' dtype ({shape} encoder)", f"embedding dtype {shape}",
-                                  {"float32": run(lambda: self.model), "bfloat16": run(self._bf16_encoder)})
-        if chosen == "float32":
-            self._bf16_copy = None  # timed slower here: its memory goes back
+        shape = (f"{config.n_layers}×{config.d_model}×{config.d_ff or 4 * config.d_model}, "
+                 f"{config.n_heads} heads")
+        with self._copy_lock:
+            chosen = hardware.fastest(decision, f"embedding dtype {shape}",
+                                      {"float32": run(lambda: self.model), "bfloat16": run(self._bf16_encoder)})
+            if chosen == "float32":
+                self._bf16_copy = None  # timed slower here: its memory goes back
         return chosen
 
     def _bf16_encoder(self) -> Encoder:
-        """A bfloat16 copy of the float32 encoder, made on first use. bf16 weights ran faster than bf16 autocast
-        over the float32 ones, which casts every activation at each norm (RESULTS.md, retrieval)."""
-        if getattr(self, "_bf16_copy", None) is None:
-            self._bf16_copy = copy.deepcopy(self.model).to(torch.bfloat16).eval()
-        return self._bf16_copy
+        """A bfloat16 copy of the encoder, remade when the weights change (a training step, a merged adapter, a
+        move to another device). bf16 weights ran faster than bf16 autocast over the float32 ones, which casts
+        activations at every norm (RESULTS.md, retrieval)."""
+        weights = self.model.embeddings.token_embedding.weight
+        if weights.dtype == torch.bfloat16:
+            return self.model
+        with self._copy_lock:
+            source = (id(self.model), weights.device, tuple(p._version for p in self.model.parameters()))
+            if self._bf16_copy is None or self._bf16_copy[0] != source:
+                self._bf16_copy = None  # the old copy's memory goes before the new one is made
+                self._bf16_copy = source, copy.deepcopy(self.model).to(torch.bfloat16).eval()
+            return self._bf16_copy[1]
 
     def classify(self, texts: str | Sequence[str], batch_size: int = 16) -> dict[str, float] | list[dict[str, float]]:
         """Label probabilities from a trained classification head (`sparkgpt finetune --task classify`):
@@ -295,9 +319,3 @@ def load(
     lm = LM(*checkpoint_load.load(ref, dtype, device, adapter, merge, quantize))
     hardware.release_idle_threads()  # the thread that generates with it may be another (a server's engine)
     return lm
-
-
-
-def _all_float32(model: torch.nn.Module) -> bool:
-    """Whether every weight and buffer of `model` is float32 (none already bf16 or half)."""
-    return all(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers()))

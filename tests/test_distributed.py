@@ -1,11 +1,15 @@
 """Data-parallel training: `torchrun --nproc_per_node=2` on CPU (gloo) against one process with the same global
-batch (twice the gradient accumulation): the same losses within 1e-5, and rank 0 alone logs and saves."""
+batch (twice the gradient accumulation): the same losses within 1e-5, rank 0 alone logs and saves, and `dtype: auto`
+is timed by rank 0 and taken by every rank."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_train import build_char_data, metric_rows, tiny
@@ -24,18 +28,31 @@ def cli_train_args(run, data, overrides: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(char_data, tmp_path):
-    overrides = {"max_steps": "12", "save_every": "6", "eval_every": "6", "log_every": "1", "grad_accum": "1"}
+def test_two_processes_match_one_with_the_same_global_batch_in_the_dtype_rank_0_timed(char_data, tmp_path):
+    overrides = {"max_steps": "12", "save_every": "6", "eval_every": "6", "log_every": "1", "grad_accum": "1",
+                 "dtype": "auto"}
     distributed = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Timing on, its cache in a fresh folder (the native build copied there, so nothing compiles again).
+    cache = tmp_path / "cache"
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    shutil.copytree(built, cache, ignore=shutil.ignore_patterns("sparkgpt-choices-*", "*.lock", "lock"),
+                    dirs_exist_ok=True) if built.is_dir() else cache.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARKGPT_MEASURE": "1", "TORCH_EXTENSIONS_DIR": str(cache)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparkgpt",
          *cli_train_args(distributed, char_data, overrides)],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    (choices,) = cache.glob("sparkgpt-choices-*.json")
+    (timed,) = [entry for entry in json.loads(choices.read_text()).values() if entry["decision"].startswith(
+        "training dtype")]
+    assert "bfloat16" in timed["times"] and "float32" in timed["times"]
+    assert f"dtype: {timed['chosen']}" in (distributed / "config.yaml").read_text()
 
+    # Equal losses to one process in that dtype: every rank computed in rank 0's choice (bf16 and float32 part
+    # by far more than 1e-5).
     single = tmp_path / "single"
-    assert main(cli_train_args(single, char_data, {**overrides, "grad_accum": "2"})) == 0
+    assert main(cli_train_args(single, char_data, {**overrides, "grad_accum": "2", "dtype": timed["chosen"]})) == 0
 
     ddp_losses = [row["loss"] for row in metric_rows(distributed, "train")]
     single_losses = [row["loss"] for row in metric_rows(single, "train")]

@@ -99,6 +99,24 @@ def test_bfloat16_embeddings_stay_within_a_cosine_of_1e_3_and_leave_the_float32_
         minilm.embed("text", dtype="float16")
 
 
+def test_the_bf16_copy_follows_the_weights_when_they_change(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w1"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    lm = sparkgpt.load(tmp_path, device="cpu")
+    lm.tokenizer = sparkgpt.Tokenizer(tokenizer)
+    before = lm.embed(["w5 w6 w7", "w9"], dtype="bfloat16")
+    with torch.no_grad():
+        lm.model.embeddings.token_embedding.weight.normal_()  # a training step, a merged adapter: changed in place
+    after = lm.embed(["w5 w6 w7", "w9"], dtype="bfloat16")
+    exact = lm.embed(["w5 w6 w7", "w9"])
+    assert (after * exact).sum(-1).min() >= 0.999 and (before * exact).sum(-1).min() < 0.99
+
+
 def test_auto_embedding_dtype_is_timed_where_the_cpu_has_bf16_and_float32_where_it_does_not(monkeypatch, tmp_path):
     from sparkgpt import hardware
 
@@ -109,11 +127,13 @@ def test_auto_embedding_dtype_is_timed_where_the_cpu_has_bf16_and_float32_where_
     model = sparkgpt.load(tmp_path, device="cpu").model
     asked = []
 
+    answer = "bfloat16"
+
     def fastest(decision, key, candidates, rounds=2):
         for run in candidates.values():
             run()  # each candidate runs as timing would run it
         asked.append(list(candidates))
-        return "bfloat16"
+        return answer
 
     monkeypatch.setattr(hardware, "fastest", fastest)
     for flags, expected, timed in ((frozenset({"avx2", "fma"}), "float32", []),
@@ -124,3 +144,7 @@ def test_auto_embedding_dtype_is_timed_where_the_cpu_has_bf16_and_float32_where_
         asked.clear()
         lm = sparkgpt.LM(model, None)
         assert lm.embedding_dtype == expected and asked == timed
+        assert lm.embedding_dtype == expected and asked == timed  # timed once per LM and model
+    answer = "float32"  # bf16 timed slower: its copy does not stay
+    lm = sparkgpt.LM(model, None)
+    assert lm.embedding_dtype == "float32" and lm._bf16_copy is None

@@ -237,6 +237,40 @@ def test_native_matvec_equals_f_linear_and_each_row_its_own(ops, rows, n, k, bia
     assert torch.equal(ops.gemv(x[-1:], weight, b)[0], got[-1])
 
 
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 49, 576), (3, 70, 35), (5, 7, 640), (16, 33, 130), (2, 4099, 64)])
+def test_native_int8_product_equals_the_exact_integer_product(ops, rows, n, k):
+    """int8_gemv (csrc/gemv.cpp) gives exactly x · Wᵀ in int32, the extremes -128 and 127 included, for depths that
+    are no multiple of the 64 bytes a VNNI step takes and row counts that are no multiple of the four in flight."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (rows, k), generator=generator, dtype=torch.int8)
+    weight = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+    x[0, :3], weight[0, :3] = -128, torch.tensor([-128, 127, -128], dtype=torch.int8)
+    got = ops.int8_gemv(x, weight)
+    assert got.dtype == torch.int32 and torch.equal(got, x.int() @ weight.int().t())
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("choice", ["native", "torch"])
+def test_a_quantised_head_takes_the_int8_product_chosen_for_this_cpu_and_its_logits_do_not_change(ops, monkeypatch,
+                                                                                                  choice):
+    from sparkgpt.model import quant
+
+    if not quant.exact_int8_matmul():
+        pytest.skip("torch._int_mm is not exact on this CPU: the head takes fbgemm's dynamic linear instead")
+    torch.manual_seed(0)
+    config = sparkgpt.ModelConfig(vocab_size=512, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=96,
+                                  max_seq_len=32, positions="rope", norm="rmsnorm", ffn="swiglu", bias=False)
+    model = quant.quantize_model(sparkgpt.GPT(config).eval(), "int4")
+    x = torch.randn(3, 64)
+    monkeypatch.setitem(native._loaded, "int8 matmul", "torch")
+    expected = model.lm_head(x)
+    called = []
+    monkeypatch.setitem(native._loaded, "int8 matmul", choice)
+    kernel = ops.int8_gemv
+    monkeypatch.setattr(ops, "int8_gemv", lambda *args: called.append(1) or kernel(*args))
+    assert torch.equal(model.lm_head(x), expected) and bool(called) == (choice == "native")
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("choice", ["native", "torch"])
 def test_float32_decode_takes_the_matvec_chosen_for_this_cpu(ops, monkeypatch, choice):

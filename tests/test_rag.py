@@ -203,18 +203,38 @@ def recall(index: Index, questions: list[dict], k: int, mode: str) -> float:
                for q in questions) / len(questions)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def indexing_in(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `Index.build` embed its chunks in `dtype`, as `LM.embedding_dtype`'s timing may choose on some CPU."""
+    monkeypatch.setattr(sparkgpt.LM, "embedding_dtype", property(lambda lm: dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("corpus, questions", [(CORPUS, ODQA), (HELDOUT, HELDOUT_QUESTIONS)],
                          ids=["bundled", "held-out"])
 def test_hybrid_recall_at_4_is_at_least_that_of_bm25_and_of_dense_alone(corpus, questions, dtype, tmp_path, embedder,
                                                                       monkeypatch):
-    # Each dtype indexing may choose (`LM.embedding_dtype`, timed per CPU) must retrieve as well.
-    monkeypatch.setitem(embedder.lm.__dict__, "embedding_dtype", dtype)
+    indexing_in(dtype, monkeypatch)  # each dtype indexing may choose must retrieve as well
     index = Index.build([corpus], tmp_path / "index", embedder=embedder, progress=False)
     items = [json.loads(line) for line in questions.read_text().splitlines()]
     scores = {mode: recall(index, items, 4, mode) for mode in ("bm25", "dense", "hybrid")}
     assert scores["hybrid"] >= max(scores["bm25"], scores["dense"]), scores
     assert scores["hybrid"] >= 0.95, scores
+
+
+@pytest.mark.slow
+def test_an_index_built_in_bfloat16_opens_with_float32_queries_and_ranks_as_float32_does(tmp_path, embedder,
+                                                                                        monkeypatch):
+    reference = Index.build([HELDOUT], tmp_path / "float32", embedder=embedder, progress=False)
+    indexing_in("bfloat16", monkeypatch)
+    Index.build([HELDOUT], tmp_path / "bfloat16", embedder=embedder, progress=False)
+    monkeypatch.undo()
+    reopened = Index.load(tmp_path / "bfloat16", embedder=Embedder(embedder.lm, "minilm-l6"))  # the probe matches
+    assert not np.array_equal(reopened.embeddings, reference.embeddings)
+    assert (reopened.embeddings * reference.embeddings).sum(axis=1).min() >= 0.999
+    questions = [json.loads(line)["question"] for line in HELDOUT_QUESTIONS.read_text().splitlines()]
+    same = sum(reopened.search(q, k=1, mode="dense")[0].chunk == reference.search(q, k=1, mode="dense")[0].chunk
+               for q in questions)
+    assert same >= len(questions) - 1, f"{same} of {len(questions)} top chunks unchanged"
 
 
 # -- knowledge graph -----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ library is unavailable:
   with float32 sums on oneDNN's small-GEMM micro-kernel, where it runs (AMX or AVX512-BF16: `attention_bf16_supported`
   multiplies a known product to find out; the reference: the float32 attention formula);
 - `gemv` (csrc/gemv.cpp): a float32 or bf16 model's decode-step matrix–vector products, where timing on this CPU
-  finds it faster than torch's (`matvec`; the reference: F.linear);
+  finds it faster than torch's (`matvec`; the reference: F.linear), and `int8_gemv`, the exact int8 product of a
+  quantised head's rows (`int8_matmul`; the reference: torch._int_mm);
 - `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
   bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
   attention.py).
@@ -272,6 +273,40 @@ def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
             _loaded[key] = hardware.fastest(f"{name} decode matrix-vector products",
                                             f"{name} matvec " + "x".join(map(str, _DECODE_SWEEP)), candidates)
     return library.gemv if _loaded[key] == "native" else None
+
+
+def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The exact int32 product of a few int8 rows and an int8 weight [N, K] (`f(x, weight)`): torch._int_mm(x,
+    weightᵀ) or `int8_gemv` (csrc/gemv.cpp, VNNI where compiled in), whichever was timed faster on this CPU on a
+    sweep of weights too large for its cache (cached; both give the same integers). oneDNN may take AMX tiles for
+    even one row, which can stream a large weight slower than VNNI does (RESULTS.md); untimed, torch's."""
+    library = ops()
+    if library is None:
+        return _int_mm_rows
+    if "int8 matmul" not in _loaded:
+        count, rows, columns = _DECODE_SWEEP
+        rows *= 4  # the same bytes as the float32 sweep: a quarter of the bytes per element
+        operands: list[torch.Tensor] = []
+
+        def sweep(product: Callable) -> Callable[[], None]:
+            def run() -> None:
+                if not operands:
+                    generator = torch.Generator().manual_seed(0)
+                    operands.extend(torch.randint(-127, 128, (n, columns), generator=generator, dtype=torch.int8)
+                                    for n in (1, *[rows] * count))
+                x, *weights = operands
+                for weight in weights:
+                    product(x, weight)
+            return run
+
+        _loaded["int8 matmul"] = hardware.fastest(
+            "int8 decode matrix-vector products (quantised heads)", f"int8 matvec {count}x{rows}x{columns}",
+            {"torch": sweep(_int_mm_rows), "native": sweep(library.int8_gemv)})
+    return library.int8_gemv if _loaded["int8 matmul"] == "native" else _int_mm_rows
+
+
+def _int_mm_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(x, weight.t())
 
 
 def inference_ops(x: torch.Tensor) -> Any | None:

@@ -14,8 +14,9 @@ A weight matrix W [out, in] is stored as small integers and scales:
 Kernels (measurements per kernel and shape: benchmarks/RESULTS.md, "Quantised kernels"): decode rows (one token
 each, up to `DECODE_ROWS`) go through an integer kernel, `torch._weight_int8pack_mm` for int8 and
 `torch._weight_int4pack_mm_for_cpu` for int4, both with bf16 activations, except the output head, which takes
-8-bit activations, one scale per row so that no row's result depends on another's: `torch._int_mm` over all rows
-at once where it multiplies exactly (`exact_int8_matmul`: VNNI CPUs), else fbgemm's dynamic int8 linear row by
+8-bit activations, one scale per row so that no row's result depends on another's: an exact int8 product over all
+rows at once where `torch._int_mm` multiplies exactly (`exact_int8_matmul`: VNNI CPUs), by it or by the native
+`int8_gemv`, whichever was timed faster here (`native.int8_matmul`), else fbgemm's dynamic int8 linear row by
 row. 8-bit activations elsewhere blur the outliers of the o_proj and down_proj inputs and cost perplexity, while on
 the head they cost none and save most of its time. A prompt's rows go through the same
 bf16-activation kernel while they are few enough that it beats dequantising (`kernel_rows`, timed per shape: a
@@ -317,7 +318,7 @@ class QuantizedLinear(nn.Module):
             flat = x.reshape(rows, self.in_features).float()
             row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             levels = torch.round(flat / row_scales).to(torch.int8)
-            out = torch._int_mm(levels, self.qweight.t()) * row_scales * self.scales
+            out = native.int8_matmul()(levels, self.qweight) * row_scales * self.scales
             return (out if self.bias is None else out + self.bias).to(x.dtype).view(shape)
         packed = self._packed if self._packed_from is self.qweight else self._pack()
         if self.method == "int8":

@@ -67,20 +67,24 @@ class Embedder:
     def dim(self) -> int:
         return self.lm.config.d_model
 
-    def embed(self, texts: Sequence[str], progress: bool = False, desc: str = "embedding") -> np.ndarray:
-        """float32 [N, dim], L2-normalised; computed in the dtype timed fastest on this CPU (`LM.embedding_dtype`)."""
+    def embed(self, texts: Sequence[str], progress: bool = False, desc: str = "embedding",
+              dtype: str | None = None) -> np.ndarray:
+        """float32 [N, dim], L2-normalised. dtype as `LM.embed`'s: an index's chunks take "auto" (bf16 where it
+        was timed faster on this CPU); queries, graph names and the probe keep the weights' own (float32), so
+        thresholds and the few vectors of a query mean the same on every CPU."""
         rows = []
         step = 256
         with tqdm(total=len(texts), desc=desc, unit="chunk", disable=not progress) as bar:
             for start in range(0, len(texts), step):
-                rows.append(self.lm.embed(list(texts[start:start + step]), dtype="auto").numpy())
+                rows.append(self.lm.embed(list(texts[start:start + step]), dtype=dtype).numpy())
                 bar.update(min(step, len(texts) - start))
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
 
     def probe(self) -> np.ndarray:
-        """This model's vector for a fixed sentence: an index stores it to recognise the model that built it. Always
-        float32, so an index built where bf16 was chosen opens on a CPU that chose float32, and the reverse."""
-        return self.lm.embed(_PROBE, dtype="float32").numpy()
+        """This model's vector for a fixed sentence: an index stores it to recognise the model that built it. In the
+        weights' own dtype whatever its chunks took, so an index built where bf16 was chosen opens on a CPU that
+        chose float32, and the reverse."""
+        return self.lm.embed(_PROBE).numpy()
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ class Index:
         if not chunks:
             raise SparkGPTError(f"no text found to index ({len(files)} file(s), {len(skipped.files)} unreadable)")
         todo = [i for i, v in enumerate(vectors) if v is None]
-        fresh = embedder.embed([chunks[i].text for i in todo], progress=progress)
+        fresh = embedder.embed([chunks[i].text for i in todo], progress=progress, dtype="auto")
         for row, i in enumerate(todo):
             vectors[i] = fresh[row]
         report.embedded, report.chunks = len(todo), len(chunks)

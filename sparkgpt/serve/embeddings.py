@@ -20,7 +20,8 @@ from sparkgpt.model.transformer import Encoder
 
 
 class Pooler:
-    """One vector per input for a model: `embed(rows of token ids) -> float32 [N, dim]`, each row of norm 1.
+    """One vector per input for a model: `embed(rows of token ids) -> float32 [N, dim]`, each row of norm 1, in the
+    weights' own dtype (as `LM.embed` gives them by default: served vectors never depend on the server's CPU).
 
     context: the longest input in tokens (an encoder's own limit; for a decoder the engine's slot length, which
     bounds the memory one forward takes)."""

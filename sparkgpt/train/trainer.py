@@ -59,7 +59,7 @@ def default_dtype(device: torch.device) -> str:
     """The training dtype that `auto` starts from: bfloat16 on hardware that multiplies it natively (a CUDA GPU
     with bf16, a CPU with AMX, AVX512-BF16 or ARM's BF16), else float32."""
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if hardware.cuda_bf16(device) else "float32"
     if device.type == "cpu":
         return "bfloat16" if hardware.cpu().native_bf16 else "float32"
     return "float32"
@@ -239,13 +239,16 @@ class Trainer:
         AMX or AVX512-BF16, multiplies faster, but it adds a cast per matmul, which a small model cannot repay: so
         the forward and backward of the first micro-batch (at most 4,096 tokens of it) is timed in each, eagerly,
         before the model is compiled or wrapped, without touching the run's random state, and the choice is cached
-        for this CPU and model shape (`hardware.fastest`). Under torchrun every rank takes the capability default,
-        the same on every rank of one kind of CPU."""
+        for this CPU and model shape (`hardware.fastest`). Under torchrun rank 0 times it and every rank takes its
+        choice, so all ranks compute alike; a model FSDP will shard (not yet allocated here) takes the capability
+        default."""
         config, default = self.config, default_dtype(self.device)
-        if self.device.type != "cpu" or self.dist.world_size > 1:
+        if self.device.type != "cpu" or parallel.is_sharded(config, self.dist):
             return hardware.note("training dtype", default, f"{self.device.type}: "
                                  + ("bf16 supported" if default == "bfloat16" else "no bf16 support")
-                                 + (", not timed under torchrun" if self.dist.world_size > 1 else ""))
+                                 + (", not timed for a sharded model" if self.device.type == "cpu" else ""))
+        if not self.dist.is_main:
+            return hardware.note("training dtype", self.dist.broadcast(""), "rank 0's timing")
         inputs, targets = self._batch(0, 0)
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:  # a bounded cost, whatever the model and batch
             rows = max(1, 4096 // inputs.shape[1])
@@ -266,7 +269,7 @@ class Trainer:
             chosen = hardware.fastest(f"training dtype ({config.model or config.init_from}, micro-batch {shape})", key,
                                       candidates)
         self.model.zero_grad(set_to_none=True)
-        return chosen
+        return self.dist.broadcast(chosen)
 
     # ---- the model and its data ------------------------------------------------------------------------------
 

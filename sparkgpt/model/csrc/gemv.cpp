@@ -1,9 +1,11 @@
 // y = x Wᵀ (+ b) for a few rows x [rows, K] and a weight W [N, K], both float32 or both bfloat16 (float32 sums,
-// rounded once): the matrix–vector products of a float model's decode step. One token per row is bound by reading W once per step, and torch's sgemv streamed a weight
-// too large for the cache at about a third of the read bandwidth of the AMD CPU it was measured on (RESULTS.md).
-// Here each thread streams its own blocks of W's rows, four rows in flight, every x row reusing them from L1. Each
-// output is one row's dot product in a fixed order, so a row's result never depends on the others in its batch.
-// Whether this beats torch's kernel is measured on the CPU at hand, per dtype (native.py: `matvec`).
+// rounded once): the matrix–vector products of a float model's decode step; and int8_gemv, the exact int32 product
+// of a quantised head's int8 rows. One token per row is bound by reading W once per step, and torch's sgemv streamed
+// a weight too large for the cache at about a third of the read bandwidth of the AMD CPU it was measured on
+// (RESULTS.md), as oneDNN's AMX path does for one int8 row. Here each thread streams its own blocks of W's rows, four
+// rows in flight, every x row reusing them from L1. Each output is one row's dot product in a fixed order, so a
+// row's result never depends on the others in its batch. Whether this beats torch's kernel is measured on the CPU
+// at hand, per dtype (native.py: `matvec`, `int8_matmul`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,6 +14,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 
 namespace {
 
@@ -48,24 +51,39 @@ inline void dot_rows(const T* x, const T* w, int64_t depth, float* sums) {
 #endif
 }
 
-template <typename T>
-void gemv_rows(const T* xs, const T* w, const T* b, T* o, int64_t rows, int64_t depth, int64_t n) {
+// Every row r of x against every row of W [N, K]: `dot(count, r, first, sums)` fills sums[0..COUNT) with row r's
+// products with the COUNT rows of W from `first` (count a std::integral_constant, so that the accumulators stay in
+// registers), `store(r, first, count, sums)` writes them out. Each thread streams its own blocks of W's rows.
+template <typename Sum, typename Dot, typename Store>
+void by_row_blocks(int64_t rows, int64_t n, const Dot& dot, const Store& store) {
   const int64_t blocks = (n + ROWS_IN_FLIGHT - 1) / ROWS_IN_FLIGHT;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * ROWS_IN_FLIGHT, count = std::min(ROWS_IN_FLIGHT, n - first);
       for (int64_t r = 0; r < rows; ++r) {
-        float sums[ROWS_IN_FLIGHT];
+        Sum sums[ROWS_IN_FLIGHT];
         if (count == ROWS_IN_FLIGHT) {
-          dot_rows<ROWS_IN_FLIGHT>(xs + r * depth, w + first * depth, depth, sums);
+          dot(std::integral_constant<int64_t, ROWS_IN_FLIGHT>{}, r, first, sums);
         } else {
-          for (int64_t j = 0; j < count; ++j) dot_rows<1>(xs + r * depth, w + (first + j) * depth, depth, sums + j);
+          for (int64_t j = 0; j < count; ++j) dot(std::integral_constant<int64_t, 1>{}, r, first + j, sums + j);
         }
-        for (int64_t j = 0; j < count; ++j)
-          o[r * n + first + j] = static_cast<T>(b ? sums[j] + static_cast<float>(b[first + j]) : sums[j]);
+        store(r, first, count, sums);
       }
     }
   });
+}
+
+template <typename T>
+void gemv_rows(const T* xs, const T* w, const T* b, T* o, int64_t rows, int64_t depth, int64_t n) {
+  by_row_blocks<float>(
+      rows, n,
+      [&](auto count, int64_t r, int64_t first, float* sums) {
+        dot_rows<decltype(count)::value>(xs + r * depth, w + first * depth, depth, sums);
+      },
+      [&](int64_t r, int64_t first, int64_t count, const float* sums) {
+        for (int64_t j = 0; j < count; ++j)
+          o[r * n + first + j] = static_cast<T>(b ? sums[j] + static_cast<float>(b[first + j]) : sums[j]);
+      });
 }
 
 Tensor gemv(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
@@ -90,8 +108,70 @@ Tensor gemv(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& 
   return out;
 }
 
+// sums[j] = x · w_j in int32, exactly, for COUNT consecutive int8 rows of w. With AVX512-VNNI `vpdpbusd` multiplies
+// unsigned by signed bytes, so x goes in as x + 128 and 128 · Σ w_j (summed by the same instruction over bytes of 1)
+// comes off: every product and sum is an integer far inside int32, so the result is exact and equals any other
+// exact int8 product (torch._int_mm's), whatever the order.
+template <int64_t COUNT>
+inline void dot_rows_int8(const int8_t* x, const int8_t* w, int64_t depth, int32_t* sums) {
+  int64_t k = 0;
+  for (int64_t j = 0; j < COUNT; ++j) sums[j] = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512i acc[COUNT], bias[COUNT];
+  for (int64_t j = 0; j < COUNT; ++j) acc[j] = bias[j] = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1), offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (; k < depth; k += 64) {
+    const __mmask64 lanes = depth - k >= 64 ? ~0ULL : (1ULL << (depth - k)) - 1;
+    const __m512i xv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(lanes, x + k), offset);  // x + 128, as unsigned
+    for (int64_t j = 0; j < COUNT; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(lanes, w + j * depth + k);
+      acc[j] = _mm512_dpbusd_epi32(acc[j], xv, wv);
+      bias[j] = _mm512_dpbusd_epi32(bias[j], ones, wv);
+    }
+  }
+  for (int64_t j = 0; j < COUNT; ++j)
+    sums[j] = _mm512_reduce_add_epi32(acc[j]) - 128 * _mm512_reduce_add_epi32(bias[j]);
+#endif
+  for (int64_t j = 0; j < COUNT; ++j) {  // the portable loop (all of it where VNNI is not compiled in)
+    const int8_t* row = w + j * depth;
+    int32_t total = 0;
+    for (int64_t i = k; i < depth; ++i) total += static_cast<int32_t>(x[i]) * static_cast<int32_t>(row[i]);
+    sums[j] += total;
+  }
+}
+
+// The exact int32 product of int8 rows x [rows, K] and an int8 weight W [N, K]: what torch._int_mm(x, Wᵀ) gives,
+// for a decode step's few rows, each thread streaming its own blocks of W's rows as gemv does.
+Tensor int8_gemv(const Tensor& x, const Tensor& weight) {
+  TORCH_CHECK(x.scalar_type() == at::kChar && weight.scalar_type() == at::kChar && x.dim() == 2 &&
+                  weight.dim() == 2 && x.size(1) == weight.size(1) && weight.is_contiguous(),
+              "int8_gemv: int8 x [rows, K] and a contiguous int8 weight [N, K]");
+  const Tensor in = x.contiguous();
+  const int64_t rows = in.size(0), depth = in.size(1), n = weight.size(0);
+  TORCH_CHECK(depth <= (1 << 16), "int8_gemv: K up to 65536 (int32 sums stay exact)");
+  Tensor out = at::empty({rows, n}, in.options().dtype(at::kInt));
+  const int8_t* xs = in.const_data_ptr<int8_t>();
+  const int8_t* w = weight.const_data_ptr<int8_t>();
+  int32_t* o = out.mutable_data_ptr<int32_t>();
+  by_row_blocks<int32_t>(
+      rows, n,
+      [&](auto count, int64_t r, int64_t first, int32_t* sums) {
+        dot_rows_int8<decltype(count)::value>(xs + r * depth, w + first * depth, depth, sums);
+      },
+      [&](int64_t r, int64_t first, int64_t count, const int32_t* sums) {
+        std::copy(sums, sums + count, o + r * n + first);
+      });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sparkgpt, m) { m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor weight) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(sparkgpt, CPU, m) { m.impl("gemv", gemv); }
+TORCH_LIBRARY_IMPL(sparkgpt, CPU, m) {
+  m.impl("gemv", gemv);
+  m.impl("int8_gemv", int8_gemv);
+}
