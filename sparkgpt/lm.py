@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,7 @@ class LM:
         the vectors slightly (RESULTS.md, retrieval), so it is taken only where it pays. Weights already in a lower
         precision are used as they are; a CUDA GPU takes bf16 where it multiplies it natively."""
         weights = self.model.embeddings.token_embedding.weight
-        key = (id(self.model), weights.device, weights.dtype)
+        key = (_Same(self.model), weights.device, weights.dtype)
         with self._embedding_lock:
             if self._embedding_choice is None or self._embedding_choice[0] != key:
                 self._embedding_choice = key, self._choose_embedding_dtype()
@@ -269,7 +270,8 @@ class LM:
         if weights.dtype == torch.bfloat16:
             return self.model
         with self._copy_lock:
-            source = (id(self.model), weights.device, tuple(p._version for p in self.model.parameters()))
+            source = (_Same(self.model), weights.device,
+                      tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.model.parameters()))
             if self._bf16_copy is None or self._bf16_copy[0] != source:
                 self._bf16_copy = None  # the old copy's memory goes before the new one is made
                 self._bf16_copy = source, copy.deepcopy(self.model).to(torch.bfloat16).eval()
@@ -319,3 +321,16 @@ def load(
     lm = LM(*checkpoint_load.load(ref, dtype, device, adapter, merge, quantize))
     hardware.release_idle_threads()  # the thread that generates with it may be another (a server's engine)
     return lm
+
+
+class _Same:
+    """Equal only to a _Same of the very same object (held weakly): a key for what a cached result was made from,
+    which a new object at a reused id() never matches."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = weakref.ref(target)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and self.target() is not None and self.target() is other.target()
+
+    __hash__ = None  # type: ignore[assignment]

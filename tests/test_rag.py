@@ -227,8 +227,9 @@ def test_an_index_built_in_bfloat16_opens_with_float32_queries_and_ranks_as_floa
     reference = Index.build([HELDOUT], tmp_path / "float32", embedder=embedder, progress=False)
     indexing_in("bfloat16", monkeypatch)
     Index.build([HELDOUT], tmp_path / "bfloat16", embedder=embedder, progress=False)
-    monkeypatch.undo()
     reopened = Index.load(tmp_path / "bfloat16", embedder=Embedder(embedder.lm, "minilm-l6"))  # the probe matches
+    query = "How long is the warranty?"
+    assert np.array_equal(reopened.embedder.embed([query]), embedder.lm.embed([query]).numpy())  # queries: float32
     assert not np.array_equal(reopened.embeddings, reference.embeddings)
     assert (reopened.embeddings * reference.embeddings).sum(axis=1).min() >= 0.999
     questions = [json.loads(line)["question"] for line in HELDOUT_QUESTIONS.read_text().splitlines()]

@@ -275,37 +275,41 @@ def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
     return library.gemv if _loaded[key] == "native" else None
 
 
-def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The exact int32 product of a few int8 rows and an int8 weight [N, K] (`f(x, weight)`): torch._int_mm(x,
-    weightᵀ) or `int8_gemv` (csrc/gemv.cpp, VNNI where compiled in), whichever was timed faster on this CPU on a
-    sweep of weights too large for its cache (cached; both give the same integers). oneDNN may take AMX tiles for
-    even one row, which can stream a large weight slower than VNNI does (RESULTS.md); untimed, torch's."""
+def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The exact int32 product of a few int8 rows and an int8 weight [N, K], `f(x, weight, row_sums)` (row_sums:
+    the weight's rows summed, int32 [N], kept with it): torch._int_mm(x, weightᵀ) or `int8_gemv` (csrc/gemv.cpp,
+    VNNI where compiled in), whichever was timed faster on this CPU for one row and for eight, on a sweep of
+    weights too large for its cache (cached; both give the same integers). oneDNN may take AMX tiles even for one
+    row, which streamed a large weight slower than VNNI did (RESULTS.md); untimed, torch's."""
     library = ops()
     if library is None:
-        return _int_mm_rows
+        return int_mm_rows
     if "int8 matmul" not in _loaded:
         count, rows, columns = _DECODE_SWEEP
         rows *= 4  # the same bytes as the float32 sweep: a quarter of the bytes per element
-        operands: list[torch.Tensor] = []
+        operands: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def sweep(product: Callable) -> Callable[[], None]:
             def run() -> None:
                 if not operands:
                     generator = torch.Generator().manual_seed(0)
-                    operands.extend(torch.randint(-127, 128, (n, columns), generator=generator, dtype=torch.int8)
-                                    for n in (1, *[rows] * count))
-                x, *weights = operands
-                for weight in weights:
-                    product(x, weight)
+                    for _ in range(count):
+                        weight = torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8)
+                        operands.append((weight, weight.sum(dim=1, dtype=torch.int32)))
+                for x in (torch.ones(1, columns, dtype=torch.int8), torch.ones(8, columns, dtype=torch.int8)):
+                    for weight, row_sums in operands:
+                        product(x, weight, row_sums)
             return run
 
+        flags = " ".join(_flags())
         _loaded["int8 matmul"] = hardware.fastest(
-            "int8 decode matrix-vector products (quantised heads)", f"int8 matvec {count}x{rows}x{columns}",
-            {"torch": sweep(_int_mm_rows), "native": sweep(library.int8_gemv)})
-    return library.int8_gemv if _loaded["int8 matmul"] == "native" else _int_mm_rows
+            "int8 decode matrix-vector products (quantised heads)", f"int8 matvec {count}x{rows}x{columns} {flags}",
+            {"torch": sweep(int_mm_rows), "native": sweep(library.int8_gemv)})
+    return library.int8_gemv if _loaded["int8 matmul"] == "native" else int_mm_rows
 
 
-def _int_mm_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def int_mm_rows(x: torch.Tensor, weight: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm(x, weightᵀ), in `int8_gemv`'s signature (row_sums unused)."""
     return torch._int_mm(x, weight.t())
 
 

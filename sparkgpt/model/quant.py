@@ -134,7 +134,8 @@ def exact_int8_matmul() -> bool:
 
 def note_kernels() -> None:
     """Record for `sparkgpt info` which kernels quantised layers take on this CPU (see the module docstring)."""
-    head = ("int8 activations per row through torch._int_mm" if exact_int8_matmul() else
+    exact = "our int8_gemv" if native.int8_matmul() is not native.int_mm_rows else "torch._int_mm"
+    head = (f"int8 activations per row through {exact}" if exact_int8_matmul() else
             "fbgemm's dynamic int8 linear, row by row" if _fbgemm_available() else "torch._weight_int8pack_mm")
     hardware.note("quantised decode (≤ 16 rows)", f"torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu "
                   f"(bf16 activations); output head: {head}", "integer kernels read 4× fewer bytes than bf16")
@@ -221,6 +222,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._packed: Any = None
         self._packed_from: torch.Tensor | None = None
+        self._row_sums_of: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str, group_size: int = GROUP_SIZE,
@@ -311,14 +313,14 @@ class QuantizedLinear(nn.Module):
     def decode_kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The integer kernel for a few rows (CPU). 8-bit activations take one scale per row, so that each row
         computes what it would alone: rows quantised each by its own absolute maximum and multiplied exactly in
-        integers by `torch._int_mm` (one pass over the weight for all rows) where that is exact, else fbgemm's
+        integers (`native.int8_matmul`: one pass over the weight for all rows) where that is exact, else fbgemm's
         dynamic linear called row by row (its one scale per call would tie the rows of a batch together)."""
         shape = (*x.shape[:-1], self.out_features)
         if self.quantize_activations and exact_int8_matmul() and self.in_features % 8 == self.out_features % 8 == 0:
             flat = x.reshape(rows, self.in_features).float()
             row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             levels = torch.round(flat / row_scales).to(torch.int8)
-            out = native.int8_matmul()(levels, self.qweight) * row_scales * self.scales
+            out = native.int8_matmul()(levels, self.qweight, self._row_sums()) * row_scales * self.scales
             return (out if self.bias is None else out + self.bias).to(x.dtype).view(shape)
         packed = self._packed if self._packed_from is self.qweight else self._pack()
         if self.method == "int8":
@@ -335,6 +337,14 @@ class QuantizedLinear(nn.Module):
         out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), weight,
                                                 self.group_size, scales_and_zeros).to(x.dtype)
         return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
+
+    def _row_sums(self) -> torch.Tensor:
+        """Σ_k qweight[n, k] as int32 [out], for `native.int8_gemv`; made once (again only if the weight is
+        replaced)."""
+        if self._row_sums_of is not self.qweight:
+            self._row_sums_cache = self.qweight.sum(dim=1, dtype=torch.int32)
+            self._row_sums_of = self.qweight
+        return self._row_sums_cache
 
     def _pack(self) -> Any:
         """The kernel's layout of the stored weight, built once (again only if the weight is replaced)."""

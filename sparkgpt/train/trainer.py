@@ -156,9 +156,12 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model, self.tokenizer, self.data = self._pretrained() if config.init_from else self._from_scratch()
         if self.config.dtype == "auto":  # resolved before the run's config is saved; a resumed run keeps its own
-            saved = run_dir / CONFIG_FILE
-            kept = load_train_config(saved).dtype if resume and saved.is_file() else "auto"
-            self.config = dataclasses.replace(self.config, dtype=self._fastest_dtype() if kept == "auto" else kept)
+            chosen = ""
+            if self.dist.is_main:  # under torchrun rank 0 decides (and times) and every rank takes its choice
+                saved = run_dir / CONFIG_FILE
+                kept = load_train_config(saved).dtype if resume and saved.is_file() else "auto"
+                chosen = self._fastest_dtype() if kept == "auto" else kept
+            self.config = dataclasses.replace(self.config, dtype=self.dist.broadcast(chosen))
         config = self.config  # fine-tuning may have capped block_size at the model's context
         self.train_model = parallel.parallelize(self.model, config, self.dist, self.device)  # before the optimizer
         if self.dist.is_main and isinstance(self.data, FinetuneData) and (progress or self.data.dropped_any):
@@ -239,16 +242,14 @@ class Trainer:
         AMX or AVX512-BF16, multiplies faster, but it adds a cast per matmul, which a small model cannot repay: so
         the forward and backward of the first micro-batch (at most 4,096 tokens of it) is timed in each, eagerly,
         before the model is compiled or wrapped, without touching the run's random state, and the choice is cached
-        for this CPU and model shape (`hardware.fastest`). Under torchrun rank 0 times it and every rank takes its
-        choice, so all ranks compute alike; a model FSDP will shard (not yet allocated here) takes the capability
-        default."""
+        for this CPU and model shape (`hardware.fastest`). Under torchrun rank 0 alone runs this (every rank takes
+        its choice, so all ranks compute alike); a model FSDP will shard (not yet allocated here) takes the
+        capability default."""
         config, default = self.config, default_dtype(self.device)
         if self.device.type != "cpu" or parallel.is_sharded(config, self.dist):
             return hardware.note("training dtype", default, f"{self.device.type}: "
                                  + ("bf16 supported" if default == "bfloat16" else "no bf16 support")
                                  + (", not timed for a sharded model" if self.device.type == "cpu" else ""))
-        if not self.dist.is_main:
-            return hardware.note("training dtype", self.dist.broadcast(""), "rank 0's timing")
         inputs, targets = self._batch(0, 0)
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:  # a bounded cost, whatever the model and batch
             rows = max(1, 4096 // inputs.shape[1])
@@ -269,7 +270,7 @@ class Trainer:
             chosen = hardware.fastest(f"training dtype ({config.model or config.init_from}, micro-batch {shape})", key,
                                       candidates)
         self.model.zero_grad(set_to_none=True)
-        return self.dist.broadcast(chosen)
+        return chosen
 
     # ---- the model and its data ------------------------------------------------------------------------------
 

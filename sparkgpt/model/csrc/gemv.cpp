@@ -1,11 +1,10 @@
 // y = x Wᵀ (+ b) for a few rows x [rows, K] and a weight W [N, K], both float32 or both bfloat16 (float32 sums,
 // rounded once): the matrix–vector products of a float model's decode step; and int8_gemv, the exact int32 product
-// of a quantised head's int8 rows. One token per row is bound by reading W once per step, and torch's sgemv streamed
-// a weight too large for the cache at about a third of the read bandwidth of the AMD CPU it was measured on
-// (RESULTS.md), as oneDNN's AMX path does for one int8 row. Here each thread streams its own blocks of W's rows, four
-// rows in flight, every x row reusing them from L1. Each output is one row's dot product in a fixed order, so a
-// row's result never depends on the others in its batch. Whether this beats torch's kernel is measured on the CPU
-// at hand, per dtype (native.py: `matvec`, `int8_matmul`).
+// of a quantised head's int8 rows. One token per row is bound by reading W once per step, and the library kernels
+// streamed a large weight well below the memory's pace on some CPUs (RESULTS.md). Here each thread streams its own
+// blocks of W's rows, four rows in flight, every x row reusing them from L1. Each output is one row's dot product
+// in a fixed order, so a row's result never depends on the others in its batch. Whether this beats torch's kernel
+// is measured on the CPU at hand (native.py: `matvec`, `int8_matmul`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -108,50 +107,50 @@ Tensor gemv(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& 
   return out;
 }
 
-// sums[j] = x · w_j in int32, exactly, for COUNT consecutive int8 rows of w. With AVX512-VNNI `vpdpbusd` multiplies
-// unsigned by signed bytes, so x goes in as x + 128 and 128 · Σ w_j (summed by the same instruction over bytes of 1)
-// comes off: every product and sum is an integer far inside int32, so the result is exact and equals any other
-// exact int8 product (torch._int_mm's), whatever the order.
+// sums[j] = x · w_j + 128 · Σ w_j in int32 (exact) for COUNT consecutive int8 rows of w: x enters as the unsigned
+// bytes x + 128 because AVX512-VNNI's `vpdpbusd` multiplies unsigned by signed bytes; the caller takes the
+// 128 · Σ w_j back off with row sums computed once per weight. Every partial sum is an integer inside int32 for
+// K ≤ 65536 (255 · 128 · 65536 < 2³¹), so the result is exact, whatever the order of the sums.
 template <int64_t COUNT>
 inline void dot_rows_int8(const int8_t* x, const int8_t* w, int64_t depth, int32_t* sums) {
   int64_t k = 0;
   for (int64_t j = 0; j < COUNT; ++j) sums[j] = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  __m512i acc[COUNT], bias[COUNT];
-  for (int64_t j = 0; j < COUNT; ++j) acc[j] = bias[j] = _mm512_setzero_si512();
-  const __m512i ones = _mm512_set1_epi8(1), offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[COUNT];
+  for (int64_t j = 0; j < COUNT; ++j) acc[j] = _mm512_setzero_si512();
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
   for (; k < depth; k += 64) {
     const __mmask64 lanes = depth - k >= 64 ? ~0ULL : (1ULL << (depth - k)) - 1;
     const __m512i xv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(lanes, x + k), offset);  // x + 128, as unsigned
-    for (int64_t j = 0; j < COUNT; ++j) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(lanes, w + j * depth + k);
-      acc[j] = _mm512_dpbusd_epi32(acc[j], xv, wv);
-      bias[j] = _mm512_dpbusd_epi32(bias[j], ones, wv);
-    }
+    for (int64_t j = 0; j < COUNT; ++j)
+      acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_maskz_loadu_epi8(lanes, w + j * depth + k));
   }
-  for (int64_t j = 0; j < COUNT; ++j)
-    sums[j] = _mm512_reduce_add_epi32(acc[j]) - 128 * _mm512_reduce_add_epi32(bias[j]);
+  for (int64_t j = 0; j < COUNT; ++j) sums[j] = _mm512_reduce_add_epi32(acc[j]);
 #endif
   for (int64_t j = 0; j < COUNT; ++j) {  // the portable loop (all of it where VNNI is not compiled in)
     const int8_t* row = w + j * depth;
     int32_t total = 0;
-    for (int64_t i = k; i < depth; ++i) total += static_cast<int32_t>(x[i]) * static_cast<int32_t>(row[i]);
+    for (int64_t i = k; i < depth; ++i) total += (static_cast<int32_t>(x[i]) + 128) * static_cast<int32_t>(row[i]);
     sums[j] += total;
   }
 }
 
 // The exact int32 product of int8 rows x [rows, K] and an int8 weight W [N, K]: what torch._int_mm(x, Wᵀ) gives,
-// for a decode step's few rows, each thread streaming its own blocks of W's rows as gemv does.
-Tensor int8_gemv(const Tensor& x, const Tensor& weight) {
+// for a decode step's few rows, each thread streaming its own blocks of W's rows as gemv does. row_sums: Σ_k W[n, k]
+// as int32 [N], which the caller keeps with the weight.
+Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums) {
   TORCH_CHECK(x.scalar_type() == at::kChar && weight.scalar_type() == at::kChar && x.dim() == 2 &&
                   weight.dim() == 2 && x.size(1) == weight.size(1) && weight.is_contiguous(),
               "int8_gemv: int8 x [rows, K] and a contiguous int8 weight [N, K]");
+  TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.numel() == weight.size(0) && row_sums.is_contiguous(),
+              "int8_gemv: row_sums, int32 [N], the sums of the weight's rows");
   const Tensor in = x.contiguous();
   const int64_t rows = in.size(0), depth = in.size(1), n = weight.size(0);
   TORCH_CHECK(depth <= (1 << 16), "int8_gemv: K up to 65536 (int32 sums stay exact)");
   Tensor out = at::empty({rows, n}, in.options().dtype(at::kInt));
   const int8_t* xs = in.const_data_ptr<int8_t>();
   const int8_t* w = weight.const_data_ptr<int8_t>();
+  const int32_t* offsets = row_sums.const_data_ptr<int32_t>();
   int32_t* o = out.mutable_data_ptr<int32_t>();
   by_row_blocks<int32_t>(
       rows, n,
@@ -159,7 +158,7 @@ Tensor int8_gemv(const Tensor& x, const Tensor& weight) {
         dot_rows_int8<decltype(count)::value>(xs + r * depth, w + first * depth, depth, sums);
       },
       [&](int64_t r, int64_t first, int64_t count, const int32_t* sums) {
-        std::copy(sums, sums + count, o + r * n + first);
+        for (int64_t j = 0; j < count; ++j) o[r * n + first + j] = sums[j] - 128 * offsets[first + j];
       });
   return out;
 }
@@ -168,7 +167,7 @@ Tensor int8_gemv(const Tensor& x, const Tensor& weight) {
 
 TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("int8_gemv(Tensor x, Tensor weight) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor weight, Tensor row_sums) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparkgpt, CPU, m) {
