@@ -222,7 +222,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._packed: Any = None
         self._packed_from: torch.Tensor | None = None
-        self._row_sums_of: torch.Tensor | None = None
+        self._row_sums_cache, self._row_sums_of = torch.empty(0, dtype=torch.int32), None  # `_row_sums`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str, group_size: int = GROUP_SIZE,
