@@ -20,7 +20,7 @@ import sparkgpt
 from sparkgpt import hardware
 from sparkgpt.model import KVCache, native, quant
 from sparkgpt.model.decode import DecodeStep
-from sparkgpt.model.quant import QuantizedLinear, quantize_model
+from sparkgpt.model.quant import KERNELS, QuantizedLinear, quantize_model
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -93,7 +93,8 @@ def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, 
     assert fast.native is not None
     slow = DecodeStep(model)
     slow.native = None
-    assert set(fast.native[2]) == ({8} if method == "int8" else {4, 8})
+    int4_kernel = KERNELS[model.blocks[0].attn.o_proj.kernel_name]  # the kernel chosen for this CPU
+    assert set(fast.native[2]) == ({KERNELS["int8"]} if method == "int8" else {int4_kernel, KERNELS["int8"]})
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     padding = torch.ones(2, 12, dtype=torch.long)
     padding[1, :3] = 0
@@ -178,9 +179,14 @@ def test_a_lesser_cpu_class_builds_takes_its_paths_and_passes_the_same_tests(cpu
     if not hardware.cpu().has(*needs):
         pytest.skip(f"this CPU lacks {', '.join(needs)}: it cannot run a build for {cpu_class}")
     env = {**os.environ, "SPARKGPT_NATIVE_CFLAGS": flags, "ONEDNN_MAX_CPU_ISA": isa}
-    probe = "from sparkgpt.model import native; print(native.ops().compiled_loops(), native.bf16_attention_supported())"
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=900, env=env)
-    assert run.returncode == 0 and run.stdout.strip() == f"{loops} {kernel}", run.stdout + run.stderr[-3000:]
+    probe = ("import sys; sys.path.insert(0, 'tests'); from test_native import int4_digest; "
+             "from sparkgpt.model import native; "
+             "print(native.ops().compiled_loops(), native.bf16_attention_supported(), int4_digest())")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=900, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    # the int4 product's bits are this machine's build's, whichever loops (VNNI or portable) it compiled
+    assert run.returncode == 0 and run.stdout.strip() == f"{loops} {kernel} {int4_digest()}", (
+        run.stdout + run.stderr[-3000:])
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__,
                           "tests/test_sparse_attention.py", "tests/test_attention_bf16.py", "-m", "not slow",
                           "-k", "native or local or bf16 or attention"],
@@ -247,6 +253,81 @@ def test_native_int8_product_equals_the_exact_integer_product(ops, rows, n, k):
     x[0, :3], weight[0, :3] = -128, torch.tensor([-128, 127, -128], dtype=torch.int8)
     got = ops.int8_gemv(x, weight, weight.sum(dim=1, dtype=torch.int32))
     assert got.dtype == torch.int32 and torch.equal(got, x.int() @ weight.int().t())
+
+
+def int4_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """What int4_gemv computes: x per group rounded to 8 bits (σ = max|x| / 127; the levels in float32 as the kernel
+    finds them, where a bf16 x often falls on a tie), times the dequantised matrix in float64."""
+    rows, depth = x.shape
+    groups = x.float().view(rows, depth // group_size, group_size)
+    largest = groups.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, torch.full_like(largest, 127) / largest, 0)  # (not 127 / t: another rounding)
+    sigma = (largest / 127).double()
+    return (torch.round(groups * inverse).double() * sigma).view(rows, depth) @ (
+        quant.dequantize("int4", tensors).double().t())
+
+
+@pytest.mark.parametrize(("rows", "n", "k", "group_size"), [(1, 16, 64, 32), (3, 48, 576, 32), (9, 32, 128, 64),
+                                                            (16, 80, 256, 32), (2, 32, 64, 8)])
+def test_native_int4_product_equals_its_8_bit_activation_formula_and_each_row_its_own(ops, rows, n, k, group_size):
+    """int4_gemv (csrc/gemv.cpp) against its formula in float64 to the bf16 rounding of its output, and within 2%
+    of the exact product with the dequantised matrix; for row counts past its eight per pass, tile counts no
+    multiple of the ones in flight, an all-zero group and an outlier. A row's result is bit for bit what it is
+    alone."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = quant.quantize_int4(torch.randn(n, k, generator=generator) * 0.05, group_size)
+    x = torch.randn(rows, k, generator=generator)
+    x[0, :group_size] = 0
+    x[-1, 3] = 40.0
+    x = x.bfloat16()
+    weight, scales = quant.pack_int4_tiles(tensors)
+    got = ops.int4_gemv(x, weight, group_size, scales)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    expected = int4_reference(x, tensors, group_size)
+    torch.testing.assert_close(got.double(), expected, rtol=2 ** -8, atol=1e-5 * float(expected.abs().max()))
+    exact = x.double() @ quant.dequantize("int4", tensors).double().t()
+    assert float((got.double() - exact).norm() / exact.norm()) < 0.02
+    assert all(torch.equal(ops.int4_gemv(x[r:r + 1], weight, group_size, scales)[0], got[r]) for r in range(rows))
+    x[-1, 1] = float("nan")  # a NaN (or an infinity) reaches its own row's outputs, and no other row's
+    poisoned = ops.int4_gemv(x, weight, group_size, scales)
+    assert poisoned[-1].isnan().all() and torch.equal(poisoned[:-1], got[:-1])
+
+
+def int4_digest() -> str:
+    """A hash of int4_gemv's bits on fixed operands: equal wherever the same formula runs (VNNI or portable). Nine
+    rows (two passes), five tiles (one left over), an all-zero group and ties (x · 127 / max|x| exactly n + ½)."""
+    import hashlib
+
+    generator = torch.Generator().manual_seed(1)
+    tensors = quant.quantize_int4(torch.randn(80, 256, generator=generator))
+    x = torch.randn(9, 256, generator=generator)
+    x[0, :32] = 0
+    x[1, :32] = torch.tensor([127.0, 1.5, 2.5, -3.5] * 8)  # σ = 1: every other value a tie
+    x = x.bfloat16()
+    weight, scales = quant.pack_int4_tiles(tensors)
+    got = native.ops().int4_gemv(x, weight, 32, scales)
+    return hashlib.sha1(got.view(torch.int16).numpy().tobytes()).hexdigest()[:12]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("choice", ["native", "torch"])
+def test_int4_layers_take_the_kernel_chosen_for_this_cpu_in_both_decode_steps(ops, monkeypatch, choice):
+    """The int4 kernel chosen for this CPU (timed, `quant.int4_kernel`) packs the layers and runs in the native and
+    the Python decode step alike; either way the logits follow the dequantised model's forward."""
+    monkeypatch.setattr(quant, "_INT4_KERNEL", [choice])
+    model = tiny_llama("int4", torch.float32, None, False)
+    assert model.blocks[0].attn.o_proj.kernel_name == f"int4 {choice}"
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    full = model(ids)
+    for native_step in (True, False):
+        step = DecodeStep(model)
+        assert (step.native is not None) and KERNELS[f"int4 {choice}"] in step.native[2]
+        if not native_step:
+            step.native = None
+        cache = KVCache(model.config, 1, 8, torch.float32, torch.device("cpu"))
+        model(ids[:, :5], cache=cache)
+        logits = step(ids[:, 5], torch.tensor([5]), cache, torch.ones(1, 1, 1, 6, dtype=torch.bool))
+        assert relative_error(logits[0], full[0, 5]) < 0.05
 
 
 @torch.inference_mode()

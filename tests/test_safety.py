@@ -34,7 +34,7 @@ def test_a_stale_native_build_lock_is_removed_with_one_warning(tmp_path):
     compiler: the PyTorch versions take over)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "no-such-compiler"}
     env.pop("SPARKGPT_NATIVE", None)
-    folder = tmp_path / native._library_name(native._flags())  # the same flags: the environment is the same
+    folder = tmp_path / native._library_name(native.build_flags())  # the same flags: the environment is the same
     folder.mkdir()
     (folder / native.TORCH_BATON).touch()
     script = textwrap.dedent("""
@@ -79,7 +79,7 @@ def test_a_live_native_build_is_waited_for_with_a_bound_and_a_message(tmp_path, 
 
 def test_a_native_load_times_out_into_the_pytorch_versions(tmp_path):
     """A build that never ends elsewhere costs this process SPARKGPT_NATIVE_BUILD_WAIT seconds, then a warning."""
-    folder = tmp_path / native._library_name(native._flags())
+    folder = tmp_path / native._library_name(native.build_flags())
     folder.mkdir()
     script = "from sparkgpt.model import native; print(native.ops() is None)"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "SPARKGPT_NATIVE_BUILD_WAIT": "1"}

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from sparkgpt.model import native
 from sparkgpt.model.attention import KVCache, rope_depends_on_length, rotary_cos_sin
 from sparkgpt.model.layers import GeGLUFFN, RMSNorm, SwiGLUFFN
-from sparkgpt.model.quant import DECODE_ROWS, QuantizedLinear, fuse_rows, is_quantized
+from sparkgpt.model.quant import DECODE_ROWS, KERNELS, QuantizedLinear, fuse_rows, is_quantized
 
 
 def _norm(module: nn.Module, residual_dtype: torch.dtype):
@@ -116,9 +116,9 @@ class _Layer:
     @staticmethod
     def _native_operands(block: nn.Module, projections: list[nn.Module | None]) -> tuple[list, list, int] | None:
         """What the native kernel takes for this block: its tensors in csrc/decode_layers.cpp's order (an empty
-        tensor for a norm the block does not have), the bits of each projection and the int4 group size; None
-        unless every norm is an RMSNorm of one eps, the FFN is gated and the four projections are plain bias-free
-        quantised ones with bf16-activation kernels."""
+        tensor for a norm the block does not have), each projection's kernel (`quant.KERNELS`) and the int4 group
+        size; None unless every norm is an RMSNorm of one eps, the FFN is gated and the four projections are plain
+        bias-free quantised ones with decode kernels (`QuantizedLinear.kernel_operands`)."""
         attn = block.attn
         optional = [attn.q_norm, attn.k_norm, *((block.attn_post_norm, block.ffn_post_norm) if block.sandwich
                                                 else (None, None))]
@@ -135,7 +135,7 @@ class _Layer:
         (qkv, qkv_scales), (out, out_scales), (gate_up, gate_up_scales), (down, down_scales) = operands
         tensors = [attn_norm, qkv, qkv_scales, out, out_scales, ffn_norm, gate_up, gate_up_scales, down, down_scales,
                    *extra]
-        return tensors, [4 if p.method == "int4" else 8 for p in projections], next(iter(group_sizes), 0)
+        return tensors, [KERNELS[p.kernel_name] for p in projections], next(iter(group_sizes), 0)
 
 
 class DecodeStep:
@@ -169,7 +169,7 @@ class DecodeStep:
         self.native = self._native_kernel()
 
     def _native_kernel(self) -> tuple | None:
-        """(op, tensors, bits, group size, eps, windowed layers, activation) for csrc/decode_layers.cpp where every
+        """(op, tensors, kernels, group size, eps, windowed layers, activation) for csrc/decode_layers.cpp where every
         block qualifies (a quantised Llama- or Gemma-family model on the CPU, float32 residual) and the kernel
         builds; else None."""
         blocks = [layer.native for layer in self.layers]
@@ -183,9 +183,9 @@ class DecodeStep:
             return None
         group_size = max(group for *_, group in blocks)
         tensors = [t for block_tensors, _, _ in blocks for t in block_tensors]
-        bits = [b for _, block_bits, _ in blocks for b in block_bits]
+        kernels = [k for _, block_kernels, _ in blocks for k in block_kernels]
         windowed = [int(layer.windowed) for layer in self.layers]
-        return (ops.decode_layers, tensors, bits, group_size, self.model.blocks[0].attn_norm.eps, windowed,
+        return (ops.decode_layers, tensors, kernels, group_size, self.model.blocks[0].attn_norm.eps, windowed,
                 int(self.config.ffn == "geglu"))
 
     @staticmethod
@@ -305,7 +305,7 @@ class DecodeStep:
     def _native_layers(self, x: torch.Tensor, rotations: dict, cache: KVCache, mask: torch.Tensor | None,
                        ring_span: int, ring_visible: torch.Tensor | None) -> torch.Tensor:
         """Every block through csrc/decode_layers.cpp: the loop above, with the same kernels, in one call."""
-        op, tensors, bits, group_size, eps, windowed, activation = self.native
+        op, tensors, kernels, group_size, eps, windowed, activation = self.native
         batch = x.shape[0]
         columns, span, slots = cache.write_columns(batch)
         visible = None if mask is None else mask.reshape(batch, span)
@@ -316,7 +316,7 @@ class DecodeStep:
         local_cos, local_sin = rotations.get("local", (None, None))
         ring_keys, ring_values = (cache.window_keys, cache.window_values) if self.windowed else (None, None)
         ring_column = cache.length % cache.window if self.windowed else 0
-        x = op(x.contiguous(), cos, sin, cache.keys, cache.values, columns, slots, span, visible, tensors, bits,
+        x = op(x.contiguous(), cos, sin, cache.keys, cache.values, columns, slots, span, visible, tensors, kernels,
                self.n_heads, self.n_kv_heads, group_size, eps, scale, local_cos, local_sin, ring_keys, ring_values,
                ring_column, ring_span, ring_visible, windowed, activation)
         cache.advance(1)

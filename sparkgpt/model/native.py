@@ -13,8 +13,9 @@ library is unavailable:
   with float32 sums on oneDNN's small-GEMM micro-kernel, where it runs (AMX or AVX512-BF16: `attention_bf16_supported`
   multiplies a known product to find out; the reference: the float32 attention formula);
 - `gemv` (csrc/gemv.cpp): a float32 or bf16 model's decode-step matrix–vector products, where timing on this CPU
-  finds it faster than torch's (`matvec`; the reference: F.linear), and `int8_gemv`, the exact int8 product of a
-  quantised head's rows (`int8_matmul`; the reference: torch._int_mm);
+  finds it faster than torch's (`matvec`; the reference: F.linear); `int8_gemv`, the exact int8 product of a
+  quantised head's rows (`int8_matmul`; the reference: torch._int_mm); and `int4_gemv`, int4 layers' product for a
+  decode step's rows (quant.py's `int4_kernel`; the reference: the dequantised matrix's product);
 - `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
   bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
   attention.py).
@@ -57,7 +58,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
     "decode_layers.cpp", "dequantize.cpp", "local_attention.cpp", "attention_bf16.cpp", "pointwise.cpp",
     "gemv.cpp")]
-HEADERS = [CSRC / "vector_math.h", CSRC / "vnni.h"]
+HEADERS = [CSRC / "vector_math.h", CSRC / "vnni.h", CSRC / "gemv.h"]
 
 
 def _build_key(flags: list[str]) -> str:
@@ -70,7 +71,8 @@ def _build_key(flags: list[str]) -> str:
     return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
 
 
-def _flags() -> list[str]:
+def build_flags() -> list[str]:
+    """The compiler flags the library is built with (`SPARKGPT_NATIVE_CFLAGS`, by default for this CPU)."""
     return os.environ.get("SPARKGPT_NATIVE_CFLAGS", "-O3 -march=native").split()
 
 
@@ -190,7 +192,7 @@ def load() -> None:
     try:
         from torch.utils import cpp_extension
 
-        flags = _flags()
+        flags = build_flags()
         name = _library_name(flags)
         folder = _build_directory(name)
         with build_lock(folder) if folder is not None else contextlib.nullcontext():
@@ -236,7 +238,7 @@ def _note_library() -> None:
                       if built else "no native library")
 
 
-_DECODE_SWEEP = (24, 1536, 576)  # matrices × rows × columns: more than a CPU's cache holds, as a decode step reads
+DECODE_SWEEP = (24, 1536, 576)  # matrices × rows × columns: more than a CPU's cache holds, as a decode step reads
 
 
 def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
@@ -250,7 +252,7 @@ def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
         return None
     key = f"matvec {dtype}"
     if key not in _loaded:
-        count, rows, columns = _DECODE_SWEEP
+        count, rows, columns = DECODE_SWEEP
         operands: list[torch.Tensor] = []  # made by the first, untimed call: nothing built if the choice is cached
 
         def sweep(product: Callable) -> Callable[[], None]:
@@ -271,7 +273,7 @@ def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
         # as a decode step runs: no autograd, and no autocast (a training run may be timing its dtype right now)
         with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             _loaded[key] = hardware.fastest(f"{name} decode matrix-vector products",
-                                            f"{name} matvec " + "x".join(map(str, _DECODE_SWEEP)), candidates)
+                                            f"{name} matvec " + "x".join(map(str, DECODE_SWEEP)), candidates)
     return library.gemv if _loaded[key] == "native" else None
 
 
@@ -285,7 +287,7 @@ def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
     if library is None:
         return int_mm_rows
     if "int8 matmul" not in _loaded:
-        count, rows, columns = _DECODE_SWEEP
+        count, rows, columns = DECODE_SWEEP
         rows *= 4  # the same bytes as the float32 sweep: a quarter of the bytes per element
         operands: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -301,7 +303,7 @@ def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
                         product(x, weight, row_sums)
             return run
 
-        flags = " ".join(_flags())
+        flags = " ".join(build_flags())
         _loaded["int8 matmul"] = hardware.fastest(
             "int8 decode matrix-vector products (quantised heads)", f"int8 matvec {count}x{rows}x{columns} {flags}",
             {"torch": sweep(int_mm_rows), "native": sweep(library.int8_gemv)})
@@ -340,6 +342,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("sparkgpt::attention_bf16_backward")
     def _(grad, q, k, v, out, lse, window, scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("sparkgpt::int4_gemv")
+    def _(x, weight, group_size, scales):
+        return x.new_empty(x.shape[0], weight.shape[0] * 16)
 
     for name in ("rms_norm", "silu_mul", "rotary"):  # outputs shaped and laid out as the first input
         torch.library.register_fake(f"sparkgpt::{name}", lambda x, *rest: torch.empty_like(x))

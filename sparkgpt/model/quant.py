@@ -12,17 +12,19 @@ A weight matrix W [out, in] is stored as small integers and scales:
   the int8 kernel serves fastest, and llama.cpp's files keep it at 8 bits too.
 
 Kernels (measurements per kernel and shape: benchmarks/RESULTS.md, "Quantised kernels"): decode rows (one token
-each, up to `DECODE_ROWS`) go through an integer kernel, `torch._weight_int8pack_mm` for int8 and
-`torch._weight_int4pack_mm_for_cpu` for int4, both with bf16 activations, except the output head, which takes
-8-bit activations, one scale per row so that no row's result depends on another's: an exact int8 product over all
-rows at once where `torch._int_mm` multiplies exactly (`exact_int8_matmul`: VNNI CPUs), by it or by the native
-`int8_gemv`, whichever was timed faster here (`native.int8_matmul`), else fbgemm's dynamic int8 linear row by
-row. 8-bit activations elsewhere blur the outliers of the o_proj and down_proj inputs and cost perplexity, while on
-the head they cost none and save most of its time. A prompt's rows go through the same
-bf16-activation kernel while they are few enough that it beats dequantising (`kernel_rows`, timed per shape: a
-chat turn's few dozen tokens, a draft being checked); more rows dequantise the matrix and multiply in bf16 where
-this CPU's bf16 matmul is the faster (`prefill_dtype`, timed), else in float32. Elsewhere (CUDA) every call
-dequantises and multiplies in the activations' dtype.
+each, up to `DECODE_ROWS`) go through an integer kernel: `torch._weight_int8pack_mm` for int8, with bf16
+activations; for int4 the native `int4_gemv` (8-bit activations per group of inputs, as llama.cpp's 4-bit
+products take them, and exact integer sums: several rows cost little more than one) or
+`torch._weight_int4pack_mm_for_cpu` (bf16 activations), whichever was timed faster here (`int4_kernel`). The
+output head takes 8-bit activations, one scale per row so that no row's result depends on another's: an exact
+int8 product over all rows at once where `torch._int_mm` multiplies exactly (`exact_int8_matmul`: VNNI CPUs), by
+it or by the native `int8_gemv`, whichever was timed faster here (`native.int8_matmul`), else fbgemm's dynamic
+int8 linear row by row. One 8-bit scale per row elsewhere blurs the outliers of the o_proj and down_proj inputs
+and costs perplexity (one per group of 32 does not measurably), while on the head it costs none and saves most of
+its time. A prompt's rows go through the same kernel while they are few enough that it beats dequantising
+(`kernel_rows`, timed per shape: a chat turn's few dozen tokens, a draft being checked); more rows dequantise the
+matrix and multiply in bf16 where this CPU's bf16 matmul is the faster (`prefill_dtype`, timed), else in float32.
+Elsewhere (CUDA) every call dequantises and multiplies in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ METHODS = ("int8", "int4")
 GROUP_SIZE = 32
 DECODE_ROWS = 16  # decode steps of at most this many rows use the integer kernels; prompts dequantise
 _PREFILL_DTYPES: dict[tuple[int, int], torch.dtype] = {}  # (in, out) -> the dtype prompts are multiplied in
-_KERNEL_ROWS: dict[tuple[str, int, int, int], int] = {}  # (method, in, out, group) -> prompt rows the kernel takes
+_KERNEL_ROWS: dict[tuple[str, int, int, int], int] = {}  # (kernel, in, out, group) -> prompt rows the kernel takes
 _INT4_INNER_K_TILES = 8  # torch's CPU int4 packing: inner k tiles of 2, 4 or 8 (8 measured fastest)
+# The integer kernel a layer's packed (weight, scales) are for, by csrc/decode_layers.cpp's code for it.
+KERNELS = {"int8": 0, "int4 torch": 1, "int4 native": 2}
 
 
 def check_method(method: str) -> str:
@@ -87,6 +91,28 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
+def pack_int4_tiles(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 tensors in `int4_gemv`'s layout (csrc/gemv.cpp): the weight as uint8 [out / 16, in · 8], tiles of 16
+    outputs in blocks of 8 inputs (64 bytes: output n's bytes 4n..4n+3 hold inputs 8j..8j+3 in their low nibbles,
+    8j+4..8j+7 in their high ones), and the scales bf16 [out / 16, groups · 32]: per tile and group, 16 scales then
+    16 zeros."""
+    levels = unpack_nibbles(tensors["qweight"])
+    rows, cols = levels.shape
+    tiles, groups = rows // 16, tensors["scales"].shape[1]
+    quads = levels.view(tiles, 16, cols // 8, 2, 4).permute(0, 2, 1, 4, 3)  # tile, block, output, input, half
+    weight = (quads[..., 0] | (quads[..., 1] << 4)).reshape(tiles, cols * 8)
+    per_tile = [tensors[name].reshape(tiles, 16, groups).transpose(1, 2) for name in ("scales", "zeros")]
+    return weight, torch.stack(per_tile, dim=2).to(torch.bfloat16).reshape(tiles, groups * 32)
+
+
+def pack_int4_torch(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 tensors in `torch._weight_int4pack_mm_for_cpu`'s layout: (packed weight, scales and zeros)."""
+    levels = unpack_nibbles(tensors["qweight"]).to(torch.int32)
+    weight = torch._convert_weight_to_int4pack_for_cpu(levels, _INT4_INNER_K_TILES)
+    scales, zeros = tensors["scales"], tensors["zeros"]
+    return weight, torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
 def dequantize(method: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The matrix [out, in] that quantised `tensors` stand for, in `dtype`. bfloat16 on the CPU (a prompt's
     matmul) is rebuilt by the native kernel in one pass where it is available: each value computed in float32
@@ -115,6 +141,7 @@ def _fbgemm_available() -> bool:
 
 
 _EXACT_INT_MM: list[bool] = []  # [whether torch._int_mm is exact here], probed once
+_INT4_KERNEL: list[str] = []  # [the int4 decode kernel chosen for this CPU], decided once
 
 
 def exact_int8_matmul() -> bool:
@@ -132,13 +159,55 @@ def exact_int8_matmul() -> bool:
     return _EXACT_INT_MM[0]
 
 
+def int4_kernel() -> str:
+    """Which kernel multiplies int4 layers' decode rows on this CPU: "native" (`int4_gemv`, csrc/gemv.cpp: 8-bit
+    activations per group of the layer's inputs, exact integer sums, VNNI where compiled in) or "torch"
+    (`_weight_int4pack_mm_for_cpu`: bf16 activations, float FMAs), whichever was timed faster for one row and for
+    eight on a sweep of a small model's layers (cached per CPU). On a CPU with one FMA unit a row of bf16 products
+    costs as much as the weight's bytes, so several rows (a batch, a draft being checked) cost several times one;
+    byte products run four times as many multiplies an instruction. Untimed, the native kernel where it has VNNI."""
+    library = native.ops()
+    if library is None:
+        return "torch"
+    if not _INT4_KERNEL:
+        count, rows, columns = native.DECODE_SWEEP
+        operands: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        packs = {"native": pack_int4_tiles, "torch": pack_int4_torch}
+
+        def sweep(kernel: str, product: Callable) -> Callable[[], None]:
+            def run() -> None:
+                if kernel not in operands:  # made on first use: an untimed choice builds nothing
+                    generator = torch.Generator().manual_seed(0)
+                    operands[kernel] = [packs[kernel]({
+                        "qweight": torch.randint(0, 256, (rows, columns // 2), generator=generator, dtype=torch.uint8),
+                        "scales": torch.rand(rows, columns // GROUP_SIZE, generator=generator).bfloat16(),
+                        "zeros": torch.rand(rows, columns // GROUP_SIZE, generator=generator).bfloat16()})
+                        for _ in range(count)]
+                for x in (torch.ones(1, columns, dtype=torch.bfloat16), torch.ones(8, columns, dtype=torch.bfloat16)):
+                    for weight, scales in operands[kernel]:
+                        product(x, weight, GROUP_SIZE, scales)
+            return run
+
+        candidates = {"torch": sweep("torch", torch._weight_int4pack_mm_for_cpu),
+                      "native": sweep("native", library.int4_gemv)}
+        if library.integer_loops() != "portable":
+            candidates = dict(reversed(candidates.items()))
+        flags = " ".join(native.build_flags())
+        with torch.inference_mode():
+            _INT4_KERNEL.append(hardware.fastest("int4 decode products", f"int4 matvec {count}x{rows}x{columns} "
+                                                 f"{flags}", candidates))
+    return _INT4_KERNEL[0]
+
+
 def note_kernels() -> None:
     """Record for `sparkgpt info` which kernels quantised layers take on this CPU (see the module docstring)."""
     exact = "our int8_gemv" if native.int8_matmul() is not native.int_mm_rows else "torch._int_mm"
     head = (f"int8 activations per row through {exact}" if exact_int8_matmul() else
             "fbgemm's dynamic int8 linear, row by row" if _fbgemm_available() else "torch._weight_int8pack_mm")
-    hardware.note("quantised decode (≤ 16 rows)", f"torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu "
-                  f"(bf16 activations); output head: {head}", "integer kernels read 4× fewer bytes than bf16")
+    int4 = ("our int4_gemv (8-bit activations per group)" if int4_kernel() == "native" else
+            "torch._weight_int4pack_mm_for_cpu (bf16 activations)")
+    hardware.note("quantised decode (≤ 16 rows)", f"int8: torch._weight_int8pack_mm (bf16 activations); int4: {int4}; "
+                  f"output head: {head}", "integer kernels read 4× fewer bytes than bf16")
     dequantize = "native one-pass" if native.ops() is not None else "PyTorch"
     here = hardware.cpu()
     matmul = "AMX" if here.has("amx_bf16") else "AVX512-BF16" if here.native_bf16 else "bf16 emulated in float32"
@@ -172,11 +241,11 @@ def prefill_dtype(in_features: int, out_features: int) -> torch.dtype:
 
 
 def kernel_rows(layer: QuantizedLinear) -> int:
-    """The most rows of a prompt this CPU multiplies faster through the layer's bf16-activation integer kernel than
+    """The most rows of a prompt this CPU multiplies faster through the layer's decode kernel than
     by dequantising the weight and multiplying: the kernel reads 4 or 8 bits per weight, dequantising writes the
     whole matrix in floats first, which pays off only over many rows. Timed once per method and shape at 16, 32,
     ..., 512 rows until dequantising wins (`hardware.fastest`, cached); 0 when timing is off."""
-    key = (layer.method, layer.in_features, layer.out_features, layer.group_size)
+    key = (layer.kernel_name, layer.in_features, layer.out_features, layer.group_size)
     if key not in _KERNEL_ROWS:
         most = 0
         for rows in (DECODE_ROWS, 32, 64, 128, 256, 512):
@@ -186,7 +255,7 @@ def kernel_rows(layer: QuantizedLinear) -> int:
                           "kernel": lambda x=x, rows=rows: layer.decode_kernel(x, rows)}
             shape = f"{layer.method} {layer.out_features}×{layer.in_features}"
             if hardware.fastest(f"a quantised {shape} layer's prompt of {rows} rows", f"quant-kernel-rows-"
-                                f"{layer.method}-{layer.out_features}x{layer.in_features}-g{layer.group_size}-{rows}",
+                                f"{layer.kernel_name}-{layer.out_features}x{layer.in_features}-g{layer.group_size}-{rows}",
                                 candidates) != "kernel":
                 break
             most = rows
@@ -222,6 +291,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._packed: Any = None
         self._packed_from: torch.Tensor | None = None
+        self._kernel = "int8" if method == "int8" else "int4 torch"  # what `_packed` is for (`kernel_name`)
         self._row_sums_cache, self._row_sums_of = torch.empty(0, dtype=torch.int32), None  # `_row_sums`
 
     @classmethod
@@ -243,7 +313,7 @@ class QuantizedLinear(nn.Module):
             setattr(self, name, tensor.to(own.device))
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().float().to(self.qweight.device), requires_grad=False)
-        self._packed = None
+        self._packed, self._packed_from = None, None
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         names = ("qweight", "scales") if self.method == "int8" else ("qweight", "scales", "zeros")
@@ -276,14 +346,14 @@ class QuantizedLinear(nn.Module):
 
     @property
     def has_kernel(self) -> bool:
-        """Whether a bf16-activation integer kernel takes this shape: `_weight_int8pack_mm` multiples of 64 (it
-        gave wrong results and crashed on some other shapes in torch 2.13); int4 layers exist only for shapes the
-        int4 kernel takes (`layer_method`)."""
+        """Whether a decode kernel (not fbgemm's dynamic int8) takes this shape: `_weight_int8pack_mm` multiples of
+        64 (it gave wrong results and crashed on some other shapes in torch 2.13); int4 layers exist only for shapes
+        the int4 kernels take (`layer_method`)."""
         return self.method == "int4" or (self.in_features % 64 == 0 and self.out_features % 64 == 0)
 
     def row_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """For the lean decode step: x [rows <= DECODE_ROWS, in] (float32 or bfloat16) -> x Wᵀ + b [rows, out]
-        (bfloat16 without a bias), the bf16-activation kernel with no per-call checks (about 14 µs less a call);
+        (bfloat16 without a bias), the decode kernel with no per-call checks (about 14 µs less a call);
         None where `forward` must decide (off the CPU, fbgemm's head, a shape the kernel refuses)."""
         operands = self.kernel_operands()
         if operands is None:
@@ -295,20 +365,29 @@ class QuantizedLinear(nn.Module):
                 return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales)
         else:
             weight, scales_and_zeros, group_size = *operands, self.group_size
+            product = (native.ops().int4_gemv if self._kernel == "int4 native" else
+                       torch._weight_int4pack_mm_for_cpu)
 
             def kernel(x: torch.Tensor) -> torch.Tensor:
-                return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, group_size, scales_and_zeros)
+                return product(x.to(torch.bfloat16), weight, group_size, scales_and_zeros)
         bias = self.bias
         return kernel if bias is None else lambda x: kernel(x) + bias
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The bf16-activation kernel's (weight, scales) as `row_kernel` and the native decode step pass them:
-        int8 (qweight, bf16 row scales) for `_weight_int8pack_mm`, int4 (packed weight, scales and zeros) for
-        `_weight_int4pack_mm_for_cpu`; None where `forward` must decide (see `row_kernel`)."""
+        """The decode kernel's (weight, scales) as `row_kernel` and the native decode step pass them: int8
+        (qweight, bf16 row scales) for `_weight_int8pack_mm`, int4 (packed weight, scales and zeros) for the kernel
+        chosen here (`kernel_name`); None where `forward` must decide (see `row_kernel`)."""
         if self.qweight.device.type != "cpu" or self.quantize_activations or not self.has_kernel:
             return None
         packed = self._packed if self._packed_from is self.qweight else self._pack()
         return (self.qweight, packed[0]) if self.method == "int8" else packed
+
+    @property
+    def kernel_name(self) -> str:
+        """The key in `KERNELS` of the kernel `kernel_operands` are packed for."""
+        if self._packed_from is not self.qweight:
+            self._pack()
+        return self._kernel
 
     def decode_kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The integer kernel for a few rows (CPU). 8-bit activations take one scale per row, so that each row
@@ -334,8 +413,9 @@ class QuantizedLinear(nn.Module):
                                             packed[0]).to(x.dtype)
             return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
         weight, scales_and_zeros = packed
-        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), weight,
-                                                self.group_size, scales_and_zeros).to(x.dtype)
+        product = native.ops().int4_gemv if self._kernel == "int4 native" else torch._weight_int4pack_mm_for_cpu
+        out = product(x.reshape(-1, self.in_features).to(torch.bfloat16), weight, self.group_size,
+                      scales_and_zeros).to(x.dtype)
         return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
 
     def _row_sums(self) -> torch.Tensor:
@@ -358,11 +438,10 @@ class QuantizedLinear(nn.Module):
                     weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(),
                                                                       zero_points, 0)
                     self._packed = self._packed[0], torch.ops.quantized.linear_prepack(weight, self.bias)
+        elif self.group_size % 8 == 0 and int4_kernel() == "native":
+            self._packed, self._kernel = pack_int4_tiles(self.quantized_tensors()), "int4 native"
         else:
-            levels = unpack_nibbles(self.qweight).to(torch.int32)
-            weight = torch._convert_weight_to_int4pack_for_cpu(levels, _INT4_INNER_K_TILES)
-            scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
-            self._packed = weight, scales_and_zeros
+            self._packed, self._kernel = pack_int4_torch(self.quantized_tensors()), "int4 torch"
         self._packed_from = self.qweight
         return self._packed
 

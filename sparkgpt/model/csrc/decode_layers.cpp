@@ -5,8 +5,8 @@
 // decode token of SmolLM2-135M spends a few milliseconds in integer matrix-vector kernels and, from Python, as long
 // again in about a thousand small operations (norms, rotary, cache writes, attention over a short prefix), each
 // paying Python's and the dispatcher's few microseconds. Here those small operations are plain loops over a few
-// hundred numbers, and the only library calls left are the integer kernels themselves (torch's, the same ones the
-// Python step calls).
+// hundred numbers, and the only library calls left are the integer kernels themselves (the same ones the Python
+// step calls: torch's, or gemv.cpp's int4 product where it was timed faster on this CPU).
 //
 // Per block, on float32 residual rows x [B, d] (the parts in [brackets] where the block has them: Gemma):
 //   h = RMSNorm(x)·g₁ (rounded to bf16: the kernels' input)
@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "gemv.h"
 #include "vector_math.h"
 
 #include <algorithm>
@@ -42,9 +43,14 @@ enum Activation { kSilu = 0, kGeluTanh = 1 };
 
 const float* gain_of(const Tensor& t) { return t.numel() == 0 ? nullptr : t.data_ptr<float>(); }
 
-// rows [B, in] bf16 -> [B, out] bf16 through torch's integer kernel for `bits` (4: int4 groups, 8: int8 rows).
-Tensor project(const Tensor& rows, const Tensor& weight, const Tensor& scales, int64_t bits, int64_t group_size) {
-  if (bits == 4) return at::_weight_int4pack_mm_for_cpu(rows, weight, group_size, scales);
+// Which integer kernel a projection's (weight, scales) are packed for (quant.py's `KERNELS`).
+enum Kernel { kInt8 = 0, kInt4Torch = 1, kInt4Native = 2 };
+
+// rows [B, in] bf16 -> [B, out] bf16 through the projection's kernel (int4: groups of `group_size` inputs).
+Tensor project(const Tensor& rows, const Tensor& weight, const Tensor& scales, int64_t kernel, int64_t group_size) {
+  TORCH_CHECK(kernel == kInt8 || kernel == kInt4Torch || kernel == kInt4Native, "kernels: 0, 1 or 2 (quant.KERNELS)");
+  if (kernel == kInt4Native) return sparkgpt::int4_gemv(rows, weight, group_size, scales);
+  if (kernel == kInt4Torch) return at::_weight_int4pack_mm_for_cpu(rows, weight, group_size, scales);
   return at::_weight_int8pack_mm(rows, weight, scales);
 }
 
@@ -166,7 +172,7 @@ template <typename T>
 void run_blocks(Tensor& x, const float* cos_rows, const float* sin_rows, const float* local_cos,
                 const float* local_sin, Tensor& keys, Tensor& values, const Tensor& columns,
                 const c10::optional<Tensor>& slots, int64_t span, const c10::optional<Tensor>& visible,
-                const Ring& ring, const std::vector<Tensor>& tensors, const std::vector<int64_t>& bits,
+                const Ring& ring, const std::vector<Tensor>& tensors, const std::vector<int64_t>& kernels,
                 const std::vector<int64_t>& windowed, const Shape& s, int64_t group_size, double eps_, double scale,
                 int64_t activation) {
   const float eps = static_cast<float>(eps_);
@@ -186,7 +192,7 @@ void run_blocks(Tensor& x, const float* cos_rows, const float* sin_rows, const f
 
   for (int64_t block = 0; block < n_blocks; ++block) {
     const Tensor* t = tensors.data() + block * kPerBlock;
-    const int64_t* b = bits.data() + block * 4;
+    const int64_t* kernel = kernels.data() + block * 4;
     const bool local = windowed[block] != 0;
     const KeyValues<T> kv = local ? block_view<T>(*ring.keys, *ring.values, ring_block++, ring.span, ring.visible,
                                                   ring.visible_stride, nullptr)
@@ -197,7 +203,7 @@ void run_blocks(Tensor& x, const float* cos_rows, const float* sin_rows, const f
     const float *q_gain = gain_of(t[kQNorm]), *k_gain = gain_of(t[kKNorm]);
 
     rms_norm(residual, t[kAttnNorm].data_ptr<float>(), normed.data_ptr<BFloat16>(), s.batch, s.width, eps);
-    const Tensor qkv = project(normed, t[kQkv], t[kQkvScales], b[0], group_size);
+    const Tensor qkv = project(normed, t[kQkv], t[kQkvScales], kernel[0], group_size);
     const BFloat16* qkv_rows = qkv.data_ptr<BFloat16>();
     for (int64_t row = 0; row < s.batch; ++row) {
       const BFloat16* in = qkv_rows + row * (q_width + 2 * kv_width);
@@ -218,11 +224,11 @@ void run_blocks(Tensor& x, const float* cos_rows, const float* sin_rows, const f
       }
     }
     attend(queries.data_ptr<T>(), kv, s, static_cast<float>(scale), mixed.data_ptr<BFloat16>());
-    add_rows(residual, project(mixed, t[kOut], t[kOutScales], b[1], group_size).data_ptr<BFloat16>(),
+    add_rows(residual, project(mixed, t[kOut], t[kOutScales], kernel[1], group_size).data_ptr<BFloat16>(),
              gain_of(t[kAttnPostNorm]), s.batch, s.width, eps);
 
     rms_norm(residual, t[kFfnNorm].data_ptr<float>(), normed.data_ptr<BFloat16>(), s.batch, s.width, eps);
-    const Tensor gate_up = project(normed, t[kGateUp], t[kGateUpScales], b[2], group_size);
+    const Tensor gate_up = project(normed, t[kGateUp], t[kGateUpScales], kernel[2], group_size);
     const int64_t hidden = gate_up.size(1) / 2;
     Tensor activated = at::empty({s.batch, hidden}, bf16);
     const BFloat16* gu = gate_up.data_ptr<BFloat16>();
@@ -231,7 +237,7 @@ void run_blocks(Tensor& x, const float* cos_rows, const float* sin_rows, const f
       for (int64_t i = 0; i < hidden; ++i)
         act[row * hidden + i] = gated(static_cast<float>(gu[row * 2 * hidden + i]),
                                       static_cast<float>(gu[row * 2 * hidden + hidden + i]), activation);
-    add_rows(residual, project(activated, t[kDown], t[kDownScales], b[3], group_size).data_ptr<BFloat16>(),
+    add_rows(residual, project(activated, t[kDown], t[kDownScales], kernel[3], group_size).data_ptr<BFloat16>(),
              gain_of(t[kFfnPostNorm]), s.batch, s.width, eps);
   }
 }
@@ -254,7 +260,7 @@ const float* rows_of(const c10::optional<Tensor>& t) {
 Tensor decode_layers(Tensor x, const c10::optional<Tensor>& cos, const c10::optional<Tensor>& sin, Tensor keys,
                      Tensor values, const Tensor& columns, const c10::optional<Tensor>& slots, int64_t span,
                      const c10::optional<Tensor>& visible,
-                     std::vector<Tensor> tensors, std::vector<int64_t> bits, int64_t n_heads, int64_t n_kv_heads,
+                     std::vector<Tensor> tensors, std::vector<int64_t> kernels, int64_t n_heads, int64_t n_kv_heads,
                      int64_t group_size, double eps, double scale, const c10::optional<Tensor>& local_cos,
                      const c10::optional<Tensor>& local_sin, c10::optional<Tensor> ring_keys,
                      c10::optional<Tensor> ring_values, int64_t ring_column, int64_t ring_span,
@@ -263,7 +269,7 @@ Tensor decode_layers(Tensor x, const c10::optional<Tensor>& cos, const c10::opti
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 5, "keys/values: contiguous 5-d");
   const int64_t n_blocks = static_cast<int64_t>(tensors.size()) / kPerBlock;
   TORCH_CHECK(static_cast<int64_t>(tensors.size()) % kPerBlock == 0 &&
-                  static_cast<int64_t>(bits.size()) == 4 * n_blocks &&
+                  static_cast<int64_t>(kernels.size()) == 4 * n_blocks &&
                   static_cast<int64_t>(windowed.size()) == n_blocks, "tensors: ", kPerBlock, " per block");
   TORCH_CHECK(!slots || (slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->numel() == x.size(0)),
               "slots: contiguous int64 [B]");
@@ -297,10 +303,10 @@ Tensor decode_layers(Tensor x, const c10::optional<Tensor>& cos, const c10::opti
   const Shape shape{x.size(0), x.size(1), n_heads, n_kv_heads, keys.size(4)};
   const float *c = rows_of(cos), *n = rows_of(sin), *lc = rows_of(local_cos), *ln = rows_of(local_sin);
   if (keys.scalar_type() == at::kFloat)
-    run_blocks<float>(x, c, n, lc, ln, keys, values, columns, slots, span, visible, ring, tensors, bits, windowed,
+    run_blocks<float>(x, c, n, lc, ln, keys, values, columns, slots, span, visible, ring, tensors, kernels, windowed,
                       shape, group_size, eps, scale, activation);
   else if (keys.scalar_type() == at::kBFloat16)
-    run_blocks<BFloat16>(x, c, n, lc, ln, keys, values, columns, slots, span, visible, ring, tensors, bits, windowed,
+    run_blocks<BFloat16>(x, c, n, lc, ln, keys, values, columns, slots, span, visible, ring, tensors, kernels, windowed,
                          shape, group_size, eps, scale, activation);
   else
     TORCH_CHECK(false, "keys/values: float32 or bfloat16");
@@ -312,7 +318,7 @@ Tensor decode_layers(Tensor x, const c10::optional<Tensor>& cos, const c10::opti
 TORCH_LIBRARY(sparkgpt, m) {
   m.def("decode_layers(Tensor(a!) x, Tensor? cos, Tensor? sin, Tensor(b!) keys, Tensor(c!) values, Tensor columns, "
         "Tensor? slots, int span, "
-        "Tensor? visible, Tensor[] tensors, int[] bits, int n_heads, int n_kv_heads, int group_size, float eps, "
+        "Tensor? visible, Tensor[] tensors, int[] kernels, int n_heads, int n_kv_heads, int group_size, float eps, "
         "float scale, Tensor? local_cos, Tensor? local_sin, Tensor(d!)? ring_keys, Tensor(e!)? ring_values, "
         "int ring_column, int ring_span, Tensor? ring_visible, int[] windowed, int activation) -> Tensor(a!)",
         decode_layers);
