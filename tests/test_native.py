@@ -126,6 +126,52 @@ def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, 
             assert relative_error(ours[row], full[row, t]) < 2 * relative_error(reference[row], full[row, t]) + 1e-3
 
 
+@torch.inference_mode()
+def test_native_decode_attention_over_many_columns_equals_the_python_step(ops):
+    """Past 16 cached columns the native step takes its scores sixteen keys at a time (`dot_rows`) and its values'
+    sums in registers (`weighted_sum`): at 37 and 53 columns (a block of 16 and a tail, and 3 blocks and a tail) its
+    logits equal the Python step's to rounding."""
+    model = tiny_llama("int8", torch.float32, None, False)
+    fast, slow = DecodeStep(model), DecodeStep(model)
+    slow.native = None
+    ids = torch.randint(0, model.config.vocab_size, (2, 54), generator=torch.Generator().manual_seed(1))
+    for length in (36, 52):
+        cache = KVCache(model.config, 2, 54, torch.float32, torch.device("cpu"))
+        model(ids[:, :length], cache=cache)
+        python_cache = copy.deepcopy(cache)
+        mask = torch.ones(2, 1, 1, length + 1, dtype=torch.bool)
+        position = torch.full((2,), length)
+        ours = fast(ids[:, length], position, cache, mask)
+        reference = slow(ids[:, length], position, python_cache, mask)
+        assert relative_error(ours, reference) < 2e-2
+
+
+@torch.inference_mode()
+def test_a_native_decode_row_is_bit_for_bit_the_same_whatever_columns_past_it_the_step_reads(ops):
+    """A draft being checked makes the step read past a row's own position (to the batch's longest), masked: the
+    row's logits must not change by a bit, or the greedy text of speculative decoding would drift from plain
+    decoding's (scores are reduced sixteen columns at a time, whichever block a column falls in). Every position
+    from 17 to 63, each read to spans past it: a last bit that differs anywhere survives the bf16 roundings
+    somewhere."""
+    model = tiny_llama("int4", torch.float32, 64, False)
+    step = DecodeStep(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(model.config, 1, 80, torch.float32, torch.device("cpu"))
+    model(ids[:, :17], cache=cache)
+    for position in range(17, 64):
+        junk = copy.deepcopy(cache)  # other rows' columns past this one: never seen by it
+        junk.keys[:, :, :, position + 1:].normal_()
+        junk.values[:, :, :, position + 1:].normal_()
+        token = ids[:, position]
+        own = step(token, torch.tensor([position]), cache, torch.ones(1, 1, 1, position + 1, dtype=torch.bool))
+        for span in (position + 2, position + 9, 80):
+            wider = copy.deepcopy(junk)  # as the engine's slot cache gives it: this row writes `position`, reads `span`
+            wider.write_columns = lambda batch, span=span, position=position: (torch.tensor([position]), span, None)
+            mask = torch.zeros(1, 1, 1, span, dtype=torch.bool)
+            mask[..., :position + 1] = True
+            assert torch.equal(step(token, torch.tensor([position]), wider, mask), own), (position, span)
+
+
 def test_native_kernels_can_be_turned_off():
     script = "from sparkgpt.model import native; print(native.ops() is None)"
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -245,14 +291,17 @@ def test_native_matvec_equals_f_linear_and_each_row_its_own(ops, rows, n, k, bia
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 49, 576), (3, 70, 35), (5, 7, 640), (16, 33, 130), (2, 4099, 64)])
 def test_native_int8_product_equals_the_exact_integer_product(ops, rows, n, k):
-    """int8_gemv (csrc/gemv.cpp) gives exactly x · Wᵀ in int32, the extremes -128 and 127 included, for depths that
-    are no multiple of the 64 bytes a VNNI step takes and row counts that are no multiple of the four in flight."""
+    """int8_gemv (csrc/gemv.cpp) gives exactly x · Wᵀ in int32, the extremes -128 and 127 included, for widths
+    and depths that are no multiple of its tiles (16 outputs, 4 inputs) and row counts past its eight per pass;
+    each row alone gives the same."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(-128, 128, (rows, k), generator=generator, dtype=torch.int8)
     weight = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
     x[0, :3], weight[0, :3] = -128, torch.tensor([-128, 127, -128], dtype=torch.int8)
-    got = ops.int8_gemv(x, weight, weight.sum(dim=1, dtype=torch.int32))
+    got = ops.int8_gemv(x, native.pack_int8_tiles(weight), weight.sum(dim=1, dtype=torch.int32))
     assert got.dtype == torch.int32 and torch.equal(got, x.int() @ weight.int().t())
+    assert all(torch.equal(ops.int8_gemv(x[r:r + 1], native.pack_int8_tiles(weight),
+                                         weight.sum(dim=1, dtype=torch.int32))[0], got[r]) for r in range(rows))
 
 
 def int4_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:

@@ -277,36 +277,51 @@ def matvec(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
     return library.gemv if _loaded[key] == "native" else None
 
 
+def pack_int8_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight [N, K] in `int8_gemv`'s layout (csrc/gemv.cpp): int8 [⌈N / 16⌉, ⌈K / 4⌉ · 64], tiles of 16
+    outputs in blocks of 4 inputs (output n's bytes 4n..4n+3 of block j: W[n, 4j..4j+3]), zero past N and K."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // 16) * 16, -(-k // 4) * 4, dtype=torch.int8, device=weight.device)
+    padded[:n, :k] = weight
+    tiles, quads = padded.shape[0] // 16, padded.shape[1] // 4
+    return padded.view(tiles, 16, quads, 4).transpose(1, 2).reshape(tiles, quads * 64)
+
+
 def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The exact int32 product of a few int8 rows and an int8 weight [N, K], `f(x, weight, row_sums)` (row_sums:
-    the weight's rows summed, int32 [N], kept with it): torch._int_mm(x, weightᵀ) or `int8_gemv` (csrc/gemv.cpp,
-    VNNI where compiled in), whichever was timed faster on this CPU for one row and for eight, on a sweep of
-    weights too large for its cache (cached; both give the same integers). oneDNN may take AMX tiles even for one
-    row, which streamed a large weight slower than VNNI did (RESULTS.md); untimed, torch's."""
+    the weight's rows summed, int32 [N], kept with it): torch._int_mm(x, weightᵀ) (`int_mm_rows`) or `int8_gemv`
+    (csrc/gemv.cpp, VNNI where compiled in; the weight packed by `pack_int8_tiles`), whichever was timed faster on
+    this CPU for one row and for eight, on a sweep of weights too large for its cache (cached; both give the same
+    integers). oneDNN may take AMX tiles even for one row, which streamed a large weight slower than VNNI did
+    (RESULTS.md); untimed, ours where it has VNNI, else torch's."""
     library = ops()
     if library is None:
         return int_mm_rows
     if "int8 matmul" not in _loaded:
         count, rows, columns = DECODE_SWEEP
         rows *= 4  # the same bytes as the float32 sweep: a quarter of the bytes per element
-        operands: list[tuple[torch.Tensor, torch.Tensor]] = []
+        operands: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-        def sweep(product: Callable) -> Callable[[], None]:
+        def sweep(name: str, product: Callable, pack: Callable) -> Callable[[], None]:
             def run() -> None:
-                if not operands:
+                if name not in operands:  # made on first use: an untimed choice builds nothing
                     generator = torch.Generator().manual_seed(0)
-                    for _ in range(count):
-                        weight = torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8)
-                        operands.append((weight, weight.sum(dim=1, dtype=torch.int32)))
+                    weights = [torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8)
+                               for _ in range(count)]
+                    operands[name] = [(pack(weight), weight.sum(dim=1, dtype=torch.int32)) for weight in weights]
                 for x in (torch.ones(1, columns, dtype=torch.int8), torch.ones(8, columns, dtype=torch.int8)):
-                    for weight, row_sums in operands:
+                    for weight, row_sums in operands[name]:
                         product(x, weight, row_sums)
             return run
 
+        candidates = {"torch": sweep("torch", int_mm_rows, lambda weight: weight),
+                      "native": sweep("native", library.int8_gemv, pack_int8_tiles)}
+        if library.integer_loops() != "portable":
+            candidates = dict(reversed(candidates.items()))
         flags = " ".join(build_flags())
         _loaded["int8 matmul"] = hardware.fastest(
-            "int8 decode matrix-vector products (quantised heads)", f"int8 matvec {count}x{rows}x{columns} {flags}",
-            {"torch": sweep(int_mm_rows), "native": sweep(library.int8_gemv)})
+            "int8 decode matrix-vector products (quantised heads)", f"int8 tiles {count}x{rows}x{columns} {flags}",
+            candidates)
     return library.int8_gemv if _loaded["int8 matmul"] == "native" else int_mm_rows
 
 

@@ -292,7 +292,8 @@ class QuantizedLinear(nn.Module):
         self._packed: Any = None
         self._packed_from: torch.Tensor | None = None
         self._kernel = "int8" if method == "int8" else "int4 torch"  # what `_packed` is for (`kernel_name`)
-        self._row_sums_cache, self._row_sums_of = torch.empty(0, dtype=torch.int32), None  # `_row_sums`
+        self._exact_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # `_exact_operands`
+        self._exact_of: tuple[torch.Tensor, Callable] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str, group_size: int = GROUP_SIZE,
@@ -399,7 +400,8 @@ class QuantizedLinear(nn.Module):
             flat = x.reshape(rows, self.in_features).float()
             row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             levels = torch.round(flat / row_scales).to(torch.int8)
-            out = native.int8_matmul()(levels, self.qweight, self._row_sums()) * row_scales * self.scales
+            product = native.int8_matmul()
+            out = product(levels, *self._exact_operands(product)) * row_scales * self.scales
             return (out if self.bias is None else out + self.bias).to(x.dtype).view(shape)
         packed = self._packed if self._packed_from is self.qweight else self._pack()
         if self.method == "int8":
@@ -418,13 +420,15 @@ class QuantizedLinear(nn.Module):
                       scales_and_zeros).to(x.dtype)
         return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
 
-    def _row_sums(self) -> torch.Tensor:
-        """Σ_k qweight[n, k] as int32 [out], for `native.int8_gemv`; made once (again only if the weight is
-        replaced)."""
-        if self._row_sums_of is not self.qweight:
-            self._row_sums_cache = self.qweight.sum(dim=1, dtype=torch.int32)
-            self._row_sums_of = self.qweight
-        return self._row_sums_cache
+    def _exact_operands(self, product: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, row sums Σ_k qweight[n, k] as int32 [out]) for the exact int8 product `product` chosen here
+        (`native.int8_matmul`): the weight in its layout (tiles for the native kernel); made once (again only if
+        the weight is replaced or the choice changes)."""
+        if self._exact_of is None or self._exact_of[0] is not self.qweight or self._exact_of[1] is not product:
+            weight = self.qweight if product is native.int_mm_rows else native.pack_int8_tiles(self.qweight)
+            self._exact_cache = weight, self.qweight.sum(dim=1, dtype=torch.int32)
+            self._exact_of = self.qweight, product
+        return self._exact_cache
 
     def _pack(self) -> Any:
         """The kernel's layout of the stored weight, built once (again only if the weight is replaced)."""

@@ -127,27 +127,59 @@ void attend(const T* queries, const KeyValues<T>& kv, const Shape& s, float scal
       const T* v = kv.values + slot * kv.slot_stride + (head / group) * kv.head_stride;
       const bool* allowed = kv.visible == nullptr ? nullptr : kv.visible + row * kv.visible_stride;
       for (int64_t i = 0; i < s.head_dim; ++i) query[i] = static_cast<float>(q[i]) * scale;
-      for (int64_t j = 0; j < kv.span; ++j)
-        scores[j] = allowed != nullptr && !allowed[j] ? -std::numeric_limits<float>::infinity()
-                                                      : sparkgpt::dot(query.data(), k + j * s.head_dim, s.head_dim);
+      sparkgpt::dot_rows(query.data(), k, kv.span, s.head_dim, scores.data());
+      if (allowed != nullptr)
+        for (int64_t j = 0; j < kv.span; ++j)
+          if (!allowed[j]) scores[j] = -std::numeric_limits<float>::infinity();
       const float top = sparkgpt::max_row(scores.data(), 0, kv.span);
       const float total = sparkgpt::exp_row(scores.data(), 0, kv.span, 1.f, top);  // masked columns: e^-inf = 0
-      std::fill(mixed.begin(), mixed.end(), 0.f);
-      for (int64_t j = 0; j < kv.span; ++j)
-        if (scores[j] != 0.f) sparkgpt::add_scaled(mixed.data(), scores[j], v + j * s.head_dim, s.head_dim);
+      sparkgpt::weighted_sum(scores.data(), v, kv.span, s.head_dim, mixed.data());
       BFloat16* o = out + (row * s.n_heads + head) * s.head_dim;
       for (int64_t i = 0; i < s.head_dim; ++i) o[i] = BFloat16(mixed[i] / total);
     }
   });
 }
 
-// As torch computes act(gate) * up on bf16 tensors: each result rounded to bf16.
-BFloat16 gated(float gate, float up, int64_t activation) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+
+// As torch computes act(gate) * up on bf16 tensors: each result rounded to bf16 (the portable loop below).
+[[maybe_unused]] BFloat16 gated(float gate, float up, int64_t activation) {
   const float acted = activation == kGeluTanh
                           ? 0.5f * gate * (1.f + std::tanh(kSqrt2OverPi * (gate + 0.044715f * gate * gate * gate)))
                           : gate / (1.f + std::exp(-gate));
   return BFloat16(static_cast<float>(BFloat16(acted)) * up);
+}
+
+// act[r] = gated(gate, up) over rows of the fused [B, 2 · hidden] projection (gate half, then up half); with
+// AVX-512 sixteen at a time, e^x by exp16 and tanh(y) as 1 - 2 / (e^2y + 1).
+void gate_rows(const BFloat16* gate_up, BFloat16* act, int64_t rows, int64_t hidden, int64_t activation) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const BFloat16* gate = gate_up + row * 2 * hidden;
+    const BFloat16* up = gate + hidden;
+    BFloat16* out = act + row * hidden;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    using namespace sparkgpt;
+    const __m512 one = _mm512_set1_ps(1.f);
+    for_lanes(0, hidden, [&](int64_t i, __mmask16 lanes) {
+      const __m512 g = load16(gate + i, lanes);
+      __m512 acted;
+      if (activation == kGeluTanh) {
+        const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+        const __m512 y =
+            _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, g));
+        const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f),
+                                                             _mm512_add_ps(exp16(_mm512_add_ps(y, y)), one)));
+        acted = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, tanh));
+      } else {
+        acted = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      }
+      store16(out + i, _mm512_mul_ps(round16(acted), load16(up + i, lanes)), lanes);
+    });
+#else
+    for (int64_t i = 0; i < hidden; ++i)
+      out[i] = gated(static_cast<float>(gate[i]), static_cast<float>(up[i]), activation);
+#endif
+  }
 }
 
 // A view of the cache tensor [blocks, slots, kv_heads, columns, head_dim] at one block.
@@ -233,10 +265,7 @@ void run_blocks(Tensor& x, const float* cos_rows, const float* sin_rows, const f
     Tensor activated = at::empty({s.batch, hidden}, bf16);
     const BFloat16* gu = gate_up.data_ptr<BFloat16>();
     BFloat16* act = activated.data_ptr<BFloat16>();
-    for (int64_t row = 0; row < s.batch; ++row)
-      for (int64_t i = 0; i < hidden; ++i)
-        act[row * hidden + i] = gated(static_cast<float>(gu[row * 2 * hidden + i]),
-                                      static_cast<float>(gu[row * 2 * hidden + hidden + i]), activation);
+    gate_rows(gu, act, s.batch, hidden, activation);
     add_rows(residual, project(activated, t[kDown], t[kDownScales], kernel[3], group_size).data_ptr<BFloat16>(),
              gain_of(t[kFfnPostNorm]), s.batch, s.width, eps);
   }

@@ -115,59 +115,137 @@ Tensor gemv(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& 
   return out;
 }
 
-// sums[j] = x · w_j + 128 · Σ w_j in int32 (exact) for COUNT consecutive int8 rows of w: x enters as the unsigned
-// bytes x + 128 because AVX512-VNNI's `vpdpbusd` multiplies unsigned by signed bytes; the caller takes the
-// 128 · Σ w_j back off with row sums computed once per weight. Every partial sum is an integer inside int32 for
-// K ≤ 65536 (255 · 128 · 65536 < 2³¹), so the result is exact, whatever the order of the sums.
-template <int64_t COUNT>
-inline void dot_rows_int8(const int8_t* x, const int8_t* w, int64_t depth, int32_t* sums) {
-  int64_t k = 0;
-  for (int64_t j = 0; j < COUNT; ++j) sums[j] = 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  __m512i acc[COUNT];
-  for (int64_t j = 0; j < COUNT; ++j) acc[j] = _mm512_setzero_si512();
-  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (; k < depth; k += 64) {
-    const __mmask64 lanes = depth - k >= 64 ? ~0ULL : (1ULL << (depth - k)) - 1;
-    const __m512i xv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(lanes, x + k), offset);  // x + 128, as unsigned
-    for (int64_t j = 0; j < COUNT; ++j)
-      acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_maskz_loadu_epi8(lanes, w + j * depth + k));
-  }
-  for (int64_t j = 0; j < COUNT; ++j) sums[j] = _mm512_reduce_add_epi32(acc[j]);
-#endif
-  for (int64_t j = 0; j < COUNT; ++j) {  // the portable loop (all of it where VNNI is not compiled in)
-    const int8_t* row = w + j * depth;
-    int32_t total = 0;
-    for (int64_t i = k; i < depth; ++i) total += (static_cast<int32_t>(x[i]) + 128) * static_cast<int32_t>(row[i]);
-    sums[j] += total;
+// ---- int8 weights (a quantised head) -----------------------------------------------------------------------------
+//
+// The exact int32 product x · Wᵀ of int8 rows x and an int8 weight W [N, K]: what torch._int_mm(x, Wᵀ) gives. W is
+// kept as tiles of 16 outputs (native.py's `pack_int8_tiles`), a tile as blocks of 64 bytes, block j holding for
+// output n the bytes 4n..4n+3: W[n, 4j..4j+3] (zero past N and K), which is what AVX512-VNNI's `vpdpbusd` multiplies,
+// lane n, against four bytes of x: every output's sum stays in its own lane, with no sum across a register per
+// output, and each block is loaded once for all rows. `vpdpbusd` multiplies unsigned by signed bytes, so x enters
+// as x + 128 and 128 · Σ_k W[n, k] (row_sums, kept with the weight) is taken back off. Every partial sum is an
+// integer inside int32 for K ≤ 65536 (255 · 128 · 65536 < 2³¹): exact, in any order.
+
+constexpr int64_t TILE = 16;            // outputs per tile
+constexpr int INT8_ROWS = 16, INT4_ROWS = 12;  // rows per pass over the weight (int4's sums fill the registers)
+constexpr int64_t PREFETCH_BLOCKS = 16;      // how far ahead in a tile's stream the next blocks are asked for
+
+// The tiles T at a time for one row (its sums are short chains), fewer for more rows (their sums fill the
+// registers).
+template <int R>
+constexpr int tiles_in_flight() {
+  return R == 1 ? 4 : R <= 4 ? 2 : 1;
+}
+
+// Calls tile_block(R, T, first tile) for every tile of `tiles`, each thread streaming its own, T at a time (the
+// last few one at a time).
+template <int R, typename Block>
+void by_tiles(int64_t tiles, const Block& tile_block) {
+  constexpr int T = tiles_in_flight<R>();
+  at::parallel_for(0, (tiles + T - 1) / T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t first = begin * T; first < std::min(end * T, tiles); first += T) {
+      if (first + T <= tiles) {
+        tile_block(std::integral_constant<int, T>{}, first);
+      } else {
+        for (int64_t t = first; t < tiles; ++t) tile_block(std::integral_constant<int, 1>{}, t);
+      }
+    }
+  });
+}
+
+// Rows [0, rows) in passes of at most MAX rows, of equal size (nine rows at most eight: five and four; a pass
+// costs the weight's whole stream however few its rows): pass(R, first row) with R a compile-time count.
+template <int MAX, typename Pass, int... R>
+void by_passes(int64_t rows, const Pass& pass, std::integer_sequence<int, R...>) {
+  const int64_t passes = (rows + MAX - 1) / MAX;
+  for (int64_t p = 0, first = 0; p < passes; ++p) {
+    const int64_t count = (rows - first) / (passes - p);
+    ((count == R + 1 ? pass(std::integral_constant<int, R + 1>{}, first) : void()), ...);
+    first += count;
   }
 }
 
-// The exact int32 product of int8 rows x [rows, K] and an int8 weight W [N, K]: what torch._int_mm(x, Wᵀ) gives,
-// for a decode step's few rows, each thread streaming its own blocks of W's rows as gemv does. row_sums: Σ_k W[n, k]
-// as int32 [N], which the caller keeps with the weight.
+template <int MAX, typename Pass>
+void by_passes(int64_t rows, const Pass& pass) {
+  by_passes<MAX>(rows, pass, std::make_integer_sequence<int, MAX>{});
+}
+
+// out[r, n] = Σ_k (x[r, k] + 128) · W[n, k] for the 16 · T outputs of T consecutive tiles (`w` at the first; the
+// first `outputs` of them exist) and R rows of shifted x (`xq`, row stride `quads` four-byte words); out's row
+// stride is `stride`.
+template <int R, int T>
+void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_bytes, int32_t* out, int64_t stride,
+                int64_t outputs) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < quads; ++j) {
+    __m512i block[T];
+    for (int t = 0; t < T; ++t) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + (j + PREFETCH_BLOCKS) * 64), _MM_HINT_T0);
+      block[t] = _mm512_loadu_si512(w + t * tile_bytes + j * 64);
+    }
+    for (int r = 0; r < R; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, xq + (r * quads + j) * 4, sizeof(quad));
+      const __m512i x = _mm512_set1_epi32(quad);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], x, block[t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      const int64_t left = std::min<int64_t>(TILE, outputs - t * TILE);
+      const __mmask16 lanes = left >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+      if (left > 0) _mm512_mask_storeu_epi32(out + r * stride + t * TILE, lanes, acc[r][t]);
+    }
+#else
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      int32_t sums[TILE] = {};
+      for (int64_t j = 0; j < quads; ++j) {
+        const int8_t* block = w + t * tile_bytes + j * 64;
+        const uint8_t* x = xq + (r * quads + j) * 4;
+        for (int64_t lane = 0; lane < TILE; ++lane)
+          for (int64_t i = 0; i < 4; ++i) sums[lane] += static_cast<int32_t>(x[i]) * block[4 * lane + i];
+      }
+      for (int64_t lane = 0; lane < std::min<int64_t>(TILE, outputs - t * TILE); ++lane)
+        out[r * stride + t * TILE + lane] = sums[lane];
+    }
+#endif
+}
+
+// x [rows, K] int8 · Wᵀ for W packed by `pack_int8_tiles`, exactly, as int32 [rows, N] (N = row_sums' length).
 Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums) {
-  TORCH_CHECK(x.scalar_type() == at::kChar && weight.scalar_type() == at::kChar && x.dim() == 2 &&
-                  weight.dim() == 2 && x.size(1) == weight.size(1) && weight.is_contiguous(),
-              "int8_gemv: int8 x [rows, K] and a contiguous int8 weight [N, K]");
-  TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.numel() == weight.size(0) && row_sums.is_contiguous(),
+  TORCH_CHECK(x.scalar_type() == at::kChar && x.dim() == 2 && weight.scalar_type() == at::kChar &&
+                  weight.dim() == 2 && weight.is_contiguous(),
+              "int8_gemv: int8 x [rows, K] and an int8 weight packed as tiles (native.pack_int8_tiles)");
+  TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.dim() == 1 && row_sums.is_contiguous(),
               "int8_gemv: row_sums, int32 [N], the sums of the weight's rows");
-  const Tensor in = x.contiguous();
-  const int64_t rows = in.size(0), depth = in.size(1), n = weight.size(0);
+  const int64_t rows = x.size(0), depth = x.size(1), n = row_sums.numel(), quads = (depth + 3) / 4;
   TORCH_CHECK(depth <= (1 << 16), "int8_gemv: K up to 65536 (int32 sums stay exact)");
-  Tensor out = at::empty({rows, n}, in.options().dtype(at::kInt));
+  TORCH_CHECK(weight.size(0) == (n + TILE - 1) / TILE && weight.size(1) == quads * 64,
+              "int8_gemv: the weight packed for N = ", n, " outputs and K = ", depth, " inputs");
+  const Tensor in = x.contiguous();
+  std::vector<uint8_t> shifted(rows * quads * 4, 128);  // x + 128; past K, 128 (x = 0) meets weight bytes of 0
   const int8_t* xs = in.const_data_ptr<int8_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < depth; ++k)
+      shifted[r * quads * 4 + k] = static_cast<uint8_t>(static_cast<int32_t>(xs[r * depth + k]) + 128);
+  Tensor out = at::empty({rows, n}, in.options().dtype(at::kInt));
   const int8_t* w = weight.const_data_ptr<int8_t>();
-  const int32_t* offsets = row_sums.const_data_ptr<int32_t>();
   int32_t* o = out.mutable_data_ptr<int32_t>();
-  by_row_blocks<int32_t>(
-      rows, n,
-      [&](auto count, int64_t r, int64_t first, int32_t* sums) {
-        dot_rows_int8<decltype(count)::value>(xs + r * depth, w + first * depth, depth, sums);
-      },
-      [&](int64_t r, int64_t first, int64_t count, const int32_t* sums) {
-        for (int64_t j = 0; j < count; ++j) o[r * n + first + j] = sums[j] - 128 * offsets[first + j];
-      });
+  const int64_t tile_bytes = quads * 64;
+  by_passes<INT8_ROWS>(rows, [&](auto count, int64_t first) {
+    constexpr int R = decltype(count)::value;
+    by_tiles<R>(weight.size(0), [&](auto in_flight, int64_t tile) {
+      constexpr int T = decltype(in_flight)::value;
+      int8_tiles<R, T>(shifted.data() + first * quads * 4, quads, w + tile * tile_bytes, tile_bytes,
+                       o + first * n + tile * TILE, n, n - tile * TILE);
+    });
+  });
+  const int32_t* offsets = row_sums.const_data_ptr<int32_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) o[r * n + j] -= 128 * offsets[j];
   return out;
 }
 
@@ -196,7 +274,6 @@ std::string integer_loops() {
 // (what `vpdpbusd` multiplies, lane n, against four bytes of x8). Scales: per tile and group, the 16 s then the 16 z
 // in bf16.
 
-constexpr int64_t TILE = 16, INT4_ROWS = 8;  // outputs per tile; rows computed per pass over the weight
 
 struct QuantisedRows {
   const int8_t* x8;    // [rows, K]
@@ -223,6 +300,7 @@ void int4_tiles(const QuantisedRows& in, const uint8_t* w, const c10::BFloat16* 
     for (int64_t j = g * blocks; j < (g + 1) * blocks; ++j) {
       __m512i low[T], high[T];
       for (int t = 0; t < T; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + (j + PREFETCH_BLOCKS) * 64), _MM_HINT_T0);
         const __m512i bytes = _mm512_loadu_si512(w + t * tile_bytes + j * 64);
         low[t] = _mm512_and_si512(bytes, nibble);
         high[t] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
@@ -279,27 +357,6 @@ void int4_tiles(const QuantisedRows& in, const uint8_t* w, const c10::BFloat16* 
 #endif
 }
 
-// R rows against every tile, each thread streaming its own tiles, T at a time: a few tiles in flight for one row
-// (its sums are short chains), one for eight (their accumulators fill the registers).
-template <int R>
-void int4_rows(const QuantisedRows& in, const uint8_t* w, const c10::BFloat16* scales, int64_t n,
-               c10::BFloat16* out) {
-  constexpr int T = R == 1 ? 4 : R <= 4 ? 2 : 1;
-  const int64_t tiles = n / TILE, tile_bytes = in.depth * 8, tile_scales = in.groups * 2 * TILE;
-  at::parallel_for(0, (tiles + T - 1) / T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t first = begin * T; first < std::min(end * T, tiles); first += T) {
-      if (first + T <= tiles) {
-        int4_tiles<R, T>(in, w + first * tile_bytes, scales + first * tile_scales, tile_bytes, tile_scales,
-                         out + first * TILE, n);
-      } else {
-        for (int64_t t = first; t < tiles; ++t)
-          int4_tiles<R, 1>(in, w + t * tile_bytes, scales + t * tile_scales, tile_bytes, tile_scales,
-                           out + t * TILE, n);
-      }
-    }
-  });
-}
-
 // x8 = round(x · 127 / max|x|) for one group of x (bf16, n a multiple of 8); returns σ = max|x| / 127 and sets
 // total = σ Σ x8. Rounding is to nearest even in both loops (the default mode), so both give the same bytes. A
 // group below 1e-30 (127 / max|x| would overflow) is all zeros; one holding a NaN or an infinity gives σ = NaN,
@@ -351,12 +408,6 @@ inline float quantise_group(const c10::BFloat16* x, int64_t n, int8_t* x8, float
   return sigma;
 }
 
-template <int... R>
-void int4_pass(std::integer_sequence<int, R...>, int64_t rows, const QuantisedRows& in, const uint8_t* w,
-               const c10::BFloat16* scales, int64_t n, c10::BFloat16* out) {
-  ((rows == R + 1 ? int4_rows<R + 1>(in, w, scales, n, out) : void()), ...);
-}
-
 }  // namespace
 
 namespace sparkgpt {
@@ -381,13 +432,19 @@ Tensor int4_gemv(const Tensor& x, const Tensor& weight, int64_t group_size, cons
                                  sum[at]);
     }
   Tensor out = at::empty({rows, n}, in.options());
-  for (int64_t first = 0; first < rows; first += INT4_ROWS) {
+  const uint8_t* w = weight.const_data_ptr<uint8_t>();
+  const c10::BFloat16* s = scales.const_data_ptr<c10::BFloat16>();
+  c10::BFloat16* o = out.mutable_data_ptr<c10::BFloat16>();
+  const int64_t tile_bytes = depth * 8, tile_scales = groups * 2 * TILE;
+  by_passes<INT4_ROWS>(rows, [&](auto count, int64_t first) {
+    constexpr int R = decltype(count)::value;
     const QuantisedRows part{x8.data() + first * depth, scale.data() + first * groups, sum.data() + first * groups,
                              depth, groups, group_size};
-    int4_pass(std::make_integer_sequence<int, INT4_ROWS>{}, std::min(INT4_ROWS, rows - first), part,
-              weight.const_data_ptr<uint8_t>(), scales.const_data_ptr<c10::BFloat16>(), n,
-              out.mutable_data_ptr<c10::BFloat16>() + first * n);
-  }
+    by_tiles<R>(n / TILE, [&](auto in_flight, int64_t tile) {
+      int4_tiles<R, decltype(in_flight)::value>(part, w + tile * tile_bytes, s + tile * tile_scales, tile_bytes,
+                                                tile_scales, o + first * n + tile * TILE, n);
+    });
+  });
   return out;
 }
 

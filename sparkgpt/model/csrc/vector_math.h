@@ -128,6 +128,49 @@ inline float dot(const A* a, const B* b, int64_t n) {
 #endif
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// The 16 sums of the lanes of v[0..16), in one register (lane c: Σ v[c]): pairs of registers added in halves, then
+// quarters, then 128-bit lanes.
+inline __m512 sum_lanes16(__m512 v[16]) {
+  __m512 half[8], quarter[4], lanes[2];
+  for (int i = 0; i < 8; ++i)  // lane L of half[i]: partial sums of v[2i] and v[2i + 1], interleaved
+    half[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane L of quarter[i]: v[4i..4i+4)'s sums over that lane
+    quarter[i] = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(half[2 * i]), _mm512_castps_pd(half[2 * i + 1]))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(half[2 * i]), _mm512_castps_pd(half[2 * i + 1]))));
+  for (int i = 0; i < 2; ++i)
+    lanes[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quarter[2 * i], quarter[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(quarter[2 * i], quarter[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(lanes[0], lanes[1], 0x88),
+                       _mm512_shuffle_f32x4(lanes[0], lanes[1], 0xDD));
+}
+#endif
+
+// out[j] = q · rows[j] for `count` rows [count, n] (float or bf16) and a float q, sixteen rows at a time with
+// AVX-512 (their sums reduced together: one reduction per sixteen, not per row). A row's sum is the same whichever
+// block it falls in and however many rows follow it (each lane of `sum_lanes16` adds its own register alone; a last
+// block's missing rows repeat its last one and are dropped), so a decode row's scores never depend on the batch's longest row.
+template <typename T>
+inline void dot_rows(const float* q, const T* rows, int64_t count, int64_t n, float* out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (int64_t j = 0; j < count; j += 16) {
+    const int64_t block = std::min<int64_t>(16, count - j);
+    const T* row[16];  // past the last row: the last row again, its sums dropped
+    for (int r = 0; r < 16; ++r) row[r] = rows + (j + std::min<int64_t>(r, block - 1)) * n;
+    __m512 sums[16];
+    for (int r = 0; r < 16; ++r) sums[r] = _mm512_setzero_ps();
+    for_lanes(0, n, [&](int64_t i, __mmask16 lanes) {
+      const __m512 x = load16(q + i, lanes);
+      for (int r = 0; r < 16; ++r) sums[r] = _mm512_fmadd_ps(x, load16(row[r] + i, lanes), sums[r]);
+    });
+    _mm512_mask_storeu_ps(out + j, static_cast<__mmask16>((1u << block) - 1), sum_lanes16(sums));
+  }
+#else
+  for (int64_t j = 0; j < count; ++j) out[j] = dot(q, rows + j * n, n);
+#endif
+}
+
 // acc[i] += weight · v[i] over n values, v float or bf16.
 template <typename T>
 inline void add_scaled(float* acc, float weight, const T* v, int64_t n) {
@@ -139,6 +182,50 @@ inline void add_scaled(float* acc, float weight, const T* v, int64_t n) {
   });
 #else
   for (int64_t i = 0; i < n; ++i) acc[i] += weight * static_cast<float>(v[i]);
+#endif
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// weighted_sum's columns [c0, c0 + 16 · V) kept in registers across the rows (the last vector masked to `last`).
+template <int V, typename T>
+inline void weighted_columns(const float* weights, const T* rows, int64_t count, int64_t n, int64_t c0,
+                             __mmask16 last, float* out) {
+  __m512 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    if (weights[j] == 0.f) continue;
+    const __m512 weight = _mm512_set1_ps(weights[j]);
+    for (int v = 0; v < V; ++v)
+      acc[v] = _mm512_fmadd_ps(weight, load16(rows + j * n + c0 + 16 * v, v == V - 1 ? last : 0xFFFF), acc[v]);
+  }
+  for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(out + c0 + 16 * v, v == V - 1 ? last : 0xFFFF, acc[v]);
+}
+#endif
+
+// out[i] = Σ_j weights[j] · rows[j][i] (rows [count, n], float or bf16; rows of weight 0 skipped), each sum in the
+// order of j, as `add_scaled` row after row gives it, with the sums in registers rather than in memory.
+template <typename T>
+inline void weighted_sum(const float* weights, const T* rows, int64_t count, int64_t n, float* out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (int64_t c0 = 0; c0 < n; c0 += 128) {
+    const int64_t left = std::min<int64_t>(128, n - c0), vectors = (left + 15) / 16;
+    const __mmask16 last = left % 16 == 0 ? static_cast<__mmask16>(0xFFFF)
+                                          : static_cast<__mmask16>((1u << (left % 16)) - 1);
+    switch (vectors) {
+      case 1: weighted_columns<1>(weights, rows, count, n, c0, last, out); break;
+      case 2: weighted_columns<2>(weights, rows, count, n, c0, last, out); break;
+      case 3: weighted_columns<3>(weights, rows, count, n, c0, last, out); break;
+      case 4: weighted_columns<4>(weights, rows, count, n, c0, last, out); break;
+      case 5: weighted_columns<5>(weights, rows, count, n, c0, last, out); break;
+      case 6: weighted_columns<6>(weights, rows, count, n, c0, last, out); break;
+      case 7: weighted_columns<7>(weights, rows, count, n, c0, last, out); break;
+      default: weighted_columns<8>(weights, rows, count, n, c0, last, out); break;
+    }
+  }
+#else
+  std::fill(out, out + n, 0.f);
+  for (int64_t j = 0; j < count; ++j)
+    if (weights[j] != 0.f) add_scaled(out, weights[j], rows + j * n, n);
 #endif
 }
 
