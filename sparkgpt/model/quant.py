@@ -393,14 +393,16 @@ class QuantizedLinear(nn.Module):
     def decode_kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The integer kernel for a few rows (CPU). 8-bit activations take one scale per row, so that each row
         computes what it would alone: rows quantised each by its own absolute maximum and multiplied exactly in
-        integers (`native.int8_matmul`: one pass over the weight for all rows) where that is exact, else fbgemm's
-        dynamic linear called row by row (its one scale per call would tie the rows of a batch together)."""
+        integers (`native.int8_matmul`: one pass over the weight for all rows) where that is exact (our kernel
+        always; torch._int_mm on VNNI CPUs and for widths that are multiples of 8), else fbgemm's dynamic linear
+        called row by row (its one scale per call would tie the rows of a batch together)."""
         shape = (*x.shape[:-1], self.out_features)
-        if self.quantize_activations and exact_int8_matmul() and self.in_features % 8 == self.out_features % 8 == 0:
+        product = native.int8_matmul() if self.quantize_activations else None
+        if product is not None and (product is not native.int_mm_rows or (
+                exact_int8_matmul() and self.in_features % 8 == self.out_features % 8 == 0)):
             flat = x.reshape(rows, self.in_features).float()
             row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             levels = torch.round(flat / row_scales).to(torch.int8)
-            product = native.int8_matmul()
             out = product(levels, *self._exact_operands(product)) * row_scales * self.scales
             return (out if self.bias is None else out + self.bias).to(x.dtype).view(shape)
         packed = self._packed if self._packed_from is self.qweight else self._pack()

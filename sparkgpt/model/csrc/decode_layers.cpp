@@ -167,8 +167,8 @@ void gate_rows(const BFloat16* gate_up, BFloat16* act, int64_t rows, int64_t hid
         const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
         const __m512 y =
             _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, g));
-        const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f),
-                                                             _mm512_add_ps(exp16(_mm512_add_ps(y, y)), one)));
+        const __m512 twice = _mm512_min_ps(_mm512_add_ps(y, y), _mm512_set1_ps(88.f));  // e^88: tanh = 1 already
+        const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(exp16(twice), one)));
         acted = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, tanh));
       } else {
         acted = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));

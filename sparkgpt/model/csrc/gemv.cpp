@@ -152,7 +152,7 @@ void by_tiles(int64_t tiles, const Block& tile_block) {
   });
 }
 
-// Rows [0, rows) in passes of at most MAX rows, of equal size (nine rows at most eight: five and four; a pass
+// Rows [0, rows) in passes of at most MAX rows, of near-equal size (17 rows, at most 16 a pass: 8 then 9; a pass
 // costs the weight's whole stream however few its rows): pass(R, first row) with R a compile-time count.
 template <int MAX, typename Pass, int... R>
 void by_passes(int64_t rows, const Pass& pass, std::integer_sequence<int, R...>) {
@@ -223,7 +223,8 @@ Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums) 
               "int8_gemv: row_sums, int32 [N], the sums of the weight's rows");
   const int64_t rows = x.size(0), depth = x.size(1), n = row_sums.numel(), quads = (depth + 3) / 4;
   TORCH_CHECK(depth <= (1 << 16), "int8_gemv: K up to 65536 (int32 sums stay exact)");
-  TORCH_CHECK(weight.size(0) == (n + TILE - 1) / TILE && weight.size(1) == quads * 64,
+  TORCH_CHECK(weight.size(0) == (n + TILE - 1) / TILE && weight.size(1) == quads * 64 &&
+                  static_cast<int64_t>(row_sums.numel()) == n,
               "int8_gemv: the weight packed for N = ", n, " outputs and K = ", depth, " inputs");
   const Tensor in = x.contiguous();
   std::vector<uint8_t> shifted(rows * quads * 4, 128);  // x + 128; past K, 128 (x = 0) meets weight bytes of 0
