@@ -289,6 +289,10 @@ def compare_with_llama_server(args: argparse.Namespace, ours: list[str], model: 
     threads = args.threads or os.cpu_count()
     theirs = [str(llama_cpp_native.build("llama-server")), "-m", str(gguf), "-np", str(slots), "-c",
               str(CONTEXT * slots), "-t", str(threads), "--host", "127.0.0.1"]
+    if not llama_cpp_native.repack_runs(gguf, threads):
+        print("llama.cpp's weight repacking crashed here (llama-bench): llama-server runs with --no-repack",
+              flush=True)
+        theirs.append("--no-repack")
     print(f"both servers: {gguf.name}, {slots} slots of {CONTEXT} tokens, {threads} threads; ours "
           f"{args.quantize or args.dtype}; max_tokens {args.max_tokens}, temperature 0.7 top_p 0.95", flush=True)
     rows: dict[tuple[str, int], list[dict]] = {}

@@ -53,6 +53,14 @@ def build(target: str = "llama-bench") -> Path:
     return binary
 
 
+def repack_runs(gguf: Path, threads: int) -> bool:
+    """Whether llama.cpp's weight repacking (its AMX kernels where the CPU has AMX) survives a short llama-bench run
+    on this machine; it crashed on one AMX virtual machine (RESULTS.md), where its servers need --no-repack."""
+    run = subprocess.run([str(build()), "-m", str(gguf), "-t", str(threads), "-p", "16", "-n", "4", "-r", "1"],
+                         capture_output=True, text=True)
+    return run.returncode >= 0  # killed by a signal (SIGSEGV, SIGILL): the repacked kernels crashed
+
+
 def bench(gguf: Path, threads: int, repeats: int) -> dict[str, float | bool]:
     """{"prefill_tok_s": pp512, "decode_tok_s": tg128, "repack": bool} from llama-bench, each the mean of `repeats`
     runs. Where llama.cpp's weight repacking (its AMX kernels) crashes on this machine (RESULTS.md), it is
