@@ -93,8 +93,8 @@ def test_native_decode_layers_equal_the_python_step_and_follow_the_forward(ops, 
     assert fast.native is not None
     slow = DecodeStep(model)
     slow.native = None
-    int4_kernel = KERNELS[model.blocks[0].attn.o_proj.kernel_name]  # the kernel chosen for this CPU
-    assert set(fast.native[2]) == ({KERNELS["int8"]} if method == "int8" else {int4_kernel, KERNELS["int8"]})
+    block = model.blocks[0]  # o_proj int4 or int8, down_proj int8: the kernels chosen for this CPU
+    assert set(fast.native[2]) == {KERNELS[block.attn.o_proj.kernel_name], KERNELS[block.ffn.down_proj.kernel_name]}
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     padding = torch.ones(2, 12, dtype=torch.long)
     padding[1, :3] = 0
@@ -173,6 +173,17 @@ def test_a_native_decode_row_is_bit_for_bit_the_same_whatever_columns_past_it_th
             mask = torch.zeros(1, 1, 1, span, dtype=torch.bool)
             mask[..., :position + 1] = True
             assert torch.equal(step(token, torch.tensor([position]), wider, mask), own), (position, span)
+
+
+def test_a_sliding_window_prompt_runs_under_inference_mode(ops):
+    """torch.inference_mode makes the native local attention's output an inference tensor, which the intra-op
+    pool's threads (not in that mode themselves) once refused to write: a Gemma prompt past its window crashed."""
+    model = tiny_llama("int4", torch.float32, None, True)  # window 8
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), expected)
 
 
 def test_native_kernels_can_be_turned_off():
@@ -308,46 +319,54 @@ def test_native_int8_product_equals_the_exact_integer_product(ops, rows, n, k):
                                          weight.sum(dim=1, dtype=torch.int32))[0], got[r]) for r in range(rows))
 
 
-def int4_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """What int4_gemv computes: x per group rounded to 8 bits (σ = max|x| / 127; the levels in float32 as the kernel
-    finds them, where a bf16 x often falls on a tie), times the dequantised matrix in float64."""
+def grouped_reference(x: torch.Tensor, method: str, tensors: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """What int4_gemv and int8_weight_gemv compute: x per group rounded to 8 bits (σ = max|x| / 127; the levels in
+    float32 as the kernel finds them, where a bf16 x often falls on a tie), times the dequantised matrix in
+    float64."""
     rows, depth = x.shape
     groups = x.float().view(rows, depth // group_size, group_size)
     largest = groups.abs().amax(dim=-1, keepdim=True)
     inverse = torch.where(largest > 0, torch.full_like(largest, 127) / largest, 0)  # (not 127 / t: another rounding)
     sigma = (largest / 127).double()
     return (torch.round(groups * inverse).double() * sigma).view(rows, depth) @ (
-        quant.dequantize("int4", tensors).double().t())
+        quant.dequantize(method, tensors).double().t())
 
 
-@pytest.mark.parametrize(("rows", "n", "k", "group_size"), [(1, 16, 64, 32), (3, 48, 576, 32), (9, 32, 128, 64),
-                                                            (16, 80, 256, 32), (2, 32, 64, 8), (25, 16, 64, 32)])
-def test_native_int4_product_equals_its_8_bit_activation_formula_and_each_row_its_own(ops, rows, n, k, group_size):
-    """int4_gemv (csrc/gemv.cpp) against its formula in float64 to the bf16 rounding of its output, and within 2%
-    of the exact product with the dequantised matrix; for row counts past its twelve per pass, tile counts no
-    multiple of the ones in flight, an all-zero group and an outlier. A row's result is bit for bit what it is
-    alone."""
+@pytest.mark.parametrize(("method", "rows", "n", "k", "group_size"), [
+    ("int4", 1, 16, 64, 32), ("int4", 3, 48, 576, 32), ("int4", 9, 32, 128, 64), ("int4", 16, 80, 256, 32),
+    ("int4", 2, 32, 64, 8), ("int4", 25, 16, 64, 32), ("int8", 1, 16, 64, 32), ("int8", 3, 40, 576, 32),
+    ("int8", 16, 80, 256, 32), ("int8", 25, 7, 96, 32)])
+def test_native_grouped_products_equal_their_8_bit_activation_formula_and_each_row_its_own(ops, method, rows, n, k,
+                                                                                          group_size):
+    """int4_gemv and int8_weight_gemv (csrc/gemv.cpp) against their formula in float64 to the bf16 rounding of the
+    output, and within 2% of the exact product with the dequantised matrix; for row counts past their twelve per
+    pass, tile counts no multiple of the ones in flight (and, int8, widths no multiple of a tile), an all-zero group
+    and an outlier. A row's result is bit for bit what it is alone, and a NaN reaches its own row's outputs only."""
     generator = torch.Generator().manual_seed(0)
-    tensors = quant.quantize_int4(torch.randn(n, k, generator=generator) * 0.05, group_size)
+    weights = torch.randn(n, k, generator=generator) * 0.05
+    tensors = quant.quantize_int4(weights, group_size) if method == "int4" else quant.quantize_int8(weights)
     x = torch.randn(rows, k, generator=generator)
     x[0, :group_size] = 0
     x[-1, 3] = 40.0
     x = x.bfloat16()
-    weight, scales = quant.pack_int4_tiles(tensors)
-    got = ops.int4_gemv(x, weight, group_size, scales)
+    kernel = f"{method} native"
+    product = quant.kernel_product(kernel, group_size)
+    operands = quant.PACKS[kernel](tensors)
+    got = product(x, *operands)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    expected = int4_reference(x, tensors, group_size)
+    expected = grouped_reference(x, method, tensors, group_size)
     torch.testing.assert_close(got.double(), expected, rtol=2 ** -8, atol=1e-5 * float(expected.abs().max()))
-    exact = x.double() @ quant.dequantize("int4", tensors).double().t()
+    exact = x.double() @ quant.dequantize(method, tensors).double().t()
     assert float((got.double() - exact).norm() / exact.norm()) < 0.02
-    assert all(torch.equal(ops.int4_gemv(x[r:r + 1], weight, group_size, scales)[0], got[r]) for r in range(rows))
+    assert all(torch.equal(product(x[r:r + 1], *operands)[0], got[r]) for r in range(rows))
     x[-1, 1] = float("nan")  # a NaN (or an infinity) reaches its own row's outputs, and no other row's
-    poisoned = ops.int4_gemv(x, weight, group_size, scales)
+    poisoned = product(x, *operands)
     assert poisoned[-1].isnan().all() and torch.equal(poisoned[:-1], got[:-1])
 
 
 def int4_digest() -> str:
-    """A hash of int4_gemv's bits on fixed operands: equal wherever the same formula runs (VNNI or portable).
+    """A hash of int4_gemv's and int8_weight_gemv's bits on fixed operands: equal wherever the same formula runs
+    (VNNI or portable).
     Thirteen rows (two passes), five tiles (one left over), an all-zero group and ties (x · 127 / max|x| exactly
     n + ½)."""
     import hashlib
@@ -358,24 +377,26 @@ def int4_digest() -> str:
     x[0, :32] = 0
     x[1, :32] = torch.tensor([127.0, 1.5, 2.5, -3.5] * 8)  # σ = 1: every other value a tie
     x = x.bfloat16()
-    weight, scales = quant.pack_int4_tiles(tensors)
-    got = native.ops().int4_gemv(x, weight, 32, scales)
+    int8 = quant.quantize_int8(torch.randn(72, 256, generator=generator))
+    got = torch.cat([quant.kernel_product("int4 native")(x, *quant.pack_int4_tiles(tensors)),
+                     quant.kernel_product("int8 native")(x, *quant.pack_int8_weight(int8))], dim=1)
     return hashlib.sha1(got.view(torch.int16).numpy().tobytes()).hexdigest()[:12]
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("method", ["int4", "int8"])
 @pytest.mark.parametrize("choice", ["native", "torch"])
-def test_int4_layers_take_the_kernel_chosen_for_this_cpu_in_both_decode_steps(ops, monkeypatch, choice):
-    """The int4 kernel chosen for this CPU (timed, `quant.int4_kernel`) packs the layers and runs in the native and
+def test_quantised_layers_take_the_kernel_chosen_for_this_cpu_in_both_decode_steps(ops, monkeypatch, method, choice):
+    """The kernel chosen for this CPU (timed, `quant.decode_kernel`) packs the layers and runs in the native and
     the Python decode step alike; either way the logits follow the dequantised model's forward."""
-    monkeypatch.setattr(quant, "_INT4_KERNEL", [choice])
-    model = tiny_llama("int4", torch.float32, None, False)
-    assert model.blocks[0].attn.o_proj.kernel_name == f"int4 {choice}"
+    monkeypatch.setattr(quant, "_DECODE_KERNELS", {"int4": f"int4 {choice}", "int8": f"int8 {choice}"})
+    model = tiny_llama(method, torch.float32, None, False)
+    assert model.blocks[0].attn.o_proj.kernel_name == f"{method} {choice}"
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     full = model(ids)
     for native_step in (True, False):
         step = DecodeStep(model)
-        assert (step.native is not None) and KERNELS[f"int4 {choice}"] in step.native[2]
+        assert (step.native is not None) and KERNELS[f"{method} {choice}"] in step.native[2]
         if not native_step:
             step.native = None
         cache = KVCache(model.config, 1, 8, torch.float32, torch.device("cpu"))

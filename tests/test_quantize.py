@@ -356,7 +356,7 @@ def test_a_prompt_multiplies_in_the_dtype_timed_fastest_on_this_cpu(monkeypatch,
     monkeypatch.setattr(quant.hardware, "fastest", fake_fastest)
     monkeypatch.setattr(quant, "_PREFILL_DTYPES", {})
     monkeypatch.setattr(quant, "_KERNEL_ROWS", {})
-    monkeypatch.setattr(quant, "_INT4_KERNEL", [])
+    monkeypatch.setattr(quant, "_DECODE_KERNELS", {})
     torch.manual_seed(0)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 48, bias=False), "int4", quantize_activations=False)
     x = torch.randn(1, 20, 64)
@@ -388,7 +388,7 @@ def test_a_prompt_takes_the_integer_kernel_up_to_the_rows_timed_faster_on_this_c
     monkeypatch.setattr(quant.hardware, "fastest", fake_fastest)
     monkeypatch.setattr(quant, "_PREFILL_DTYPES", {})
     monkeypatch.setattr(quant, "_KERNEL_ROWS", {})
-    monkeypatch.setattr(quant, "_INT4_KERNEL", [])
+    monkeypatch.setattr(quant, "_DECODE_KERNELS", {})
     torch.manual_seed(0)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 128, bias=False), method, quantize_activations=False)
     assert quant.kernel_rows(layer) == 32

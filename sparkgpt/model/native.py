@@ -14,8 +14,9 @@ library is unavailable:
   multiplies a known product to find out; the reference: the float32 attention formula);
 - `gemv` (csrc/gemv.cpp): a float32 or bf16 model's decode-step matrix–vector products, where timing on this CPU
   finds it faster than torch's (`matvec`; the reference: F.linear); `int8_gemv`, the exact int8 product of a
-  quantised head's rows (`int8_matmul`; the reference: torch._int_mm); and `int4_gemv`, int4 layers' product for a
-  decode step's rows (quant.py's `int4_kernel`; the reference: the dequantised matrix's product);
+  quantised head's rows (`int8_matmul`; the reference: torch._int_mm); and `int4_gemv` / `int8_weight_gemv`, int4
+  and int8 layers' products for a decode step's rows (quant.py's `decode_kernel`; the reference: the dequantised
+  matrix's product);
 - `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
   bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
   attention.py).

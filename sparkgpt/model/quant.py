@@ -12,19 +12,19 @@ A weight matrix W [out, in] is stored as small integers and scales:
   the int8 kernel serves fastest, and llama.cpp's files keep it at 8 bits too.
 
 Kernels (measurements per kernel and shape: benchmarks/RESULTS.md, "Quantised kernels"): decode rows (one token
-each, up to `DECODE_ROWS`) go through an integer kernel: `torch._weight_int8pack_mm` for int8, with bf16
-activations; for int4 the native `int4_gemv` (8-bit activations per group of inputs, as llama.cpp's 4-bit
-products take them, and exact integer sums: several rows cost little more than one) or
-`torch._weight_int4pack_mm_for_cpu` (bf16 activations), whichever was timed faster here (`int4_kernel`). The
-output head takes 8-bit activations, one scale per row so that no row's result depends on another's: an exact
-int8 product over all rows at once where `torch._int_mm` multiplies exactly (`exact_int8_matmul`: VNNI CPUs), by
-it or by the native `int8_gemv`, whichever was timed faster here (`native.int8_matmul`), else fbgemm's dynamic
-int8 linear row by row. One 8-bit scale per row elsewhere blurs the outliers of the o_proj and down_proj inputs
-and costs perplexity (one per group of 32 does not measurably), while on the head it costs none and saves most of
-its time. A prompt's rows go through the same kernel while they are few enough that it beats dequantising
-(`kernel_rows`, timed per shape: a chat turn's few dozen tokens, a draft being checked); more rows dequantise the
-matrix and multiply in bf16 where this CPU's bf16 matmul is the faster (`prefill_dtype`, timed), else in float32.
-Elsewhere (CUDA) every call dequantises and multiplies in the activations' dtype.
+each, up to `DECODE_ROWS`) go through an integer kernel: torch's (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`: bf16 activations) or ours (`int8_weight_gemv`, `int4_gemv`: 8-bit activations per
+group of inputs, as llama.cpp's quantised products take them, and exact integer sums, so that several rows cost
+little more than one), whichever was timed faster here (`decode_kernel`). The output head takes 8-bit activations,
+one scale per row so that no row's result depends on another's: an exact int8 product over all rows at once where
+`torch._int_mm` multiplies exactly (`exact_int8_matmul`: VNNI CPUs), by it or by the native `int8_gemv`, whichever
+was timed faster here (`native.int8_matmul`), else fbgemm's dynamic int8 linear row by row. One 8-bit scale per row
+elsewhere blurs the outliers of the o_proj and down_proj inputs and costs perplexity, while on the head it costs
+none and saves most of its time; one per group of 32 costs 0.2-0.7% of a text's perplexity decoded token by token
+(`benchmarks/bench_decode_quality.py`). A prompt's rows go through the same kernel while they are few enough that it
+beats dequantising (`kernel_rows`, timed per shape: a chat turn's few dozen tokens, a draft being checked); more
+rows dequantise the matrix and multiply in bf16 where this CPU's bf16 matmul is the faster (`prefill_dtype`, timed),
+else in float32. Elsewhere (CUDA) every call dequantises and multiplies in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _PREFILL_DTYPES: dict[tuple[int, int], torch.dtype] = {}  # (in, out) -> the dty
 _KERNEL_ROWS: dict[tuple[str, int, int, int], int] = {}  # (kernel, in, out, group) -> prompt rows the kernel takes
 _INT4_INNER_K_TILES = 8  # torch's CPU int4 packing: inner k tiles of 2, 4 or 8 (8 measured fastest)
 # The integer kernel a layer's packed (weight, scales) are for, by csrc/decode_layers.cpp's code for it.
-KERNELS = {"int8": 0, "int4 torch": 1, "int4 native": 2}
+KERNELS = {"int8 torch": 0, "int4 torch": 1, "int4 native": 2, "int8 native": 3}
 
 
 def check_method(method: str) -> str:
@@ -105,12 +105,39 @@ def pack_int4_tiles(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return weight, torch.stack(per_tile, dim=2).to(torch.bfloat16).reshape(tiles, groups * 32)
 
 
+def pack_int8_weight(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 tensors in `int8_weight_gemv`'s layout (csrc/gemv.cpp): the weight as `native.pack_int8_tiles` lays it
+    out with each byte + 128 (uint8, the operand VNNI takes unsigned), and the row scales in float32."""
+    return native.pack_int8_tiles(tensors["qweight"]).view(torch.uint8) ^ 0x80, tensors["scales"].float().contiguous()
+
+
+def pack_int8_torch(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 tensors as `torch._weight_int8pack_mm` takes them: (qweight, bf16 row scales)."""
+    return tensors["qweight"], tensors["scales"].to(torch.bfloat16)
+
+
 def pack_int4_torch(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 tensors in `torch._weight_int4pack_mm_for_cpu`'s layout: (packed weight, scales and zeros)."""
     levels = unpack_nibbles(tensors["qweight"]).to(torch.int32)
     weight = torch._convert_weight_to_int4pack_for_cpu(levels, _INT4_INNER_K_TILES)
     scales, zeros = tensors["scales"], tensors["zeros"]
     return weight, torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
+PACKS = {"int8 torch": pack_int8_torch, "int8 native": pack_int8_weight, "int4 torch": pack_int4_torch,
+         "int4 native": pack_int4_tiles}
+
+
+def kernel_product(kernel: str, group_size: int = GROUP_SIZE) -> Callable[[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor], torch.Tensor]:
+    """`f(x, weight, scales)`: bf16 rows [rows, in] times a weight packed for `kernel` (`PACKS`) -> bf16 [rows, out];
+    int4 in groups of `group_size` inputs."""
+    if kernel == "int8 torch":
+        return torch._weight_int8pack_mm
+    if kernel == "int8 native":
+        return native.ops().int8_weight_gemv
+    product = native.ops().int4_gemv if kernel == "int4 native" else torch._weight_int4pack_mm_for_cpu
+    return lambda x, weight, scales: product(x, weight, group_size, scales)
 
 
 def dequantize(method: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -141,7 +168,7 @@ def _fbgemm_available() -> bool:
 
 
 _EXACT_INT_MM: list[bool] = []  # [whether torch._int_mm is exact here], probed once
-_INT4_KERNEL: list[str] = []  # [the int4 decode kernel chosen for this CPU], decided once
+_DECODE_KERNELS: dict[str, str] = {}  # method -> the decode kernel chosen for it on this CPU (a `KERNELS` key)
 
 
 def exact_int8_matmul() -> bool:
@@ -159,44 +186,51 @@ def exact_int8_matmul() -> bool:
     return _EXACT_INT_MM[0]
 
 
-def int4_kernel() -> str:
-    """Which kernel multiplies int4 layers' decode rows on this CPU: "native" (`int4_gemv`, csrc/gemv.cpp: 8-bit
-    activations per group of the layer's inputs, exact integer sums, VNNI where compiled in) or "torch"
-    (`_weight_int4pack_mm_for_cpu`: bf16 activations, float FMAs), whichever was timed faster for one row and for
-    eight on a sweep of a small model's layers (cached per CPU). On a CPU with one FMA unit a row of bf16 products
-    costs as much as the weight's bytes, so several rows (a batch, a draft being checked) cost several times one;
-    byte products run four times as many multiplies an instruction. Untimed, the native kernel where it has VNNI."""
+def decode_kernel(method: str) -> str:
+    """Which kernel multiplies the decode rows of `method`'s layers on this CPU (a `KERNELS` key): "… native"
+    (csrc/gemv.cpp's `int4_gemv` / `int8_weight_gemv`: 8-bit activations per group of inputs, as llama.cpp's
+    quantised products take them, and exact integer sums, VNNI where compiled in) or "… torch"
+    (`_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`: bf16 activations, float FMAs), whichever was timed faster
+    for one row and for eight on a sweep of a small model's layers (cached per CPU). On a CPU with one FMA unit a
+    row of bf16 products costs as much as reading the weight, so several rows (a batch, a draft being checked) cost
+    several times one; byte products run four times as many multiplies an instruction. Untimed, the native kernel
+    where it has VNNI."""
     library = native.ops()
     if library is None:
-        return "torch"
-    if not _INT4_KERNEL:
+        return f"{method} torch"
+    if method not in _DECODE_KERNELS:
         count, rows, columns = native.DECODE_SWEEP
         operands: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        packs = {"native": pack_int4_tiles, "torch": pack_int4_torch}
 
-        def sweep(kernel: str, product: Callable) -> Callable[[], None]:
+        def random_layer(generator: torch.Generator) -> dict[str, torch.Tensor]:
+            if method == "int8":
+                return {"qweight": torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8),
+                        "scales": torch.rand(rows, generator=generator)}
+            groups = columns // GROUP_SIZE
+            return {"qweight": torch.randint(0, 256, (rows, columns // 2), generator=generator, dtype=torch.uint8),
+                    "scales": torch.rand(rows, groups, generator=generator).bfloat16(),
+                    "zeros": torch.rand(rows, groups, generator=generator).bfloat16()}
+
+        def sweep(kernel: str) -> Callable[[], None]:
             def run() -> None:
                 if kernel not in operands:  # made on first use: an untimed choice builds nothing
                     generator = torch.Generator().manual_seed(0)
-                    operands[kernel] = [packs[kernel]({
-                        "qweight": torch.randint(0, 256, (rows, columns // 2), generator=generator, dtype=torch.uint8),
-                        "scales": torch.rand(rows, columns // GROUP_SIZE, generator=generator).bfloat16(),
-                        "zeros": torch.rand(rows, columns // GROUP_SIZE, generator=generator).bfloat16()})
-                        for _ in range(count)]
+                    operands[kernel] = [PACKS[kernel](random_layer(generator)) for _ in range(count)]
+                product = kernel_product(kernel)
                 for x in (torch.ones(1, columns, dtype=torch.bfloat16), torch.ones(8, columns, dtype=torch.bfloat16)):
                     for weight, scales in operands[kernel]:
-                        product(x, weight, GROUP_SIZE, scales)
+                        product(x, weight, scales)
             return run
 
-        candidates = {"torch": sweep("torch", torch._weight_int4pack_mm_for_cpu),
-                      "native": sweep("native", library.int4_gemv)}
+        names = [f"{method} torch", f"{method} native"]
         if library.integer_loops() != "portable":
-            candidates = dict(reversed(candidates.items()))
+            names.reverse()
         flags = " ".join(native.build_flags())
         with torch.inference_mode():
-            _INT4_KERNEL.append(hardware.fastest("int4 decode products", f"int4 matvec {count}x{rows}x{columns} "
-                                                 f"{flags}", candidates))
-    return _INT4_KERNEL[0]
+            _DECODE_KERNELS[method] = hardware.fastest(
+                f"{method} decode products", f"{method} decode kernel {count}x{rows}x{columns} {flags}",
+                {name: sweep(name) for name in names})
+    return _DECODE_KERNELS[method]
 
 
 def note_kernels() -> None:
@@ -204,10 +238,13 @@ def note_kernels() -> None:
     exact = "our int8_gemv" if native.int8_matmul() is not native.int_mm_rows else "torch._int_mm"
     head = (f"int8 activations per row through {exact}" if exact_int8_matmul() else
             "fbgemm's dynamic int8 linear, row by row" if _fbgemm_available() else "torch._weight_int8pack_mm")
-    int4 = ("our int4_gemv (8-bit activations per group)" if int4_kernel() == "native" else
-            "torch._weight_int4pack_mm_for_cpu (bf16 activations)")
-    hardware.note("quantised decode (≤ 16 rows)", f"int8: torch._weight_int8pack_mm (bf16 activations); int4: {int4}; "
-                  f"output head: {head}", "integer kernels read 4× fewer bytes than bf16")
+    names = {"int8 torch": "torch._weight_int8pack_mm (bf16 activations)",
+             "int8 native": "our int8_weight_gemv (8-bit activations per group)",
+             "int4 torch": "torch._weight_int4pack_mm_for_cpu (bf16 activations)",
+             "int4 native": "our int4_gemv (8-bit activations per group)"}
+    hardware.note("quantised decode (≤ 16 rows)", f"int8: {names[decode_kernel('int8')]}; int4: "
+                  f"{names[decode_kernel('int4')]}; output head: {head}",
+                  "integer kernels read 4× fewer bytes than bf16")
     dequantize = "native one-pass" if native.ops() is not None else "PyTorch"
     here = hardware.cpu()
     matmul = "AMX" if here.has("amx_bf16") else "AVX512-BF16" if here.native_bf16 else "bf16 emulated in float32"
@@ -291,7 +328,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._packed: Any = None
         self._packed_from: torch.Tensor | None = None
-        self._kernel = "int8" if method == "int8" else "int4 torch"  # what `_packed` is for (`kernel_name`)
+        self._kernel = f"{method} torch"  # what `_packed` is for (`kernel_name`)
         self._exact_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # `_exact_operands`
         self._exact_of: tuple[torch.Tensor, Callable] | None = None
 
@@ -355,33 +392,24 @@ class QuantizedLinear(nn.Module):
     def row_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """For the lean decode step: x [rows <= DECODE_ROWS, in] (float32 or bfloat16) -> x Wᵀ + b [rows, out]
         (bfloat16 without a bias), the decode kernel with no per-call checks (about 14 µs less a call);
-        None where `forward` must decide (off the CPU, fbgemm's head, a shape the kernel refuses)."""
+        None where `forward` must decide (off the CPU, the head's 8-bit activations, a shape the kernel refuses)."""
         operands = self.kernel_operands()
         if operands is None:
             return None
-        if self.method == "int8":
-            qweight, scales = operands
+        (weight, scales), product = operands, kernel_product(self._kernel, self.group_size)
 
-            def kernel(x: torch.Tensor) -> torch.Tensor:
-                return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales)
-        else:
-            weight, scales_and_zeros, group_size = *operands, self.group_size
-            product = (native.ops().int4_gemv if self._kernel == "int4 native" else
-                       torch._weight_int4pack_mm_for_cpu)
-
-            def kernel(x: torch.Tensor) -> torch.Tensor:
-                return product(x.to(torch.bfloat16), weight, group_size, scales_and_zeros)
+        def kernel(x: torch.Tensor) -> torch.Tensor:
+            return product(x.to(torch.bfloat16), weight, scales)
         bias = self.bias
         return kernel if bias is None else lambda x: kernel(x) + bias
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The decode kernel's (weight, scales) as `row_kernel` and the native decode step pass them: int8
-        (qweight, bf16 row scales) for `_weight_int8pack_mm`, int4 (packed weight, scales and zeros) for the kernel
-        chosen here (`kernel_name`); None where `forward` must decide (see `row_kernel`)."""
+        """The decode kernel's (weight, scales) in its layout (`PACKS`), as `row_kernel` and the native decode step
+        pass them, for the kernel chosen here (`kernel_name`); None where `forward` must decide (see
+        `row_kernel`)."""
         if self.qweight.device.type != "cpu" or self.quantize_activations or not self.has_kernel:
             return None
-        packed = self._packed if self._packed_from is self.qweight else self._pack()
-        return (self.qweight, packed[0]) if self.method == "int8" else packed
+        return self._packed if self._packed_from is self.qweight else self._pack()
 
     @property
     def kernel_name(self) -> str:
@@ -406,20 +434,14 @@ class QuantizedLinear(nn.Module):
             out = product(levels, *self._exact_operands(product)) * row_scales * self.scales
             return (out if self.bias is None else out + self.bias).to(x.dtype).view(shape)
         packed = self._packed if self._packed_from is self.qweight else self._pack()
-        if self.method == "int8":
-            if self.quantize_activations:
-                if rows == 1:
-                    return torch.ops.quantized.linear_dynamic(x.float(), packed[1], False).to(x.dtype)
-                per_row = [torch.ops.quantized.linear_dynamic(row, packed[1], False)
-                           for row in x.float().reshape(rows, 1, self.in_features)]
-                return torch.cat(per_row).to(x.dtype).view(shape)
-            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight,
-                                            packed[0]).to(x.dtype)
-            return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
-        weight, scales_and_zeros = packed
-        product = native.ops().int4_gemv if self._kernel == "int4 native" else torch._weight_int4pack_mm_for_cpu
-        out = product(x.reshape(-1, self.in_features).to(torch.bfloat16), weight, self.group_size,
-                      scales_and_zeros).to(x.dtype)
+        if self.quantize_activations:  # fbgemm's dynamic int8 linear, row by row
+            if rows == 1:
+                return torch.ops.quantized.linear_dynamic(x.float(), packed[1], False).to(x.dtype)
+            per_row = [torch.ops.quantized.linear_dynamic(row, packed[1], False)
+                       for row in x.float().reshape(rows, 1, self.in_features)]
+            return torch.cat(per_row).to(x.dtype).view(shape)
+        out = kernel_product(self._kernel, self.group_size)(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                            *packed).to(x.dtype)
         return (out if self.bias is None else out + self.bias.to(x.dtype)).view(shape)
 
     def _exact_operands(self, product: Callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,21 +455,20 @@ class QuantizedLinear(nn.Module):
         return self._exact_cache
 
     def _pack(self) -> Any:
-        """The kernel's layout of the stored weight, built once (again only if the weight is replaced)."""
-        if self.method == "int8":
-            # (the scales _weight_int8pack_mm multiplies by, fbgemm's packed weight or None)
-            self._packed = self.scales.to(torch.bfloat16), None
-            if self.quantize_activations:
-                with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; fbgemm stays
-                    warnings.simplefilter("ignore")
-                    zero_points = torch.zeros(self.out_features, dtype=torch.long)
-                    weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(),
-                                                                      zero_points, 0)
-                    self._packed = self._packed[0], torch.ops.quantized.linear_prepack(weight, self.bias)
-        elif self.group_size % 8 == 0 and int4_kernel() == "native":
-            self._packed, self._kernel = pack_int4_tiles(self.quantized_tensors()), "int4 native"
+        """The kernel's layout of the stored weight, built once (again only if the weight is replaced): the head's
+        (None, fbgemm's packed weight), else (weight, scales) for the decode kernel chosen here (`decode_kernel`;
+        torch's where ours does not take the shape)."""
+        if self.quantize_activations:
+            with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; fbgemm stays
+                warnings.simplefilter("ignore")
+                zero_points = torch.zeros(self.out_features, dtype=torch.long)
+                weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero_points, 0)
+                self._packed, self._kernel = (None, torch.ops.quantized.linear_prepack(weight, self.bias)), "int8 torch"
         else:
-            self._packed, self._kernel = pack_int4_torch(self.quantized_tensors()), "int4 torch"
+            kernel = decode_kernel(self.method)
+            fits = self.group_size % 8 == 0 if self.method == "int4" else self.in_features % 32 == 0
+            self._kernel = kernel if fits else f"{self.method} torch"
+            self._packed = PACKS[self._kernel](self.quantized_tensors())
         self._packed_from = self.qweight
         return self._packed
 

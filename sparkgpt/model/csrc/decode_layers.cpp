@@ -6,7 +6,7 @@
 // again in about a thousand small operations (norms, rotary, cache writes, attention over a short prefix), each
 // paying Python's and the dispatcher's few microseconds. Here those small operations are plain loops over a few
 // hundred numbers, and the only library calls left are the integer kernels themselves (the same ones the Python
-// step calls: torch's, or gemv.cpp's int4 product where it was timed faster on this CPU).
+// step calls: torch's, or gemv.cpp's where they were timed faster on this CPU).
 //
 // Per block, on float32 residual rows x [B, d] (the parts in [brackets] where the block has them: Gemma):
 //   h = RMSNorm(x)·g₁ (rounded to bf16: the kernels' input)
@@ -44,11 +44,12 @@ enum Activation { kSilu = 0, kGeluTanh = 1 };
 const float* gain_of(const Tensor& t) { return t.numel() == 0 ? nullptr : t.data_ptr<float>(); }
 
 // Which integer kernel a projection's (weight, scales) are packed for (quant.py's `KERNELS`).
-enum Kernel { kInt8 = 0, kInt4Torch = 1, kInt4Native = 2 };
+enum Kernel { kInt8Torch = 0, kInt4Torch = 1, kInt4Native = 2, kInt8Native = 3 };
 
 // rows [B, in] bf16 -> [B, out] bf16 through the projection's kernel (int4: groups of `group_size` inputs).
 Tensor project(const Tensor& rows, const Tensor& weight, const Tensor& scales, int64_t kernel, int64_t group_size) {
-  TORCH_CHECK(kernel == kInt8 || kernel == kInt4Torch || kernel == kInt4Native, "kernels: 0, 1 or 2 (quant.KERNELS)");
+  TORCH_CHECK(kernel >= kInt8Torch && kernel <= kInt8Native, "kernels: 0 to 3 (quant.KERNELS)");
+  if (kernel == kInt8Native) return sparkgpt::int8_weight_gemv(rows, weight, scales);
   if (kernel == kInt4Native) return sparkgpt::int4_gemv(rows, weight, group_size, scales);
   if (kernel == kInt4Torch) return at::_weight_int4pack_mm_for_cpu(rows, weight, group_size, scales);
   return at::_weight_int8pack_mm(rows, weight, scales);

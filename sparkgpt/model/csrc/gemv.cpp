@@ -126,7 +126,10 @@ Tensor gemv(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& 
 // integer inside int32 for K ≤ 65536 (255 · 128 · 65536 < 2³¹): exact, in any order.
 
 constexpr int64_t TILE = 16;            // outputs per tile
-constexpr int INT8_ROWS = 16, INT4_ROWS = 12;  // rows per pass over the weight (int4's sums fill the registers)
+// Rows per pass over the weight: the exact int8 product's, and the kernels with float sums per group of inputs
+// (int4 weights; int8 weights with grouped activations), whose two sets of sums fill the registers sooner.
+constexpr int INT8_ROWS = 16, GROUPED_ROWS = 12;
+constexpr int64_t INT8_GROUP = 32;  // inputs per 8-bit activation scale for int8 weights, as llama.cpp's Q8_0
 constexpr int64_t PREFETCH_BLOCKS = 16;      // how far ahead in a tile's stream the next blocks are asked for
 
 // The tiles T at a time for one row (its sums are short chains), fewer for more rows (their sums fill the
@@ -277,10 +280,16 @@ std::string integer_loops() {
 
 
 struct QuantisedRows {
-  const int8_t* x8;    // [rows, K]
-  const float* scale;  // σ per row and group [rows, groups]
-  const float* sum;    // σ Σ x8 per row and group
+  const int8_t* x8;       // [rows, K]
+  const float* scale;     // σ per row and group [rows, groups]
+  const float* sum;       // σ Σ x8 per row and group
+  const int32_t* levels;  // Σ x8 per row and group
   int64_t depth, groups, group_size;
+
+  QuantisedRows from(int64_t row) const {
+    const int64_t at = row * groups;
+    return {x8 + row * depth, scale + at, sum + at, levels + at, depth, groups, group_size};
+  }
 };
 
 // Outputs [16 · T] of R rows from T consecutive tiles (`w`, `scales` at the first).
@@ -358,11 +367,82 @@ void int4_tiles(const QuantisedRows& in, const uint8_t* w, const c10::BFloat16* 
 #endif
 }
 
+// ---- int8 weights with 8-bit activations per group (a model's int8 layers) ----------------------------------
+//
+// W ≈ q · s per output row (quant.py's int8), x ≈ x8 · σ per group of G inputs as for int4 above. Per group the sum
+// Σ x8 · q is exact: `vpdpbusd` takes q + 128 as the unsigned bytes (the weight is kept so: `pack_int8_weight`) and
+// x8 as the signed ones, and 128 · Σ x8 comes back off. Then y = s · Σ_g σ_g · Σ x8·q, the float steps in one
+// order in both loops. Layout: `int8_gemv`'s tiles, each byte + 128.
+
+// Outputs [16 · T] of R rows from T consecutive tiles (the first `outputs` exist); out's row stride `stride`.
+template <int R, int T>
+void int8_weight_tiles(const QuantisedRows& in, const uint8_t* w, const float* scales, int64_t tile_bytes,
+                       c10::BFloat16* out, int64_t stride, int64_t outputs) {
+  const int64_t quads = in.group_size / 4;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  using namespace sparkgpt;
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < in.groups; ++g) {
+    __m512i sums[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) sums[r][t] = _mm512_setzero_si512();
+    for (int64_t j = g * quads; j < (g + 1) * quads; ++j) {
+      __m512i block[T];
+      for (int t = 0; t < T; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + (j + PREFETCH_BLOCKS) * 64), _MM_HINT_T0);
+        block[t] = _mm512_loadu_si512(w + t * tile_bytes + j * 64);
+      }
+      for (int r = 0; r < R; ++r) {
+        int32_t quad;
+        std::memcpy(&quad, in.x8 + r * in.depth + j * 4, sizeof(quad));
+        const __m512i x = _mm512_set1_epi32(quad);
+        for (int t = 0; t < T; ++t) sums[r][t] = _mm512_dpbusd_epi32(sums[r][t], block[t], x);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = r * in.groups + g;
+      const __m512i offset = _mm512_set1_epi32(128 * in.levels[at]);
+      const __m512 sigma = _mm512_set1_ps(in.scale[at]);
+      for (int t = 0; t < T; ++t)
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums[r][t], offset)), sigma, acc[r][t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const int64_t left = std::min<int64_t>(TILE, outputs - t * TILE);
+    if (left <= 0) continue;
+    const __mmask16 lanes = left >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(lanes, scales + t * TILE);
+    for (int r = 0; r < R; ++r) store16(out + r * stride + t * TILE, _mm512_mul_ps(acc[r][t], s), lanes);
+  }
+#else
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x8 = in.x8 + r * in.depth;
+      float acc[TILE] = {};
+      for (int64_t g = 0; g < in.groups; ++g) {
+        int32_t sums[TILE] = {};
+        for (int64_t j = g * quads; j < (g + 1) * quads; ++j) {
+          const uint8_t* block = w + t * tile_bytes + j * 64;
+          for (int64_t lane = 0; lane < TILE; ++lane)
+            for (int64_t i = 0; i < 4; ++i) sums[lane] += static_cast<int32_t>(block[4 * lane + i]) * x8[4 * j + i];
+        }
+        const int64_t at = r * in.groups + g;
+        for (int64_t lane = 0; lane < TILE; ++lane)
+          acc[lane] = std::fma(static_cast<float>(sums[lane] - 128 * in.levels[at]), in.scale[at], acc[lane]);
+      }
+      for (int64_t lane = 0; lane < std::min<int64_t>(TILE, outputs - t * TILE); ++lane)
+        out[r * stride + t * TILE + lane] = c10::BFloat16(acc[lane] * scales[t * TILE + lane]);
+    }
+#endif
+}
+
 // x8 = round(x · 127 / max|x|) for one group of x (bf16, n a multiple of 8); returns σ = max|x| / 127 and sets
-// total = σ Σ x8. Rounding is to nearest even in both loops (the default mode), so both give the same bytes. A
-// group below 1e-30 (127 / max|x| would overflow) is all zeros; one holding a NaN or an infinity gives σ = NaN,
-// which carries into every output it reaches, as a float product would.
-inline float quantise_group(const c10::BFloat16* x, int64_t n, int8_t* x8, float& total) {
+// levels = Σ x8 and total = σ Σ x8. Rounding is to nearest even in both loops (the default mode), so both give the
+// same bytes. A group below 1e-30 (127 / max|x| would overflow) is all zeros; one holding a NaN or an infinity
+// gives σ = NaN, which carries into every output it reaches, as a float product would.
+inline float quantise_group(const c10::BFloat16* x, int64_t n, int8_t* x8, int32_t& levels, float& total) {
   float largest = 0.f;
   bool finite = true;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -383,13 +463,13 @@ inline float quantise_group(const c10::BFloat16* x, int64_t n, int8_t* x8, float
     largest = std::max(largest, std::fabs(v));
   }
 #endif
+  levels = 0;
   if (!finite || largest < 1e-30f) {
     std::fill(x8, x8 + n, static_cast<int8_t>(0));
     total = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
     return total;
   }
   const float inverse = 127.f / largest;
-  int32_t levels = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   __m512i count = _mm512_setzero_si512();
   for_lanes(0, n, [&](int64_t k, __mmask16 lanes) {
@@ -409,9 +489,60 @@ inline float quantise_group(const c10::BFloat16* x, int64_t n, int8_t* x8, float
   return sigma;
 }
 
+// Rows x [rows, K] (bf16) quantised per group of `group_size` (K a multiple of it), held for the kernels.
+struct QuantisedBuffers {
+  std::vector<int8_t> x8;
+  std::vector<float> scale, sum;
+  std::vector<int32_t> levels;
+  QuantisedRows rows;  // views of the vectors above
+
+  QuantisedBuffers(const QuantisedBuffers&) = delete;
+  QuantisedBuffers(const Tensor& x, int64_t group_size) {
+    const int64_t count = x.size(0), depth = x.size(1), groups = depth / group_size;
+    x8.resize(count * depth);
+    scale.resize(count * groups);
+    sum.resize(count * groups);
+    levels.resize(count * groups);
+    const c10::BFloat16* xs = x.const_data_ptr<c10::BFloat16>();
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t at = r * groups + g, first = r * depth + g * group_size;
+        scale[at] = quantise_group(xs + first, group_size, x8.data() + first, levels[at], sum[at]);
+      }
+    rows = {x8.data(), scale.data(), sum.data(), levels.data(), depth, groups, group_size};
+  }
+};
+
 }  // namespace
 
 namespace sparkgpt {
+
+Tensor int8_weight_gemv(const Tensor& x, const Tensor& weight, const Tensor& scales) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && weight.scalar_type() == at::kByte &&
+                  weight.dim() == 2 && weight.is_contiguous() && scales.scalar_type() == at::kFloat &&
+                  scales.dim() == 1 && scales.is_contiguous(),
+              "int8_weight_gemv: bf16 x [rows, K], a uint8 weight in tiles (quant.pack_int8_weight) and float32 "
+              "scales [N]");
+  const int64_t rows = x.size(0), depth = x.size(1), n = scales.numel();
+  TORCH_CHECK(depth % INT8_GROUP == 0 && weight.size(0) == (n + TILE - 1) / TILE && weight.size(1) == depth * 16,
+              "int8_weight_gemv: K a multiple of ", INT8_GROUP, " and the weight packed for N = ", n, ", K = ", depth);
+  const Tensor in = x.contiguous();
+  const QuantisedBuffers quantised(in, INT8_GROUP);
+  Tensor out = at::empty({rows, n}, in.options());
+  const uint8_t* w = weight.const_data_ptr<uint8_t>();
+  const float* s = scales.const_data_ptr<float>();
+  c10::BFloat16* o = out.mutable_data_ptr<c10::BFloat16>();
+  const int64_t tile_bytes = depth * 16;
+  by_passes<GROUPED_ROWS>(rows, [&](auto count, int64_t first) {
+    constexpr int R = decltype(count)::value;
+    const QuantisedRows part = quantised.rows.from(first);
+    by_tiles<R>(weight.size(0), [&](auto in_flight, int64_t tile) {
+      int8_weight_tiles<R, decltype(in_flight)::value>(part, w + tile * tile_bytes, s + tile * TILE, tile_bytes,
+                                                       o + first * n + tile * TILE, n, n - tile * TILE);
+    });
+  });
+  return out;
+}
 
 Tensor int4_gemv(const Tensor& x, const Tensor& weight, int64_t group_size, const Tensor& scales) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && weight.scalar_type() == at::kByte &&
@@ -424,23 +555,15 @@ Tensor int4_gemv(const Tensor& x, const Tensor& weight, int64_t group_size, cons
               "int4_gemv: K a multiple of the group size, itself of 8, and the weight and scales packed for it");
   const int64_t groups = depth / group_size;
   const Tensor in = x.contiguous();
-  std::vector<int8_t> x8(rows * depth);
-  std::vector<float> scale(rows * groups), sum(rows * groups);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t at = r * groups + g, first = r * depth + g * group_size;
-      scale[at] = quantise_group(in.const_data_ptr<c10::BFloat16>() + first, group_size, x8.data() + first,
-                                 sum[at]);
-    }
+  const QuantisedBuffers quantised(in, group_size);
   Tensor out = at::empty({rows, n}, in.options());
   const uint8_t* w = weight.const_data_ptr<uint8_t>();
   const c10::BFloat16* s = scales.const_data_ptr<c10::BFloat16>();
   c10::BFloat16* o = out.mutable_data_ptr<c10::BFloat16>();
   const int64_t tile_bytes = depth * 8, tile_scales = groups * 2 * TILE;
-  by_passes<INT4_ROWS>(rows, [&](auto count, int64_t first) {
+  by_passes<GROUPED_ROWS>(rows, [&](auto count, int64_t first) {
     constexpr int R = decltype(count)::value;
-    const QuantisedRows part{x8.data() + first * depth, scale.data() + first * groups, sum.data() + first * groups,
-                             depth, groups, group_size};
+    const QuantisedRows part = quantised.rows.from(first);
     by_tiles<R>(n / TILE, [&](auto in_flight, int64_t tile) {
       int4_tiles<R, decltype(in_flight)::value>(part, w + tile * tile_bytes, s + tile * tile_scales, tile_bytes,
                                                 tile_scales, o + first * n + tile * TILE, n);
@@ -455,6 +578,7 @@ TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor weight, Tensor row_sums) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor weight, int group_size, Tensor scales) -> Tensor");
+  m.def("int8_weight_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("integer_loops() -> str", integer_loops);
 }
 
@@ -462,4 +586,5 @@ TORCH_LIBRARY_IMPL(sparkgpt, CPU, m) {
   m.impl("gemv", gemv);
   m.impl("int8_gemv", int8_gemv);
   m.impl("int4_gemv", sparkgpt::int4_gemv);
+  m.impl("int8_weight_gemv", sparkgpt::int8_weight_gemv);
 }

@@ -66,7 +66,11 @@ std::tuple<Tensor, Tensor> local_attention_forward(const Tensor& q_in, const Ten
   // is a view, not a copy; the gradients below likewise
   Tensor out = at::empty_like(q);
   Tensor lse = at::empty({batch, heads, length}, q.options());
+  // out is an inference tensor under torch.inference_mode, and the pool's threads do not inherit the mode: each
+  // takes the caller's, or writing into out would be refused there
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    const c10::InferenceMode mode(inference);
     Tensor scores = at::empty({chunk, chunk + window - 1}, q.options());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
