@@ -61,6 +61,7 @@ def _fused(layers: list[nn.Module]) -> QuantizedLinear | None:
     first = layers[0]
     same = all(type(layer) is QuantizedLinear and layer.method == first.method
                and layer.group_size == first.group_size and (layer.bias is None) == (first.bias is None)
+               and layer.int8_activations == first.int8_activations
                for layer in layers)
     return fuse_rows(layers) if same else None
 

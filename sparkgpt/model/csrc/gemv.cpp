@@ -132,6 +132,32 @@ constexpr int INT8_ROWS = 16, GROUPED_ROWS = 12;
 constexpr int64_t INT8_GROUP = 32;  // inputs per 8-bit activation scale for int8 weights, as llama.cpp's Q8_0
 constexpr int64_t PREFETCH_BLOCKS = 16;      // how far ahead in a tile's stream the next blocks are asked for
 
+// Every register of a kernel's R × T accumulators set to `value`.
+template <typename V, int R, int T>
+inline void fill(V (&registers)[R][T], V value) {
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) registers[r][t] = value;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Block j (64 bytes) of each of T tiles `tile_bytes` apart from `w`, the blocks PREFETCH_BLOCKS ahead asked for.
+template <int T>
+inline void load_blocks(const void* w, int64_t tile_bytes, int64_t j, __m512i (&blocks)[T]) {
+  const char* bytes = static_cast<const char*>(w);
+  for (int t = 0; t < T; ++t) {
+    _mm_prefetch(bytes + t * tile_bytes + (j + PREFETCH_BLOCKS) * 64, _MM_HINT_T0);
+    blocks[t] = _mm512_loadu_si512(bytes + t * tile_bytes + j * 64);
+  }
+}
+
+// Four bytes in every 32-bit lane: what `vpdpbusd` multiplies each lane's four weight bytes by.
+inline __m512i broadcast4(const void* bytes) {
+  int32_t quad;
+  std::memcpy(&quad, bytes, sizeof(quad));
+  return _mm512_set1_epi32(quad);
+}
+#endif
+
 // The tiles T at a time for one row (its sums are short chains), fewer for more rows (their sums fill the
 // registers).
 template <int R>
@@ -180,18 +206,12 @@ void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_
                 int64_t outputs) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   __m512i acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  fill(acc, _mm512_setzero_si512());
   for (int64_t j = 0; j < quads; ++j) {
     __m512i block[T];
-    for (int t = 0; t < T; ++t) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + (j + PREFETCH_BLOCKS) * 64), _MM_HINT_T0);
-      block[t] = _mm512_loadu_si512(w + t * tile_bytes + j * 64);
-    }
+    load_blocks(w, tile_bytes, j, block);
     for (int r = 0; r < R; ++r) {
-      int32_t quad;
-      std::memcpy(&quad, xq + (r * quads + j) * 4, sizeof(quad));
-      const __m512i x = _mm512_set1_epi32(quad);
+      const __m512i x = broadcast4(xq + (r * quads + j) * 4);
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], x, block[t]);
     }
   }
@@ -292,6 +312,23 @@ struct QuantisedRows {
   }
 };
 
+// The portable loops of the grouped kernels, for row r against one tile: per group, the integer sums of
+// `block_dot(bytes of a lane, x8, block j)` over the group's 64-byte blocks, then `update(acc, sums, row's group
+// index, group)`; at the end `store(acc)`.
+template <typename BlockDot, typename Update, typename Store>
+[[maybe_unused]] void portable_grouped(const QuantisedRows& in, int64_t r, const uint8_t* tile, int64_t blocks,
+                                       const BlockDot& block_dot, const Update& update, const Store& store) {
+  const int8_t* x8 = in.x8 + r * in.depth;
+  float acc[TILE] = {};
+  for (int64_t g = 0; g < in.groups; ++g) {
+    int32_t sums[TILE] = {};
+    for (int64_t j = g * blocks; j < (g + 1) * blocks; ++j)
+      for (int64_t lane = 0; lane < TILE; ++lane) sums[lane] += block_dot(tile + j * 64 + 4 * lane, x8, j);
+    update(acc, sums, r * in.groups + g, g);
+  }
+  store(acc);
+}
+
 // Outputs [16 · T] of R rows from T consecutive tiles (`w`, `scales` at the first).
 template <int R, int T>
 void int4_tiles(const QuantisedRows& in, const uint8_t* w, const c10::BFloat16* scales, int64_t tile_bytes,
@@ -301,24 +338,20 @@ void int4_tiles(const QuantisedRows& in, const uint8_t* w, const c10::BFloat16* 
   using namespace sparkgpt;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  fill(acc, _mm512_setzero_ps());
   for (int64_t g = 0; g < in.groups; ++g) {
     __m512i sums[R][T];
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) sums[r][t] = _mm512_setzero_si512();
+    fill(sums, _mm512_setzero_si512());
     for (int64_t j = g * blocks; j < (g + 1) * blocks; ++j) {
       __m512i low[T], high[T];
+      load_blocks(w, tile_bytes, j, low);
       for (int t = 0; t < T; ++t) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + (j + PREFETCH_BLOCKS) * 64), _MM_HINT_T0);
-        const __m512i bytes = _mm512_loadu_si512(w + t * tile_bytes + j * 64);
-        low[t] = _mm512_and_si512(bytes, nibble);
-        high[t] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+        high[t] = _mm512_and_si512(_mm512_srli_epi16(low[t], 4), nibble);
+        low[t] = _mm512_and_si512(low[t], nibble);
       }
       for (int r = 0; r < R; ++r) {
-        int32_t quads[2];
-        std::memcpy(quads, in.x8 + r * in.depth + j * 8, sizeof(quads));
-        const __m512i first = _mm512_set1_epi32(quads[0]), second = _mm512_set1_epi32(quads[1]);
+        const int8_t* x8 = in.x8 + r * in.depth + j * 8;
+        const __m512i first = broadcast4(x8), second = broadcast4(x8 + 4);
         for (int t = 0; t < T; ++t) {
           sums[r][t] = _mm512_dpbusd_epi32(sums[r][t], low[t], first);
           sums[r][t] = _mm512_dpbusd_epi32(sums[r][t], high[t], second);
@@ -341,29 +374,25 @@ void int4_tiles(const QuantisedRows& in, const uint8_t* w, const c10::BFloat16* 
     for (int t = 0; t < T; ++t) store16(out + r * n + t * TILE, acc[r][t], 0xFFFF);
 #else
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x8 = in.x8 + r * in.depth;
-      float acc[TILE] = {};
-      for (int64_t g = 0; g < in.groups; ++g) {
-        int32_t sums[TILE] = {};
-        for (int64_t j = g * blocks; j < (g + 1) * blocks; ++j) {
-          const uint8_t* block = w + t * tile_bytes + j * 64;
-          for (int64_t lane = 0; lane < TILE; ++lane)
-            for (int64_t i = 0; i < 4; ++i) {
-              const int32_t byte = block[4 * lane + i];
-              sums[lane] += (byte & 15) * x8[8 * j + i] + (byte >> 4) * x8[8 * j + 4 + i];
+    for (int r = 0; r < R; ++r)
+      portable_grouped(
+          in, r, w + t * tile_bytes, blocks,
+          [](const uint8_t* bytes, const int8_t* x8, int64_t j) {  // low nibbles inputs 8j.., high ones 8j + 4..
+            int32_t sum = 0;
+            for (int64_t i = 0; i < 4; ++i) sum += (bytes[i] & 15) * x8[8 * j + i] + (bytes[i] >> 4) * x8[8 * j + 4 + i];
+            return sum;
+          },
+          [&](float* acc, const int32_t* sums, int64_t at, int64_t g) {
+            const c10::BFloat16* group = scales + t * tile_scales + g * 2 * TILE;
+            for (int64_t lane = 0; lane < TILE; ++lane) {
+              const float s = static_cast<float>(group[lane]), z = static_cast<float>(group[TILE + lane]);
+              acc[lane] = std::fma(static_cast<float>(sums[lane]), s * in.scale[at], acc[lane]);
+              acc[lane] = std::fma(std::fma(-8.f, s, z), in.sum[at], acc[lane]);
             }
-        }
-        const c10::BFloat16* group = scales + t * tile_scales + g * 2 * TILE;
-        const int64_t at = r * in.groups + g;
-        for (int64_t lane = 0; lane < TILE; ++lane) {
-          const float s = static_cast<float>(group[lane]), z = static_cast<float>(group[TILE + lane]);
-          acc[lane] = std::fma(static_cast<float>(sums[lane]), s * in.scale[at], acc[lane]);
-          acc[lane] = std::fma(std::fma(-8.f, s, z), in.sum[at], acc[lane]);
-        }
-      }
-      for (int64_t lane = 0; lane < TILE; ++lane) out[r * n + t * TILE + lane] = c10::BFloat16(acc[lane]);
-    }
+          },
+          [&](const float* acc) {
+            for (int64_t lane = 0; lane < TILE; ++lane) out[r * n + t * TILE + lane] = c10::BFloat16(acc[lane]);
+          });
 #endif
 }
 
@@ -382,22 +411,15 @@ void int8_weight_tiles(const QuantisedRows& in, const uint8_t* w, const float* s
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   using namespace sparkgpt;
   __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  fill(acc, _mm512_setzero_ps());
   for (int64_t g = 0; g < in.groups; ++g) {
     __m512i sums[R][T];
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) sums[r][t] = _mm512_setzero_si512();
+    fill(sums, _mm512_setzero_si512());
     for (int64_t j = g * quads; j < (g + 1) * quads; ++j) {
       __m512i block[T];
-      for (int t = 0; t < T; ++t) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + (j + PREFETCH_BLOCKS) * 64), _MM_HINT_T0);
-        block[t] = _mm512_loadu_si512(w + t * tile_bytes + j * 64);
-      }
+      load_blocks(w, tile_bytes, j, block);
       for (int r = 0; r < R; ++r) {
-        int32_t quad;
-        std::memcpy(&quad, in.x8 + r * in.depth + j * 4, sizeof(quad));
-        const __m512i x = _mm512_set1_epi32(quad);
+        const __m512i x = broadcast4(in.x8 + r * in.depth + j * 4);
         for (int t = 0; t < T; ++t) sums[r][t] = _mm512_dpbusd_epi32(sums[r][t], block[t], x);
       }
     }
@@ -418,23 +440,22 @@ void int8_weight_tiles(const QuantisedRows& in, const uint8_t* w, const float* s
   }
 #else
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x8 = in.x8 + r * in.depth;
-      float acc[TILE] = {};
-      for (int64_t g = 0; g < in.groups; ++g) {
-        int32_t sums[TILE] = {};
-        for (int64_t j = g * quads; j < (g + 1) * quads; ++j) {
-          const uint8_t* block = w + t * tile_bytes + j * 64;
-          for (int64_t lane = 0; lane < TILE; ++lane)
-            for (int64_t i = 0; i < 4; ++i) sums[lane] += static_cast<int32_t>(block[4 * lane + i]) * x8[4 * j + i];
-        }
-        const int64_t at = r * in.groups + g;
-        for (int64_t lane = 0; lane < TILE; ++lane)
-          acc[lane] = std::fma(static_cast<float>(sums[lane] - 128 * in.levels[at]), in.scale[at], acc[lane]);
-      }
-      for (int64_t lane = 0; lane < std::min<int64_t>(TILE, outputs - t * TILE); ++lane)
-        out[r * stride + t * TILE + lane] = c10::BFloat16(acc[lane] * scales[t * TILE + lane]);
-    }
+    for (int r = 0; r < R; ++r)
+      portable_grouped(
+          in, r, w + t * tile_bytes, quads,
+          [](const uint8_t* bytes, const int8_t* x8, int64_t j) {  // inputs 4j..4j+3, each byte q + 128
+            int32_t sum = 0;
+            for (int64_t i = 0; i < 4; ++i) sum += static_cast<int32_t>(bytes[i]) * x8[4 * j + i];
+            return sum;
+          },
+          [&](float* acc, const int32_t* sums, int64_t at, int64_t) {
+            for (int64_t lane = 0; lane < TILE; ++lane)
+              acc[lane] = std::fma(static_cast<float>(sums[lane] - 128 * in.levels[at]), in.scale[at], acc[lane]);
+          },
+          [&](const float* acc) {
+            for (int64_t lane = 0; lane < std::min<int64_t>(TILE, outputs - t * TILE); ++lane)
+              out[r * stride + t * TILE + lane] = c10::BFloat16(acc[lane] * scales[t * TILE + lane]);
+          });
 #endif
 }
 
