@@ -1,9 +1,10 @@
 """Do the decode kernels cost quality? The perplexity of a fixed text fed one token per decode step (what generation
 computes: the integer kernels, the cache, the lean step) under each choice of decode kernel: torch's, with bf16
 activations, and ours, with 8-bit activations per group of 32 inputs (quant.py, `decode_kernel`); beside it the
-prompt path's (the whole text in one forward: dequantised matrices), which no decode kernel touches.
+prompt path's (the whole text in one forward: dequantised matrices past the rows the kernels were timed faster
+for, at most 512, so no decode kernel touches it at more tokens than that).
 
-    python benchmarks/bench_decode_quality.py --weights smollm2-135m-instruct gemma3-270m --tokens 512
+    python benchmarks/bench_decode_quality.py --weights smollm2-135m-instruct gemma3-270m --tokens 1024
 
 The text: the passages of the bundled summarisation task, in order. Each model is loaded as `sparkgpt.load(...,
 quantize="int4")` gives it (a GGUF file's own 5-, 6- and 8-bit matrices stay int8: both kernels run).
@@ -53,7 +54,7 @@ def prompt_perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

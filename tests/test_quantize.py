@@ -348,7 +348,7 @@ def test_a_prompt_multiplies_in_the_dtype_timed_fastest_on_this_cpu(monkeypatch,
     asked = []
 
     def fake_fastest(decision, key, candidates, rounds=2):
-        if not key.startswith("quant-"):  # not this test's choice (the int4 decode kernel)
+        if not key.startswith("quant-"):  # not this test's choice (the decode kernels)
             return next(iter(candidates))
         asked.append((key, sorted(candidates)))
         return "dequantise" if key.startswith("quant-kernel-rows") else chosen
@@ -380,7 +380,7 @@ def test_a_prompt_takes_the_integer_kernel_up_to_the_rows_timed_faster_on_this_c
     asked = []
 
     def fake_fastest(decision, key, candidates, rounds=2):
-        if not key.startswith("quant-"):  # not this test's choice (the int4 decode kernel)
+        if not key.startswith("quant-"):  # not this test's choice (the decode kernels)
             return next(iter(candidates))
         asked.append(key)
         return "kernel" if key.startswith("quant-kernel-rows") and int(key.rsplit("-", 1)[1]) <= 32 else "float32"
@@ -425,6 +425,12 @@ def test_an_int4_model_with_int8_layers_saves_and_loads_them_as_int8(hf_llama, t
     assert kinds(loaded.model) == kinds(lm.model)
     assert all(kinds(loaded.model)[name] == "int8" for name in keep)
     assert kinds(loaded.model)["blocks.0.attn.k_proj"] == "int4"  # its neighbour, of the same shape, is not kept
+    # an int4 model's int8 layers may round their inputs to 8 bits as its int4 ones do, before and after a reload;
+    # an int8 model's layers may not
+    for model in (lm.model, loaded.model):
+        assert all(model.get_submodule(name).int8_activations for name in keep)
+    int8_model = quant.quantize_model(sparkgpt.load(directory, device="cpu").model, "int8")
+    assert not any(m.int8_activations for m in int8_model.modules() if isinstance(m, QuantizedLinear))
     ids = torch.randint(0, lm.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(ids), lm.model(ids), atol=0, rtol=0)

@@ -14,9 +14,9 @@ library is unavailable:
   multiplies a known product to find out; the reference: the float32 attention formula);
 - `gemv` (csrc/gemv.cpp): a float32 or bf16 model's decode-step matrix–vector products, where timing on this CPU
   finds it faster than torch's (`matvec`; the reference: F.linear); `int8_gemv`, the exact int8 product of a
-  quantised head's rows (`int8_matmul`; the reference: torch._int_mm); and `int4_gemv` / `int8_weight_gemv`, int4
-  and int8 layers' products for a decode step's rows (quant.py's `decode_kernel`; the reference: the dequantised
-  matrix's product);
+  quantised head's rows (`int8_matmul`; the reference: torch._int_mm); and `int4_gemv` / `int8_weight_gemv`, an
+  int4 model's int4 and int8 layers' products for a decode step's rows (quant.py's `decode_kernel`; the reference:
+  the dequantised matrix's product);
 - `rms_norm`, `silu_mul`, `rotary` (csrc/pointwise.cpp): a Llama block's per-token steps in one pass each, for
   bf16 inference (`inference_ops`; the references: RMSNorm and SwiGLUFFN in layers.py, apply_rotary in
   attention.py).
@@ -362,6 +362,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("sparkgpt::int4_gemv")
     def _(x, weight, group_size, scales):
         return x.new_empty(x.shape[0], weight.shape[0] * 16)
+
+    @torch.library.register_fake("sparkgpt::int8_weight_gemv")
+    def _(x, weight, scales):
+        return x.new_empty(x.shape[0], scales.shape[0])
 
     for name in ("rms_norm", "silu_mul", "rotary"):  # outputs shaped and laid out as the first input
         torch.library.register_fake(f"sparkgpt::{name}", lambda x, *rest: torch.empty_like(x))

@@ -13,18 +13,20 @@ A weight matrix W [out, in] is stored as small integers and scales:
 
 Kernels (measurements per kernel and shape: benchmarks/RESULTS.md, "Quantised kernels"): decode rows (one token
 each, up to `DECODE_ROWS`) go through an integer kernel: torch's (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`: bf16 activations) or ours (`int8_weight_gemv`, `int4_gemv`: 8-bit activations per
-group of inputs, as llama.cpp's quantised products take them, and exact integer sums, so that several rows cost
-little more than one), whichever was timed faster here (`decode_kernel`). The output head takes 8-bit activations,
-one scale per row so that no row's result depends on another's: an exact int8 product over all rows at once where
-`torch._int_mm` multiplies exactly (`exact_int8_matmul`: VNNI CPUs), by it or by the native `int8_gemv`, whichever
-was timed faster here (`native.int8_matmul`), else fbgemm's dynamic int8 linear row by row. One 8-bit scale per row
-elsewhere blurs the outliers of the o_proj and down_proj inputs and costs perplexity, while on the head it costs
-none and saves most of its time; one per group of 32 costs 0.2-0.7% of a text's perplexity decoded token by token
-(`benchmarks/bench_decode_quality.py`). A prompt's rows go through the same kernel while they are few enough that it
-beats dequantising (`kernel_rows`, timed per shape: a chat turn's few dozen tokens, a draft being checked); more
-rows dequantise the matrix and multiply in bf16 where this CPU's bf16 matmul is the faster (`prefill_dtype`, timed),
-else in float32. Elsewhere (CUDA) every call dequantises and multiplies in the activations' dtype.
+`_weight_int4pack_mm_for_cpu`: bf16 activations) or, for an int4 model's layers (its int8 ones included), ours
+(`int8_weight_gemv`, `int4_gemv`: 8-bit activations per group of inputs, as llama.cpp's quantised products take
+them, and exact integer sums, so that several rows cost little more than one), whichever was timed faster here
+(`decode_kernel`); an int8 model keeps torch's bf16 activations (`QuantizedLinear.int8_activations`). The output
+head takes 8-bit activations, one scale per row so that no row's result depends on another's: an exact int8 product
+over all rows at once where `torch._int_mm` multiplies exactly (`exact_int8_matmul`: VNNI CPUs), by it or by the
+native `int8_gemv`, whichever was timed faster here (`native.int8_matmul`), else fbgemm's dynamic int8 linear row by
+row. One 8-bit scale per row elsewhere blurs the outliers of the o_proj and down_proj inputs and costs perplexity,
+while on the head it costs none and saves most of its time; one per group of 32 costs 0.2-0.7% of a text's
+perplexity decoded token by token (`benchmarks/bench_decode_quality.py`). A prompt's rows go through the same kernel
+while they are few enough that it beats dequantising (`kernel_rows`, timed per shape: a chat turn's few dozen
+tokens, a draft being checked); more rows dequantise the matrix and multiply in bf16 where this CPU's bf16 matmul is
+the faster (`prefill_dtype`, timed), else in float32. Elsewhere (CUDA) every call dequantises and multiplies in the
+activations' dtype.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ def exact_int8_matmul() -> bool:
 
 
 def decode_kernel(method: str) -> str:
-    """Which kernel multiplies the decode rows of `method`'s layers on this CPU (a `KERNELS` key): "… native"
+    """Which kernel multiplies the decode rows of `method`'s layers in an int4 model on this CPU (a `KERNELS` key;
+    an int8 model's layers keep torch's, see `QuantizedLinear.int8_activations`): "… native"
     (csrc/gemv.cpp's `int4_gemv` / `int8_weight_gemv`: 8-bit activations per group of inputs, as llama.cpp's
     quantised products take them, and exact integer sums, VNNI where compiled in) or "… torch"
     (`_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`: bf16 activations, float FMAs), whichever was timed faster
@@ -239,7 +242,7 @@ def note_kernels() -> None:
     head = (f"int8 activations per row through {exact}" if exact_int8_matmul() else
             "fbgemm's dynamic int8 linear, row by row" if _fbgemm_available() else "torch._weight_int8pack_mm")
     names = {"int8 torch": "torch._weight_int8pack_mm (bf16 activations)",
-             "int8 native": "our int8_weight_gemv (8-bit activations per group)",
+             "int8 native": "our int8_weight_gemv (8-bit activations per group; int8 models: torch's)",
              "int4 torch": "torch._weight_int4pack_mm_for_cpu (bf16 activations)",
              "int4 native": "our int4_gemv (8-bit activations per group)"}
     hardware.note("quantised decode (≤ 16 rows)", f"int8: {names[decode_kernel('int8')]}; int4: "
@@ -423,8 +426,8 @@ class QuantizedLinear(nn.Module):
         return self._kernel
 
     def decode_kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The integer kernel for a few rows (CPU). 8-bit activations take one scale per row, so that each row
-        computes what it would alone: rows quantised each by its own absolute maximum and multiplied exactly in
+        """The integer kernel for a few rows (CPU). The head's 8-bit activations take one scale per row, so that
+        each row computes what it would alone: rows quantised each by its own absolute maximum and multiplied exactly in
         integers (`native.int8_matmul`: one pass over the weight for all rows) where that is exact (our kernel
         always; torch._int_mm on VNNI CPUs and for widths that are multiples of 8), else fbgemm's dynamic linear
         called row by row (its one scale per call would tie the rows of a batch together)."""

@@ -1,11 +1,11 @@
 // y = x Wᵀ (+ b) for a few rows x [rows, K] and a weight W [N, K], both float32 or both bfloat16 (float32 sums,
-// rounded once): the matrix–vector products of a float model's decode step; int8_gemv, the exact int32 product
-// of a quantised head's int8 rows; and int4_gemv, a quantised model's int4 layers for a decode step's rows. One
-// token per row is bound by reading W once per step, and the library kernels streamed a large weight well below
-// the memory's pace on some CPUs (RESULTS.md). Here each thread streams its own blocks of W's rows, every x row
-// reusing them from L1. Each output is one row's sums in a fixed order, so a row's result never depends on the
-// others in its batch. Whether this beats torch's kernel is measured on the CPU at hand (native.py: `matvec`,
-// `int8_matmul`; quant.py: `int4_kernel`).
+// rounded once): the matrix–vector products of a float model's decode step; int8_gemv, the exact int32 product of a
+// quantised head's int8 rows; and int4_gemv / int8_weight_gemv, an int4 model's layers for a decode step's rows. One
+// token per row is bound by reading W once per step, and the library kernels streamed a large weight well below the
+// memory's pace on some CPUs (RESULTS.md). Here each thread streams its own blocks of W's rows, every x row reusing
+// them from L1. Each output is one row's sums in a fixed order, so a row's result never depends on the others in its
+// batch. Whether this beats torch's kernel is measured on the CPU at hand (native.py: `matvec`, `int8_matmul`;
+// quant.py: `decode_kernel`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

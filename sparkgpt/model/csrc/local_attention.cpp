@@ -13,12 +13,14 @@
 //             dQ_c = dS K_r · scale, dK_r += dSᵀ Q_c · scale, dV_r += Pᵀ dO_c
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include "vector_math.h"
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -70,7 +72,8 @@ std::tuple<Tensor, Tensor> local_attention_forward(const Tensor& q_in, const Ten
   // takes the caller's, or writing into out would be refused there
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    const c10::InferenceMode mode(inference);
+    std::optional<c10::InferenceMode> mode;
+    if (inference) mode.emplace();
     Tensor scores = at::empty({chunk, chunk + window - 1}, q.options());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
