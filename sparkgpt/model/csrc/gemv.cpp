@@ -198,12 +198,12 @@ void by_passes(int64_t rows, const Pass& pass) {
   by_passes<MAX>(rows, pass, std::make_integer_sequence<int, MAX>{});
 }
 
-// out[r, n] = Σ_k (x[r, k] + 128) · W[n, k] for the 16 · T outputs of T consecutive tiles (`w` at the first; the
-// first `outputs` of them exist) and R rows of shifted x (`xq`, row stride `quads` four-byte words); out's row
-// stride is `stride`.
+// out[r, n] = Σ_k (x[r, k] + 128) · W[n, k] - 128 · row_sums[n] = Σ_k x[r, k] · W[n, k] for the 16 · T outputs of
+// T consecutive tiles (`w` and `row_sums` at the first; the first `outputs` of them exist) and R rows of shifted x
+// (`xq`, row stride `quads` four-byte words); out's row stride is `stride`.
 template <int R, int T>
-void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_bytes, int32_t* out, int64_t stride,
-                int64_t outputs) {
+void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_bytes, const int32_t* row_sums,
+                int32_t* out, int64_t stride, int64_t outputs) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   __m512i acc[R][T];
   fill(acc, _mm512_setzero_si512());
@@ -215,12 +215,14 @@ void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], x, block[t]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      const int64_t left = std::min<int64_t>(TILE, outputs - t * TILE);
-      const __mmask16 lanes = left >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-      if (left > 0) _mm512_mask_storeu_epi32(out + r * stride + t * TILE, lanes, acc[r][t]);
-    }
+  for (int t = 0; t < T; ++t) {
+    const int64_t left = std::min<int64_t>(TILE, outputs - t * TILE);
+    if (left <= 0) continue;
+    const __mmask16 lanes = left >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(lanes, row_sums + t * TILE), 7);  // 128 · Σ W
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_epi32(out + r * stride + t * TILE, lanes, _mm512_sub_epi32(acc[r][t], offset));
+  }
 #else
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
@@ -232,7 +234,7 @@ void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_
           for (int64_t i = 0; i < 4; ++i) sums[lane] += static_cast<int32_t>(x[i]) * block[4 * lane + i];
       }
       for (int64_t lane = 0; lane < std::min<int64_t>(TILE, outputs - t * TILE); ++lane)
-        out[r * stride + t * TILE + lane] = sums[lane];
+        out[r * stride + t * TILE + lane] = sums[lane] - 128 * row_sums[t * TILE + lane];
     }
 #endif
 }
@@ -257,6 +259,7 @@ Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums) 
       shifted[r * quads * 4 + k] = static_cast<uint8_t>(static_cast<int32_t>(xs[r * depth + k]) + 128);
   Tensor out = at::empty({rows, n}, in.options().dtype(at::kInt));
   const int8_t* w = weight.const_data_ptr<int8_t>();
+  const int32_t* sums = row_sums.const_data_ptr<int32_t>();
   int32_t* o = out.mutable_data_ptr<int32_t>();
   const int64_t tile_bytes = quads * 64;
   by_passes<INT8_ROWS>(rows, [&](auto count, int64_t first) {
@@ -264,12 +267,9 @@ Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums) 
     by_tiles<R>(weight.size(0), [&](auto in_flight, int64_t tile) {
       constexpr int T = decltype(in_flight)::value;
       int8_tiles<R, T>(shifted.data() + first * quads * 4, quads, w + tile * tile_bytes, tile_bytes,
-                       o + first * n + tile * TILE, n, n - tile * TILE);
+                       sums + tile * TILE, o + first * n + tile * TILE, n, n - tile * TILE);
     });
   });
-  const int32_t* offsets = row_sums.const_data_ptr<int32_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < n; ++j) o[r * n + j] -= 128 * offsets[j];
   return out;
 }
 
