@@ -109,16 +109,22 @@ SAMPLING_EPS = 1e-5
 def prompt_lookup_draft(tokens: Sequence[int], count: int, max_ngram: int = 3) -> list[int]:
     """Up to `count` tokens guessed to come next by prompt lookup: those that followed the latest earlier
     occurrence of the text's last n tokens (n = max_ngram, then shorter; [] where none recurs). A summary, a
-    correction or an edit repeats its input, so a verifier accepts many of these guesses in one forward."""
+    correction or an edit repeats its input, so a verifier accepts many of these guesses in one forward. A single
+    token is taken as the anchor only where it occurred once before: one that recurs ("the", a comma) says little
+    of what follows it, and a guess checked and refused costs a row of the step (benchmarks/RESULTS.md)."""
+    tokens = tokens if isinstance(tokens, list) else list(tokens)
     length = len(tokens)
-    if count < 1:
+    if count < 1 or max_ngram < 1:
         return []
-    for n in range(min(max_ngram, length - 1), 0, -1):
-        tail = list(tokens[length - n:])
+    for n in range(min(max_ngram, length - 1), 1, -1):
+        tail = tokens[length - n:]
         last = tail[-1]
         for end in range(length - 2, n - 2, -1):  # `end`: where an earlier occurrence's last token is
-            if tokens[end] == last and list(tokens[end - n + 1:end + 1]) == tail:
-                return list(tokens[end + 1:end + 1 + count])
+            if tokens[end] == last and tokens[end - n + 1:end + 1] == tail:
+                return tokens[end + 1:end + 1 + count]
+    if length > 1 and tokens.count(tokens[-1]) == 2:  # the last token, and once before it
+        end = tokens.index(tokens[-1])
+        return tokens[end + 1:end + 1 + count]
     return []
 
 
@@ -216,6 +222,14 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 FAILED = -1  # the token `Sampler.sample` gives a row whose logits are not finite numbers
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token [n] from logits [n, vocab] (the first of equals, as argmax), or FAILED where
+    the row has no finite maximum (NaN, +inf, or every token -inf). One `max` gives the value and its index
+    together: on a CPU a third of argmax's time, which alone scans no faster (benchmarks/RESULTS.md)."""
+    best, tokens = logits.max(dim=-1)
+    return tokens.masked_fill(~torch.isfinite(best), FAILED)
+
+
 class NonFiniteLogits(SparkGPTError):
     """Some rows' logits were NaN or infinite after processing: no token can be drawn for them. `rows` names them
     (the other rows of the batch sampled as usual)."""
@@ -273,7 +287,7 @@ class Sampler:
             raise SamplingParamError("logit_bias", f"logit_bias names the token id {outside}, outside the "
                                                    f"vocabulary [0, {self.vocab_size})")
         self.params[row] = params
-        greedy = params.temperature < SAMPLING_EPS
+        greedy = params.temperature < SAMPLING_EPS or params.top_k == 1  # the first of equal maxima, as argmax
         self.filters[row] = (0.0 if greedy else params.temperature, params.top_k, params.top_p, params.min_p)
         self.generators[row] = None if seed is None else torch.Generator().manual_seed(seed)
         rows, device = len(self.params), self.device
@@ -333,16 +347,15 @@ class Sampler:
         for (temperature, _, _, _), members in groups.items():
             chosen = None if len(members) == n else torch.tensor(members, device=logits.device)
             block = logits if chosen is None else logits[chosen]
-            bad = ~torch.isfinite(block.amax(dim=-1))  # NaN, +inf, or nothing left (every token -inf)
             if temperature == 0:
-                picks = block.argmax(dim=-1)
+                picks = greedy_tokens(block)
             else:
+                bad = ~torch.isfinite(block.amax(dim=-1))  # NaN, +inf, or nothing left (every token -inf)
                 filtered = filter_logits(block, self.params[rows[members[0]]])
                 bad |= ~torch.isfinite(filtered.amax(dim=-1))
                 if bool(bad.any()):  # a failed row draws from zeros, harmlessly; its pick is replaced below
                     filtered = filtered.masked_fill(bad[:, None], 0.0)
-                picks = self._draw(filtered, [rows[i] for i in members])
-            picks = picks.masked_fill(bad, FAILED)
+                picks = self._draw(filtered, [rows[i] for i in members]).masked_fill(bad, FAILED)
             if chosen is None:
                 tokens = picks
             else:

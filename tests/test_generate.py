@@ -143,6 +143,21 @@ def test_sampler_rows_with_different_parameters_each_draw_as_alone():
     torch.testing.assert_close(counts / 4000, expected, atol=0.03, rtol=0)
 
 
+def test_greedy_tokens_are_argmax_and_fail_only_rows_without_a_finite_maximum():
+    """The greedy pick (the sampler's at temperature 0, and a draft's check) is torch.argmax's token, the first of
+    equal maxima included; a row fails where it has no finite maximum (NaN, +inf, every token -inf), not where some
+    other token is -inf (a masked token: plain decoding goes on there, so a draft's check must too)."""
+    torch.manual_seed(0)
+    logits = torch.randn(12, 5000).round(decimals=1)  # rounded: many rows hold their maximum twice
+    logits[3, 7] = logits[3, 4000] = logits[3].max() + 1
+    logits[4, 10] = -torch.inf
+    assert (generation.greedy_tokens(logits) == logits.argmax(dim=-1)).all()
+    logits[5, 9], logits[6, 11], logits[7] = torch.nan, torch.inf, -torch.inf
+    picks = generation.greedy_tokens(logits).tolist()
+    assert [row for row, token in enumerate(picks) if token == generation.FAILED] == [5, 6, 7]
+    assert picks[3] == 7 and picks[4] == int(logits[4].argmax())
+
+
 def test_streaming_concatenated_equals_generated_text(hf_reference):
     _, directory = hf_reference
     lm = sparkgpt.load(directory, device="cpu")

@@ -310,15 +310,22 @@ def test_native_matvec_equals_f_linear_and_each_row_its_own(ops, rows, n, k, bia
 def test_native_int8_product_equals_the_exact_integer_product(ops, rows, n, k):
     """int8_gemv (csrc/gemv.cpp) gives exactly x · Wᵀ in int32, the extremes -128 and 127 included, for widths
     and depths that are no multiple of its tiles (16 outputs, 4 inputs) and row counts past its sixteen per pass;
-    each row alone gives the same."""
+    each row alone gives the same. Given row scales and output scales it gives torch's (x · Wᵀ · row_scales) ·
+    scales in float32 bit for bit (what the head computes after torch._int_mm where that is chosen)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(-128, 128, (rows, k), generator=generator, dtype=torch.int8)
     weight = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
     x[0, :3], weight[0, :3] = -128, torch.tensor([-128, 127, -128], dtype=torch.int8)
-    got = ops.int8_gemv(x, native.pack_int8_tiles(weight), weight.sum(dim=1, dtype=torch.int32))
-    assert got.dtype == torch.int32 and torch.equal(got, x.int() @ weight.int().t())
-    assert all(torch.equal(ops.int8_gemv(x[r:r + 1], native.pack_int8_tiles(weight),
-                                         weight.sum(dim=1, dtype=torch.int32))[0], got[r]) for r in range(rows))
+    packed, row_sums = native.pack_int8_tiles(weight), weight.sum(dim=1, dtype=torch.int32)
+    got = ops.int8_gemv(x, packed, row_sums)
+    exact = x.int() @ weight.int().t()
+    assert got.dtype == torch.int32 and torch.equal(got, exact)
+    assert all(torch.equal(ops.int8_gemv(x[r:r + 1], packed, row_sums)[0], got[r]) for r in range(rows))
+    row_scales, scales = torch.rand(rows, 1, generator=generator) / 7, torch.rand(n, generator=generator) / 3
+    scaled = ops.int8_gemv(x, packed, row_sums, row_scales, scales)
+    assert scaled.dtype == torch.float32 and torch.equal(scaled, exact * row_scales * scales)
+    if quant.exact_int8_matmul() and k % 8 == n % 8 == 0:  # where the head would take torch._int_mm instead
+        assert torch.equal(native.int_mm_rows(x, weight, row_sums, row_scales, scales), scaled)
 
 
 def grouped_reference(x: torch.Tensor, method: str, tensors: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:

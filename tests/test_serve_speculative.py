@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -22,6 +23,8 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence_of_the
     assert prompt_lookup_draft([1, 2, 3, 4, 5, 9, 2, 3], 4) == [4, 5, 9, 2]
     assert prompt_lookup_draft([7, 8, 1, 7, 8, 2, 7, 8], 1) == [2]       # the latest occurrence, not the first
     assert prompt_lookup_draft([1, 2, 3, 4, 5, 9, 3], 3) == [4, 5, 9]    # no 3- or 2-gram recurs: the last token
+    assert prompt_lookup_draft([3, 4, 1, 3, 5, 9, 3], 3) == []           # ... only where it occurred just once before
+    assert prompt_lookup_draft([3, 4, 1, 3, 5, 1, 3], 2) == [5, 1]       # a recurring pair is anchor enough
     assert prompt_lookup_draft([1, 2, 3], 3) == [] and prompt_lookup_draft([7], 3) == []
     assert prompt_lookup_draft([1, 2, 1, 2], 0) == []
 
@@ -60,6 +63,30 @@ def test_greedy_text_with_drafts_equals_plain_decoding_in_fewer_steps(tokenizer:
         expected = plain.generate(prompt, params)[0]
         got = speculative.generate(prompt, params)[0]
         assert (got.text, got.finish_reason) == (expected.text, "stop") and expected.finish_reason == "stop"
+    finally:
+        plain.stop()
+        speculative.stop()
+
+
+def test_a_ruled_out_token_in_a_drafts_scores_is_no_numerical_failure(tokenizer: Tokenizer, monkeypatch):
+    """A score of -inf (a token ruled out, as a logit bias or a grammar rules one out) in the rows checking a draft
+    is no failure: plain decoding goes on past it, so the drafted text does too, to the same last token."""
+    step_rows = Engine._step_rows
+
+    def ruled_out(self: Engine, *args, **kwargs) -> torch.Tensor:
+        logits = step_rows(self, *args, **kwargs).clone()
+        logits[:, 5] = -math.inf
+        return logits
+
+    monkeypatch.setattr(Engine, "_step_rows", ruled_out)
+    lm = tiny_lm(tokenizer, max_seq_len=256)
+    plain, speculative = plain_and_speculative(lm, max_slots=1, context=256)
+    try:
+        prompt, params = lm.encode(PASSAGE), SamplingParams(max_new_tokens=40, temperature=0)
+        expected = plain.generate(prompt, params)[0]
+        got = speculative.generate(prompt, params)[0]
+        assert (got.text, got.finish_reason) == (expected.text, "length") and expected.finish_reason == "length"
+        assert speculative.accepted_tokens > 0
     finally:
         plain.stop()
         speculative.stop()

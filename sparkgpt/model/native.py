@@ -288,9 +288,10 @@ def pack_int8_tiles(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(tiles, 16, quads, 4).transpose(1, 2).reshape(tiles, quads * 64)
 
 
-def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def int8_matmul() -> Callable[..., torch.Tensor]:
     """The exact int32 product of a few int8 rows and an int8 weight [N, K], `f(x, weight, row_sums)` (row_sums:
-    the weight's rows summed, int32 [N], kept with it): torch._int_mm(x, weightᵀ) (`int_mm_rows`) or `int8_gemv`
+    the weight's rows summed, int32 [N], kept with it), or `f(x, weight, row_sums, row_scales, scales)` for it scaled
+    to float32 (one pass, no int32 [rows, N] between): torch._int_mm(x, weightᵀ) (`int_mm_rows`) or `int8_gemv`
     (csrc/gemv.cpp, VNNI where compiled in; the weight packed by `pack_int8_tiles`), whichever was timed faster on
     this CPU for one row and for eight, on a sweep of weights too large for its cache (cached; both give the same
     integers). oneDNN may take AMX tiles even for one row, which streamed a large weight slower than VNNI did
@@ -326,9 +327,12 @@ def int8_matmul() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
     return library.int8_gemv if _loaded["int8 matmul"] == "native" else int_mm_rows
 
 
-def int_mm_rows(x: torch.Tensor, weight: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
-    """torch._int_mm(x, weightᵀ), in `int8_gemv`'s signature (row_sums unused)."""
-    return torch._int_mm(x, weight.t())
+def int_mm_rows(x: torch.Tensor, weight: torch.Tensor, row_sums: torch.Tensor, row_scales: torch.Tensor | None = None,
+                scales: torch.Tensor | None = None) -> torch.Tensor:
+    """torch._int_mm(x, weightᵀ), in `int8_gemv`'s signature (row_sums unused): with row_scales [rows, 1] and scales
+    [N], (product · row_scales) · scales in float32, as `int8_gemv` gives it."""
+    product = torch._int_mm(x, weight.t())
+    return product if scales is None else product * row_scales.reshape(-1, 1) * scales
 
 
 def inference_ops(x: torch.Tensor) -> Any | None:

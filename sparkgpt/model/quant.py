@@ -438,7 +438,7 @@ class QuantizedLinear(nn.Module):
             flat = x.reshape(rows, self.in_features).float()
             row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             levels = torch.round(flat / row_scales).to(torch.int8)
-            out = product(levels, *self._exact_operands(product)) * row_scales * self.scales
+            out = product(levels, *self._exact_operands(product), row_scales, self.scales)
             return (out if self.bias is None else out + self.bias).to(x.dtype).view(shape)
         packed = self._packed if self._packed_from is self.qweight else self._pack()
         if self.quantize_activations:  # fbgemm's dynamic int8 linear, row by row

@@ -58,6 +58,7 @@ from sparkgpt.generate import (
     SamplingParamError,
     SamplingParams,
     StopRule,
+    greedy_tokens,
     prompt_lookup_draft,
 )
 from sparkgpt.lm import LM
@@ -766,7 +767,7 @@ class Engine:
         for sequence, draft, first in zip(sequences, drafts, first_rows, strict=True):
             if draft:
                 block = logits[first:first + 1 + len(draft)]
-                best = block.argmax(dim=-1).masked_fill(~torch.isfinite(block).all(dim=-1), FAILED).tolist()
+                best = greedy_tokens(block).tolist()
                 kept = next((i for i, (guess, token) in enumerate(zip(draft, best, strict=False)) if guess != token),
                             len(draft))
                 self.drafted_tokens += len(draft)

@@ -200,10 +200,12 @@ void by_passes(int64_t rows, const Pass& pass) {
 
 // out[r, n] = Σ_k (x[r, k] + 128) · W[n, k] - 128 · row_sums[n] = Σ_k x[r, k] · W[n, k] for the 16 · T outputs of
 // T consecutive tiles (`w` and `row_sums` at the first; the first `outputs` of them exist) and R rows of shifted x
-// (`xq`, row stride `quads` four-byte words); out's row stride is `stride`.
+// (`xq`, row stride `quads` four-byte words); out's row stride is `stride`. With `scaled` (row_scales [R], scales
+// at the first tile's outputs) each sum leaves as the float (float(sum) · row_scale) · scale: torch's int32 · float
+// products in their order, so the same bits as `int_mm_rows` followed by them, without an int32 [rows, N] between.
 template <int R, int T>
 void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_bytes, const int32_t* row_sums,
-                int32_t* out, int64_t stride, int64_t outputs) {
+                void* out, int64_t stride, int64_t outputs, const float* row_scales, const float* scales) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   __m512i acc[R][T];
   fill(acc, _mm512_setzero_si512());
@@ -220,8 +222,16 @@ void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_
     if (left <= 0) continue;
     const __mmask16 lanes = left >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
     const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(lanes, row_sums + t * TILE), 7);  // 128 · Σ W
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_epi32(out + r * stride + t * TILE, lanes, _mm512_sub_epi32(acc[r][t], offset));
+    for (int r = 0; r < R; ++r) {
+      const __m512i sums = _mm512_sub_epi32(acc[r][t], offset);
+      if (scales == nullptr) {
+        _mm512_mask_storeu_epi32(static_cast<int32_t*>(out) + r * stride + t * TILE, lanes, sums);
+      } else {
+        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(row_scales[r])),
+                                            _mm512_maskz_loadu_ps(lanes, scales + t * TILE));
+        _mm512_mask_storeu_ps(static_cast<float*>(out) + r * stride + t * TILE, lanes, scaled);
+      }
+    }
   }
 #else
   for (int r = 0; r < R; ++r)
@@ -233,14 +243,22 @@ void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_
         for (int64_t lane = 0; lane < TILE; ++lane)
           for (int64_t i = 0; i < 4; ++i) sums[lane] += static_cast<int32_t>(x[i]) * block[4 * lane + i];
       }
-      for (int64_t lane = 0; lane < std::min<int64_t>(TILE, outputs - t * TILE); ++lane)
-        out[r * stride + t * TILE + lane] = sums[lane] - 128 * row_sums[t * TILE + lane];
+      for (int64_t lane = 0; lane < std::min<int64_t>(TILE, outputs - t * TILE); ++lane) {
+        const int32_t sum = sums[lane] - 128 * row_sums[t * TILE + lane];
+        const int64_t at = r * stride + t * TILE + lane;
+        if (scales == nullptr)
+          static_cast<int32_t*>(out)[at] = sum;
+        else
+          static_cast<float*>(out)[at] = static_cast<float>(sum) * row_scales[r] * scales[t * TILE + lane];
+      }
     }
 #endif
 }
 
-// x [rows, K] int8 · Wᵀ for W packed by `pack_int8_tiles`, exactly, as int32 [rows, N] (N = row_sums' length).
-Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums) {
+// x [rows, K] int8 · Wᵀ for W packed by `pack_int8_tiles`, exactly, as int32 [rows, N] (N = row_sums' length); with
+// row_scales [rows] and scales [N] (float32), the float32 (float(x · Wᵀ) · row_scales[r]) · scales[n] instead.
+Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums, const c10::optional<Tensor>& row_scales,
+                 const c10::optional<Tensor>& scales) {
   TORCH_CHECK(x.scalar_type() == at::kChar && x.dim() == 2 && weight.scalar_type() == at::kChar &&
                   weight.dim() == 2 && weight.is_contiguous(),
               "int8_gemv: int8 x [rows, K] and an int8 weight packed as tiles (native.pack_int8_tiles)");
@@ -251,23 +269,33 @@ Tensor int8_gemv(const Tensor& x, const Tensor& weight, const Tensor& row_sums) 
   TORCH_CHECK(weight.size(0) == (n + TILE - 1) / TILE && weight.size(1) == quads * 64 &&
                   static_cast<int64_t>(row_sums.numel()) == n,
               "int8_gemv: the weight packed for N = ", n, " outputs and K = ", depth, " inputs");
+  TORCH_CHECK(row_scales.has_value() == scales.has_value(), "int8_gemv: row_scales and scales together or neither");
+  Tensor row_scale, scale;
+  if (scales.has_value()) {
+    row_scale = row_scales->to(at::kFloat).contiguous();
+    scale = scales->to(at::kFloat).contiguous();
+    TORCH_CHECK(row_scale.numel() == rows && scale.numel() == n, "int8_gemv: row_scales [rows] and scales [N]");
+  }
   const Tensor in = x.contiguous();
   std::vector<uint8_t> shifted(rows * quads * 4, 128);  // x + 128; past K, 128 (x = 0) meets weight bytes of 0
   const int8_t* xs = in.const_data_ptr<int8_t>();
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < depth; ++k)
       shifted[r * quads * 4 + k] = static_cast<uint8_t>(static_cast<int32_t>(xs[r * depth + k]) + 128);
-  Tensor out = at::empty({rows, n}, in.options().dtype(at::kInt));
+  Tensor out = at::empty({rows, n}, in.options().dtype(scales.has_value() ? at::kFloat : at::kInt));
   const int8_t* w = weight.const_data_ptr<int8_t>();
   const int32_t* sums = row_sums.const_data_ptr<int32_t>();
-  int32_t* o = out.mutable_data_ptr<int32_t>();
-  const int64_t tile_bytes = quads * 64;
+  const float* rs = scales.has_value() ? row_scale.const_data_ptr<float>() : nullptr;
+  const float* s = scales.has_value() ? scale.const_data_ptr<float>() : nullptr;
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t tile_bytes = quads * 64, element = out.element_size();
   by_passes<INT8_ROWS>(rows, [&](auto count, int64_t first) {
     constexpr int R = decltype(count)::value;
     by_tiles<R>(weight.size(0), [&](auto in_flight, int64_t tile) {
       constexpr int T = decltype(in_flight)::value;
       int8_tiles<R, T>(shifted.data() + first * quads * 4, quads, w + tile * tile_bytes, tile_bytes,
-                       sums + tile * TILE, o + first * n + tile * TILE, n, n - tile * TILE);
+                       sums + tile * TILE, o + (first * n + tile * TILE) * element, n, n - tile * TILE,
+                       rs == nullptr ? nullptr : rs + first, s == nullptr ? nullptr : s + tile * TILE);
     });
   });
   return out;
@@ -597,7 +625,7 @@ Tensor int4_gemv(const Tensor& x, const Tensor& weight, int64_t group_size, cons
 
 TORCH_LIBRARY_FRAGMENT(sparkgpt, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("int8_gemv(Tensor x, Tensor weight, Tensor row_sums) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor weight, Tensor row_sums, Tensor? row_scales=None, Tensor? scales=None) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor weight, int group_size, Tensor scales) -> Tensor");
   m.def("int8_weight_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("integer_loops() -> str", integer_loops);
