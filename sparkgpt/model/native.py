@@ -302,29 +302,48 @@ def int8_matmul() -> Callable[..., torch.Tensor]:
     if "int8 matmul" not in _loaded:
         count, rows, columns = DECODE_SWEEP
         rows *= 4  # the same bytes as the float32 sweep: a quarter of the bytes per element
-        operands: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-        def sweep(name: str, product: Callable, pack: Callable) -> Callable[[], None]:
-            def run() -> None:
-                if name not in operands:  # made on first use: an untimed choice builds nothing
-                    generator = torch.Generator().manual_seed(0)
-                    weights = [torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8)
-                               for _ in range(count)]
-                    operands[name] = [(pack(weight), weight.sum(dim=1, dtype=torch.int32)) for weight in weights]
-                for x in (torch.ones(1, columns, dtype=torch.int8), torch.ones(8, columns, dtype=torch.int8)):
-                    for weight, row_sums in operands[name]:
-                        product(x, weight, row_sums)
-            return run
+        def operands(pack: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Generator], tuple]:
+            def make(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                weight = torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8)
+                return pack(weight), weight.sum(dim=1, dtype=torch.int32)
+            return make
 
-        candidates = {"torch": sweep("torch", int_mm_rows, lambda weight: weight),
-                      "native": sweep("native", library.int8_gemv, pack_int8_tiles)}
-        if library.integer_loops() != "portable":
-            candidates = dict(reversed(candidates.items()))
-        flags = " ".join(build_flags())
-        _loaded["int8 matmul"] = hardware.fastest(
-            "int8 decode matrix-vector products (quantised heads)", f"int8 tiles {count}x{rows}x{columns} {flags}",
-            candidates)
+        _loaded["int8 matmul"] = fastest_integer_product(
+            "int8 decode matrix-vector products (quantised heads)", f"int8 tiles {count}x{rows}x{columns}",
+            {"torch": (operands(lambda weight: weight), int_mm_rows),
+             "native": (operands(pack_int8_tiles), library.int8_gemv)}, torch.int8, columns)
     return library.int8_gemv if _loaded["int8 matmul"] == "native" else int_mm_rows
+
+
+def fastest_integer_product(decision: str, work: str,
+                            candidates: dict[str, tuple[Callable[[torch.Generator], tuple], Callable[..., Any]]],
+                            dtype: torch.dtype, columns: int) -> str:
+    """The faster on this CPU (`hardware.fastest`, cached) of a decode step's integer products, each candidate
+    (torch's first, ours second) given as (make one weight's operands from a generator, product(x, *operands)):
+    timed over DECODE_SWEEP's count of weights, made on first use (an untimed choice builds none), for one row of
+    x and for eight. Untimed: ours where its VNNI loops are compiled in, else torch's."""
+    count = DECODE_SWEEP[0]
+    made: dict[str, list[tuple]] = {}
+
+    def sweep(name: str) -> Callable[[], None]:
+        make, product = candidates[name]
+
+        def run() -> None:
+            if name not in made:
+                generator = torch.Generator().manual_seed(0)
+                made[name] = [make(generator) for _ in range(count)]
+            for x in (torch.ones(1, columns, dtype=dtype), torch.ones(8, columns, dtype=dtype)):
+                for operands in made[name]:
+                    product(x, *operands)
+        return run
+
+    names = list(candidates)
+    library = ops()
+    if library is not None and library.integer_loops() != "portable":
+        names.reverse()
+    with torch.inference_mode():
+        return hardware.fastest(decision, f"{work} {' '.join(build_flags())}", {name: sweep(name) for name in names})
 
 
 def int_mm_rows(x: torch.Tensor, weight: torch.Tensor, row_sums: torch.Tensor, row_scales: torch.Tensor | None = None,

@@ -203,7 +203,6 @@ def decode_kernel(method: str) -> str:
         return f"{method} torch"
     if method not in _DECODE_KERNELS:
         count, rows, columns = native.DECODE_SWEEP
-        operands: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
         def random_layer(generator: torch.Generator) -> dict[str, torch.Tensor]:
             if method == "int8":
@@ -214,25 +213,10 @@ def decode_kernel(method: str) -> str:
                     "scales": torch.rand(rows, groups, generator=generator).bfloat16(),
                     "zeros": torch.rand(rows, groups, generator=generator).bfloat16()}
 
-        def sweep(kernel: str) -> Callable[[], None]:
-            def run() -> None:
-                if kernel not in operands:  # made on first use: an untimed choice builds nothing
-                    generator = torch.Generator().manual_seed(0)
-                    operands[kernel] = [PACKS[kernel](random_layer(generator)) for _ in range(count)]
-                product = kernel_product(kernel)
-                for x in (torch.ones(1, columns, dtype=torch.bfloat16), torch.ones(8, columns, dtype=torch.bfloat16)):
-                    for weight, scales in operands[kernel]:
-                        product(x, weight, scales)
-            return run
-
-        names = [f"{method} torch", f"{method} native"]
-        if library.integer_loops() != "portable":
-            names.reverse()
-        flags = " ".join(native.build_flags())
-        with torch.inference_mode():
-            _DECODE_KERNELS[method] = hardware.fastest(
-                f"{method} decode products", f"{method} decode kernel {count}x{rows}x{columns} {flags}",
-                {name: sweep(name) for name in names})
+        _DECODE_KERNELS[method] = native.fastest_integer_product(
+            f"{method} decode products", f"{method} decode kernel {count}x{rows}x{columns}",
+            {kernel: (lambda generator, kernel=kernel: PACKS[kernel](random_layer(generator)), kernel_product(kernel))
+             for kernel in (f"{method} torch", f"{method} native")}, torch.bfloat16, columns)
     return _DECODE_KERNELS[method]
 
 
