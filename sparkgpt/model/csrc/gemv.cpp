@@ -200,8 +200,8 @@ void by_passes(int64_t rows, const Pass& pass) {
 
 // out[r, n] = Σ_k (x[r, k] + 128) · W[n, k] - 128 · row_sums[n] = Σ_k x[r, k] · W[n, k] for the 16 · T outputs of
 // T consecutive tiles (`w` and `row_sums` at the first; the first `outputs` of them exist) and R rows of shifted x
-// (`xq`, row stride `quads` four-byte words); out's row stride is `stride`. With `scaled` (row_scales [R], scales
-// at the first tile's outputs) each sum leaves as the float (float(sum) · row_scale) · scale: torch's int32 · float
+// (`xq`, row stride `quads` four-byte words); out's row stride is `stride`. Given `scales` (at the first tile's
+// outputs) and `row_scales` [R], each sum leaves as the float (float(sum) · row_scale) · scale: torch's int32 · float
 // products in their order, so the same bits as `int_mm_rows` followed by them, without an int32 [rows, N] between.
 template <int R, int T>
 void int8_tiles(const uint8_t* xq, int64_t quads, const int8_t* w, int64_t tile_bytes, const int32_t* row_sums,
